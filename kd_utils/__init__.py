@@ -1,0 +1,7 @@
+"""kd_utils: helpers shared by the kd-study notebooks.
+
+One plain module per job: params, data, tasks, models, losses, teacher_cache,
+training, evaluation, fidelity, statistics, plots, report, study.
+"""
+
+__version__ = "0.1.0"
