@@ -1,0 +1,92 @@
+"""Shared fixtures: a tiny data directory in the real file formats, tiny random models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kd_utils import models
+from kd_utils.tasks import TASKS
+
+MATH_QUESTIONS = [
+    ("Tom has 3 apples and buys 4 more. How many apples does he have now?", 7),
+    ("A box holds 12 pens. Sara gives away 5 pens. How many pens are left in the box?", 7),
+    ("There are 6 birds on a tree and 9 more arrive. How many birds are on the tree?", 15),
+    ("Mike reads 10 pages a day for 3 days. How many pages does he read in total?", 30),
+    ("A farmer has 20 cows and sells 8 of them at the market. How many cows remain?", 12),
+    ("Lucy bakes 4 trays of 6 cookies each. How many cookies does she bake?", 24),
+]
+CHOICE_Q = ("Please choose the correct answer to the question: Which object is the largest?\n\n"
+            "Answer1: an ant Answer2: a house Answer3: a coin Answer4: a pencil\n\n"
+            "Answer format: answer1/answer2/answer3/answer4")
+
+
+def write_json(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1))
+
+
+def make_data_dir(root: Path) -> Path:
+    """Every file the data layer reads, a few records each, in the upstream formats."""
+    adapters = root / "llm-adapters"
+    for task in TASKS.values():
+        if task.id == "hellaswag":
+            continue  # absent offline, as in ../shared/data
+        if task.answer_kind == "numeric":
+            rows = [{"instruction": q, "input": "", "output": f"\nA: ... The answer is {a}.", "answer": f"{a}.0"}
+                    for q, a in MATH_QUESTIONS[:4]]
+        elif task.answer_kind == "letter":
+            rows = [{"instruction": "What is 2 + 2? Answer Choices: (A) 3 (B) 4 (C) 5 (D) 6 (E) 7",
+                     "input": "", "output": "The answer is B.", "answer": "B"}] * 3
+        else:
+            label = task.labels[0]
+            rows = [{"instruction": CHOICE_Q.replace("largest", f"largest number {i}"), "input": "",
+                     "output": f"the correct answer is {label}", "answer": label} for i in range(3)]
+        write_json(adapters / task.data_name / "test.json", rows)
+    for name in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"):
+        write_json(adapters / name / "train.json", [
+            {"instruction": CHOICE_Q.replace("largest", f"smallest thing {i}").replace("pencil", f"{name} {i}"),
+             "input": "",
+             "output": "the correct answer is answer1", "answer": "answer1"} for i in range(4)])
+    write_json(adapters / "mawps" / "trainset.json", [
+        {"id": 1, "original_text": "Ann has 2.0 cats and gets 3.0 more . How many cats does Ann have ?",
+         "equation": "X=(2.0+3.0)", "ans": 5.0},
+        # planted: the same question as a MultiArith test item
+        {"id": 2, "original_text": MATH_QUESTIONS[0][0], "equation": "X=(3.0+4.0)", "ans": 7.0},
+    ])
+    gsm = root / "gsm8k"
+    gsm.mkdir(parents=True, exist_ok=True)
+    train = [{"question": f"Pat has {i} marbles and finds {i + 2} more. How many marbles does Pat have?",
+              "answer": f"Pat has {i}+{i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} marbles.\n#### {2 * i + 2}"}
+             for i in range(1, 9)]
+    # planted: a test question reworded only in punctuation / case
+    train.append({"question": MATH_QUESTIONS[1][0].upper().replace("?", " ?"), "answer": "12-5=7\n#### 7"})
+    (gsm / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))
+    (gsm / "test.jsonl").write_text(json.dumps({"question": MATH_QUESTIONS[2][0], "answer": "#### 15"}) + "\n")
+    return root
+
+
+@pytest.fixture()
+def data_dir(tmp_path: Path) -> Path:
+    return make_data_dir(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus() -> list[str]:
+    from kd_utils.tasks import build_prompt
+
+    texts = [build_prompt(q) + f"The answer is {a}." for q, a in MATH_QUESTIONS]
+    texts += [build_prompt(CHOICE_Q) + "the correct answer is answer2"]
+    return texts * 4
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_corpus) -> Path:
+    return models.tiny_llama_dir(tmp_path_factory.mktemp("models") / "tiny", tiny_corpus)
+
+
+@pytest.fixture(scope="session")
+def embedded_dir() -> Path:
+    return models.embedded_model_dir()

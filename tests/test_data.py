@@ -1,0 +1,132 @@
+import functools
+import hashlib
+import http.server
+import json
+import threading
+
+import pytest
+
+from kd_utils import data
+from kd_utils.tasks import TASKS
+
+
+def test_every_task_loads_from_its_real_format(data_dir):
+    for task_id, task in TASKS.items():
+        if task_id == "hellaswag":
+            continue
+        examples = data.load_task(task_id, data_dir=data_dir)
+        assert examples and all(ex.task == task_id and ex.domain == task.domain for ex in examples)
+        assert examples[0].id == f"{task_id}-test-0" and examples[0].answer
+    assert data.load_task("multiarith", data_dir=data_dir)[0].answer == "7.0"
+
+
+def test_hellaswag_absence_is_reported_not_a_crash(data_dir, monkeypatch):
+    monkeypatch.setenv("KD_DATA_OFFLINE", "1")
+    ok, missing = data.available_tasks(["gsm8k", "hellaswag"], data_dir)
+    assert ok == ["gsm8k"] and "hellaswag" in missing and "hellaswag" in missing["hellaswag"]
+    with pytest.raises(data.DataError, match="hellaswag is not available offline"):
+        data.load_task("hellaswag", data_dir=data_dir)
+
+
+def test_missing_and_malformed_files_name_the_file(data_dir):
+    (data_dir / "llm-adapters" / "SVAMP" / "test.json").unlink()
+    with pytest.raises(data.DataError, match=r"SVAMP/test\.json.*KD_DATA_DIR"):
+        data.load_task("svamp", data_dir=data_dir)
+    (data_dir / "llm-adapters" / "AddSub" / "test.json").write_text('[{"instruction": "x", ')
+    with pytest.raises(data.DataError, match=r"malformed JSON in .*AddSub/test\.json"):
+        data.load_task("addsub", data_dir=data_dir)
+    (data_dir / "llm-adapters" / "piqa" / "test.json").write_text('[{"input": ""}]')
+    with pytest.raises(data.DataError, match=r"piqa/test\.json record 0 lacks instruction, answer"):
+        data.load_task("piqa", data_dir=data_dir)
+    with pytest.raises(data.DataError, match="not a directory"):
+        data.resolve_data_dir(data_dir / "nope")
+
+
+def test_data_dir_resolution_order(data_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("KD_DATA_DIR", str(data_dir))
+    assert data.resolve_data_dir() == data_dir
+    assert data.resolve_data_dir(tmp_path) == tmp_path  # explicit argument wins
+
+
+def test_gsm8k_rationale_rewrite():
+    rationale, answer = data.gsm8k_rationale(
+        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72 clips.\n#### 1,072")
+    assert rationale == "Natalia sold 48/2 = 24 clips in May. Altogether 48+24 = 72 clips. The answer is 1072."
+    assert answer == "1072"
+    assert data.mawps_rationale("X=((22.0-14.0)/4.0)", 2.0) == "((22 - 14) / 4) = 2. The answer is 2."
+
+
+def test_decontamination_removes_planted_duplicates(data_dir):
+    mix, report = data.build_training_mix("math", data_dir, include_mawps=True)
+    ids = {ex.id for ex in mix}
+    assert "mawps-train-1" not in ids and "mawps-train-0" in ids  # exact duplicate of a test question
+    assert "gsm8k-train-8" not in ids  # same question up to case and punctuation
+    assert len(mix) == 8 + 1 and report.kept == len(mix)
+    summary = report.summary()
+    assert set(summary["reason"]) == {"exact"} and summary["removed"].sum() == 2
+    assert all(ex.rationale.endswith(f"The answer is {ex.answer}.") for ex in mix)
+
+
+def test_decontamination_catches_13gram_overlap():
+    test = [data.Example("t-0", "svamp", "math", "one two three four five six seven eight nine ten eleven twelve "
+                         "thirteen fourteen", "", "1")]
+    near = data.Example("tr-0", "gsm8k", "math", "Zero one two three four five six seven eight nine ten eleven "
+                        "twelve thirteen and more", "", "1", "r")
+    far = data.Example("tr-1", "gsm8k", "math", "one two three four five six seven eight nine ten eleven twelve",
+                       "", "1", "r")  # only 12 shared words
+    kept, report = data.decontaminate([near, far], {"svamp": test})
+    assert [ex.id for ex in kept] == ["tr-1"] and report.removed[0]["reason"] == "13-gram"
+
+
+def test_commonsense_mix_strips_templates_before_matching(data_dir):
+    mix, report = data.build_training_mix("commonsense", data_dir)
+    assert len(mix) == 16 and not report.removed  # the shared prompt template alone is not contamination
+    assert {ex.task for ex in mix} == {"boolq", "arc_e", "arc_c", "obqa"}
+
+
+@pytest.fixture()
+def local_server(tmp_path):
+    root = tmp_path / "mirror"
+    (root / "llm-adapters" / "SVAMP").mkdir(parents=True)
+    payload = json.dumps([{"instruction": "q", "input": "", "output": "", "answer": "1"}]).encode()
+    (root / "llm-adapters" / "SVAMP" / "test.json").write_bytes(payload)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", payload
+    server.shutdown()
+
+
+def test_downloader_fetches_and_verifies_checksum(local_server, tmp_path):
+    url, payload = local_server
+    rel = "llm-adapters/SVAMP/test.json"
+    good = {rel: (len(payload), hashlib.sha256(payload).hexdigest())}
+    path = data.download_file(rel, tmp_path / "cache", mirror=url, manifest=good)
+    assert path.read_bytes() == payload
+    bad = {rel: (len(payload), "0" * 64)}
+    with pytest.raises(data.DataError, match="checksum"):
+        data.download_file(rel, tmp_path / "cache2", mirror=url, manifest=bad)
+    assert not (tmp_path / "cache2" / rel).exists() and not list((tmp_path / "cache2").rglob("*.part"))
+    with pytest.raises(data.DataError, match="could not download"):
+        data.download_file("llm-adapters/AQuA/test.json", tmp_path / "cache3", mirror=url)
+
+
+def test_cache_is_used_when_nothing_else_is_there(local_server, tmp_path, monkeypatch):
+    url, payload = local_server
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kdcache"))
+    monkeypatch.setenv("KD_DATA_MIRROR", url)
+    monkeypatch.delenv("KD_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "PROJECT_ROOT", tmp_path / "no-project")  # no ../shared/data beside it
+    monkeypatch.setitem(data.MANIFEST, "llm-adapters/SVAMP/test.json", (len(payload), hashlib.sha256(payload).hexdigest()))
+    examples = data.load_task("svamp")
+    assert len(examples) == 1 and (tmp_path / "kdcache" / "data" / "llm-adapters" / "SVAMP" / "test.json").is_file()
+
+
+def test_shared_data_matches_the_manifest():
+    root = data.PROJECT_ROOT.parent / "shared" / "data"
+    if not root.is_dir():
+        pytest.skip("../shared/data is not beside the project")
+    for rel, expected in data.MANIFEST.items():
+        if expected is not None:
+            assert (root / rel).stat().st_size == expected[0], rel
