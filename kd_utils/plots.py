@@ -33,3 +33,16 @@ def accuracy_bars(metrics: pd.DataFrame, title: str = "", output_dir: str | Path
     sns.despine(fig)
     save_figure(fig, output_dir, "accuracy")
     return fig
+
+
+def loss_curves(history: list[dict], title: str = "", output_dir: str | Path | None = None) -> plt.Figure:
+    """Training losses per epoch and validation loss (epoch 0 = before training)."""
+    df = pd.DataFrame(history)
+    long = df.melt(id_vars="epoch", value_vars=[c for c in ("train_loss", "ce_loss", "kd_loss", "val_loss")
+                                                if c in df and df[c].notna().any()], var_name="loss")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    sns.lineplot(long.dropna(), x="epoch", y="value", hue="loss", marker="o", ax=ax)
+    ax.set(ylabel="loss", title=title)
+    sns.despine(fig)
+    save_figure(fig, output_dir, "losses")
+    return fig

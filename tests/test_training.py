@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from kd_utils import models, training
+from kd_utils.data import Example
+from kd_utils.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def mix():
+    facts = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7. The answer is 7."),
+             ("A box has 12 pens and 5 are taken. How many pens are left?", "12 - 5 = 7. The answer is 7."),
+             ("6 birds sit and 9 more arrive. How many birds?", "6 + 9 = 15. The answer is 15."),
+             ("Mike reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30. The answer is 30.")]
+    return [Example(f"m-{i}", "gsm8k", "math", q, "", a.split()[-1].rstrip("."), a) for i, (q, a) in
+            enumerate(facts * 5)]
+
+
+def tiny_config(**overrides) -> TrainConfig:
+    base = dict(epochs=2, batch_size=4, micro_batch_size=2, lr=3e-3, max_length=96, val_fraction=0.2, seed=0,
+                lora=False, gkd_max_new_tokens=8, loss_chunk_size=64)
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_finetune_lowers_validation_loss_and_resumes_identically(tiny_model_dir, mix, tmp_path):
+    model, tok = models.load_model(tiny_model_dir)
+    full = training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "full")
+    history = full["history"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+    assert (tmp_path / "full" / "model" / "config.json").is_file()
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(epoch):
+        if epoch == 1:
+            raise Killed()
+
+    model, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(Killed):
+        training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "resumed", on_epoch_end=kill_after_first_epoch)
+    assert not (tmp_path / "resumed" / "model").exists()
+    model, tok = models.load_model(tiny_model_dir)
+    resumed = training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "resumed")
+    assert [h["epoch"] for h in resumed["history"]] == [0, 1, 2, 3]
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-6)
+    assert resumed["history"][-1]["train_loss"] == pytest.approx(history[-1]["train_loss"], rel=1e-6)
+
+
+def test_same_seed_gives_identical_losses(tiny_model_dir, mix, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        model, tok = models.load_model(tiny_model_dir)
+        runs.append(training.train(model, tok, mix, tiny_config(epochs=1, lora=True, lora_r=4), tmp_path / name))
+    assert runs[0]["history"] == runs[1]["history"]
+    assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
+    adapter = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl", "gkd"])
+def test_distillation_trains_without_nan_and_kd_loss_decreases(tiny_model_dir, mix, tmp_path, method):
+    teacher, tok = models.load_model(tiny_model_dir)
+    training.train(teacher, tok, mix, tiny_config(epochs=2), tmp_path / "teacher")
+    teacher, _ = models.load_model(tmp_path / "teacher" / "model")
+    student, _ = models.load_model(models.build_student_dir(tiny_model_dir, 1, tmp_path / "student-base"))
+    config = tiny_config(method=method, epochs=3, temperature=2.0, noise_sigma=0.5 if method == "fkl" else 0.0)
+    result = training.train(student, tok, mix, config, tmp_path / method, teacher=teacher, teacher_tokenizer=tok)
+    kd = [h["kd_loss"] for h in result["history"][1:]]
+    assert all(torch.isfinite(torch.tensor(kd))) and kd[-1] < kd[0]
+
+
+def test_seqkd_uses_teacher_generations(tiny_model_dir, mix):
+    teacher, tok = models.load_model(tiny_model_dir)
+    rewritten = training.teacher_rationales(teacher, tok, mix[:3], max_new_tokens=5, batch_size=2)
+    assert [e.id for e in rewritten] == [e.id for e in mix[:3]] and all(e.rationale is not None for e in rewritten)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("method", "kd", "method='kd' is not one of"),
+    ("temperature", 0.0, "temperature must be > 0"),
+    ("noise_sigma", -1.0, "noise_sigma must be >= 0"),
+    ("lmbda", 1.5, "lmbda must be in"),
+    ("beta", -0.1, "beta must be in"),
+])
+def test_bad_config_fails_before_training(tiny_model_dir, mix, tmp_path, field, value, message):
+    model, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(ValueError, match=message):
+        training.train(model, tok, mix, tiny_config(**{field: value}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_mismatch_is_refused(tiny_model_dir, tiny_corpus, mix, tmp_path):
+    other = models.tiny_llama_dir(tmp_path / "other", [t[::-1] for t in tiny_corpus], vocab_size=300)
+    teacher, teacher_tok = models.load_model(other)
+    student, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        training.train(student, tok, mix, tiny_config(method="fkl"), tmp_path / "out", teacher=teacher,
+                       teacher_tokenizer=teacher_tok)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prompt_tokens_are_masked_from_the_labels(tiny_model_dir, mix):
+    tok = models.load_tokenizer(tiny_model_dir)
+    row = training.tokenize_example(tok, mix[0], 256)
+    n_prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
+    assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
+    assert row["input_ids"][-1] == tok.eos_token_id
+    batch = training.collate([row, training.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
+    paper = training.distill_mask(batch, TrainConfig(method="fkl"))
+    response = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
+    assert paper.sum() > response.sum() > 0 and not (response & ~paper).any()
+
+
+@pytest.mark.slow
+def test_finetune_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
+    import papermill as pm
+    from pathlib import Path
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    common = {"model": str(tiny_model_dir), "data_dir": str(data_dir), "epochs": 1, "batch_size": 2,
+              "micro_batch_size": 2, "max_length": 96, "lora_r": 4, "val_fraction": 0.25}
+    pm.execute_notebook(str(notebooks / "finetune.ipynb"), str(tmp_path / "ft.ipynb"), progress_bar=False,
+                        parameters={**common, "output_dir": str(tmp_path / "teacher")})
+    assert (tmp_path / "teacher" / "adapter" / "adapter_config.json").is_file()
+    pm.execute_notebook(str(notebooks / "distill.ipynb"), str(tmp_path / "kd.ipynb"), progress_bar=False,
+                        parameters={**common, "output_dir": str(tmp_path / "student"), "method": "rkl",
+                                    "student_layers": 1, "teacher": str(tiny_model_dir),
+                                    "teacher_adapter": str(tmp_path / "teacher" / "adapter"), "temperature": 2.0})
+    summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
+    assert summary["method"] == "rkl" and summary["base_model"].endswith("student-tiny-L1")
+    assert (tmp_path / "student" / "figures" / "losses.png").is_file()
