@@ -1,0 +1,223 @@
+"""Study parameters: one YAML file per study, validated in full before any compute.
+
+``load_study(path)`` merges the file over ``DEFAULTS`` and checks every key; all problems
+are reported at once, each with its key path (``training.student.lr: expected a number``).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kd_utils.tasks import TASKS, tasks_for
+from kd_utils.training import METHODS
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+TRAINING_DEFAULTS = {
+    "epochs": 1, "n_train": None, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-4, "max_length": 256,
+    "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
+    "max_steps": None, "include_mawps": False,
+}
+DEFAULTS: dict[str, Any] = {
+    "study": None,
+    "description": "",
+    "output_dir": "outputs",
+    "data_dir": None,
+    "seeds": [0],
+    "models": {"teacher": "smollm2-135m-instruct", "students": []},
+    "domains": ["math"],
+    "methods": ["sft", "fkl", "rkl", "gkd"],
+    "temperatures": [1.0],
+    "noise_sigmas": [0.0],
+    "teacher_expertise": ["task_aware"],
+    "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": "paper",
+           "seqkd_max_new_tokens": 128},
+    "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": "topk", "k": 16, "num_samples": 12},
+    "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
+    "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
+                   "max_new_tokens": {"math": 256, "commonsense": 32}, "do_sample": False, "eval_base": True},
+    "execution": {"executor": "local", "parallel": 1,
+                  "slurm": {"partition": None, "gpus_per_node": 1, "cpus_per_task": 8, "timeout_min": 240,
+                            "mem_gb": 64, "account": None}},
+}
+STUDENT_KEYS = {"name", "model", "layers"}
+EXPERTISE = ("task_aware", "task_unaware")
+
+# leaf type checks: key path pattern -> (python types, description)
+NUMBER, INT, BOOL, STR = (int, float), (int,), (bool,), (str,)
+TYPES: dict[str, tuple[tuple, str]] = {
+    "study": (STR, "a string"), "description": (STR, "a string"), "output_dir": (STR, "a path string"),
+    "data_dir": (STR + (type(None),), "a path string or null"),
+    "models.teacher": (STR, "a model id or directory"),
+    "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
+    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR, "'paper' or 'response'"),
+    "kd.seqkd_max_new_tokens": (INT, "an integer"),
+    "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "'topk' or 'sampled'"),
+    "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
+    "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
+    "evaluation.max_new_tokens.math": (INT, "an integer"), "evaluation.max_new_tokens.commonsense": (INT, "an integer"),
+    "evaluation.do_sample": (BOOL, "true or false"), "evaluation.eval_base": (BOOL, "true or false"),
+    "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
+}
+for _role in ("teacher", "student"):
+    for _key, _default in TRAINING_DEFAULTS.items():
+        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number")}.get(
+            type(_default), (INT + (type(None),), "an integer or null"))
+        TYPES[f"training.{_role}.{_key}"] = _types
+
+
+class ParamsError(ValueError):
+    """Every problem found in a study file, one per line with its key path."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _merge(base: dict, override: dict, path: str, problems: list[str]) -> dict:
+    """Defaults overridden by the file; unknown keys reported with a close match when there is one."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        where = f"{path}{key}"
+        if key not in base:
+            close = difflib.get_close_matches(str(key), list(base), n=1)
+            problems.append(f"{where}: unknown key" + (f" (did you mean '{path}{close[0]}'?)" if close else ""))
+        elif isinstance(base[key], dict) and key != "slurm":
+            if isinstance(value, dict):
+                out[key] = _merge(base[key], value, f"{where}.", problems)
+            else:
+                problems.append(f"{where}: expected a mapping, got {type(value).__name__}")
+        else:
+            out[key] = value
+    return out
+
+
+def _leaf(params: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        params = params[part]
+    return params
+
+
+def plausible_model(name: Any) -> bool:
+    """A local model directory, the embedded model, or something shaped like a hub id."""
+    from kd_utils.models import EMBEDDED_MODEL
+
+    if not isinstance(name, str):
+        return False
+    return name == EMBEDDED_MODEL or Path(name).expanduser().is_dir() or (
+        bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~")))
+
+
+def _number_list(params: dict, key: str, problems: list[str], check, rule: str) -> None:
+    values = params[key]
+    if not isinstance(values, list) or not values:
+        problems.append(f"{key}: expected a non-empty list")
+        return
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not check(v):
+            problems.append(f"{key}[{i}]: {v!r} must be {rule}")
+
+
+def validate(params: dict) -> list[str]:
+    """All problems in merged params (an empty list means valid)."""
+    problems: list[str] = []
+    for dotted, (types, what) in TYPES.items():
+        value = _leaf(params, dotted)
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            problems.append(f"{dotted}: expected {what}, got {value!r}")
+    if not params["study"] or not re.match(r"^[\w.-]+$", str(params["study"])):
+        problems.append("study: a name of letters, digits, '.', '_' or '-' is required")
+    if isinstance(params["models"]["teacher"], str) and not plausible_model(params["models"]["teacher"]):
+        problems.append(f"models.teacher: {params['models']['teacher']!r} is neither a local model directory nor a "
+                        "plausible hub id like 'org/name'")
+    students = params["models"]["students"]
+    if not isinstance(students, list) or not students:
+        problems.append("models.students: expected a non-empty list of students")
+        students = []
+    names = []
+    for i, student in enumerate(students):
+        where = f"models.students[{i}]"
+        if not isinstance(student, dict):
+            problems.append(f"{where}: expected a mapping with name and model or layers")
+            continue
+        for key in student.keys() - STUDENT_KEYS:
+            close = difflib.get_close_matches(str(key), STUDENT_KEYS, n=1)
+            problems.append(f"{where}.{key}: unknown key" + (f" (did you mean '{where}.{close[0]}'?)" if close else ""))
+        if not isinstance(student.get("name"), str) or not re.match(r"^[\w.-]+$", student.get("name") or ""):
+            problems.append(f"{where}.name: a name of letters, digits, '.', '_' or '-' is required")
+        names.append(student.get("name"))
+        if ("model" in student) == ("layers" in student):
+            problems.append(f"{where}: give exactly one of 'model' (an id or directory) or 'layers' (keep N of the "
+                            "teacher's layers)")
+        elif "model" in student and not plausible_model(student["model"]):
+            problems.append(f"{where}.model: {student['model']!r} is neither a local model directory nor a plausible "
+                            "hub id")
+        elif "layers" in student and (isinstance(student["layers"], bool) or not isinstance(student["layers"], int)
+                                      or student["layers"] < 1):
+            problems.append(f"{where}.layers: expected a positive integer, got {student['layers']!r}")
+    if len(set(names)) != len(names):
+        problems.append("models.students: student names must be unique")
+    for key, allowed in (("methods", METHODS), ("domains", ("math", "commonsense")), ("teacher_expertise", EXPERTISE)):
+        values = params[key]
+        if not isinstance(values, list) or not values:
+            problems.append(f"{key}: expected a non-empty list (an empty grid runs nothing)")
+            continue
+        for i, v in enumerate(values):
+            if v not in allowed:
+                close = difflib.get_close_matches(str(v), allowed, n=1)
+                problems.append(f"{key}[{i}]: unknown {key[:-1].replace('_', ' ')} {v!r}; expected one of "
+                                f"{', '.join(allowed)}" + (f" (did you mean '{close[0]}'?)" if close else ""))
+    _number_list(params, "temperatures", problems, lambda v: v > 0, "> 0 (tau <= 0 is undefined)")
+    _number_list(params, "noise_sigmas", problems, lambda v: v >= 0, ">= 0")
+    _number_list(params, "seeds", problems, lambda v: isinstance(v, int) and v >= 0, "a non-negative integer")
+    tasks = params["evaluation"]["tasks"]
+    try:
+        tasks_for(tasks)
+    except (KeyError, TypeError):
+        bad = [t for t in (tasks if isinstance(tasks, list) else [tasks]) if t not in TASKS]
+        problems.append(f"evaluation.tasks: unknown task id(s) {bad}; expected 'all', 'core', 'math', 'commonsense' "
+                        f"or ids from {', '.join(TASKS)}")
+    kd = params["kd"]
+    for key in ("kd_weight", "beta", "lmbda"):
+        if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
+            problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
+    if kd["distill_positions"] not in ("paper", "response"):
+        problems.append(f"kd.distill_positions: expected 'paper' or 'response', got {kd['distill_positions']!r}")
+    if params["execution"]["executor"] not in ("local", "slurm"):
+        problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
+    if params["teacher_cache"]["representation"] not in ("topk", "sampled"):
+        problems.append("teacher_cache.representation: expected 'topk' or 'sampled'")
+    for role in ("teacher", "student"):
+        t = params["training"][role]
+        if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (
+                t["micro_batch_size"] < 1 or t["batch_size"] % t["micro_batch_size"]):
+            problems.append(f"training.{role}.batch_size: {t['batch_size']} must be a multiple of "
+                            f"micro_batch_size {t['micro_batch_size']}")
+    return problems
+
+
+def load_study(path: str | Path, overrides: dict | None = None) -> dict:
+    """Read, merge over the defaults and validate a study file; raise ParamsError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(str(path), [f"no such params file: {path}"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ParamsError(str(path), [f"not valid YAML: {err}"]) from None
+    if not isinstance(raw, dict):
+        raise ParamsError(str(path), ["the file must hold a mapping of keys"])
+    problems: list[str] = []
+    params = _merge(DEFAULTS, {**raw, **(overrides or {})}, "", problems)
+    if params["study"] is None:
+        params["study"] = path.stem
+    problems += validate(params)
+    if problems:
+        raise ParamsError(str(path), problems)
+    return params

@@ -1,0 +1,394 @@
+"""Run a whole study: expand the params grid into runs, execute each run's notebook with papermill.
+
+    python -m kd_utils.study run params/default.yaml [--dry-run] [--executor local|slurm] [--only STAGE]
+
+Run graph: teacher fine-tune -> student SFT / KD runs -> evaluation of the base model, the
+teacher and every student -> results.csv -> analysis notebook -> report.html. Run ids are
+content hashes of a run's resolved parameters (upstream runs enter by id), so a re-run skips
+completed runs and redoes incomplete ones. A failing run is recorded with its error, its
+dependents are skipped, independent runs go on, and the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kd_utils.evaluation import write_atomic
+from kd_utils.params import ParamsError, load_study
+from kd_utils.tasks import tasks_for
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = PROJECT_ROOT / "notebooks"
+STAGES = ("teacher", "student", "eval", "analysis")
+RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
+                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high"]
+STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
+
+
+@dataclass
+class Run:
+    stage: str
+    notebook: str
+    parameters: dict
+    deps: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # the results.csv columns this run contributes
+    label: str = ""
+    id: str = ""
+
+    def __post_init__(self):
+        if not self.id:
+            payload = json.dumps([self.stage, self.notebook, self.parameters, sorted(self.deps)], sort_keys=True)
+            self.id = f"{self.stage}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
+
+
+def _training_params(params: dict, role: str) -> dict:
+    return {k: v for k, v in params["training"][role].items()}
+
+
+def plan(params: dict) -> list[Run]:
+    """Expand a validated study into runs, in dependency order."""
+    teacher_base = params["models"]["teacher"]
+    ev = params["evaluation"]
+    task_ids = [t.id for t in tasks_for(ev["tasks"])]
+    eval_common = {"tasks": task_ids, "n_per_task": ev["n_per_task"], "batch_size": ev["batch_size"],
+                   "max_new_tokens_math": ev["max_new_tokens"]["math"],
+                   "max_new_tokens_commonsense": ev["max_new_tokens"]["commonsense"], "do_sample": ev["do_sample"],
+                   "data_dir": params["data_dir"]}
+    seed0 = params["seeds"][0]
+    runs: list[Run] = []
+
+    def evaluate(model: str, adapter: str | None, upstream: Run | None, meta: dict, label: str) -> None:
+        runs.append(Run("eval", "evaluate.ipynb", {**eval_common, "model": model, "adapter": adapter, "seed": seed0},
+                        [upstream.id] if upstream else [], meta, f"eval {label}"))
+
+    if ev["eval_base"]:
+        evaluate(teacher_base, None, None, {"role": "base", "model": teacher_base, "teacher": "", "method": "",
+                                            "seed": seed0}, teacher_base)
+    multi_domain = len(params["domains"]) > 1
+    for domain in params["domains"]:
+        teacher = Run("teacher", "finetune.ipynb", {"model": teacher_base, "domain": domain, "seed": seed0,
+                                                    "data_dir": params["data_dir"], **_training_params(params, "teacher")},
+                      label=f"fine-tune teacher {teacher_base} on {domain}")
+        runs.append(teacher)
+        adapter = f"{STUDY_PREFIX}runs/{teacher.id}/adapter" if params["training"]["teacher"]["lora"] else None
+        teacher_model = f"{STUDY_PREFIX}runs/{teacher.id}/model" if adapter is None else teacher_base
+        teacher_name = f"{teacher_base}:{domain}-expert"
+        evaluate(teacher_model, adapter, teacher, {"role": "teacher", "model": teacher_name, "teacher": "",
+                                                   "method": "sft", "seed": seed0}, teacher_name)
+        for student in params["models"]["students"]:
+            name = f"{student['name']}@{domain}" if multi_domain else student["name"]
+            if "layers" in student:
+                base_args = {"model": teacher_base, "student_layers": student["layers"]}
+                student_base = f"{STUDY_PREFIX}runs/student-{Path(teacher_base).name}-L{student['layers']}"
+            else:
+                base_args, student_base = {"model": student["model"], "student_layers": None}, student["model"]
+            for seed in params["seeds"]:
+                for method, tau, sigma, expertise in _grid(params):
+                    aware = expertise == "task_aware"
+                    run_params = {**base_args, "method": method, "domain": domain, "seed": seed,
+                                  "data_dir": params["data_dir"], **_training_params(params, "student")}
+                    deps = []
+                    if method != "sft":
+                        run_params.update({"teacher": teacher_model, "teacher_adapter": adapter,
+                                           "task_aware_teacher": aware, "temperature": tau, "noise_sigma": sigma,
+                                           **params["kd"]})
+                        deps = [teacher.id]
+                    train = Run("student", "distill.ipynb", run_params, deps,
+                                label=f"{method} {name} tau={tau} sigma={sigma} {expertise} seed={seed}")
+                    runs.append(train)
+                    student_adapter = f"{STUDY_PREFIX}runs/{train.id}/adapter" if run_params["lora"] else None
+                    student_model = student_base if student_adapter else f"{STUDY_PREFIX}runs/{train.id}/model"
+                    t_name = "" if method == "sft" else (teacher_name if aware else f"{teacher_base}:base")
+                    evaluate(student_model, student_adapter, train,
+                             {"role": "student", "model": name, "teacher": t_name, "method": method,
+                              "temperature": tau if method != "sft" else None,
+                              "noise_sigma": sigma if method != "sft" else 0.0, "seed": seed},
+                             f"{method} {name} tau={tau} sigma={sigma} {expertise}")
+    return runs
+
+
+def _grid(params: dict):
+    """(method, tau, sigma, expertise) combinations; sft has no teacher, seqkd no temperature or noise."""
+    seen = set()
+    for method in params["methods"]:
+        for tau in params["temperatures"]:
+            for sigma in params["noise_sigmas"]:
+                for expertise in params["teacher_expertise"]:
+                    combo = ((method, 1.0, 0.0, "task_aware") if method == "sft" else
+                             (method, 1.0, 0.0, expertise) if method == "seqkd" else (method, tau, sigma, expertise))
+                    if combo not in seen:
+                        seen.add(combo)
+                        yield combo
+
+
+# ---- executing one run ------------------------------------------------------------------
+
+def resolve(value, study_dir: Path):
+    if isinstance(value, str) and value.startswith(STUDY_PREFIX):
+        return str(study_dir / value[len(STUDY_PREFIX):])
+    return value
+
+
+def read_status(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / "status.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {"state": "pending"}
+
+
+def write_status(run_dir: Path, **status) -> None:
+    write_atomic(run_dir / "status.json", json.dumps(status, indent=1))
+
+
+def execute_run(run: Run, study_dir: str | Path) -> dict:
+    """Execute one run's notebook into its run directory; the status records success or the error."""
+    import papermill as pm
+
+    from kd_utils.report import notebook_to_html
+
+    study_dir = Path(study_dir)
+    run_dir = study_dir / "runs" / run.id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    parameters = {k: resolve(v, study_dir) for k, v in run.parameters.items()}
+    parameters["output_dir"] = str(run_dir)
+    write_atomic(run_dir / "params.json", json.dumps({"run": asdict(run), "resolved": parameters}, indent=1))
+    started = time.time()
+    write_status(run_dir, state="running", started=started, label=run.label)
+    executed = run_dir / run.notebook
+    partial = run_dir / f".{run.notebook}.partial"
+    try:
+        pm.execute_notebook(str(NOTEBOOKS / run.notebook), str(partial), parameters=parameters,
+                            cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
+        partial.replace(executed)
+        notebook_to_html(executed, executed.with_suffix(".html"))
+        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label}
+    except Exception as err:  # noqa: BLE001 - any failure of a run is recorded, not raised
+        status = {"state": "failed", "started": started, "seconds": time.time() - started, "label": run.label,
+                  "error": f"{type(err).__name__}: {getattr(err, 'evalue', None) or err}",
+                  "traceback": traceback.format_exc()}
+    write_status(run_dir, **status)
+    return status
+
+
+# ---- executors --------------------------------------------------------------------------
+
+class LocalExecutor:
+    """Runs on this machine, ``parallel`` independent runs at a time (each notebook has its own kernel)."""
+
+    submits_with_dependencies = False
+
+    def __init__(self, parallel: int = 1):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+
+    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
+        return self.pool.submit(execute_run, run, study_dir)
+
+    @staticmethod
+    def result(job) -> dict:
+        return job.result()
+
+
+class SubmititExecutor:
+    """Each run a job through submitit: Slurm with afterok dependencies, or submitit's local executor."""
+
+    def __init__(self, study_dir: Path, cluster: str = "slurm", slurm: dict | None = None):
+        import submitit
+
+        slurm = slurm or {}
+        self.submits_with_dependencies = cluster == "slurm"
+        self.executor = submitit.AutoExecutor(folder=str(study_dir / "submitit" / "%j"), cluster=cluster)
+        self.common = {"timeout_min": slurm.get("timeout_min", 240), "gpus_per_node": slurm.get("gpus_per_node", 1),
+                       "cpus_per_task": slurm.get("cpus_per_task", 8), "mem_gb": slurm.get("mem_gb", 64)}
+        if cluster == "local":
+            self.common["gpus_per_node"] = 0
+        extra = {k: v for k, v in (("slurm_partition", slurm.get("partition")), ("slurm_account", slurm.get("account")))
+                 if v}
+        self.common.update(extra)
+
+    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
+        additional = {"dependency": "afterok:" + ":".join(j.job_id for j in dep_jobs)} if dep_jobs else {}
+        self.executor.update_parameters(name=run.id, **self.common, slurm_additional_parameters=additional)
+        return self.executor.submit(execute_run, run, study_dir)
+
+    @staticmethod
+    def result(job) -> dict:
+        return job.result()
+
+
+def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Execute the runs not yet done, respecting dependencies; returns every run's final status.
+
+    ``statuses`` holds the known state of runs outside ``runs`` (dependencies of an --only selection).
+    """
+    statuses = dict(statuses or {})
+    statuses.update({r.id: read_status(study_dir / "runs" / r.id) for r in runs})
+    todo = [r for r in runs if statuses[r.id]["state"] != "done"]
+    scheduled = {r.id for r in todo}
+    jobs: dict[str, object] = {}
+    futures: dict[object, Run] = {}
+    bar = tqdm(total=len(todo), desc="runs", unit="run")
+    pending = list(todo)
+    while pending or futures:
+        for run in list(pending):
+            dep_states = [statuses[d]["state"] for d in run.deps]
+            blocked = [d for d, s in zip(run.deps, dep_states) if s != "done" and d not in scheduled]
+            if any(s in ("failed", "skipped") for s in dep_states) or blocked:
+                statuses[run.id] = {"state": "skipped", "label": run.label,
+                                    "error": f"dependency {(blocked or run.deps)[0]} failed or was not run"}
+                pending.remove(run)
+                bar.update(1)
+                continue
+            ready = all(s == "done" for s in dep_states) or (
+                executor.submits_with_dependencies and all(d in jobs or s == "done" for d, s in zip(run.deps, dep_states)))
+            if ready:
+                jobs[run.id] = executor.submit(run, study_dir, [jobs[d] for d in run.deps if d in jobs])
+                futures[jobs[run.id]] = run
+                pending.remove(run)
+                bar.set_postfix_str(run.label[:60])
+        if not futures:
+            continue
+        job = _wait_any(list(futures))
+        run = futures.pop(job)
+        try:
+            statuses[run.id] = executor.result(job)
+        except Exception as err:  # noqa: BLE001 - e.g. a Slurm job cancelled because a dependency failed
+            statuses[run.id] = {"state": "failed", "label": run.label, "error": f"{type(err).__name__}: {err}"}
+            write_status(study_dir / "runs" / run.id, **statuses[run.id])
+        bar.update(1)
+        tqdm.write(f"[{statuses[run.id]['state']}] {run.label} ({run.id})")
+    bar.close()
+    return statuses
+
+
+def _wait_any(jobs: list):
+    """The first finished job: concurrent futures or submitit jobs."""
+    if hasattr(jobs[0], "add_done_callback"):
+        return next(iter(wait(jobs, return_when=FIRST_COMPLETED).done))
+    while True:
+        for job in jobs:
+            if job.done():
+                return job
+        time.sleep(1.0)
+
+
+# ---- results and report -------------------------------------------------------------------
+
+def model_size_billions(path: str) -> float | None:
+    """Parameters of a local safetensors model directory, in billions (tied weights counted once)."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        return None
+    total = 0
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if key != "lm_head.weight":  # tied to the embeddings in the models we build
+                    numel = 1
+                    for dim in f.get_slice(key).get_shape():
+                        numel *= dim
+                    total += numel
+    return total / 1e9
+
+
+def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], study_dir: Path) -> pd.DataFrame:
+    """results.csv (the design card's contract) from every finished evaluation run, plus models.csv."""
+    rows, sizes = [], {}
+    for run in runs:
+        if run.stage != "eval" or statuses[run.id]["state"] != "done":
+            continue
+        metrics = pd.read_csv(study_dir / "runs" / run.id / "metrics.csv")
+        for rec in metrics.to_dict("records"):
+            rows.append({"study": params["study"], "run_id": run.id, "temperature": None, "noise_sigma": 0.0,
+                         **run.meta, **rec})
+        model_dir = resolve(run.parameters["model"], study_dir)
+        if run.meta["model"] not in sizes and Path(model_dir).is_dir():
+            sizes[run.meta["model"]] = model_size_billions(model_dir)
+    if rows:
+        results = pd.DataFrame(rows)[RESULT_COLUMNS]
+    else:
+        results = pd.DataFrame(columns=RESULT_COLUMNS)
+    write_atomic(study_dir / "results.csv", results.to_csv(index=False))
+    sizes_df = pd.DataFrame([{"model": m, "n_params": s} for m, s in sizes.items() if s is not None])
+    write_atomic(study_dir / "models.csv", sizes_df.to_csv(index=False))
+    return results
+
+
+def analysis_run(params: dict, study_dir: Path, results: pd.DataFrame) -> Run:
+    digest = hashlib.sha256(results.to_csv(index=False).encode()).hexdigest()[:12]
+    return Run("analysis", "analysis.ipynb", {
+        "results_source": "study", "results_path": f"{STUDY_PREFIX}results.csv", "runs_dir": f"{STUDY_PREFIX}runs",
+        "results_digest": digest}, label="analysis and report")
+
+
+def run_study(params_path: str | Path, executor_name: str | None = None, dry_run: bool = False,
+              only: str | None = None, output_root: str | Path | None = None) -> int:
+    """Plan and execute a study; returns the process exit code (0 when every run succeeded)."""
+    params = load_study(params_path)
+    root = Path(output_root or params["output_dir"])
+    study_dir = (root if root.is_absolute() else PROJECT_ROOT / root) / params["study"]
+    runs = plan(params)
+    if only is not None:
+        if only not in STAGES:
+            raise ParamsError("--only", [f"unknown stage {only!r}; expected one of {', '.join(STAGES)}"])
+    statuses = {r.id: read_status(study_dir / "runs" / r.id) for r in runs}
+    if dry_run:
+        print(f"study {params['study']}: {len(runs)} runs (+ analysis) into {study_dir}")
+        for r in runs:
+            print(f"  {statuses[r.id]['state']:8s} {r.id:22s} {r.label}" + (f"  <- {', '.join(r.deps)}" if r.deps else ""))
+        return 0
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(study_dir / "params.resolved.json", json.dumps(params, indent=1))
+    name = executor_name or params["execution"]["executor"]
+    executor = (LocalExecutor(params["execution"]["parallel"]) if name == "local" else
+                SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", params["execution"]["slurm"]))
+    selected = [r for r in runs if only in (None, r.stage)]
+    statuses = execute(selected, study_dir, executor, statuses)
+    if only in (None, "analysis"):
+        results = collect_results(params, runs, statuses, study_dir)
+        analysis = analysis_run(params, study_dir, results)
+        statuses = execute([analysis], study_dir, executor, statuses)
+        html = study_dir / "runs" / analysis.id / "analysis.html"
+        if statuses[analysis.id]["state"] == "done":
+            write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
+    failed = {rid: s for rid, s in statuses.items() if s["state"] in ("failed", "skipped")}
+    done = sum(s["state"] == "done" for s in statuses.values())
+    print(f"\n{params['study']}: {done} runs done, {len(failed)} failed or skipped; outputs in {study_dir}")
+    for rid, s in failed.items():
+        print(f"  {s['state']}: {s.get('label', rid)} ({rid}): {s.get('error', '')}")
+    if (study_dir / "report.html").is_file():
+        print(f"report: {study_dir / 'report.html'}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd_utils.study", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a study")
+    run.add_argument("params", help="a study YAML file, e.g. params/default.yaml")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default=None)
+    run.add_argument("--only", choices=STAGES, default=None, help="run only this stage's runs")
+    run.add_argument("--output-root", default=None, help="override the params' output_dir")
+    args = parser.parse_args(argv)
+    try:
+        return run_study(args.params, args.executor, args.dry_run, args.only, args.output_root)
+    except ParamsError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_utils import params, study
+
+PARAMS = Path(__file__).resolve().parents[1] / "params"
+
+
+@pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
+                                  "ablation_noise", "ablation_expertise"])
+def test_shipped_studies_are_valid_and_plan(name):
+    p = params.load_study(PARAMS / f"{name}.yaml")
+    runs = study.plan(p)
+    assert runs and len({r.id for r in runs}) == len(runs)
+    ids = set()
+    for run in runs:  # dependency order
+        assert all(d in ids for d in run.deps)
+        ids.add(run.id)
+
+
+def test_default_study_covers_every_stage():
+    runs = study.plan(params.load_study(PARAMS / "default.yaml"))
+    roles = {(r.meta.get("role"), r.meta.get("method")) for r in runs if r.stage == "eval"}
+    assert {("base", ""), ("teacher", "sft")} <= roles
+    assert {m for role, m in roles if role == "student"} == {"sft", "fkl", "rkl", "gkd"}
+    assert len({r.parameters["student_layers"] for r in runs if r.stage == "student"}) == 2
+
+
+def write(tmp_path, content: dict) -> Path:
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def test_every_problem_is_reported_with_its_key_path(tmp_path):
+    bad = {"study": "x", "models": {"teacher": "./no/such/dir", "students": [{"name": "s", "layers": 0}]},
+           "methods": ["fkl", "revkd"], "temperatures": [0.0, 2], "noise_sigmas": [-1],
+           "evaluation": {"tasks": ["gsm8k", "gsm9k"], "n_per_tsk": 3},
+           "training": {"student": {"lr": "fast"}}, "temprature": [1]}
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, bad))
+    text = str(err.value)
+    for expected in ["temprature: unknown key (did you mean 'temperatures'?)",
+                     "evaluation.n_per_tsk: unknown key (did you mean 'evaluation.n_per_task'?)",
+                     "models.teacher: './no/such/dir' is neither a local model directory",
+                     "models.students[0].layers: expected a positive integer",
+                     "methods[1]: unknown method 'revkd'",
+                     "temperatures[0]: 0.0 must be > 0",
+                     "noise_sigmas[0]: -1 must be >= 0",
+                     "evaluation.tasks: unknown task id(s) ['gsm9k']",
+                     "training.student.lr: expected a number, got 'fast'"]:
+        assert expected in text
+    assert len(err.value.problems) == 9
+
+
+def test_empty_grid_and_wrong_types(tmp_path):
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, {"study": "x", "models": {"students": []}, "methods": [],
+                                           "evaluation": {"batch_size": "16"}, "kd": 3}))
+    text = str(err.value)
+    assert "models.students: expected a non-empty list" in text and "methods: expected a non-empty list" in text
+    assert "evaluation.batch_size: expected an integer, got '16'" in text and "kd: expected a mapping" in text
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("study: [unclosed")
+    with pytest.raises(params.ParamsError, match="not valid YAML"):
+        params.load_study(path)
+    with pytest.raises(params.ParamsError, match="no such params file"):
+        params.load_study(tmp_path / "missing.yaml")
+
+
+def test_cli_rejects_bad_params_and_writes_nothing(tmp_path, capsys):
+    path = write(tmp_path, {"study": "bad", "output_dir": str(tmp_path / "out"), "methods": ["kd"],
+                            "models": {"students": [{"name": "s", "layers": 1}]}})
+    assert study.main(["run", str(path)]) == 2
+    assert "methods[0]: unknown method 'kd'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_ids_are_content_hashes():
+    p = params.load_study(PARAMS / "default.yaml")
+    a, b = study.plan(p), study.plan(params.load_study(PARAMS / "default.yaml"))
+    assert [r.id for r in a] == [r.id for r in b]
+    p["temperatures"] = [5.0]
+    c = study.plan(p)
+    changed = {r.id for r in c} - {r.id for r in a}
+    assert changed and all(r.stage in ("student", "eval") for r in c if r.id in changed)
+    assert {r.id for r in a if r.stage == "teacher"} == {r.id for r in c if r.stage == "teacher"}

@@ -1,0 +1,119 @@
+"""The smoke study end to end through the real runner and papermill (tiny random models)."""
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from kd_utils import study
+from tests.conftest import make_data_dir
+
+pytestmark = pytest.mark.slow
+SMOKE = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
+
+
+@pytest.fixture(scope="module")
+def smoke_params(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("smoke")
+    content = yaml.safe_load(SMOKE.read_text())
+    content["models"]["teacher"] = str(tiny_model_dir)
+    content["data_dir"] = str(make_data_dir(root / "data"))
+    path = root / "smoke.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(smoke_params, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out-local")
+    code = study.run_study(smoke_params, output_root=out)
+    return code, out / "smoke"
+
+
+def comparable(results: pd.DataFrame) -> pd.DataFrame:
+    return results.sort_values(["run_id", "task"]).reset_index(drop=True)
+
+
+def test_smoke_study_end_to_end(finished):
+    code, study_dir = finished
+    assert code == 0
+    results = pd.read_csv(study_dir / "results.csv")
+    assert list(results.columns) == study.RESULT_COLUMNS
+    assert set(results["role"]) == {"base", "teacher", "student"}
+    assert set(results.loc[results.role == "student", "method"]) == {"sft", "fkl", "rkl"}
+    assert set(results["task"]) == {"gsm8k", "aqua", "boolq"} and (results["n"] == 2).all()
+    assert (study_dir / "report.html").stat().st_size > 10_000
+    run_dirs = [p for p in (study_dir / "runs").iterdir() if (p / "status.json").exists()]
+    for run_dir in run_dirs:
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "done"
+        assert list(run_dir.glob("*.html")), run_dir
+    sizes = pd.read_csv(study_dir / "models.csv")
+    assert "tiny-L1" in set(sizes["model"])
+
+
+def test_rerun_skips_finished_runs(finished, smoke_params, capsys):
+    code, study_dir = finished
+    before = {p.name: json.loads((p / "status.json").read_text())["started"]
+              for p in (study_dir / "runs").iterdir() if (p / "status.json").exists()}
+    assert study.run_study(smoke_params, output_root=study_dir.parent) == 0
+    after = {p.name: json.loads((p / "status.json").read_text())["started"] for p in (study_dir / "runs").iterdir()
+             if (p / "status.json").exists()}
+    assert before == after  # nothing recomputed
+
+
+def test_killed_study_resumes_with_identical_results(finished, smoke_params, tmp_path, monkeypatch):
+    _, reference = finished
+    real, calls = study.execute_run, []
+
+    def killed_on_third_run(run, study_dir):
+        calls.append(run.id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real(run, study_dir)
+
+    monkeypatch.setattr(study, "execute_run", killed_on_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(smoke_params, output_root=tmp_path)
+    monkeypatch.setattr(study, "execute_run", real)
+    done_before = {p.name for p in (tmp_path / "smoke" / "runs").iterdir()
+                   if (p / "status.json").exists() and json.loads((p / "status.json").read_text())["state"] == "done"}
+    assert len(done_before) == 2
+    started = {name: json.loads((tmp_path / "smoke" / "runs" / name / "status.json").read_text())["started"]
+               for name in done_before}
+    assert study.run_study(smoke_params, output_root=tmp_path) == 0
+    for name, t in started.items():
+        assert json.loads((tmp_path / "smoke" / "runs" / name / "status.json").read_text())["started"] == t
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "smoke" / "results.csv")),
+                                  comparable(pd.read_csv(reference / "results.csv")))
+
+
+def test_a_failing_run_is_recorded_and_the_rest_complete(smoke_params, tmp_path, tiny_model_dir):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    content = yaml.safe_load(smoke_params.read_text())
+    content["models"]["students"].append({"name": "broken", "model": str(broken)})
+    content["methods"] = ["sft"]
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(content))
+    assert study.run_study(path, output_root=tmp_path / "out") == 1
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "out" / "smoke" / "runs").glob("*/status.json")]
+    failed = [s for s in statuses if s["state"] == "failed"]
+    assert len(failed) == 1 and "broken" in failed[0]["label"] and failed[0]["error"]
+    results = pd.read_csv(tmp_path / "out" / "smoke" / "results.csv")
+    assert "tiny-L1" in set(results["model"]) and "broken" not in set(results["model"])
+
+
+def test_submitit_local_executor_gives_the_same_results(finished, smoke_params, tmp_path):
+    _, reference = finished
+    assert study.run_study(smoke_params, executor_name="submitit-local", output_root=tmp_path) == 0
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "smoke" / "results.csv")),
+                                  comparable(pd.read_csv(reference / "results.csv")))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(smoke_params, tmp_path, capsys):
+    assert study.main(["run", str(smoke_params), "--dry-run", "--output-root", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tune teacher" in out and "eval" in out and not (tmp_path / "out").exists()
