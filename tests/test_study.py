@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from kd_utils import study
-from tests.conftest import make_data_dir
+from conftest import make_data_dir
 
 pytestmark = pytest.mark.slow
 SMOKE = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
