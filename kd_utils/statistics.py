@@ -782,7 +782,8 @@ def mixed_effects(improvements: pd.DataFrame) -> pd.DataFrame:
     Tasks only (not ``average``). A term enters only if it varies (>= 2 sizes /
     methods); the reference method is the first of fkl, rkl, gkd, seqkd present. With
     fewer than 3 rows or 2 tasks, or if the fit fails, one 'not testable' row is
-    returned for the domain; convergence warnings are kept in ``note``.
+    returned for the domain; ``note`` says whether the fit converged and keeps the
+    optimizer's warnings (statsmodels retries other optimizers when one fails).
     """
     import statsmodels.formula.api as smf
 
@@ -811,7 +812,11 @@ def mixed_effects(improvements: pd.DataFrame) -> pd.DataFrame:
                 rows.append({"domain": domain, "term": "model", "n": n, "n_tasks": n_tasks,
                              "note": f"not testable: fit failed ({err})"})
                 continue
-        note = "; ".join(sorted({str(w.message).splitlines()[0] for w in caught}))
+        messages = "; ".join(sorted({str(w.message).splitlines()[0] for w in caught}))
+        if not fit.converged:
+            note = f"NOT converged: {messages}"
+        else:
+            note = f"converged; warnings while fitting: {messages}" if messages else ""
         ci = fit.conf_int()
         for term in fit.fe_params.index:
             label = re.sub(r"C\(method, Treatment\('(\w+)'\)\)\[T\.(\w+)\]", r"method[\2 vs \1]", term)
