@@ -78,7 +78,8 @@ Average over tasks per teacher -> student pair and method (all tasks are in
 over test examples (paired when predictions exist); they do not cover seed-to-seed
 training variation."""),
     ("code", """summary = improvements[improvements["task"] == "average"] if (improvements["task"] == "average").any() else improvements
-display(summary.assign(method=summary["method"].map(st.method_label)).set_index(["domain", "teacher", "student", "method"]))"""),
+display(summary.assign(method=summary["method"].map(st.method_label)).dropna(axis=1, how="all")
+        .set_index(["domain", "teacher", "student", "method"]))"""),
     ("md", """## Hypothesis tests
 H1: one-sided one-sample t-test of improvement > 0 and one-way ANOVA across methods;
 H2: Spearman with the teacher's accuracy; H3: with student size and student SFT
