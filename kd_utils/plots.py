@@ -1,21 +1,146 @@
-"""Figures for the notebooks and the report; each is also saved as PNG and PDF."""
+"""Seaborn figures of the analysis; every figure is saved as PNG and PDF.
+
+Each function takes the tidy tables of :mod:`kd_utils.statistics` /
+:mod:`kd_utils.fidelity`, returns the matplotlib Figure and, given ``output_dir``,
+saves ``<output_dir>/<name>.png`` and ``.pdf``. Methods are labelled with the
+paper's names next to our ids.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from kd_utils.statistics import method_label
 
-def save_figure(fig: plt.Figure, output_dir: str | Path | None, name: str) -> None:
+_IMPROVEMENT = "improvement over SFT (pp)"
+
+
+def save_figure(fig: plt.Figure, output_dir: str | Path | None, name: str) -> list[Path]:
+    """Save a figure as <name>.png (150 dpi) and <name>.pdf; returns the paths (none without output_dir)."""
     if output_dir is None:
-        return
-    out = Path(output_dir) / "figures"
-    out.mkdir(parents=True, exist_ok=True)
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"{name}.{ext}", bbox_inches="tight", dpi=150)
+        return []
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = [output_dir / f"{name}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    return paths
+
+
+def _summary_task(table: pd.DataFrame, value_columns: list[str], keys: list[str]) -> pd.DataFrame:
+    """The ``average`` task rows if the table has them, else the mean over tasks per ``keys``."""
+    if (table["task"] == "average").any():
+        return table[table["task"] == "average"]
+    return table.groupby(keys, dropna=False)[value_columns].mean().reset_index()
+
+
+def _labelled(table: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Method ids with the paper's names; an empty table is an error naming the figure."""
+    if table.empty:
+        raise ValueError(f"no rows to plot for {what}")
+    return table.assign(method=table["method"].map(method_label))
+
+
+def improvement_vs_size(improvements: pd.DataFrame, output_dir: str | Path | None = None) -> plt.Figure:
+    """Average improvement against student size (log scale), one line per method, a panel per domain."""
+    data = _summary_task(improvements, ["improvement", "student_size"],
+                         ["domain", "teacher", "student", "method"]).dropna(subset=["student_size"])
+    data = _labelled(data, "improvement vs student size (no student sizes known)")
+    grid = sns.relplot(data=data, x="student_size", y="improvement", hue="method", col="domain",
+                       kind="line", marker="o", errorbar=None, height=3.5, aspect=1.2)
+    grid.map_dataframe(sns.scatterplot, x="student_size", y="improvement", hue="method", alpha=0.4, legend=False)
+    sizes = sorted(data["student_size"].unique())
+    grid.set(xscale="log", xticks=sizes, xticklabels=[f"{s:g}" for s in sizes])
+    for ax in grid.axes.flat:
+        ax.minorticks_off()
+    grid.set_axis_labels("student size (B parameters, log scale)", _IMPROVEMENT)
+    grid.refline(y=0, color="grey", linestyle=":")
+    grid.figure.suptitle("KD improvement vs student size (lines: mean over teachers)", y=1.03)
+    save_figure(grid.figure, output_dir, "improvement_vs_size")
+    return grid.figure
+
+
+def task_differences(improvements: pd.DataFrame, domain: str, output_dir: str | Path | None = None) -> plt.Figure:
+    """Per-task KD - SFT difference of each teacher -> student pair (a panel each) and method, with the
+    bootstrap intervals (``ci_low``/``ci_high``) where the table has them."""
+    table = improvements[(improvements["domain"] == domain) & (improvements["task"] != "average")]
+    table = _labelled(table.assign(pair=table["teacher"] + " -> " + table["student"]), f"{domain} task differences")
+    tasks = list(dict.fromkeys(table["task"]))
+    methods = list(dict.fromkeys(table["method"]))
+    pairs = list(dict.fromkeys(table["pair"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    has_ci = {"ci_low", "ci_high"} <= set(table.columns) and table["ci_low"].notna().any()
+    # plain subplots, not a FacetGrid: its repeated tight_layout passes cost seconds with a dozen panels
+    ncols = min(4, len(pairs))
+    nrows = -(-len(pairs) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, pair in zip(axes.flat, pairs):
+        for i, method in enumerate(methods):
+            rows = table[(table["pair"] == pair) & (table["method"] == method)]
+            x = np.array([tasks.index(t) for t in rows["task"]]) + (i - (len(methods) - 1) / 2) * 0.2
+            err = (np.vstack([rows["improvement"] - rows["ci_low"], rows["ci_high"] - rows["improvement"]])
+                   if has_ci else None)
+            ax.errorbar(x, rows["improvement"], yerr=err, fmt="o", color=palette[method], label=method,
+                        capsize=2, markersize=4)
+        ax.axhline(0, color="grey", linestyle=":")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+        ax.set_title(pair, fontsize=10)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(_IMPROVEMENT)
+    sns.despine(fig)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
+               frameon=False)
+    # leave 0.35 inch above the top panels for their titles; the suptitle sits above the figure edge
+    fig.subplots_adjust(left=0.06, right=0.97, top=1 - 0.35 / (3.2 * nrows), hspace=0.6, wspace=0.3)
+    note = " with bootstrap 95% intervals" if has_ci else ""
+    fig.suptitle(f"{domain}: per-task KD - SFT accuracy{note}", y=1.0, va="bottom")
+    save_figure(fig, output_dir, f"task_differences_{domain}")
+    return fig
+
+
+def ablation_curve(table: pd.DataFrame, factor: str, output_dir: str | Path | None = None) -> plt.Figure:
+    """Average improvement as the ablation factor varies (see statistics.ablation_table), a line per
+    teacher -> student pair and method (and temperature, for the other factors), a panel per domain."""
+    keys = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "expertise"]
+    data = _labelled(_summary_task(table, ["improvement", "accuracy"], keys), f"{factor} ablation")
+    label = data["teacher"] + " -> " + data["student"] + ", " + data["method"]
+    if factor != "temperature" and data["temperature"].nunique() > 1:
+        label += ", tau=" + data["temperature"].map("{:g}".format)
+    data = data.assign(run=label)
+    if factor == "expertise":
+        grid = sns.catplot(data=data, x="expertise", y="improvement", hue="run", col="domain", kind="point",
+                           errorbar=None, height=3.5, aspect=1.2)
+    else:
+        grid = sns.relplot(data=data, x=factor, y="improvement", hue="run", col="domain",
+                           kind="line", marker="o", errorbar=None, height=3.5, aspect=1.2)
+    grid.refline(y=0, color="grey", linestyle=":")
+    grid.set_axis_labels({"temperature": "temperature tau", "noise_sigma": "teacher-logit noise sigma",
+                          "expertise": "teacher"}[factor], _IMPROVEMENT)
+    grid.figure.suptitle(f"{factor} ablation (average over tasks)", y=1.03)
+    save_figure(grid.figure, output_dir, f"ablation_{factor}")
+    return grid.figure
+
+
+def scatter(table: pd.DataFrame, x: str, y: str, name: str, output_dir: str | Path | None = None) -> plt.Figure:
+    """Scatter of two columns coloured by method, a panel per domain (e.g. agreement against improvement)."""
+    data = _labelled(table.dropna(subset=[x, y]), f"{y} vs {x}")
+    grid = sns.relplot(data=data, x=x, y=y, hue="method", col="domain", height=3.5, aspect=1.2)
+    grid.set_axis_labels(x, _IMPROVEMENT if y == "improvement" else y)
+    grid.figure.suptitle(f"{y} vs {x}", y=1.03)
+    save_figure(grid.figure, output_dir, name)
+    return grid.figure
+
+
+def _figures(output_dir: str | Path | None) -> Path | None:
+    """A stage's figures go to <output_dir>/figures."""
+    return None if output_dir is None else Path(output_dir) / "figures"
 
 
 def accuracy_bars(metrics: pd.DataFrame, title: str = "", output_dir: str | Path | None = None) -> plt.Figure:
@@ -31,7 +156,7 @@ def accuracy_bars(metrics: pd.DataFrame, title: str = "", output_dir: str | Path
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
     ax.legend(handles, palette.keys(), frameon=False)
     sns.despine(fig)
-    save_figure(fig, output_dir, "accuracy")
+    save_figure(fig, _figures(output_dir), "accuracy")
     return fig
 
 
@@ -44,5 +169,5 @@ def loss_curves(history: list[dict], title: str = "", output_dir: str | Path | N
     sns.lineplot(long.dropna(), x="epoch", y="value", hue="loss", marker="o", ax=ax)
     ax.set(ylabel="loss", title=title)
     sns.despine(fig)
-    save_figure(fig, output_dir, "losses")
+    save_figure(fig, _figures(output_dir), "losses")
     return fig

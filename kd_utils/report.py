@@ -1,0 +1,87 @@
+"""Execute a parameterised notebook with papermill and render it to a self-contained HTML report."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _temp_file(path: Path, suffix: str) -> str:
+    """A temporary file beside ``path`` with the permissions a plain new file would get (mkstemp's are 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    os.close(fd)
+    return tmp
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
+    tmp = _temp_file(path, ".tmp")
+    try:
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# JupyterLab's HTML template minus the CDN scripts (require.js, MathJax, Mermaid) the
+# report does not use, so the page loads nothing from the network
+_TEMPLATE = """{%- extends "index.html.j2" -%}
+{%- block html_head_js_requirejs -%}{%- endblock html_head_js_requirejs -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+"""
+
+
+def notebook_to_html(notebook: str | Path, html_path: str | Path) -> Path:
+    """Render an executed notebook to self-contained HTML: code cells hidden, images inline, no external scripts."""
+    import nbformat
+    from jinja2 import DictLoader
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(template_name="lab", template_file="kd_report.html.j2",
+                            extra_loaders=[DictLoader({"kd_report.html.j2": _TEMPLATE})],
+                            exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                            embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
+    html_path = Path(html_path)
+    _atomic_write(html_path, body)
+    return html_path
+
+
+def render_report(notebook: str | Path, html_path: str | Path, parameters: Mapping[str, Any],
+                  executed_notebook: str | Path | None = None, cwd: str | Path | None = None,
+                  kernel_name: str | None = None) -> Path:
+    """Run ``notebook`` with papermill and write the HTML report to ``html_path``.
+
+    The executed notebook is kept at ``executed_notebook`` (default: next to the HTML,
+    same stem, .ipynb). The kernel runs in ``cwd`` (default: the repository root, so
+    relative parameter paths and ``import kd_utils`` resolve against this checkout).
+    Both files are written atomically; a failing notebook raises papermill's
+    PapermillExecutionError, keeps the executed notebook (with the error) and writes
+    no HTML.
+    """
+    import papermill as pm
+
+    html_path = Path(html_path)
+    executed = Path(executed_notebook) if executed_notebook else html_path.with_suffix(".ipynb")
+    tmp = _temp_file(executed, ".ipynb")
+    try:
+        pm.execute_notebook(str(notebook), tmp, parameters=dict(parameters), cwd=str(cwd or REPO_ROOT),
+                            kernel_name=kernel_name, progress_bar=False)
+    finally:
+        # keep a failed run's notebook too: its error cell is what one reads to debug
+        if Path(tmp).stat().st_size:
+            os.replace(tmp, executed)
+        else:
+            Path(tmp).unlink()
+    return notebook_to_html(executed, html_path)

@@ -1,0 +1,77 @@
+"""End-to-end: notebooks/analysis.ipynb under papermill, rendered to HTML, in paper and study mode."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from kd_utils import statistics as st
+from kd_utils.report import render_report
+from study_fixtures import write_study
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"
+PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
+
+pytestmark = pytest.mark.slow
+
+
+def check_report(html: Path, figures: list[str], figures_dir: Path) -> None:
+    text = html.read_text()
+    assert "<script src=" not in text and "<link rel=\"stylesheet\" href=\"http" not in text  # self-contained
+    assert text.count("src=\"data:image/png;base64,") >= len(figures)
+    assert "import kd_utils" not in text and "from kd_utils" not in text  # code cells hidden
+    for name in figures:
+        for ext in ("png", "pdf"):
+            assert (figures_dir / f"{name}.{ext}").stat().st_size > 1000, f"{name}.{ext}"
+
+
+def test_committed_notebook_has_parameters_and_no_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1
+    for name in ("results_source", "results_path", "paper_results_dir", "output_dir", "runs_dir"):
+        assert re.search(rf"^{name} = ", tagged[0].source, flags=re.M), name
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in nb.cells if c.cell_type == "code")
+
+
+@pytest.mark.skipif(not PAPER_DIR.is_dir(), reason=f"paper results not found at {PAPER_DIR}")
+def test_paper_mode_notebook(tmp_path):
+    out = tmp_path / "paper"
+    html = render_report(NOTEBOOK, out / "report.html",
+                         {"results_source": "paper", "paper_results_dir": str(PAPER_DIR), "output_dir": str(out)})
+    written = pd.read_csv(out / "hypothesis_tests.csv")
+    assert list(written.columns) == list(st.TEST_COLUMNS)
+    pd.testing.assert_frame_equal(written, st.paper_hypothesis_tests(PAPER_DIR), check_exact=False, rtol=1e-12)
+    assert len(written) == 352
+    check_report(html, ["improvement_vs_size", "task_differences_math", "task_differences_commonsense",
+                        "ablation_temperature", "ablation_expertise", "agreement_vs_improvement",
+                        "bleu_vs_improvement"], out / "figures")
+    assert "H1_improvement_ttest" in html.read_text() and "SVAMP" in html.read_text()  # paper layout table
+
+
+def test_study_mode_notebook(tmp_path):
+    results = write_study(tmp_path / "study")
+    out = tmp_path / "analysis"
+    # MiniLM is exercised in test_fidelity; on CPU it would dominate this test's time
+    html = render_report(NOTEBOOK, out / "report.html",
+                         {"results_source": "study", "results_path": str(results), "output_dir": str(out),
+                          "n_bootstrap": 500, "embeddings": False})
+    tests = pd.read_csv(out / "hypothesis_tests.csv")
+    assert list(tests.columns) == list(st.TEST_COLUMNS) + ["pvalue_holm", "pvalue_permutation", "note"]
+    assert {"H4_agreement", "H5_fidelity"} <= set(tests["hypothesis"])
+    # a single teacher: H2 is reported as not testable, not an error
+    h2 = tests[tests["hypothesis"] == "H2_teacher_performance"]
+    assert h2["statistic"].isna().all() and h2["note"].str.startswith("not testable").all()
+    improvements = pd.read_csv(out / "improvements.csv")
+    assert improvements["ci_low"].notna().all() and improvements["student_size"].notna().all()
+    assert len(pd.read_csv(out / "mcnemar.csv")) == (improvements["task"] != "average").sum()
+    assert "log(student_size_B)" in set(pd.read_csv(out / "mixed_effects.csv")["term"])
+    assert len(pd.read_csv(out / "ablation_noise_sigma.csv")) > 0
+    check_report(html, ["improvement_vs_size", "task_differences_math", "ablation_temperature",
+                        "ablation_noise_sigma", "ablation_expertise", "agreement_vs_improvement",
+                        "bleu_vs_improvement"], out / "figures")

@@ -1,0 +1,446 @@
+"""kd_utils.statistics: paper mode on a hand-computed fixture, study mode on synthetic tables."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from kd_utils import statistics as st
+from study_fixtures import write_study
+
+PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
+SQRT3 = math.sqrt(3.0)
+
+# Paper-format fixture. Improvements over SFT (pairs Qwen-7B->Qwen-0.5B, Qwen-7B->Qwen-1.5B,
+# Llama-8B->Llama-1B) on gsm8k: fkl 1,2,3  rkl 2,4,6  gkd 3,3,6. The 0.5B fkl pair has two
+# temperatures (gsm8k best at t=1, SVAMP and Average at t=2) and a task-unaware-teacher run
+# whose high accuracies must not enter; the 1.5B fkl run's teacher carries a checkpoint suffix.
+PAPER_FIXTURE = {
+    "math_results_main.csv": """Teacher,Student,Method,gsm8k,SVAMP,Average
+-,Qwen-0.5B,BaseModel,5,6,5.5
+-,Qwen-0.5B,SFT,20,30,25
+-,Qwen-1.5B,SFT,40,50,45
+-,Qwen-7B,SFT,70,80,75
+Qwen-7B,Qwen-0.5B,student_KD_temp_1.0,21,31,26
+Qwen-7B,Qwen-0.5B,student_KD_temp_2.0,19,33,27
+Qwen-7B,Qwen-0.5B,student_KD_base_teacher_temp_1.0,90,90,90
+Qwen-7B,Qwen-0.5B,student_RevKD_temp_1.0,22,32,28
+Qwen-7B,Qwen-0.5B,student_GKD_temp_1.0,23,34,26
+Qwen-7B_ckpt50,Qwen-1.5B,student_KD_temp_1.0,42,51,46
+Qwen-7B,Qwen-1.5B,student_RevKD_temp_1.0,44,52,48
+Qwen-7B,Qwen-1.5B,student_GKD_temp_1.0,43,55,47
+""",
+    "llama_math_results.csv": """Teacher,Student,Method,gsm8k,SVAMP,Average
+-,Llama-1B,SFT,30,40,35
+-,Llama-8B,SFT,60,70,65
+Llama-8B,Llama-1B,student_KD_temp_1.0,33,42,39
+Llama-8B,Llama-1B,student_RevKD_temp_1.0,36,41,40
+Llama-8B,Llama-1B,student_GKD_temp_1.0,36,46,38
+""",
+    # the llama commonsense file has no Average column: `average` then has the Qwen pairs only
+    "cs_results_main.csv": """Teacher,Student,Method,boolq,piqa,Average
+-,Qwen-0.5B,SFT,50,60,55
+-,Qwen-1.5B,SFT,60,70,65
+-,Qwen-7B,SFT,80,85,82.5
+Qwen-7B,Qwen-0.5B,student_KD_temp_1.0,51,62,56
+Qwen-7B,Qwen-0.5B,student_RevKD_temp_1.0,52,61,57
+Qwen-7B,Qwen-0.5B,student_GKD_temp_1.0,51,63,58
+Qwen-7B,Qwen-1.5B,student_KD_temp_1.0,62,71,67
+Qwen-7B,Qwen-1.5B,student_RevKD_temp_1.0,62,72,68
+Qwen-7B,Qwen-1.5B,student_GKD_temp_1.0,63,72,66
+""",
+    "llama_cs_results.csv": """Teacher,Student,Method,boolq,piqa
+-,Llama-1B,SFT,55,65
+-,Llama-8B,SFT,75,80
+Llama-8B,Llama-1B,student_KD_temp_1.0,59,68
+Llama-8B,Llama-1B,student_RevKD_temp_1.0,57,68
+Llama-8B,Llama-1B,student_GKD_temp_1.0,60,66
+""",
+    "EM1.csv": """Teacher,Student,Pair,Method,gsm8k,SVAMP
+Qwen-7B,Qwen-0.5B,Qwen-7B -> Qwen-0.5B,SFT,99,1
+Qwen-7B,Qwen-0.5B,Qwen-7B -> Qwen-0.5B,KD,50,10
+Qwen-7B,Qwen-1.5B,Qwen-7B -> Qwen-1.5B,SFT,1,99
+Qwen-7B,Qwen-1.5B,Qwen-7B -> Qwen-1.5B,KD,70,20
+Llama-8B,Llama-1B,Llama-8B -> Llama-1B,KD,60,30
+""",
+    "BLEU.csv": """Teacher,Student,Pair,Method,SVAMP,gsm8k
+Qwen-7B,Qwen-0.5B,Qwen-7B -> Qwen-0.5B,KD,5,30
+Qwen-7B,Qwen-1.5B,Qwen-7B -> Qwen-1.5B,KD,6,10
+Llama-8B,Llama-1B,Llama-8B -> Llama-1B,KD,7,20
+""",
+    "EM1_cs.csv": """Teacher,Student,Pair,Method,boolq,piqa
+Qwen-7B,Qwen-0.5B,Qwen-7B -> Qwen-0.5B,KD,40,50
+Qwen-7B,Qwen-1.5B,Qwen-7B -> Qwen-1.5B,KD,41,51
+Llama-8B,Llama-1B,Llama-8B -> Llama-1B,KD,42,52
+""",
+}
+
+
+def write_paper_fixture(directory: Path, skip: tuple[str, ...] = ()) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in PAPER_FIXTURE.items():
+        if name not in skip:
+            (directory / name).write_text(text)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def paper_tests(tmp_path_factory) -> pd.DataFrame:
+    return st.paper_hypothesis_tests(write_paper_fixture(tmp_path_factory.mktemp("paper")))
+
+
+def pick(tests: pd.DataFrame, domain: str, hypothesis: str, method: str, task: str) -> pd.Series:
+    rows = tests[(tests["domain"] == domain) & (tests["hypothesis"] == hypothesis)
+                 & (tests["method"] == method) & (tests["task"] == task)]
+    assert len(rows) == 1, (domain, hypothesis, method, task)
+    return rows.iloc[0]
+
+
+# ----------------------------------------------------------------------------- paper mode
+
+
+def test_paper_mode_columns_and_rows(paper_tests):
+    assert list(paper_tests.columns) == ["domain", "hypothesis", "method", "task", "statistic", "pvalue", "n"]
+    counts = paper_tests.groupby(["domain", "hypothesis"]).size().to_dict()
+    # math: 3 tasks (gsm8k, svamp, average) x 4 methods; ANOVA all only; H4/H5 without average
+    assert counts[("math", "H1_improvement_ttest")] == 12
+    assert counts[("math", "H1_method_anova")] == 3
+    assert counts[("math", "H3_student_size")] == 12
+    assert counts[("math", "H4_agreement")] == 8
+    assert counts[("math", "H5_fidelity")] == 8
+    assert ("commonsense", "H5_fidelity") not in counts  # BLEU is math only
+    assert len(paper_tests) == 67 + 59
+    assert set(paper_tests["task"]) == {"gsm8k", "svamp", "average", "boolq", "piqa"}
+
+
+def test_paper_mode_h1_hand_computed(paper_tests):
+    # fkl 1,2,3 and rkl 2,4,6: t = 2*sqrt(3); one-sided p with df=2: 0.5 * (1 - t / sqrt(t^2 + 2))
+    p_df2 = 0.5 * (1 - math.sqrt(12) / math.sqrt(14))
+    for method in ("fkl", "rkl"):
+        row = pick(paper_tests, "math", "H1_improvement_ttest", method, "gsm8k")
+        assert row["statistic"] == pytest.approx(2 * SQRT3, rel=1e-12)
+        assert row["pvalue"] == pytest.approx(p_df2, rel=1e-10)
+        assert row["n"] == 3
+    row = pick(paper_tests, "math", "H1_improvement_ttest", "gkd", "gsm8k")  # 3,3,6: mean 4, se 1
+    assert row["statistic"] == pytest.approx(4.0, rel=1e-12)
+    assert row["pvalue"] == pytest.approx(0.5 * (1 - 4 / math.sqrt(18)), rel=1e-10)
+    row = pick(paper_tests, "math", "H1_improvement_ttest", "all", "gsm8k")  # mean 10/3, sd sqrt(3), n 9
+    assert row["statistic"] == pytest.approx(10 / SQRT3, rel=1e-12)
+    assert row["pvalue"] == pytest.approx(stats.t.sf(10 / SQRT3, 8), rel=1e-10)
+    assert row["n"] == 9
+
+
+def test_paper_mode_anova_hand_computed(paper_tests):
+    # groups (1,2,3), (2,4,6), (3,3,6): SSB 8 (df 2), SSW 16 (df 6) -> F = 1.5; F(2, 6) sf = (1 + F/3)^-3
+    row = pick(paper_tests, "math", "H1_method_anova", "all", "gsm8k")
+    assert row["statistic"] == pytest.approx(1.5, rel=1e-12)
+    assert row["pvalue"] == pytest.approx(1.5**-3, rel=1e-10)
+    assert row["n"] == 9
+
+
+def test_paper_mode_spearman_hand_computed(paper_tests):
+    # n = 3: rho 0.5 -> p = 2/3; rho -sqrt(3)/2 -> p = 1/3 (t with df 1 is Cauchy)
+    teacher = pick(paper_tests, "math", "H2_teacher_performance", "fkl", "gsm8k")  # 70, 70 (ckpt stripped), 60
+    assert teacher["statistic"] == pytest.approx(-SQRT3 / 2, rel=1e-12)
+    assert teacher["pvalue"] == pytest.approx(1 / 3, rel=1e-10)
+    assert teacher["n"] == 3
+    for hypothesis in ("H3_student_size", "H3_student_sft", "H4_agreement"):  # ranks 1,3,2 vs 1,2,3
+        row = pick(paper_tests, "math", hypothesis, "fkl", "gsm8k")
+        assert (row["statistic"], row["n"]) == (pytest.approx(0.5, rel=1e-12), 3), hypothesis
+        assert row["pvalue"] == pytest.approx(2 / 3, rel=1e-10)
+    bleu = pick(paper_tests, "math", "H5_fidelity", "fkl", "gsm8k")  # BLEU 30, 10, 20
+    assert bleu["statistic"] == pytest.approx(-0.5, rel=1e-12)
+    # method all: the pair's KD agreement joins every method's row
+    improvement = [1, 2, 3, 2, 4, 6, 3, 3, 6]
+    agreement = [50, 70, 60] * 3
+    row = pick(paper_tests, "math", "H4_agreement", "all", "gsm8k")
+    expected = stats.spearmanr(agreement, improvement)
+    assert (row["statistic"], row["pvalue"], row["n"]) == (
+        pytest.approx(expected.statistic, rel=1e-12), pytest.approx(expected.pvalue, rel=1e-10), 9)
+
+
+def test_paper_mode_best_temperature_per_column(paper_tests, tmp_path):
+    results = st.load_paper_results(write_paper_fixture(tmp_path))
+    imp = st.improvement_table(results)
+    fkl = imp[(imp["domain"] == "math") & (imp["student"] == "Qwen-0.5B") & (imp["method"] == "fkl")]
+    by_task = fkl.set_index("task")
+    assert by_task.loc["gsm8k", ["temperature", "improvement"]].tolist() == [1.0, 1.0]
+    assert by_task.loc["svamp", ["temperature", "improvement"]].tolist() == [2.0, 3.0]
+    assert by_task.loc["average", ["temperature", "improvement"]].tolist() == [2.0, 2.0]
+    assert set(imp["teacher"]) == {"Qwen-7B", "Llama-8B"}  # '_ckpt50' stripped, ':base' runs excluded
+    svamp = pick(paper_tests, "math", "H1_improvement_ttest", "fkl", "svamp")  # 3, 1, 2
+    assert svamp["statistic"] == pytest.approx(2 * SQRT3, rel=1e-12)
+
+
+def test_paper_mode_average_only_where_files_have_it(paper_tests):
+    # commonsense `average` exists only in cs_results_main.csv: 2 pairs x 3 methods
+    assert pick(paper_tests, "commonsense", "H1_improvement_ttest", "all", "average")["n"] == 6
+    assert pick(paper_tests, "commonsense", "H1_improvement_ttest", "all", "boolq")["n"] == 9
+    per_method = pick(paper_tests, "commonsense", "H1_improvement_ttest", "fkl", "average")
+    assert per_method["n"] == 2 and math.isnan(per_method["statistic"])  # fewer than 3 points
+    constant = pick(paper_tests, "commonsense", "H1_improvement_ttest", "rkl", "boolq")  # 2, 2, 2
+    assert constant["n"] == 3 and math.isnan(constant["statistic"]) and math.isnan(constant["pvalue"])
+    anova = pick(paper_tests, "commonsense", "H1_method_anova", "all", "piqa")  # (2,1,3) (1,2,3) (3,2,1)
+    assert anova["statistic"] == pytest.approx(0.0, abs=1e-12)
+    assert anova["pvalue"] == pytest.approx(1.0, rel=1e-10)
+
+
+def test_paper_mode_missing_files_named(tmp_path):
+    write_paper_fixture(tmp_path, skip=("BLEU.csv", "llama_cs_results.csv"))
+    with pytest.raises(FileNotFoundError, match="llama_cs_results.csv, BLEU.csv"):
+        st.paper_hypothesis_tests(tmp_path)
+
+
+def test_paper_mode_non_numeric_accuracy_named(tmp_path):
+    write_paper_fixture(tmp_path)
+    path = tmp_path / "math_results_main.csv"
+    path.write_text(path.read_text().replace("-,Qwen-1.5B,SFT,40,", "-,Qwen-1.5B,SFT,forty,"))
+    with pytest.raises(ValueError, match=r"math_results_main.csv: column 'gsm8k' has non-numeric value "
+                                         r"'forty' in row 3 \(file line 4\)"):
+        st.load_paper_results(tmp_path)
+
+
+def test_paper_mode_unknown_method_named(tmp_path):
+    write_paper_fixture(tmp_path)
+    path = tmp_path / "llama_math_results.csv"
+    path.write_text(path.read_text().replace("-,Llama-8B,SFT", "-,Llama-8B,LoRA"))
+    with pytest.raises(ValueError, match=r"llama_math_results.csv: unknown Method 'LoRA' in row 2"):
+        st.load_paper_results(tmp_path)
+
+
+@pytest.mark.skipif(not PAPER_DIR.is_dir(), reason=f"paper results not found at {PAPER_DIR}")
+def test_paper_mode_real_data_shape():
+    tests = st.paper_hypothesis_tests(PAPER_DIR)
+    assert len(tests) == 352
+    h1 = tests[(tests["hypothesis"] == "H1_improvement_ttest") & (tests["task"] == "average")]
+    # 9 Qwen + 2 Llama teacher-student pairs, 3 methods each
+    assert h1.set_index(["domain", "method"])["n"].to_dict() == {
+        (d, m): 33 if m == "all" else 11 for d in ("math", "commonsense") for m in ("all", "fkl", "rkl", "gkd")}
+    assert tests["statistic"].notna().all() and tests["pvalue"].between(0, 1).all()
+    assert set(tests.loc[tests["domain"] == "commonsense", "task"]) == {
+        "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa", "average"}
+
+
+# ----------------------------------------------------------------------------- study mode
+
+RESULTS_DEFAULTS = dict(study="t", teacher="", temperature="", noise_sigma=0.0, seed=0, domain="math", n=100,
+                        correct="", ci_low="", ci_high="")
+
+
+def results_table(rows: list[tuple]) -> pd.DataFrame:
+    """Rows (run_id, role, model, method, task, accuracy, extra dict) -> a validated results table."""
+    records = [RESULTS_DEFAULTS | dict(run_id=r, role=role, model=m, method=meth, task=t, accuracy=a) | extra
+               for r, role, m, meth, t, a, extra in rows]
+    return st.validate_results(pd.DataFrame(records)[list(st.RESULTS_COLUMNS)], "test results")
+
+
+def small_study() -> pd.DataFrame:
+    kd = dict(teacher="T-3B")
+    rows = []
+    for task, sft0, sft1, t1s0, t1s1, t2s0 in (("gsm8k", 50, 52, 55, 57, 60), ("svamp", 60, 62, 70, 64, 61)):
+        rows += [
+            ("T", "teacher", "T-3B", "sft", task, {"gsm8k": 80, "svamp": 90}[task], {}),
+            ("sft0", "student", "S-1B", "sft", task, sft0, {}),
+            ("sft1", "student", "S-1B", "sft", task, sft1, dict(seed=1)),
+            ("fkl-t1-s0", "student", "S-1B", "fkl", task, t1s0, kd | dict(temperature=1.0)),
+            ("fkl-t1-s1", "student", "S-1B", "fkl", task, t1s1, kd | dict(temperature=1.0, seed=1)),
+            ("fkl-t2-s0", "student", "S-1B", "fkl", task, t2s0, kd | dict(temperature=2.0)),
+            ("fkl-noise", "student", "S-1B", "fkl", task, 99, kd | dict(temperature=1.0, noise_sigma=1.0)),
+            ("fkl-base", "student", "S-1B", "fkl", task, 98, dict(teacher="T-3B:base", temperature=1.0)),
+        ]
+    rows.append(("rkl-s2", "student", "S-1B", "rkl", "gsm8k", 60, kd | dict(temperature=1.0, seed=2)))
+    return results_table(rows)
+
+
+def test_study_best_temperature_seed_mean_and_baseline():
+    imp = st.improvement_table(small_study()).set_index(["method", "task"])
+    # gsm8k: t1 seed mean 56 < t2 60 -> t2, improvement 60 - 50 (same-seed SFT)
+    assert imp.loc[("fkl", "gsm8k"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [2.0, 60, 10, 1]
+    # svamp: t1 mean 67 > t2 61 -> t1, improvement mean of (70 - 60, 64 - 62) = 6
+    assert imp.loc[("fkl", "svamp"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [1.0, 67, 6, 2]
+    # average per run: t1 runs 62.5 / 60.5 vs SFT 55 / 57 -> 5.5
+    assert imp.loc[("fkl", "average"), ["temperature", "improvement"]].tolist() == [1.0, 5.5]
+    assert imp.loc[("fkl", "gsm8k"), "teacher_accuracy"] == 80
+    assert imp.loc[("fkl", "average"), "teacher_accuracy"] == 85
+    assert imp.loc[("fkl", "gsm8k"), "student_size"] == 1.0  # parsed from 'S-1B'
+    # rkl seed 2 has no SFT seed 2: baseline is the mean over SFT seeds (51)
+    assert imp.loc[("rkl", "gsm8k"), ["sft_accuracy", "improvement"]].tolist() == [51, 9]
+    sized = st.improvement_table(small_study(), model_sizes={"S-1B": 1.24})
+    assert set(sized["student_size"]) == {1.24}
+
+
+def test_study_pairs_fallback_run_and_expertise():
+    pairs = st.kd_pairs(small_study())
+    rkl = pairs[pairs["method"] == "rkl"].iloc[0]
+    assert rkl["sft_run_id"] == "sft0"
+    base = pairs[pairs["run_id"] == "fkl-base"]
+    assert set(base["expertise"]) == {st.TASK_UNAWARE} and set(base["teacher"]) == {"T-3B"}
+
+
+def test_study_not_testable_below_three_points():
+    tests = st.hypothesis_tests(st.improvement_table(small_study()))
+    row = pick(tests, "math", "H1_improvement_ttest", "fkl", "gsm8k")
+    assert row["n"] == 1 and math.isnan(row["statistic"]) and math.isnan(row["pvalue"])
+    assert row["note"] == "not testable: 1 point(s) < 3"
+    assert pick(tests, "math", "H1_method_anova", "all", "gsm8k")["note"].startswith("not testable")
+    assert "H4_agreement" not in set(tests["hypothesis"])  # no fidelity data given
+
+
+def test_study_ablation_tables():
+    results = small_study()
+    temperature = st.ablation_table(results, "temperature")
+    assert sorted(temperature.loc[temperature["task"] == "gsm8k", "temperature"]) == [1.0, 2.0]
+    noise = st.ablation_table(results, "noise_sigma")
+    assert noise.loc[noise["task"] == "gsm8k", ["noise_sigma", "accuracy"]].values.tolist() == [[0.0, 56], [1.0, 99]]
+    expertise = st.ablation_table(results, "expertise")
+    assert expertise.loc[expertise["task"] == "gsm8k", ["expertise", "accuracy"]].values.tolist() == [
+        [st.EXPERT, 56], [st.TASK_UNAWARE, 98]]
+    with pytest.raises(ValueError, match="unknown ablation factor 'lr'"):
+        st.ablation_table(results, "lr")
+
+
+def test_study_missing_column_named(tmp_path):
+    path = tmp_path / "results.csv"
+    small_study().drop(columns=["accuracy", "seed"]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"results.csv is missing required column\(s\): seed, accuracy"):
+        st.load_results(path)
+
+
+def test_study_non_numeric_accuracy_named(tmp_path):
+    path = tmp_path / "results.csv"
+    table = small_study().astype({"accuracy": object})
+    table.loc[4, "accuracy"] = "n/a"
+    table.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"column 'accuracy' has non-numeric value 'n/a' in row 5 \(file line 6\)"):
+        st.load_results(path)
+
+
+def test_study_bad_role_and_duplicates_named():
+    table = small_study()
+    with pytest.raises(ValueError, match=r"column 'method' has unknown value 'kd' in row 3"):
+        st.validate_results(table.assign(method=table["method"].where(table.index != 2, "kd")), "t")
+    with pytest.raises(ValueError, match=r"duplicate \(run_id, task\) = \('T', 'gsm8k'\) in row 2"):
+        st.validate_results(pd.concat([table.iloc[:1], table]).reset_index(drop=True), "t")
+
+
+def test_model_sizes(tmp_path):
+    assert st.parse_model_size("Qwen2.5-0.5B") == 0.5
+    assert st.parse_model_size("Llama-3.2-1B") == 1.0
+    assert st.parse_model_size("smollm2-135m-instruct") == pytest.approx(0.135)
+    assert st.parse_model_size("Qwen2.5-1.5B-Instruct") == 1.5
+    assert math.isnan(st.parse_model_size("gpt2"))
+    (tmp_path / "models.csv").write_text("model,n_params\nsmollm2-135m,134515008\n")
+    assert st.load_model_sizes(tmp_path / "models.csv") == {"smollm2-135m": pytest.approx(0.134515008)}
+
+
+def test_holm_known_values():
+    tests = pd.DataFrame({"family": ["a"] * 4 + ["b"], "pvalue": [0.01, 0.04, 0.03, math.nan, 0.02]})
+    out = st.holm_adjust(tests, family=["family"])
+    # sorted 0.01*3, 0.03*2, 0.04*1 -> 0.03, 0.06, max(0.06, 0.04); NaN not counted; b alone
+    assert out["pvalue_holm"].tolist()[:3] == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(out["pvalue_holm"].iloc[3]) and out["pvalue_holm"].iloc[4] == pytest.approx(0.02)
+
+
+def test_holm_matches_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    p = np.random.default_rng(3).random(12) ** 3
+    p[4] = p[7]  # a tie
+    assert st.holm(p) == pytest.approx(multipletests(p, method="holm")[1], rel=1e-15)
+
+
+def test_spearman_permutation_pvalue_exact():
+    assert st.spearman_permutation_pvalue([1, 2, 3], [1, 2, 3]) == pytest.approx(1 / 3)  # 2 of 6 pairings
+    assert st.spearman_permutation_pvalue([1, 2, 3], [1, 3, 2]) == pytest.approx(1.0)
+    assert math.isnan(st.spearman_permutation_pvalue([1, 1, 1], [1, 2, 3]))
+
+
+def test_mixed_effects_recovers_planted_effects():
+    rng = np.random.default_rng(1)
+    rows = []
+    for t, task_effect in enumerate(rng.normal(0, 2, 6)):
+        for size in (0.5, 1.0, 3.0, 7.0):
+            for method, effect in (("fkl", 0.0), ("rkl", 1.5)):
+                rows.append(dict(domain="math", task=f"task{t}", student_size=size, method=method,
+                                 improvement=2 - 3 * np.log(size) + effect + task_effect + rng.normal(0, 0.5)))
+    fit = st.mixed_effects(pd.DataFrame(rows)).set_index("term")
+    assert fit.loc["log(student_size_B)", "coef"] == pytest.approx(-3, abs=0.3)
+    assert fit.loc["method[rkl vs fkl]", "coef"] == pytest.approx(1.5, abs=0.4)
+    assert fit.loc["log(student_size_B)", "pvalue"] < 1e-6
+    assert fit.loc["task variance (random intercept)", "coef"] > 1
+    one_task = st.mixed_effects(pd.DataFrame(rows).assign(task="only"))
+    assert one_task["note"].iloc[0] == "not testable: 48 row(s), 1 task(s)"
+
+
+# ----------------------------------------------------------------------------- per-example tests
+
+
+def test_mcnemar_known_values():
+    kd = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 3
+    sft = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 3
+    res = st.mcnemar_test(kd, sft)
+    # exact: 2 * P(Binom(12, 1/2) <= 2) = 2 * (1 + 12 + 66) / 4096
+    assert res == {"n": 20, "kd_only": 10, "sft_only": 2, "statistic": 2.0, "pvalue": pytest.approx(158 / 4096)}
+    assert st.mcnemar_test([True, False, True], [False, True, True])["pvalue"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="paired examples"):
+        st.mcnemar_test([True], [True, False])
+
+
+def test_bootstrap_known_values():
+    same = np.array([1, 0, 1, 1, 0])
+    assert st.bootstrap_improvement_ci([(same, same)]) == (0.0, 0.0)
+    assert st.bootstrap_improvement_ci([(np.ones(7), np.zeros(7))]) == (100.0, 100.0)
+    # average over two strata, one +100 and one 0 -> exactly 50
+    assert st.bootstrap_improvement_ci([(np.ones(4), np.zeros(4)), (same, same)]) == (50.0, 50.0)
+    # large independent samples: percentile interval ~ normal approximation d +- 1.96 se
+    rng = np.random.default_rng(0)
+    kd, sft = (rng.random(2000) < 0.7).astype(float), (rng.random(2000) < 0.6).astype(float)
+    d = 100 * (kd.mean() - sft.mean())
+    se = 100 * math.sqrt(kd.var() / kd.size + sft.var() / sft.size)
+    low, high = st.bootstrap_improvement_ci([(kd, sft)], paired=False)
+    assert low == pytest.approx(d - 1.96 * se, abs=0.4) and high == pytest.approx(d + 1.96 * se, abs=0.4)
+    # paired data that differ on few examples: the paired interval is much narrower
+    base = (rng.random(500) < 0.5).astype(float)
+    better = base.copy()
+    better[:25] = 1.0
+    paired = st.bootstrap_improvement_ci([(better, base)], paired=True)
+    unpaired = st.bootstrap_improvement_ci([(better, base)], paired=False)
+    assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
+
+
+def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
+    path = write_study(tmp_path)
+    results = st.load_results(path)
+    imp = st.improvement_table(results)
+    runs = tmp_path / "runs"
+    with_ci = st.improvement_intervals(results, imp, runs, n_resamples=500)
+    assert (with_ci["ci_basis"] == "paired bootstrap over examples").all()
+    assert ((with_ci["ci_low"] <= with_ci["improvement"]) & (with_ci["improvement"] <= with_ci["ci_high"])).all()
+    from_counts = st.improvement_intervals(results, imp, None, n_resamples=500)
+    assert (from_counts["ci_basis"] == "bootstrap of per-run counts (unpaired)").all()
+    mcnemar = st.mcnemar_tests(results, imp, runs)
+    assert len(mcnemar) == len(imp[imp["task"] != "average"])
+    # discordant counts reproduce the accuracy difference on the 30 examples
+    row = mcnemar.merge(imp, on=["domain", "teacher", "student", "method", "task"]).iloc[0]
+    assert 100 * (row["kd_only"] - row["sft_only"]) / row["n"] == pytest.approx(row["improvement"])
+    assert (mcnemar["pvalue_holm"] >= mcnemar["pvalue"]).all()
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+def test_h1_ttest_size_and_power_by_simulation():
+    """2,000 simulated studies of 9 improvements: ~5% rejections at alpha 0.05 under no effect;
+    a planted effect of one standard deviation is detected (power ~0.9 for n = 9)."""
+    rng = np.random.default_rng(2025)
+    null = rng.normal(0.0, 3.0, size=(2000, 9))
+    planted = rng.normal(3.0, 3.0, size=(2000, 9))
+    null_rate = np.mean([st.improvement_ttest(y)[1] < 0.05 for y in null])
+    power = np.mean([st.improvement_ttest(y)[1] < 0.05 for y in planted])
+    assert 0.03 <= null_rate <= 0.07
+    assert power > 0.8
