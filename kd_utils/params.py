@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
                    "max_new_tokens": {"math": 256, "commonsense": 32}, "do_sample": False, "eval_base": True},
+    "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0},
     "execution": {"executor": "local", "parallel": 1,
                   "slurm": {"partition": None, "gpus_per_node": 1, "cpus_per_task": 8, "timeout_min": 240,
                             "mem_gb": 64, "account": None}},
@@ -63,6 +64,8 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
     "evaluation.max_new_tokens.math": (INT, "an integer"), "evaluation.max_new_tokens.commonsense": (INT, "an integer"),
     "evaluation.do_sample": (BOOL, "true or false"), "evaluation.eval_base": (BOOL, "true or false"),
+    "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
+    "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
 }
 for _role in ("teacher", "student"):

@@ -284,8 +284,8 @@ def _wait_any(jobs: list):
 
 # ---- results and report -------------------------------------------------------------------
 
-def model_size_billions(path: str) -> float | None:
-    """Parameters of a local safetensors model directory, in billions (tied weights counted once)."""
+def count_model_parameters(path: str) -> int | None:
+    """Parameters of a local safetensors model directory (tied output weights counted once)."""
     from safetensors import safe_open
 
     files = sorted(Path(path).glob("*.safetensors"))
@@ -300,7 +300,7 @@ def model_size_billions(path: str) -> float | None:
                     for dim in f.get_slice(key).get_shape():
                         numel *= dim
                     total += numel
-    return total / 1e9
+    return total
 
 
 def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], study_dir: Path) -> pd.DataFrame:
@@ -315,7 +315,7 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
                          **run.meta, **rec})
         model_dir = resolve(run.parameters["model"], study_dir)
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
-            sizes[run.meta["model"]] = model_size_billions(model_dir)
+            sizes[run.meta["model"]] = count_model_parameters(model_dir)
     if rows:
         results = pd.DataFrame(rows)[RESULT_COLUMNS]
     else:
@@ -326,11 +326,13 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
     return results
 
 
-def analysis_run(params: dict, study_dir: Path, results: pd.DataFrame) -> Run:
-    digest = hashlib.sha256(results.to_csv(index=False).encode()).hexdigest()[:12]
-    return Run("analysis", "analysis.ipynb", {
-        "results_source": "study", "results_path": f"{STUDY_PREFIX}results.csv", "runs_dir": f"{STUDY_PREFIX}runs",
-        "results_digest": digest}, label="analysis and report")
+def analysis_run(params: dict, results: pd.DataFrame) -> Run:
+    """The analysis notebook over results.csv; its id changes whenever the results do."""
+    parameters = {"results_source": "study", "results_path": f"{STUDY_PREFIX}results.csv",
+                  "runs_dir": f"{STUDY_PREFIX}runs", "models_path": f"{STUDY_PREFIX}models.csv", **params["analysis"]}
+    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode() + results.to_csv(index=False).encode())
+    return Run("analysis", "analysis.ipynb", parameters, label="analysis and report",
+               id=f"analysis-{digest.hexdigest()[:12]}")
 
 
 def run_study(params_path: str | Path, executor_name: str | None = None, dry_run: bool = False,
@@ -358,7 +360,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     statuses = execute(selected, study_dir, executor, statuses)
     if only in (None, "analysis"):
         results = collect_results(params, runs, statuses, study_dir)
-        analysis = analysis_run(params, study_dir, results)
+        analysis = analysis_run(params, results)
         statuses = execute([analysis], study_dir, executor, statuses)
         html = study_dir / "runs" / analysis.id / "analysis.html"
         if statuses[analysis.id]["state"] == "done":
