@@ -77,9 +77,13 @@ Average over tasks per teacher -> student pair and method (all tasks are in
 `improvements.csv`). In study mode `ci_low`/`ci_high` are bootstrap 95% intervals
 over test examples (paired when predictions exist); they do not cover seed-to-seed
 training variation."""),
-    ("code", """summary = improvements[improvements["task"] == "average"] if (improvements["task"] == "average").any() else improvements
-display(summary.assign(method=summary["method"].map(st.method_label)).dropna(axis=1, how="all")
-        .set_index(["domain", "teacher", "student", "method"]))"""),
+    ("code", """if len(improvements) == 0:
+    display(Markdown("**No KD student has an SFT run of the same student to compare with: "
+                     "every improvement-based section below is empty.**"))
+else:
+    summary = improvements[improvements["task"] == "average"] if (improvements["task"] == "average").any() else improvements
+    display(summary.assign(method=summary["method"].map(st.method_label)).dropna(axis=1, how="all")
+            .set_index(["domain", "teacher", "student", "method"]))"""),
     ("md", """## Hypothesis tests
 H1: one-sided one-sample t-test of improvement > 0 and one-way ANOVA across methods;
 H2: Spearman with the teacher's accuracy; H3: with student size and student SFT

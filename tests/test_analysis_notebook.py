@@ -75,3 +75,16 @@ def test_study_mode_notebook(tmp_path):
     check_report(html, ["improvement_vs_size", "task_differences_math", "ablation_temperature",
                         "ablation_noise_sigma", "ablation_expertise", "agreement_vs_improvement",
                         "bleu_vs_improvement"], out / "figures")
+
+
+def test_study_without_kd_students_renders_an_empty_analysis(tmp_path):
+    results = write_study(tmp_path / "study")
+    table = pd.read_csv(results)
+    table[~table["method"].isin(["fkl", "rkl", "gkd"])].to_csv(results, index=False)
+    out = tmp_path / "analysis"
+    html = render_report(NOTEBOOK, out / "report.html",
+                         {"results_source": "study", "results_path": str(results), "output_dir": str(out),
+                          "n_bootstrap": 50, "embeddings": False})
+    assert len(pd.read_csv(out / "improvements.csv")) == 0
+    assert len(pd.read_csv(out / "hypothesis_tests.csv")) == 0
+    assert "No KD student has an SFT run" in html.read_text()

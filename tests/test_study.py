@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from kd_utils import study
+from kd_utils.params import load_study
 from conftest import make_data_dir
 
 pytestmark = pytest.mark.slow
@@ -117,3 +118,17 @@ def test_dry_run_prints_the_plan_and_writes_nothing(smoke_params, tmp_path, caps
     assert study.main(["run", str(smoke_params), "--dry-run", "--output-root", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "fine-tune teacher" in out and "eval" in out and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
+                                  "ablation_noise", "ablation_expertise"])
+def test_every_planned_parameter_is_a_notebook_parameter(name):
+    """papermill injects unknown names silently; a misspelt or undeclared one would be ignored by the notebook."""
+    import papermill
+
+    params = load_study(Path(__file__).resolve().parents[1] / "params" / f"{name}.yaml")
+    declared = {}
+    for run in study.plan(params):
+        if run.notebook not in declared:
+            declared[run.notebook] = set(papermill.inspect_notebook(str(study.NOTEBOOKS / run.notebook)))
+        assert set(run.parameters) <= declared[run.notebook], (run.notebook, set(run.parameters) - declared[run.notebook])
