@@ -422,3 +422,36 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
                "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Script entry point for ``accelerate launch`` (multi-GPU data parallel):
+
+        accelerate launch --num_processes 4 -m kd_utils.training outputs/<study>/runs/<run_id>/params.json
+
+    PARAMS is a JSON or YAML mapping of ``run_training`` arguments, or a study run's
+    ``params.json`` (its ``resolved`` parameters are used).
+    """
+    import argparse
+
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="python -m kd_utils.training", description=main.__doc__.split("\n\n")[0])
+    parser.add_argument("params", type=Path, help="JSON/YAML file of run_training arguments, or a run's params.json")
+    parser.add_argument("--output-dir", default=None, help="override the params' output_dir")
+    args = parser.parse_args(argv)
+    if not args.params.is_file():
+        parser.error(f"params file {args.params} does not exist")
+    params = yaml.safe_load(args.params.read_text())  # YAML is a superset of JSON
+    if not isinstance(params, dict):
+        parser.error(f"{args.params} must hold a mapping of run_training arguments")
+    params = dict(params.get("resolved", params))
+    if args.output_dir:
+        params["output_dir"] = args.output_dir
+    if "output_dir" not in params:
+        parser.error(f"{args.params} has no output_dir (or pass --output-dir)")
+    run_training(**params)
+
+
+if __name__ == "__main__":
+    main()

@@ -132,3 +132,24 @@ def test_finetune_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
     summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert summary["method"] == "rkl" and summary["base_model"].endswith("student-tiny-L1")
     assert (tmp_path / "student" / "figures" / "losses.png").is_file()
+
+
+@pytest.mark.slow
+def test_script_entry_point_runs_a_study_runs_params_file(tiny_model_dir, data_dir, tmp_path):
+    """The entry point ``accelerate launch -m kd_utils.training`` uses, here as one CPU process."""
+    import subprocess
+    import sys
+
+    resolved = {"model": str(tiny_model_dir), "data_dir": str(data_dir), "method": "sft", "epochs": 1,
+                "batch_size": 2, "micro_batch_size": 2, "max_length": 64, "lora": False, "val_fraction": 0.25,
+                "n_train": 8, "output_dir": str(tmp_path / "unused")}
+    params = tmp_path / "params.json"
+    params.write_text(json.dumps({"run": {"stage": "student"}, "resolved": resolved}))
+    done = subprocess.run([sys.executable, "-m", "kd_utils.training", str(params), "--output-dir", str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["n_train"] == 8
+    assert not (tmp_path / "unused").exists()
+    missing = subprocess.run([sys.executable, "-m", "kd_utils.training", str(tmp_path / "nope.json")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.json does not exist" in missing.stderr
