@@ -194,8 +194,17 @@ def validate(params: dict) -> list[str]:
         problems.append(f"kd.distill_positions: expected 'paper' or 'response', got {kd['distill_positions']!r}")
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
-    if params["teacher_cache"]["representation"] not in ("topk", "sampled"):
-        problems.append("teacher_cache.representation: expected 'topk' or 'sampled'")
+    cache = params["teacher_cache"]
+    if cache["representation"] not in ("topk", "sampled"):
+        problems.append(f"teacher_cache.representation: expected 'topk' or 'sampled', got {cache['representation']!r}")
+    cacheable = ("fkl", "rkl") if cache["representation"] == "topk" else ("fkl",)
+    if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
+        problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "
+                        f"{cache['representation']} cache can train; gkd's on-policy part needs the online teacher), "
+                        f"got {cache['methods']!r}")
+    for key in ("k", "num_samples"):
+        if isinstance(cache[key], int) and cache[key] < 1:
+            problems.append(f"teacher_cache.{key}: must be >= 1, got {cache[key]}")
     for role in ("teacher", "student"):
         t = params["training"][role]
         if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (

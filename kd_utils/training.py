@@ -9,6 +9,7 @@ accumulation and data parallelism; a checkpoint is written after every epoch
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -422,6 +423,20 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
                "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def launch_training(num_processes: int = 1, **params) -> dict:
+    """``run_training`` from a notebook, data parallel over ``num_processes`` GPUs when > 1.
+
+    accelerate's ``notebook_launcher`` forks one process per GPU (CUDA must not be initialised
+    in the kernel before); the summary is read back from what the main process wrote.
+    """
+    if num_processes == 1:
+        return run_training(**params)
+    from accelerate import notebook_launcher
+
+    notebook_launcher(functools.partial(run_training, **params), num_processes=num_processes)
+    return json.loads((Path(params["output_dir"]) / "train_summary.json").read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
