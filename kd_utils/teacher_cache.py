@@ -7,8 +7,8 @@ What is stored, per training example and per next-token position of its tokenize
 - ``topk``: the k most likely ids of p_T = softmax((logits + noise) / tau) and their
   log-probs; the tail mass is implied, 1 - sum exp(log-probs) (``losses.forward_kl_topk`` /
   ``reverse_kl_topk`` treat it as one extra bucket). Log-probs are stored in float16,
-  rounded toward -inf, so the implied tail is never smaller than the true one (a tail
-  rounded to 0 would make reverse KL infinite).
+  rounded to nearest, except rows whose tail would shrink below half (then toward -inf:
+  a tail rounded to 0 would make reverse KL infinite).
 - ``sampled``: ``num_samples`` draws from p_T merged into distinct ids + uint8 counts, and
   the teacher's entropy (float32); ``losses.forward_kl_sampled`` is then an unbiased
   estimate of forward KL and of its gradient (Anshumann et al., ACL 2025).
@@ -153,12 +153,26 @@ def id_dtype(vocab_size: int) -> torch.dtype:
     return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
 
 
-def round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` in ``dtype``, rounded toward -inf (so stored probabilities never exceed the true ones)."""
-    y = x.to(dtype)
-    if dtype == x.dtype:
-        return y
-    return torch.where(y.to(x.dtype) > x, torch.nextafter(y, torch.full_like(y, -math.inf)), y)
+def _tail(logprobs: torch.Tensor) -> torch.Tensor:
+    return -torch.expm1(logprobs.double().logsumexp(-1))
+
+
+def quantize_logprobs(logprobs: torch.Tensor, dtype: torch.dtype, covers_vocab: bool) -> torch.Tensor:
+    """Top-k log-probs [n, k] in ``dtype``, rounded to nearest (unbiased).
+
+    A row whose implied tail 1 - sum exp would fall below half the true one (a tiny tail can
+    round to 0, and reverse KL is then infinite) is rounded toward -inf instead, which can
+    only enlarge the tail.
+    """
+    nearest = logprobs.to(dtype)
+    if dtype == logprobs.dtype or covers_vocab:
+        return nearest
+    low = _tail(nearest) < 0.5 * _tail(logprobs)
+    if not low.any():
+        return nearest
+    down = torch.where(nearest.to(logprobs.dtype) > logprobs,
+                       torch.nextafter(nearest, torch.full_like(nearest, -math.inf)), nearest)
+    return torch.where(low[:, None], down, nearest)
 
 
 def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None = None,
@@ -166,8 +180,10 @@ def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None
     """Sparse storage tensors for teacher ``logits`` [n, V] (noise already added) at ``fields``' setting."""
     tau, ids_as = fields["temperature"], id_dtype(logits.shape[-1])
     if fields["representation"] == "topk":
-        ids, logprobs = losses.teacher_topk(logits[None], min(fields["k"], logits.shape[-1]), tau)
-        return {"ids": ids[0].to(ids_as), "logprobs": round_down(logprobs[0], logprob_dtype)}
+        k = min(fields["k"], logits.shape[-1])
+        ids, logprobs = losses.teacher_topk(logits[None], k, tau)
+        return {"ids": ids[0].to(ids_as),
+                "logprobs": quantize_logprobs(logprobs[0], logprob_dtype, covers_vocab=k == logits.shape[-1])}
     ids, counts, entropy = losses.teacher_samples(logits[None], fields["num_samples"], tau, generator)
     return {"ids": ids[0].to(ids_as), "counts": counts[0].to(torch.uint8), "entropy": entropy[0].float()}
 
@@ -322,7 +338,8 @@ class TeacherCache:
     def __init__(self, path: Path, manifest: dict, shards: list[dict[str, torch.Tensor]], shard_ids: list[list[str]]):
         self.path, self.manifest, self.fields = path, manifest, manifest["fields"]
         self.representation = self.fields["representation"]
-        self.width = self.fields["k"] if self.representation == "topk" else self.fields["num_samples"]
+        # ids per position as stored (top-k is capped at the vocabulary size)
+        self.width = shards[0]["ids"].shape[1] if shards else 1
         self._shards = shards
         self._index: dict[str, tuple[int, int, int, int]] = {}  # id -> (shard, token start, position start, length)
         for s, (tensors, ids) in enumerate(zip(shards, shard_ids)):
