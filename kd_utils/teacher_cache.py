@@ -270,7 +270,8 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     accelerator = Accelerator()
     teacher = teacher.to(accelerator.device).eval()
     vocab_size = len(tokenizer.get_vocab())
-    rows = [{**tokenize_example(tokenizer, e, max_length), "id": e.id} for e in examples]
+    rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
+    noisy_settings = any(f["noise_sigma"] for f in targets.values())
     n_shards = math.ceil(len(rows) / shard_size)
     for cache in targets:
         cache.mkdir(parents=True, exist_ok=True)
@@ -289,7 +290,9 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
             logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
             for b, row in enumerate(micro):
                 n = len(row["input_ids"]) - 1  # next-token positions of this row
-                z = torch.randn(n, vocab_size, generator=example_generator(seed, row["id"], "noise"))
+                # one standard-normal draw per position, scaled by each sigma
+                z = (torch.randn(n, vocab_size, generator=example_generator(seed, row["id"], "noise"))
+                     if noisy_settings else None)
                 for cache in todo:
                     fields = targets[cache]
                     noisy = logits[b, :n] + fields["noise_sigma"] * z if fields["noise_sigma"] else logits[b, :n]

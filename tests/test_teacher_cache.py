@@ -150,7 +150,9 @@ def test_killed_generation_resumes_without_recomputing_finished_shards(tiny_mode
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_corrupt_shard_is_refused_then_regenerated(tiny_model_dir, data_dir, tmp_path, monkeypatch, damage):
-    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4))
+    # noisy and sampled: the regenerated shard must repeat the same seeded draws
+    params = dict(k=4, representation="sampled", num_samples=6, noise_sigmas=(0.5,))
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", **params))
     shard = path / "shard-00001.safetensors"
     good = shard.read_bytes()
     data = bytearray(good)
@@ -162,7 +164,7 @@ def test_corrupt_shard_is_refused_then_regenerated(tiny_model_dir, data_dir, tmp
     with pytest.raises(ValueError, match=r"shard-00001.safetensors: sha256 .* corrupt or truncated"):
         teacher_cache.open_cache(path)
     written = count_writes(monkeypatch)
-    make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4)
+    make_cache(tiny_model_dir, data_dir, tmp_path / "c", **params)
     assert written == [1] and shard.read_bytes() == good
     teacher_cache.open_cache(path)
 
