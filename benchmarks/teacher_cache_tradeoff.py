@@ -4,7 +4,10 @@ For several top-k sizes and sample counts: bytes stored per distilled token, rel
 of the cached KD loss and of its gradient w.r.t. the student logits against the full-logit
 loss (fkl, and rkl for top-k), and the wall time of one distillation epoch from the cache
 versus with the online teacher. The student is a layer subset of the teacher
-(``models.make_student``); errors are measured on one batch of training rows. For sampled
+(``models.make_student``); errors are measured on one batch of training rows. Gradient
+errors are relative Frobenius norms: of d loss / d student logits [B, T, V] ("logit-grad",
+every position on its own), and of the output layer's weight gradient, where the batch's
+positions add up as they do in every parameter's gradient ("head-grad"). For sampled
 caches the error is that of one stored draw, averaged over ``--draws`` draws ("mean"), and
 the error of the draw-averaged loss ("bias", near 0 for an unbiased estimator).
 Prints a markdown table and writes benchmarks/results/teacher_cache_tradeoff.json.
@@ -38,6 +41,11 @@ def loss_and_grad(fn, student: torch.Tensor, *args, **kwargs) -> tuple[torch.Ten
     return loss.detach(), grad
 
 
+def head_grad(grad: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer's weight gradient [V, d]: the logit gradients summed over the batch's positions."""
+    return torch.einsum("btv,btd->vd", grad, hidden)
+
+
 def stored(teacher_logits: torch.Tensor, fields: dict, generator=None, dtype=teacher_cache.LOGPROB_DTYPE):
     """Encode every position of [B, T, V] logits; (loss kwargs [B, T, w], storage bytes)."""
     B, T, V = teacher_logits.shape
@@ -52,9 +60,11 @@ def bytes_per_token(enc: dict, vocab_size: int) -> int:
     return sum(t.element_size() * t[0].numel() for t in enc.values()) + id_bytes
 
 
-def error_rows(teacher_logits, student_logits, mask, temperature, ks, sample_counts, draws, vocab_size) -> list[dict]:
+def error_rows(teacher_logits, student_logits, hidden, mask, temperature, ks, sample_counts, draws,
+               vocab_size) -> list[dict]:
     dense = {name: loss_and_grad(fn, student_logits, teacher_logits, mask, temperature)
              for name, fn in (("fkl", losses.forward_kl), ("rkl", losses.reverse_kl))}
+    dense_head = {name: head_grad(g, hidden) for name, (_, g) in dense.items()}
     rows = []
     for k in ks:
         row = {"representation": "topk", "size": k, "temperature": temperature}
@@ -65,6 +75,7 @@ def error_rows(teacher_logits, student_logits, mask, temperature, ks, sample_cou
                 loss, grad = loss_and_grad(fn, student_logits, **args, mask=mask, temperature=temperature)
                 row[f"{name}_loss_err{suffix}"] = abs(float(loss - dense[name][0])) / float(dense[name][0])
                 row[f"{name}_grad_err{suffix}"] = rel(grad, dense[name][1])
+                row[f"{name}_head_grad_err{suffix}"] = rel(head_grad(grad, hidden), dense_head[name])
             if suffix == "":
                 row["bytes_per_token"] = bytes_per_token(enc, vocab_size)
         rows.append(row)
@@ -77,12 +88,14 @@ def error_rows(teacher_logits, student_logits, mask, temperature, ks, sample_cou
             loss, grad = loss_and_grad(losses.forward_kl_sampled, student_logits, **args, mask=mask,
                                        temperature=temperature)
             losses_.append(loss)
-            errs.append((abs(float(loss - dense["fkl"][0])) / float(dense["fkl"][0]), rel(grad, dense["fkl"][1])))
+            errs.append((abs(float(loss - dense["fkl"][0])) / float(dense["fkl"][0]), rel(grad, dense["fkl"][1]),
+                         rel(head_grad(grad, hidden), dense_head["fkl"])))
             grads.append(grad)
         mean_loss = torch.stack(losses_).mean()
         rows.append({"representation": "sampled", "size": n, "temperature": temperature,
                      "bytes_per_token": bytes_per_token(enc, vocab_size),
                      "fkl_loss_err": sum(e[0] for e in errs) / draws, "fkl_grad_err": sum(e[1] for e in errs) / draws,
+                     "fkl_head_grad_err": sum(e[2] for e in errs) / draws,
                      "fkl_loss_bias": abs(float(mean_loss - dense["fkl"][0])) / float(dense["fkl"][0]),
                      "fkl_grad_err_of_mean": rel(torch.stack(grads).mean(0), dense["fkl"][1])})
     return rows
@@ -123,12 +136,16 @@ def main() -> None:
     mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
     with torch.no_grad():
         t_logits = training.forward(teacher, batch)[:, :-1, :vocab_size].float()
-        s_logits = training.forward(student, batch)[:, :-1, :vocab_size].float()
-    del student
+        out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      position_ids=training.position_ids(batch["attention_mask"]), output_hidden_states=True)
+        s_logits, hidden = out.logits[:, :-1, :vocab_size].float(), out.hidden_states[-1][:, :-1].float()
+    del student, out
     errors = []
     for tau in args.temperatures:
-        errors += error_rows(t_logits, s_logits, mask, tau, args.ks, args.sample_counts, args.draws, vocab_size)
-    del t_logits, s_logits
+        errors += error_rows(t_logits, s_logits, hidden, mask, tau, args.ks, args.sample_counts, args.draws,
+                             vocab_size)
+        print(markdown({"errors": errors[-len(args.ks) - len(args.sample_counts):], "timings": []}), flush=True)
+    del t_logits, s_logits, hidden
 
     # one distillation epoch: online teacher vs cache (LoRA student, as in the study)
     timings = []
@@ -167,12 +184,15 @@ def main() -> None:
 
 def markdown(result: dict) -> str:
     pct = lambda x: "" if x is None else f"{100 * x:.2f}%"  # noqa: E731
-    lines = ["| repr | k / n | tau | bytes/token | fkl loss err | fkl grad err | rkl loss err | rkl grad err "
-             "| fkl loss err bf16 / fp32 | rkl loss err bf16 / fp32 | sampled bias (loss) |", "|" + "---|" * 11]
+    lines = ["| repr | k / n | tau | bytes/token | fkl loss err | fkl logit-grad err | fkl head-grad err "
+             "| rkl loss err | rkl logit-grad err | rkl head-grad err "
+             "| fkl loss err bf16 / fp32 | rkl loss err bf16 / fp32 | sampled bias (loss) |", "|" + "---|" * 13]
     for r in result["errors"]:
         lines.append(f"| {r['representation']} | {r['size']} | {r['temperature']:g} | {r['bytes_per_token']} "
-                     f"| {pct(r['fkl_loss_err'])} | {pct(r['fkl_grad_err'])} | {pct(r.get('rkl_loss_err'))} "
-                     f"| {pct(r.get('rkl_grad_err'))} | {pct(r.get('fkl_loss_err_bf16'))} / {pct(r.get('fkl_loss_err_fp32'))} "
+                     f"| {pct(r['fkl_loss_err'])} | {pct(r['fkl_grad_err'])} | {pct(r['fkl_head_grad_err'])} "
+                     f"| {pct(r.get('rkl_loss_err'))} | {pct(r.get('rkl_grad_err'))} "
+                     f"| {pct(r.get('rkl_head_grad_err'))} "
+                     f"| {pct(r.get('fkl_loss_err_bf16'))} / {pct(r.get('fkl_loss_err_fp32'))} "
                      f"| {pct(r.get('rkl_loss_err_bf16'))} / {pct(r.get('rkl_loss_err_fp32'))} "
                      f"| {pct(r.get('fkl_loss_bias'))} |")
     lines += ["", "| source | epoch s | speedup | cache generation s | bytes/token |", "|---|---|---|---|---|"]
