@@ -275,7 +275,7 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     (one teacher forward pass serves every setting). Rows are ``tokenize_example`` of
     ``examples`` with that max_length, in order; shard i holds rows [i*shard_size, (i+1)*shard_size).
     """
-    from accelerate import Accelerator
+    from accelerate import PartialState
 
     from kd_utils.training import collate, forward, tokenize_example
 
@@ -284,16 +284,17 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     if len(shared) != 1:
         raise ValueError(f"targets must share max_length and seed, got {sorted(shared)}")
     (max_length, seed), = shared
-    accelerator = Accelerator()
-    teacher = teacher.to(accelerator.device).eval()
+    # PartialState, not Accelerator: no mixed-precision setting to clash with a later train() in this process
+    state = PartialState()
+    teacher = teacher.to(state.device).eval()
     vocab_size = len(tokenizer.get_vocab())
     rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
     noisy_settings = any(f["noise_sigma"] for f in targets.values())
     n_shards = math.ceil(len(rows) / shard_size)
     for cache in targets:
         cache.mkdir(parents=True, exist_ok=True)
-    mine = range(accelerator.process_index, n_shards, accelerator.num_processes)
-    for index in tqdm(mine, desc="teacher cache shards", disable=not accelerator.is_local_main_process):
+    mine = range(state.process_index, n_shards, state.num_processes)
+    for index in tqdm(mine, desc="teacher cache shards", disable=not state.is_local_main_process):
         shard_rows = rows[index * shard_size:(index + 1) * shard_size]
         ids = [r["id"] for r in shard_rows]
         todo = [cache for cache in targets if not _shard_done(cache, index, ids)]
@@ -302,7 +303,7 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
         parts: dict[Path, list[dict]] = {cache: [] for cache in todo}
         for start in range(0, len(shard_rows), batch_size):
             micro = shard_rows[start:start + batch_size]
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v
+            batch = {k: v.to(state.device) if torch.is_tensor(v) else v
                      for k, v in collate(micro, tokenizer.pad_token_id).items()}
             logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
             for b, row in enumerate(micro):
@@ -319,7 +320,7 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
         lengths = torch.tensor([len(r["input_ids"]) for r in shard_rows], dtype=torch.int32)
         for cache in todo:
             _write_shard(cache, index, {**_concat(parts[cache]), "input_ids": input_ids, "lengths": lengths}, ids)
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     manifests = {}
     for cache, fields in targets.items():
         records = [json.loads((cache / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
@@ -331,10 +332,10 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
         old = cache / MANIFEST
         if old.is_file():  # keep rationales written by an earlier run
             manifest["rationales"] = json.loads(old.read_text()).get("rationales")
-        if accelerator.is_main_process:
+        if state.is_main_process:
             write_atomic(old, json.dumps(manifest, indent=1))
         manifests[cache] = manifest
-    accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     return manifests
 
 
