@@ -61,7 +61,13 @@ def bytes_per_token(enc: dict, vocab_size: int) -> int:
     return sum(t.element_size() * t[0].numel() for t in enc.values()) + id_bytes
 
 
-def error_rows(teacher_logits, student_logits, hidden, mask, temperature, ks, sample_counts, draws,
+def parse_size(spec: str) -> tuple[int, int]:
+    """'12' -> (12, 12) (k or draws), '8+6' -> (8, 6) (topk_sampled: k + tail draws)."""
+    k, _, n = spec.partition("+")
+    return int(k), int(n or k)
+
+
+def error_rows(teacher_logits, student_logits, hidden, mask, temperature, ks, sample_counts, hybrids, draws,
                vocab_size) -> list[dict]:
     dense = {name: loss_and_grad(fn, student_logits, teacher_logits, mask, temperature)
              for name, fn in (("fkl", losses.forward_kl), ("rkl", losses.reverse_kl))}
@@ -80,9 +86,11 @@ def error_rows(teacher_logits, student_logits, hidden, mask, temperature, ks, sa
             if suffix == "":
                 row["bytes_per_token"] = bytes_per_token(enc, vocab_size)
         rows.append(row)
-    for n in sample_counts:
-        fields = {"representation": "sampled", "num_samples": n, "temperature": temperature}
-        gen = torch.Generator().manual_seed(n)
+    stochastic = [("sampled", str(n), {"num_samples": n}) for n in sample_counts]
+    stochastic += [("topk_sampled", spec, dict(zip(("k", "num_samples"), parse_size(spec)))) for spec in hybrids]
+    for representation, size, sizes in stochastic:
+        fields = {"representation": representation, "temperature": temperature, **sizes}
+        gen = torch.Generator().manual_seed(0)
         losses_, errs, grads = [], [], []
         for _ in range(draws):
             args, enc = stored(teacher_logits, fields, gen)
@@ -93,7 +101,7 @@ def error_rows(teacher_logits, student_logits, hidden, mask, temperature, ks, sa
                          rel(head_grad(grad, hidden), dense_head["fkl"])))
             grads.append(grad)
         mean_loss = torch.stack(losses_).mean()
-        rows.append({"representation": "sampled", "size": n, "temperature": temperature,
+        rows.append({"representation": representation, "size": size, "temperature": temperature,
                      "bytes_per_token": bytes_per_token(enc, vocab_size),
                      "fkl_loss_err": sum(e[0] for e in errs) / draws, "fkl_grad_err": sum(e[1] for e in errs) / draws,
                      "fkl_head_grad_err": sum(e[2] for e in errs) / draws,
@@ -119,9 +127,11 @@ def main() -> None:
     parser.add_argument("--error-rows", type=int, default=4)
     parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 12, 16, 32])
     parser.add_argument("--sample-counts", type=int, nargs="+", default=[8, 12, 24])
+    parser.add_argument("--hybrids", nargs="+", default=["4+8", "6+8", "8+6"],
+                        help="topk_sampled sizes, k+draws")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--draws", type=int, default=6)
-    parser.add_argument("--timed", nargs="+", default=["topk:8", "sampled:12"],
+    parser.add_argument("--timed", nargs="+", default=["topk:12", "sampled:12", "topk_sampled:8+6"],
                         help="caches whose training epoch is timed against the online teacher")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--data-dir", default=None)
@@ -144,9 +154,10 @@ def main() -> None:
     del student, out
     errors = []
     for tau in args.temperatures:
-        errors += error_rows(t_logits, s_logits, hidden, mask, tau, args.ks, args.sample_counts, args.draws,
-                             vocab_size)
-        print(markdown({"errors": errors[-len(args.ks) - len(args.sample_counts):], "timings": []}), flush=True)
+        rows = error_rows(t_logits, s_logits, hidden, mask, tau, args.ks, args.sample_counts, args.hybrids,
+                          args.draws, vocab_size)
+        print(markdown({"errors": rows, "timings": []}), flush=True)
+        errors += rows
     del t_logits, s_logits, hidden
 
     # one distillation epoch: online teacher vs cache (LoRA student, as in the study). The CPU is
@@ -160,11 +171,12 @@ def main() -> None:
         timings = {"online teacher": {"source": "online teacher"}}
         for spec in args.timed:
             representation, size = spec.split(":")
+            k, n = parse_size(size)
             started = time.perf_counter()
             summary = teacher_cache.run_teacher_cache(
                 models.EMBEDDED_MODEL, Path(tmp) / "caches", n_train=args.n_train, data_dir=args.data_dir, seed=0,
-                max_length=args.max_length, val_fraction=0.0, representation=representation, k=int(size),
-                num_samples=int(size), batch_size=args.batch_size)
+                max_length=args.max_length, val_fraction=0.0, representation=representation, k=k,
+                num_samples=n, batch_size=args.batch_size)
             sources[f"cache {spec}"] = {"teacher_cache": summary["caches"][1.0, 0.0]}
             timings[f"cache {spec}"] = {"source": f"cache {spec}",
                                         "cache_generation_seconds": round(time.perf_counter() - started, 2),

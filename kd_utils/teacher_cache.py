@@ -12,6 +12,10 @@ What is stored, per training example and per next-token position of its tokenize
 - ``sampled``: ``num_samples`` draws from p_T merged into distinct ids + uint8 counts, and
   the teacher's entropy (float32); ``losses.forward_kl_sampled`` is then an unbiased
   estimate of forward KL and of its gradient (Anshumann et al., ACL 2025).
+- ``topk_sampled``: the k most likely ids with their probabilities, plus ``num_samples``
+  draws from the tail (p_T without those k), each weighted tail mass * count / num_samples
+  (float16 weights), and the entropy. Still unbiased for forward KL (``forward_kl_sampled``
+  with the weights as counts), with only the tail's part of the variance.
 
 Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
 sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
@@ -67,7 +71,7 @@ from kd_utils.evaluation import sample_examples, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
 CACHE_FORMAT_VERSION = 1
-REPRESENTATIONS = ("topk", "sampled")
+REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
 # unbiased fkl within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "sampled"
 DEFAULT_NUM_SAMPLES = 12
@@ -134,8 +138,8 @@ def cache_fields(teacher_hash: str, adapter_hash: str | None, tokenizer_fp: str,
     """Every input that changes the cache's content (the manifest's ``fields``)."""
     return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
             "tokenizer": tokenizer_fp, "mix_fingerprint": mix_fp, "max_length": int(max_length),
-            "representation": representation, "k": int(k) if representation == "topk" else None,
-            "num_samples": int(num_samples) if representation == "sampled" else None,
+            "representation": representation, "k": int(k) if representation != "sampled" else None,
+            "num_samples": int(num_samples) if representation != "topk" else None,
             "temperature": float(temperature), "noise_sigma": float(noise_sigma),
             # seed fixes the noise and sample draws
             "seed": int(seed), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
@@ -201,8 +205,20 @@ def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None
         ids, logprobs = losses.teacher_topk(logits[None], k, tau)
         return {"ids": ids[0].to(ids_as),
                 "logprobs": quantize_logprobs(logprobs[0], logprob_dtype, covers_vocab=k == logits.shape[-1])}
-    ids, counts, entropy = losses.teacher_samples(logits[None], fields["num_samples"], tau, generator)
-    return {"ids": ids[0].to(ids_as), "counts": counts[0].to(torch.uint8), "entropy": entropy[0].float()}
+    if fields["representation"] == "sampled":
+        ids, counts, entropy = losses.teacher_samples(logits[None], fields["num_samples"], tau, generator)
+        return {"ids": ids[0].to(ids_as), "counts": counts[0].to(torch.uint8), "entropy": entropy[0].float()}
+    # topk_sampled: the k largest probabilities exactly, the tail's mass spread over draws from the tail
+    n = fields["num_samples"]
+    top_ids, top_logprobs = losses.teacher_topk(logits[None], min(fields["k"], logits.shape[-1] - 1), tau)
+    tail_ids, tail_counts, _ = losses.teacher_samples(logits.scatter(1, top_ids[0], -math.inf)[None], n, tau,
+                                                      generator)
+    p_top = top_logprobs[0].exp()
+    tail = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)
+    logp = (logits.float() / tau).log_softmax(-1)
+    entropy = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
+    return {"ids": torch.cat([top_ids[0], tail_ids[0]], 1).to(ids_as),
+            "counts": torch.cat([p_top, tail * tail_counts[0] / n], 1).to(LOGPROB_DTYPE), "entropy": entropy}
 
 
 def decode(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -210,7 +226,7 @@ def decode(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     ids = stored["ids"].to(torch.int64)
     if "logprobs" in stored:
         return {"topk_ids": ids, "topk_logprobs": stored["logprobs"].float()}
-    return {"sample_ids": ids, "sample_counts": stored["counts"].to(torch.int64),
+    return {"sample_ids": ids, "sample_counts": stored["counts"].float(),
             "teacher_entropy": stored["entropy"].float()}
 
 
@@ -396,7 +412,8 @@ class TeacherCache:
             out = {"ids": torch.arange(n).expand(shape).clone(),
                    "logprobs": torch.full(shape, -math.log(n), dtype=LOGPROB_DTYPE)}
         else:
-            out = {"ids": torch.zeros(shape, dtype=torch.int64), "counts": torch.zeros(shape, dtype=torch.uint8),
+            counts_dtype = self._shards[0]["counts"].dtype  # uint8 draws, or float16 weights (topk_sampled)
+            out = {"ids": torch.zeros(shape, dtype=torch.int64), "counts": torch.zeros(shape, dtype=counts_dtype),
                    "entropy": torch.zeros(shape[:2])}
             out["counts"][..., 0] = 1
         for b, example_id in enumerate(batch["ids"]):
@@ -425,9 +442,14 @@ def field_differences(fields: dict, expect: dict) -> list[str]:
     unknown = sorted(set(expect) - set(fields))
     if unknown:
         raise ValueError(f"unknown cache fields {unknown}; known: {sorted(fields)}")
-    same = lambda a, b: a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))  # noqa: E731
     return [f"{name}: cache has {fields[name]!r}, run expects {value!r}"
-            for name, value in expect.items() if not same(fields[name], value)]
+            for name, value in expect.items() if not _same(fields[name], value)]
+
+
+def _same(a, b) -> bool:
+    """Equal, with 2 and 2.0 equal (temperatures come as ints from YAML / papermill)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return float(a) == float(b) if numbers else a == b
 
 
 def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
@@ -537,12 +559,12 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
                                                              batch_size)]
             write_rationales(list(targets), selected.mix, texts, rationale_max_new_tokens)
     manifests = {d: json.loads((d / MANIFEST).read_text()) for d in targets}
+    first_fields = next(iter(targets.values()))
     per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],
                   "shards": len(m["shards"]), "bytes": m["bytes"], "bytes_per_token": round(m["bytes_per_position"], 2)}
                  for (t, s), (d, m) in zip(settings, manifests.items())]
     return {"caches": {setting: str(d) for setting, d in zip(settings, targets)}, "per_cache": per_cache,
-            "representation": representation, "k": k if representation == "topk" else None,
-            "num_samples": num_samples if representation == "sampled" else None,
+            "representation": representation, "k": first_fields["k"], "num_samples": first_fields["num_samples"],
             "train_examples": len(selected.train), "positions": per_cache[0]["positions"],
             "bytes_per_token": per_cache[0]["bytes_per_token"], "generated": [str(d) for d in todo],
             "rationales": bool(rationales), "seconds": round(time.perf_counter() - started, 2)}

@@ -172,7 +172,8 @@ def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
     return target & batch["attention_mask"][:, :-1].bool()
 
 
-# (method, cache representation) -> the sparse loss; rkl needs the top-k + tail partition
+# (method, kind of cached teacher) -> the sparse loss: top-k + tail log-probs, or weighted draws
+# (teacher_cache's "sampled" and "topk_sampled"); rkl needs the top-k + tail partition
 SPARSE_LOSSES = {("fkl", "topk"): losses.forward_kl_topk, ("rkl", "topk"): losses.reverse_kl_topk,
                  ("fkl", "sampled"): losses.forward_kl_sampled}
 
@@ -267,7 +268,7 @@ def open_teacher_cache(path: str | Path, tokenizer, train_examples: list[Example
         "tokenizer": teacher_cache.tokenizer_fingerprint(tokenizer), "temperature": config.temperature,
         "noise_sigma": config.noise_sigma, "mix_fingerprint": mix_fingerprint(train_examples),
         "max_length": config.max_length})
-    if (config.method, cache.representation) not in SPARSE_LOSSES:
+    if config.method == "rkl" and cache.representation != "topk":
         raise ValueError(f"method {config.method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
                          f"{path} holds representation {cache.representation!r}")
     return cache

@@ -74,18 +74,20 @@ def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model
                                        (training.tokenize_example(tok, e, 96) for e in selection.train))
 
 
-def test_sampled_estimator_is_unbiased():
+@pytest.mark.parametrize("fields", [{"representation": "sampled", "num_samples": 12},
+                                    {"representation": "topk_sampled", "k": 4, "num_samples": 6}])
+def test_sampled_estimator_is_unbiased(fields):
     gen = torch.Generator().manual_seed(0)
     teacher = torch.randn(6, 50, generator=gen) * 2
     student = torch.randn(1, 6, 50, generator=gen, requires_grad=True)
-    fields = {"representation": "sampled", "num_samples": 12, "temperature": 1.5}
+    fields = {**fields, "temperature": 1.5}
     dense = losses.forward_kl(student, teacher[None], torch.ones(1, 6, dtype=torch.bool), 1.5)
     (g_dense,) = torch.autograd.grad(dense, student)
-    # 20 groups of 200 independent draws, each group one batch of 200 sequences (its loss is their mean)
-    draws, means, grads = 200, [], []
-    for _ in range(20):
+    # 12 groups of 150 independent draws, each group one batch of 200 sequences (its loss is their mean)
+    draws, means, grads = 150, [], []
+    for _ in range(12):
         stored = teacher_cache.encode(teacher.repeat(draws, 1), fields, gen)
-        assert stored["ids"].dtype == torch.uint16 and stored["counts"].dtype == torch.uint8
+        assert stored["ids"].dtype == torch.uint16
         args = {k: v.view(draws, 6, *v.shape[1:]) for k, v in teacher_cache.decode(stored).items()}
         loss = losses.forward_kl_sampled(student.expand(draws, 6, 50), **args,
                                          mask=torch.ones(draws, 6, dtype=torch.bool), temperature=1.5)
@@ -93,7 +95,10 @@ def test_sampled_estimator_is_unbiased():
         grads.append(torch.autograd.grad(loss, student)[0])
     means = torch.tensor(means)
     assert abs(means.mean() - float(dense.detach())) < 4 * means.std() / len(means) ** 0.5
-    assert (torch.stack(grads).mean(0) - g_dense).norm() < 0.02 * g_dense.norm()
+    # unbiased: the error of the mean is its standard error (summed over the 300 logits), not more
+    grads = torch.stack(grads)
+    standard_error = (grads.std(0) / len(grads) ** 0.5).norm()
+    assert (grads.mean(0) - g_dense).norm() < 2 * standard_error < 0.1 * g_dense.norm()
 
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
@@ -107,8 +112,9 @@ def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, d
             for name, value in changes.items()}
     sampled = dict(base, representation="sampled")
     keys |= {teacher_cache.cache_key(teacher_cache.cache_fields(**sampled)),
-             teacher_cache.cache_key(teacher_cache.cache_fields(**{**sampled, "num_samples": 24}))}
-    assert key not in keys and len(keys) == len(changes) + 2
+             teacher_cache.cache_key(teacher_cache.cache_fields(**{**sampled, "num_samples": 24})),
+             teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, "representation": "topk_sampled"}))}
+    assert key not in keys and len(keys) == len(changes) + 3
     fields = teacher_cache.cache_fields(**base)
     bumped = teacher_cache.cache_key({**fields, "format_version": teacher_cache.CACHE_FORMAT_VERSION + 1})
     assert bumped != key
@@ -170,8 +176,11 @@ def test_corrupt_shard_is_refused_then_regenerated(tiny_model_dir, data_dir, tmp
     teacher_cache.open_cache(path)
 
 
-def test_student_from_cache_matches_online_student(tiny_model_dir, data_dir, tmp_path):
-    caches = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,))["caches"]
+# k = V (top-k), or k = V - 1 and a one-token tail that every draw hits (topk_sampled): exact up to float16
+@pytest.mark.parametrize("representation", ["topk", "topk_sampled"])
+def test_student_from_cache_matches_online_student(tiny_model_dir, data_dir, tmp_path, representation):
+    caches = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,), num_samples=4,
+                        representation=representation)["caches"]
     common = dict(method="fkl", student_layers=1, teacher=str(tiny_model_dir), data_dir=data_dir, epochs=2,
                   batch_size=2, micro_batch_size=2, lr=3e-3, lora=False, temperature=2.0, loss_chunk_size=64,
                   **COMMON)
