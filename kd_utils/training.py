@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from kd_utils import losses
-from kd_utils.data import Example, build_training_mix
+from kd_utils.data import Example, build_training_mix, mix_fingerprint
 from kd_utils.evaluation import generate, sample_examples, write_atomic
 from kd_utils.models import build_student_dir, check_adapter_dir, load_model
 from kd_utils.tasks import build_prompt
@@ -33,6 +33,7 @@ from kd_utils.tasks import build_prompt
 METHODS = ("sft", "fkl", "rkl", "gkd", "seqkd")
 PAPER_NAMES = {"sft": "SFT", "fkl": "SeqKD", "rkl": "RevKD", "gkd": "GKD", "seqkd": "SeqKD (Kim & Rush)"}
 KD_METHODS = ("fkl", "rkl", "gkd")  # methods with a token-level teacher signal
+SPARSE_KD_METHODS = ("fkl", "rkl")  # those that can train from a teacher cache
 
 
 @dataclass
@@ -96,11 +97,11 @@ def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
     response_ids = tokenizer(example.rationale or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ids = (prompt_ids + response_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels, "prompt": prompt}
+    return {"input_ids": ids, "labels": labels, "prompt": prompt, "id": example.id}
 
 
 def collate(rows: list[dict], pad_id: int) -> dict:
-    """Right-padded batch with attention mask and labels (-100 on pads)."""
+    """Right-padded batch with attention mask and labels (-100 on pads); ``ids`` lets a teacher cache align."""
     width = max(len(r["input_ids"]) for r in rows)
     pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
     return {
@@ -108,6 +109,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
         "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
         "prompts": [r["prompt"] for r in rows],
+        "ids": [r["id"] for r in rows],
     }
 
 
@@ -171,9 +173,21 @@ def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
     return target & batch["attention_mask"][:, :-1].bool()
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, config: TrainConfig,
+# (method, kind of cached teacher) -> the sparse loss: top-k + tail log-probs, or weighted draws
+# (teacher_cache's "sampled" and "topk_sampled"); rkl needs the top-k + tail partition
+SPARSE_LOSSES = {("fkl", "topk"): losses.forward_kl_topk, ("rkl", "topk"): losses.reverse_kl_topk,
+                 ("fkl", "sampled"): losses.forward_kl_sampled}
+
+
+def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: torch.Tensor, config: TrainConfig,
             vocab_size: int) -> torch.Tensor:
-    s, t = losses.align_vocab(student_logits[:, :-1], teacher_logits[:, :-1], vocab_size)
+    """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse batch (``TeacherCache.batch``)."""
+    if isinstance(teacher, dict):
+        representation = "topk" if "topk_ids" in teacher else "sampled"
+        return SPARSE_LOSSES[config.method, representation](
+            student_logits[:, :-1, :vocab_size], **teacher, mask=mask, temperature=config.temperature,
+            chunk_size=config.loss_chunk_size)
+    s, t = losses.align_vocab(student_logits[:, :-1], teacher[:, :-1], vocab_size)
     if config.method == "fkl":
         return losses.forward_kl(s, t, mask, config.temperature, chunk_size=config.loss_chunk_size)
     if config.method == "rkl":
@@ -243,27 +257,50 @@ def last_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+def open_teacher_cache(path: str | Path, tokenizer, train_examples: list[Example], config: TrainConfig):
+    """The cache at ``path`` after checking that it fits this run (ValueError naming each differing field)."""
+    from kd_utils import teacher_cache
+
+    if config.method not in SPARSE_KD_METHODS:
+        why = ("gkd's on-policy batches need the online teacher: pass teacher instead of teacher_cache"
+               if config.method == "gkd" else "a teacher cache serves fkl and rkl only")
+        raise ValueError(f"method {config.method!r} cannot train from teacher_cache: {why}")
+    cache = teacher_cache.open_cache(path, expect={
+        "tokenizer": teacher_cache.tokenizer_fingerprint(tokenizer), "temperature": config.temperature,
+        "noise_sigma": config.noise_sigma, "mix_fingerprint": mix_fingerprint(train_examples),
+        "max_length": config.max_length})
+    if config.method == "rkl" and cache.representation != "topk":
+        raise ValueError(f"method {config.method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
+                         f"{path} holds representation {cache.representation!r}")
+    return cache
+
+
 def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, output_dir: str | Path,
           teacher=None, teacher_tokenizer=None, val_examples: list[Example] | None = None,
-          on_epoch_end: Callable[[int], None] | None = None) -> dict:
+          on_epoch_end: Callable[[int], None] | None = None, teacher_cache: str | Path | None = None) -> dict:
     """Train ``model`` (a student or a teacher being fine-tuned) and save it in ``output_dir``.
 
     sft / seqkd use cross-entropy only (seqkd's examples carry the teacher's generations as
     rationales, see ``teacher_rationales``); fkl / rkl / gkd add the KD loss against ``teacher``
-    as (1 - kd_weight) * CE + kd_weight * KD. Returns the history and final validation loss.
-    Resumes from the last epoch checkpoint in ``output_dir``.
+    as (1 - kd_weight) * CE + kd_weight * KD. fkl / rkl may instead read the teacher from
+    ``teacher_cache`` (a cache directory written by ``teacher_cache.run_teacher_cache`` for these
+    training examples, temperature and noise sigma); the teacher is then not needed.
+    Returns the history and final validation loss. Resumes from the last epoch checkpoint in ``output_dir``.
     """
     config.validate()
     output_dir = Path(output_dir)
     vocab_size = len(tokenizer)
+    if teacher_cache is not None and teacher is not None:
+        raise ValueError("pass either teacher or teacher_cache, not both")
     if config.method in KD_METHODS:
-        if teacher is None:
-            raise ValueError(f"method {config.method!r} needs a teacher")
+        if teacher is None and teacher_cache is None:
+            raise ValueError(f"method {config.method!r} needs a teacher or a teacher_cache")
         vocab_size = check_same_tokenizer(tokenizer, teacher_tokenizer or tokenizer)
     if val_examples is None:
         train_examples, val_examples = split_train_val(train_examples, config.val_fraction, config.seed)
     if not train_examples:
         raise ValueError("no training examples")
+    cache = open_teacher_cache(teacher_cache, tokenizer, train_examples, config) if teacher_cache is not None else None
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -324,8 +361,9 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 loss, kd = ce, torch.zeros(())
                 if config.method in KD_METHODS:
                     with torch.no_grad():
-                        t_logits = teacher_signal(forward(teacher, batch), config.noise_sigma, noise_gen)
-                    kd = kd_loss(logits, t_logits, distill_mask(batch, config), config, vocab_size)
+                        target = (cache.batch(batch, device) if cache is not None
+                                  else teacher_signal(forward(teacher, batch), config.noise_sigma, noise_gen))
+                    kd = kd_loss(logits, target, distill_mask(batch, config), config, vocab_size)
                     loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
                 accelerator.backward(loss)
                 optimizer.step()
@@ -388,20 +426,43 @@ def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_toke
     return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out) for e, out in zip(examples, outputs)]
 
 
+def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens: int) -> list[Example]:
+    """seqkd's training set from the rationales stored in a teacher cache (same contract as teacher_rationales)."""
+    from kd_utils import teacher_cache
+
+    cache = teacher_cache.open_cache(path)
+    record = cache.manifest.get("rationales") or {}
+    differences = teacher_cache.field_differences(
+        {"max_new_tokens": record.get("max_new_tokens"), "mix_fingerprint": record.get("mix_fingerprint")},
+        {"max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples)})
+    if differences:
+        raise ValueError(f"the rationales in teacher cache {path} do not fit this run: " + "; ".join(differences))
+    texts = cache.rationales()
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, texts[e.id]) for e in examples]
+
+
 def run_training(model: str, output_dir: str | Path, method: str = "sft", domain: str = "math",
                  student_layers: int | None = None, teacher: str | None = None, teacher_adapter: str | None = None,
                  task_aware_teacher: bool = True, n_train: int | None = None, include_mawps: bool = False,
-                 data_dir: str | Path | None = None, seqkd_max_new_tokens: int = 128, **config) -> dict:
+                 data_dir: str | Path | None = None, seqkd_max_new_tokens: int = 128, teacher_cache: str | None = None,
+                 **config) -> dict:
     """One stage from plain parameters (what the notebooks call): load, build the mix, train, save.
 
     ``student_layers`` turns ``model`` into a layer-subset student first (written next to the
     run). The teacher is ``teacher`` plus ``teacher_adapter`` (merged), or the bare base model
-    when ``task_aware_teacher`` is False (the expertise ablation).
+    when ``task_aware_teacher`` is False (the expertise ablation). ``teacher_cache`` (a directory
+    from ``teacher_cache.run_teacher_cache`` with the same data parameters, seed, max_length,
+    val_fraction, temperature and noise sigma) replaces the teacher for fkl / rkl, and for seqkd
+    when it holds rationales made with ``seqkd_max_new_tokens``.
     """
     config = TrainConfig(method=method, **config).validate()
-    needs_teacher = method in KD_METHODS or method == "seqkd"
+    from_cache = teacher_cache is not None
+    if from_cache and method not in (*SPARSE_KD_METHODS, "seqkd"):
+        raise ValueError(f"method {method!r} cannot use teacher_cache: it serves fkl, rkl and seqkd"
+                         + (" (gkd's on-policy batches need the online teacher)" if method == "gkd" else ""))
+    needs_teacher = (method in KD_METHODS or method == "seqkd") and not from_cache
     if needs_teacher and teacher is None:
-        raise ValueError(f"method {method!r} needs a teacher")
+        raise ValueError(f"method {method!r} needs a teacher (or a teacher_cache)")
     if needs_teacher and task_aware_teacher and teacher_adapter is not None:
         check_adapter_dir(teacher_adapter)
     output_dir = Path(output_dir)
@@ -415,10 +476,12 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
         teacher_model, teacher_tok = load_model(teacher, adapter=teacher_adapter if task_aware_teacher else None,
                                                 merge_adapter=True)
     if method == "seqkd":
-        mix = teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4)
-        teacher_model = None
+        mix = (cached_rationales(teacher_cache, mix, seqkd_max_new_tokens) if from_cache else
+               teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4))
+        teacher_model = teacher_cache = None
     student, tokenizer = load_model(base)
-    result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok)
+    result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok,
+                   teacher_cache=teacher_cache)
     summary = {"base_model": base, "method": method, "domain": domain, "n_train": len(mix),
                "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))

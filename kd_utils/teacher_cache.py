@@ -1,0 +1,588 @@
+"""Teacher-logit cache: the teacher runs once over the training rows, students distill from disk.
+
+What is stored, per training example and per next-token position of its tokenized row
+(``training.tokenize_example``, so every position that fkl / rkl may distill), for one
+(temperature tau, noise sigma) setting:
+
+- ``topk``: the k most likely ids of p_T = softmax((logits + noise) / tau) and their
+  log-probs; the tail mass is implied, 1 - sum exp(log-probs) (``losses.forward_kl_topk`` /
+  ``reverse_kl_topk`` treat it as one extra bucket). Log-probs are stored in float16,
+  rounded to nearest, except rows whose tail would shrink below half (then toward -inf:
+  a tail rounded to 0 would make reverse KL infinite).
+- ``sampled``: ``num_samples`` draws from p_T merged into distinct ids + uint8 counts, and
+  the teacher's entropy (float32); ``losses.forward_kl_sampled`` is then an unbiased
+  estimate of forward KL and of its gradient (Anshumann et al., ACL 2025).
+- ``topk_sampled``: the k most likely ids with their probabilities, plus ``num_samples``
+  draws from the tail (p_T without those k), each weighted tail mass * count / num_samples
+  (float16 weights), and the entropy. Still unbiased for forward KL (``forward_kl_sampled``
+  with the weights as counts), with only the tail's part of the variance.
+
+Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
+sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
+per stored position from a generator seeded by (seed, example id): the cache holds one fixed
+noisy teacher, while online training draws fresh noise at every step.
+
+Layout: ``<output_dir>/<key>/`` with ``shard-NNNNN.safetensors`` (flat arrays + per-example
+lengths + the cached input ids, example ids in the metadata), a ``shard-NNNNN.json``
+record (sha256, size, example ids hash) written after each shard, ``manifest.json`` and
+optionally ``rationales.jsonl`` (the teacher's greedy generations, for seqkd / fidelity).
+The key is the sha256 of the canonical JSON of every input that changes the content
+(``cache_fields``); the manifest stores those fields in clear. Every file is written to a
+temporary name and renamed. A rerun skips shards whose record and checksum match, and
+regenerates missing, truncated or corrupt ones. With accelerate, shard i is written by rank
+i % world_size; the main process writes the manifest.
+
+Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
+10-layer student cut from it, math mix, max_length 128; table in the README and in
+benchmarks/results/teacher_cache_tradeoff.json):
+
+- ``sampled`` with 12 draws: 42 bytes per distilled token, fkl loss within 0.2-0.4% of the
+  full-logit value (unbiased), gradient of the output layer within ~8% on a 4-row batch (the
+  per-position logit gradient is noisy, ~36%, but unbiased: the noise averages out over
+  positions and steps). 24 draws would be 78 bytes, over the 64-byte budget.
+- ``topk`` fits 64 bytes up to k = 12 (50 bytes) but is biased: fkl loss 13% low at tau = 1
+  and ~65% at tau = 2 (a tempered teacher puts much of its mass in the tail), and top-k +
+  tail reverse KL misses >80% of the loss of a student that is still far from the teacher.
+  It is kept (k = 12 by default) because rkl needs it.
+- float16 log-probs: the same errors as float32 and bfloat16 to 2 digits at these k (the
+  truncation dominates) at half of float32's bytes.
+- one epoch from the cache took ~0.55-0.6x of the online epoch's time on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from tqdm.auto import tqdm
+
+from kd_utils import losses
+from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
+from kd_utils.evaluation import sample_examples, write_atomic
+from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
+
+CACHE_FORMAT_VERSION = 1
+REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
+# unbiased fkl within the 64-byte budget; see the module docstring
+DEFAULT_REPRESENTATION = "sampled"
+DEFAULT_NUM_SAMPLES = 12
+DEFAULT_K = 12
+LOGPROB_DTYPE = torch.float16
+# fields a student run checks against the manifest (open_cache's ``expect``)
+EXPECT_FIELDS = ("tokenizer", "temperature", "noise_sigma", "mix_fingerprint", "max_length", "representation")
+MANIFEST = "manifest.json"
+RATIONALES = "rationales.jsonl"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+# ---- identity ------------------------------------------------------------------------------
+
+def _memo_file() -> Path:
+    return cache_dir() / "weight-hashes.json"
+
+
+def weights_hash(model_dir: str | Path) -> str:
+    """sha256 over config files + weight files of a model / adapter directory.
+
+    Each weight file's sha256 is memoised in ``$KD_CACHE_DIR/weight-hashes.json`` under
+    path + size + mtime, so a model is read in full once, not on every run.
+    """
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (
+        p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "adapter_config.json")))
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
+        raise ValueError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    memo_path = _memo_file()
+    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    parts, changed = [], False
+    for path in files:
+        stat = path.stat()
+        memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if memo_key not in memo:
+            memo[memo_key], changed = _sha256(path), True
+        parts.append([path.name, memo[memo_key]])
+    if changed:
+        write_atomic(memo_path, json.dumps(memo, indent=0))
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def model_dir(name_or_path: str | Path) -> Path:
+    """The local directory holding a model's files (hub ids: the local snapshot)."""
+    path = resolve_model_path(name_or_path)
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path))
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the vocabulary (token -> id) and the special ids the loop relies on."""
+    content = {"vocab": sorted(tokenizer.get_vocab().items()), "eos": tokenizer.eos_token_id,
+               "pad": tokenizer.pad_token_id}
+    return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:20]
+
+
+def cache_fields(teacher_hash: str, adapter_hash: str | None, tokenizer_fp: str, mix_fp: str, max_length: int,
+                 representation: str, k: int, num_samples: int, temperature: float, noise_sigma: float,
+                 seed: int) -> dict:
+    """Every input that changes the cache's content (the manifest's ``fields``)."""
+    return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
+            "tokenizer": tokenizer_fp, "mix_fingerprint": mix_fp, "max_length": int(max_length),
+            "representation": representation, "k": int(k) if representation != "sampled" else None,
+            "num_samples": int(num_samples) if representation != "topk" else None,
+            "temperature": float(temperature), "noise_sigma": float(noise_sigma),
+            # seed fixes the noise and sample draws
+            "seed": int(seed), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
+
+
+def cache_key(fields: dict) -> str:
+    """Content address: sha256 of the canonical JSON of ``fields``."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas) -> None:
+    """Raise ValueError naming the first bad argument, before any work."""
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"representation={representation!r} is not one of {', '.join(REPRESENTATIONS)}")
+    if not (isinstance(k, int) and k >= 1):
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    if not (isinstance(num_samples, int) and 1 <= num_samples <= 255):
+        raise ValueError(f"num_samples must be an int in [1, 255] (stored counts are uint8), got {num_samples!r}")
+    if not list(temperatures) or not list(noise_sigmas):
+        raise ValueError("temperatures and noise_sigmas must each hold at least one value")
+    for tau in temperatures:
+        if not tau > 0:
+            raise ValueError(f"temperature must be > 0, got {tau}")
+    for sigma in noise_sigmas:
+        if not sigma >= 0:
+            raise ValueError(f"noise sigma must be >= 0, got {sigma}")
+
+
+# ---- encoding --------------------------------------------------------------------------------
+
+def id_dtype(vocab_size: int) -> torch.dtype:
+    return torch.uint16 if vocab_size <= 1 << 16 else torch.int32
+
+
+def _tail(logprobs: torch.Tensor) -> torch.Tensor:
+    return -torch.expm1(logprobs.double().logsumexp(-1))
+
+
+def quantize_logprobs(logprobs: torch.Tensor, dtype: torch.dtype, covers_vocab: bool) -> torch.Tensor:
+    """Top-k log-probs [n, k] in ``dtype``, rounded to nearest (unbiased).
+
+    A row whose implied tail 1 - sum exp would fall below half the true one (a tiny tail can
+    round to 0, and reverse KL is then infinite) is rounded toward -inf instead, which can
+    only enlarge the tail.
+    """
+    nearest = logprobs.to(dtype)
+    if dtype == logprobs.dtype or covers_vocab:
+        return nearest
+    low = _tail(nearest) < 0.5 * _tail(logprobs)
+    if not low.any():
+        return nearest
+    down = torch.where(nearest.to(logprobs.dtype) > logprobs,
+                       torch.nextafter(nearest, torch.full_like(nearest, -math.inf)), nearest)
+    return torch.where(low[:, None], down, nearest)
+
+
+def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None = None,
+           logprob_dtype: torch.dtype = LOGPROB_DTYPE) -> dict[str, torch.Tensor]:
+    """Sparse storage tensors for teacher ``logits`` [n, V] (noise already added) at ``fields``' setting."""
+    tau, ids_as = fields["temperature"], id_dtype(logits.shape[-1])
+    if fields["representation"] == "topk":
+        k = min(fields["k"], logits.shape[-1])
+        ids, logprobs = losses.teacher_topk(logits[None], k, tau)
+        return {"ids": ids[0].to(ids_as),
+                "logprobs": quantize_logprobs(logprobs[0], logprob_dtype, covers_vocab=k == logits.shape[-1])}
+    if fields["representation"] == "sampled":
+        ids, counts, entropy = losses.teacher_samples(logits[None], fields["num_samples"], tau, generator)
+        return {"ids": ids[0].to(ids_as), "counts": counts[0].to(torch.uint8), "entropy": entropy[0].float()}
+    # topk_sampled: the k largest probabilities exactly, the tail's mass spread over draws from the tail
+    n = fields["num_samples"]
+    top_ids, top_logprobs = losses.teacher_topk(logits[None], min(fields["k"], logits.shape[-1] - 1), tau)
+    tail_ids, tail_counts, _ = losses.teacher_samples(logits.scatter(1, top_ids[0], -math.inf)[None], n, tau,
+                                                      generator)
+    p_top = top_logprobs[0].exp()
+    tail = (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)
+    logp = (logits.float() / tau).log_softmax(-1)
+    entropy = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
+    return {"ids": torch.cat([top_ids[0], tail_ids[0]], 1).to(ids_as),
+            "counts": torch.cat([p_top, tail * tail_counts[0] / n], 1).to(LOGPROB_DTYPE), "entropy": entropy}
+
+
+def decode(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Storage tensors -> the keyword arguments of the sparse losses (compute dtypes)."""
+    ids = stored["ids"].to(torch.int64)
+    if "logprobs" in stored:
+        return {"topk_ids": ids, "topk_logprobs": stored["logprobs"].float()}
+    return {"sample_ids": ids, "sample_counts": stored["counts"].float(),
+            "teacher_entropy": stored["entropy"].float()}
+
+
+def example_generator(seed: int, example_id: str, purpose: str) -> torch.Generator:
+    """A generator fixed by (seed, example, purpose): draws do not depend on batching or sharding."""
+    digest = hashlib.sha256(f"{seed}\0{example_id}\0{purpose}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+# ---- generation ---------------------------------------------------------------------------------
+
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def _ids_hash(example_ids: list[str]) -> str:
+    return hashlib.sha256(json.dumps(example_ids).encode()).hexdigest()
+
+
+def _write_bytes_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _write_shard(cache: Path, index: int, tensors: dict[str, torch.Tensor], example_ids: list[str]) -> dict:
+    """One shard file, then its record (the record's presence marks the shard complete)."""
+    data = st_save(tensors, metadata={"example_ids": json.dumps(example_ids)})
+    _write_bytes_atomic(cache / _shard_name(index), data)
+    record = {"file": _shard_name(index), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+              "examples": len(example_ids), "positions": int(tensors["ids"].shape[0]),
+              "example_ids_sha256": _ids_hash(example_ids)}
+    write_atomic(cache / f"shard-{index:05d}.json", json.dumps(record))
+    return record
+
+
+def _shard_done(cache: Path, index: int, example_ids: list[str]) -> bool:
+    """A complete, uncorrupted shard holding exactly these examples."""
+    record_path, shard = cache / f"shard-{index:05d}.json", cache / _shard_name(index)
+    if not (record_path.is_file() and shard.is_file()):
+        return False
+    record = json.loads(record_path.read_text())
+    return (record["example_ids_sha256"] == _ids_hash(example_ids) and shard.stat().st_size == record["bytes"]
+            and _sha256(shard) == record["sha256"])
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+
+@torch.no_grad()
+def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[str | Path, dict],
+                   batch_size: int = 8, shard_size: int = 256, info: dict | None = None) -> dict[Path, dict]:
+    """Write (or complete) one cache per target directory; returns each one's manifest.
+
+    ``targets`` maps a directory to its ``cache_fields``; all must share max_length and seed
+    (one teacher forward pass serves every setting). Rows are ``tokenize_example`` of
+    ``examples`` with that max_length, in order; shard i holds rows [i*shard_size, (i+1)*shard_size).
+    """
+    from accelerate import PartialState
+
+    from kd_utils.training import collate, forward, tokenize_example
+
+    targets = {Path(d): f for d, f in targets.items()}
+    shared = {(f["max_length"], f["seed"]) for f in targets.values()}
+    if len(shared) != 1:
+        raise ValueError(f"targets must share max_length and seed, got {sorted(shared)}")
+    (max_length, seed), = shared
+    # PartialState, not Accelerator: no mixed-precision setting to clash with a later train() in this process
+    state = PartialState()
+    teacher = teacher.to(state.device).eval()
+    vocab_size = len(tokenizer.get_vocab())
+    rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
+    noisy_settings = any(f["noise_sigma"] for f in targets.values())
+    n_shards = math.ceil(len(rows) / shard_size)
+    for cache in targets:
+        cache.mkdir(parents=True, exist_ok=True)
+    mine = range(state.process_index, n_shards, state.num_processes)
+    for index in tqdm(mine, desc="teacher cache shards", disable=not state.is_local_main_process):
+        shard_rows = rows[index * shard_size:(index + 1) * shard_size]
+        ids = [r["id"] for r in shard_rows]
+        todo = [cache for cache in targets if not _shard_done(cache, index, ids)]
+        if not todo:
+            continue
+        parts: dict[Path, list[dict]] = {cache: [] for cache in todo}
+        for start in range(0, len(shard_rows), batch_size):
+            micro = shard_rows[start:start + batch_size]
+            batch = {k: v.to(state.device) if torch.is_tensor(v) else v
+                     for k, v in collate(micro, tokenizer.pad_token_id).items()}
+            logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
+            for b, row in enumerate(micro):
+                n = len(row["input_ids"]) - 1  # next-token positions of this row
+                # one standard-normal draw per position, scaled by each sigma
+                z = (torch.randn(n, vocab_size, generator=example_generator(seed, row["id"], "noise"))
+                     if noisy_settings else None)
+                for cache in todo:
+                    fields = targets[cache]
+                    noisy = logits[b, :n] + fields["noise_sigma"] * z if fields["noise_sigma"] else logits[b, :n]
+                    gen = example_generator(seed, row["id"], "samples")
+                    parts[cache].append(encode(noisy, fields, gen))
+        input_ids = torch.tensor([t for r in shard_rows for t in r["input_ids"]]).to(id_dtype(vocab_size))
+        lengths = torch.tensor([len(r["input_ids"]) for r in shard_rows], dtype=torch.int32)
+        for cache in todo:
+            _write_shard(cache, index, {**_concat(parts[cache]), "input_ids": input_ids, "lengths": lengths}, ids)
+    state.wait_for_everyone()
+    manifests = {}
+    for cache, fields in targets.items():
+        records = [json.loads((cache / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
+        positions = sum(r["positions"] for r in records)
+        total = sum(r["bytes"] for r in records)
+        manifest = {"key": cache.name, "fields": fields, "info": info or {}, "examples": len(rows),
+                    "positions": positions, "bytes": total, "bytes_per_position": total / max(positions, 1),
+                    "shards": records}
+        old = cache / MANIFEST
+        if old.is_file():  # keep rationales written by an earlier run
+            manifest["rationales"] = json.loads(old.read_text()).get("rationales")
+        if state.is_main_process:
+            write_atomic(old, json.dumps(manifest, indent=1))
+        manifests[cache] = manifest
+    state.wait_for_everyone()
+    return manifests
+
+
+def write_rationales(caches: list[Path], examples: list[Example], rationales: list[str], max_new_tokens: int) -> None:
+    """The teacher's generations as JSONL in each cache, recorded in its manifest."""
+    text = "".join(json.dumps({"id": e.id, "rationale": r}, ensure_ascii=False) + "\n"
+                   for e, r in zip(examples, rationales))
+    record = {"file": RATIONALES, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+              "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples), "examples": len(examples)}
+    for cache in caches:
+        write_atomic(cache / RATIONALES, text)
+        manifest = json.loads((cache / MANIFEST).read_text())
+        write_atomic(cache / MANIFEST, json.dumps({**manifest, "rationales": record}, indent=1))
+
+
+# ---- consumption ----------------------------------------------------------------------------------
+
+class TeacherCache:
+    """A verified cache in memory: per-example sparse teacher tensors, and padded batches of them."""
+
+    def __init__(self, path: Path, manifest: dict, shards: list[dict[str, torch.Tensor]], shard_ids: list[list[str]]):
+        self.path, self.manifest, self.fields = path, manifest, manifest["fields"]
+        self.representation = self.fields["representation"]
+        # ids per position as stored (top-k is capped at the vocabulary size)
+        self.width = shards[0]["ids"].shape[1] if shards else 1
+        self._shards = shards
+        self._index: dict[str, tuple[int, int, int, int]] = {}  # id -> (shard, token start, position start, length)
+        for s, (tensors, ids) in enumerate(zip(shards, shard_ids)):
+            token, position = 0, 0
+            for example_id, length in zip(ids, tensors["lengths"].tolist()):
+                self._index[example_id] = (s, token, position, length)
+                token, position = token + length, position + length - 1
+
+    def __contains__(self, example_id: str) -> bool:
+        return example_id in self._index
+
+    def example(self, example_id: str) -> dict[str, torch.Tensor]:
+        """``input_ids`` [L] and the storage tensors of the L - 1 next-token positions."""
+        if example_id not in self._index:
+            raise ValueError(f"example {example_id!r} is not in the teacher cache {self.path}")
+        s, token, position, length = self._index[example_id]
+        tensors = self._shards[s]
+        out = {name: t[position:position + length - 1] for name, t in tensors.items()
+               if name not in ("input_ids", "lengths")}
+        return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **out}
+
+    def batch(self, batch: dict, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch.
+
+        Position t predicts token t + 1, as ``student_logits[:, :-1]``. Padding positions hold a
+        valid dummy distribution (they are outside every distill mask). Raises ValueError when a
+        row's input ids differ from the cached ones.
+        """
+        input_ids, attention = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
+        B, T = input_ids.shape
+        shape, n = (B, max(T - 1, 0), self.width), self.width
+        if self.representation == "topk":
+            out = {"ids": torch.arange(n).expand(shape).clone(),
+                   "logprobs": torch.full(shape, -math.log(n), dtype=LOGPROB_DTYPE)}
+        else:
+            counts_dtype = self._shards[0]["counts"].dtype  # uint8 draws, or float16 weights (topk_sampled)
+            out = {"ids": torch.zeros(shape, dtype=torch.int64), "counts": torch.zeros(shape, dtype=counts_dtype),
+                   "entropy": torch.zeros(shape[:2])}
+            out["counts"][..., 0] = 1
+        for b, example_id in enumerate(batch["ids"]):
+            cached = self.example(example_id)
+            L = len(cached["input_ids"])
+            if int(attention[b].sum()) != L or not torch.equal(input_ids[b, :L], cached["input_ids"]):
+                raise ValueError(f"example {example_id!r}: the batch's input ids differ from those in the teacher "
+                                 f"cache {self.path} (another tokenizer, max_length, prompt or rationale?)")
+            for name in out:
+                out[name][b, :L - 1] = cached[name].to(out[name].dtype)
+        return {name: t.to(device) if device is not None else t for name, t in decode(out).items()}
+
+    def rationales(self) -> dict[str, str]:
+        """The teacher's generations by example id (ValueError when the cache has none)."""
+        record = self.manifest.get("rationales")
+        if not record:
+            raise ValueError(f"teacher cache {self.path} holds no rationales (run_teacher_cache(rationales=True))")
+        path = self.path / record["file"]
+        if _sha256(path) != record["sha256"]:
+            raise ValueError(f"{path}: sha256 differs from the manifest's (corrupt file); regenerate the cache")
+        return {r["id"]: r["rationale"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+
+def field_differences(fields: dict, expect: dict) -> list[str]:
+    """'name: cache has X, run expects Y' for every expected field that differs."""
+    unknown = sorted(set(expect) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown cache fields {unknown}; known: {sorted(fields)}")
+    return [f"{name}: cache has {fields[name]!r}, run expects {value!r}"
+            for name, value in expect.items() if not _same(fields[name], value)]
+
+
+def _same(a, b) -> bool:
+    """Equal, with 2 and 2.0 equal (temperatures come as ints from YAML / papermill)."""
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    return float(a) == float(b) if numbers else a == b
+
+
+def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
+    """Load a cache after checking it: format version, the ``expect``ed fields, every shard's sha256.
+
+    ``expect`` maps manifest field names (e.g. EXPECT_FIELDS) to the values the student run
+    uses; a ValueError names every field that differs with both values.
+    """
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ValueError(f"{path} is not a teacher cache: {MANIFEST} is missing (generation unfinished?)")
+    manifest = json.loads(manifest_path.read_text())
+    fields = manifest["fields"]
+    differences = field_differences(fields, {"format_version": CACHE_FORMAT_VERSION, **(expect or {})})
+    if differences:
+        raise ValueError(f"teacher cache {path} does not fit this run: " + "; ".join(differences))
+    shards, shard_ids = [], []
+    for record in manifest["shards"]:
+        shard = path / record["file"]
+        data = shard.read_bytes() if shard.is_file() else b""
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record["sha256"]:
+            raise ValueError(f"{shard}: sha256 {digest[:12]}... differs from the manifest's {record['sha256'][:12]}... "
+                             f"({len(data)} of {record['bytes']} bytes; corrupt or truncated): rerun "
+                             "run_teacher_cache to regenerate it")
+        shards.append(st_load(data))
+        shard_ids.append(json.loads(_safetensors_metadata(data)["example_ids"]))
+    return TeacherCache(path, manifest, shards, shard_ids)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header_len]).get("__metadata__", {})
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Selection:
+    """The examples a training run with these parameters uses (run_training + train's split)."""
+
+    mix: list[Example]
+    train: list[Example]
+    val: list[Example]
+
+
+def select_examples(domain: str, n_train: int | None, include_mawps: bool, data_dir, seed: int,
+                    val_fraction: float) -> Selection:
+    from kd_utils.training import split_train_val
+
+    mix, _ = build_training_mix(domain, data_dir, include_mawps=include_mawps)
+    mix = sample_examples(mix, n_train, seed)
+    train, val = split_train_val(mix, val_fraction, seed)
+    return Selection(mix, train, val)
+
+
+def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = None, task_aware_teacher: bool = True,
+                      domain: str = "math", n_train: int | None = None, include_mawps: bool = False, data_dir=None,
+                      seed: int = 0, max_length: int = 256, val_fraction: float = 0.1,
+                      representation: str = DEFAULT_REPRESENTATION, k: int = DEFAULT_K,
+                      num_samples: int = DEFAULT_NUM_SAMPLES, temperatures=(1.0,), noise_sigmas=(0.0,),
+                      rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
+                      shard_size: int = 256) -> dict:
+    """The teacher-logit stage from plain parameters: one cache per (temperature, sigma) under output_dir.
+
+    Selects the training rows exactly as ``training.run_training`` with the same domain, n_train,
+    include_mawps, data_dir, seed, max_length and val_fraction; complete caches are reused
+    without loading the teacher. Returns a summary with ``caches``: {(temperature, sigma): dir}.
+    """
+    temperatures, noise_sigmas = [float(t) for t in temperatures], [float(s) for s in noise_sigmas]
+    validate_settings(representation, k, num_samples, temperatures, noise_sigmas)
+    if not (isinstance(shard_size, int) and shard_size >= 1 and isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"shard_size and batch_size must be ints >= 1, got {shard_size!r}, {batch_size!r}")
+    if max_length < 8:
+        raise ValueError(f"max_length must be >= 8, got {max_length}")
+    adapter = teacher_adapter if task_aware_teacher else None
+    if adapter is not None:
+        check_adapter_dir(adapter)
+    started = time.perf_counter()
+    selected = select_examples(domain, n_train, include_mawps, data_dir, seed, val_fraction)
+    if not selected.train:
+        raise ValueError("the selection holds no training examples")
+    tokenizer = load_tokenizer(teacher)
+    base = dict(teacher_hash=weights_hash(model_dir(teacher)), adapter_hash=weights_hash(adapter) if adapter else None,
+                tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
+                max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed)
+    settings = [(t, s) for t in temperatures for s in noise_sigmas]
+    targets = {}
+    for t, s in settings:
+        fields = cache_fields(**base, temperature=t, noise_sigma=s)
+        targets[Path(output_dir) / cache_key(fields)] = fields
+    need_rationales = rationales and any(_rationales_missing(d, rationale_max_new_tokens, selected.mix)
+                                         for d in targets)
+    todo = {d: f for d, f in targets.items() if not _complete(d, f)}
+    if todo or need_rationales:
+        model, tokenizer = load_model(teacher, adapter=adapter, merge_adapter=True)
+        info = {"teacher": str(teacher), "teacher_adapter": str(adapter) if adapter else None, "domain": domain,
+                "n_train": n_train, "include_mawps": include_mawps, "val_fraction": val_fraction,
+                "train_examples": len(selected.train)}
+        if todo:
+            generate_cache(model, tokenizer, selected.train, todo, batch_size, shard_size, info)
+        if need_rationales:
+            from kd_utils.training import teacher_rationales
+
+            texts = [e.rationale for e in teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens,
+                                                             batch_size)]
+            write_rationales(list(targets), selected.mix, texts, rationale_max_new_tokens)
+    manifests = {d: json.loads((d / MANIFEST).read_text()) for d in targets}
+    first_fields = next(iter(targets.values()))
+    per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],
+                  "shards": len(m["shards"]), "bytes": m["bytes"], "bytes_per_token": round(m["bytes_per_position"], 2)}
+                 for (t, s), (d, m) in zip(settings, manifests.items())]
+    return {"caches": {setting: str(d) for setting, d in zip(settings, targets)}, "per_cache": per_cache,
+            "representation": representation, "k": first_fields["k"], "num_samples": first_fields["num_samples"],
+            "train_examples": len(selected.train), "positions": per_cache[0]["positions"],
+            "bytes_per_token": per_cache[0]["bytes_per_token"], "generated": [str(d) for d in todo],
+            "rationales": bool(rationales), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _complete(cache: Path, fields: dict) -> bool:
+    """A manifest with these fields whose shards all check out."""
+    if not (cache / MANIFEST).is_file():
+        return False
+    manifest = json.loads((cache / MANIFEST).read_text())
+    return manifest["fields"] == fields and all(
+        (cache / r["file"]).is_file() and _sha256(cache / r["file"]) == r["sha256"] for r in manifest["shards"])
+
+
+def _rationales_missing(cache: Path, max_new_tokens: int, mix: list[Example]) -> bool:
+    if not (cache / MANIFEST).is_file():
+        return True
+    record = json.loads((cache / MANIFEST).read_text()).get("rationales")
+    return not (record and record["max_new_tokens"] == max_new_tokens
+                and record["mix_fingerprint"] == mix_fingerprint(mix) and (cache / RATIONALES).is_file()
+                and _sha256(cache / RATIONALES) == record["sha256"])

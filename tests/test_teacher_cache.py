@@ -1,0 +1,271 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_utils import losses, models, teacher_cache, training
+from kd_utils.data import Example, mix_fingerprint
+from kd_utils.models import ModelError
+
+# at least the tiny tokenizer's vocabulary (k is capped at it): top-k must then reproduce the dense losses
+VOCAB = 512
+COMMON = dict(max_length=96, val_fraction=0.25, seed=0)
+WRITE_SHARD = teacher_cache._write_shard
+
+
+@pytest.fixture(autouse=True)
+def own_cache_dir(tmp_path, monkeypatch):
+    """Keep the weight-hash memo of these tests out of the user's cache."""
+    monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kd-cache"))
+
+
+def make_cache(tiny_model_dir, data_dir, out: Path, **overrides) -> dict:
+    params = dict(representation="topk", k=VOCAB, shard_size=2, batch_size=2, **COMMON)
+    return teacher_cache.run_teacher_cache(str(tiny_model_dir), out, data_dir=data_dir, **{**params, **overrides})
+
+
+def only_cache(summary: dict) -> Path:
+    (path,) = summary["caches"].values()
+    return Path(path)
+
+
+class Killed(Exception):
+    pass
+
+
+def count_writes(monkeypatch, fail_after: int | None = None) -> list[int]:
+    """Record the shard indices written; raise after ``fail_after`` writes (a killed run)."""
+    written = []
+
+    def wrapper(cache, index, tensors, example_ids):
+        if fail_after is not None and len(written) == fail_after:
+            raise Killed()
+        written.append(index)
+        return WRITE_SHARD(cache, index, tensors, example_ids)
+
+    monkeypatch.setattr(teacher_cache, "_write_shard", wrapper)
+    return written
+
+
+def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model_dir, data_dir, tmp_path):
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,))
+    cache = teacher_cache.open_cache(only_cache(summary))
+    teacher, tok = models.load_model(tiny_model_dir)
+    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    rows = [training.tokenize_example(tok, e, 96) for e in selection.train[:3]]
+    batch = training.collate(rows, tok.pad_token_id)
+    with torch.no_grad():
+        t_logits = training.forward(teacher, batch)[:, :-1]
+    sparse = cache.batch(batch)
+    assert sparse["topk_ids"].shape == (3, batch["input_ids"].shape[1] - 1, len(tok.get_vocab()))
+    mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
+    student = torch.randn(t_logits.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    pairs = [(losses.forward_kl, losses.forward_kl_topk), (losses.reverse_kl, losses.reverse_kl_topk)]
+    for dense_fn, sparse_fn in pairs:
+        dense = dense_fn(student, t_logits, mask, 2.0)
+        (g_dense,) = torch.autograd.grad(dense, student)
+        cached = sparse_fn(student, sparse["topk_ids"], sparse["topk_logprobs"], mask, 2.0)
+        (g_cached,) = torch.autograd.grad(cached, student)
+        # float16 log-probs: equal up to storage rounding
+        assert float(cached.detach()) == pytest.approx(float(dense.detach()), rel=2e-3)
+        assert torch.allclose(g_cached, g_dense, atol=2e-4, rtol=1e-2)
+    assert summary["positions"] == sum(len(r["input_ids"]) - 1 for r in
+                                       (training.tokenize_example(tok, e, 96) for e in selection.train))
+
+
+@pytest.mark.parametrize("fields", [{"representation": "sampled", "num_samples": 12},
+                                    {"representation": "topk_sampled", "k": 4, "num_samples": 6}])
+def test_sampled_estimator_is_unbiased(fields):
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.randn(6, 50, generator=gen) * 2
+    student = torch.randn(1, 6, 50, generator=gen, requires_grad=True)
+    fields = {**fields, "temperature": 1.5}
+    dense = losses.forward_kl(student, teacher[None], torch.ones(1, 6, dtype=torch.bool), 1.5)
+    (g_dense,) = torch.autograd.grad(dense, student)
+    # 12 groups of 150 independent draws, each group one batch of 200 sequences (its loss is their mean)
+    draws, means, grads = 150, [], []
+    for _ in range(12):
+        stored = teacher_cache.encode(teacher.repeat(draws, 1), fields, gen)
+        assert stored["ids"].dtype == torch.uint16
+        args = {k: v.view(draws, 6, *v.shape[1:]) for k, v in teacher_cache.decode(stored).items()}
+        loss = losses.forward_kl_sampled(student.expand(draws, 6, 50), **args,
+                                         mask=torch.ones(draws, 6, dtype=torch.bool), temperature=1.5)
+        means.append(float(loss.detach()))
+        grads.append(torch.autograd.grad(loss, student)[0])
+    means = torch.tensor(means)
+    assert abs(means.mean() - float(dense.detach())) < 4 * means.std() / len(means) ** 0.5
+    # unbiased: the error of the mean is its standard error (summed over the 300 logits), not more
+    grads = torch.stack(grads)
+    standard_error = (grads.std(0) / len(grads) ** 0.5).norm()
+    assert (grads.mean(0) - g_dense).norm() < 2 * standard_error < 0.1 * g_dense.norm()
+
+
+def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
+    base = dict(teacher_hash="t", adapter_hash=None, tokenizer_fp="v", mix_fp="m", max_length=256,
+                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0)
+    key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
+    assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
+    changes = dict(teacher_hash="t2", adapter_hash="a", tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
+                   temperature=2.0, noise_sigma=1.0, seed=1)
+    keys = {teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, name: value}))
+            for name, value in changes.items()}
+    sampled = dict(base, representation="sampled")
+    keys |= {teacher_cache.cache_key(teacher_cache.cache_fields(**sampled)),
+             teacher_cache.cache_key(teacher_cache.cache_fields(**{**sampled, "num_samples": 24})),
+             teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, "representation": "topk_sampled"}))}
+    assert key not in keys and len(keys) == len(changes) + 3
+    fields = teacher_cache.cache_fields(**base)
+    bumped = teacher_cache.cache_key({**fields, "format_version": teacher_cache.CACHE_FORMAT_VERSION + 1})
+    assert bumped != key
+    # the inputs the key is computed from
+    other = models.tiny_llama_dir(tmp_path / "other", tiny_corpus, seed=1)
+    assert teacher_cache.weights_hash(other) != teacher_cache.weights_hash(tiny_model_dir)
+    assert teacher_cache.weights_hash(tiny_model_dir) == teacher_cache.weights_hash(tiny_model_dir)
+    reversed_tok = models.tiny_tokenizer([t[::-1] for t in tiny_corpus], 300)
+    assert teacher_cache.tokenizer_fingerprint(reversed_tok) != teacher_cache.tokenizer_fingerprint(
+        models.load_tokenizer(tiny_model_dir))
+    a = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    b = teacher_cache.select_examples("math", 5, False, data_dir, 0, 0.25).train
+    assert mix_fingerprint(a) != mix_fingerprint(b)
+    # end to end: a changed setting is a new cache, an unchanged one is not recomputed
+    first = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4)
+    again = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4)
+    changed = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, max_length=64)
+    assert again["generated"] == [] and only_cache(again) == only_cache(first)
+    assert changed["generated"] and only_cache(changed) != only_cache(first)
+
+
+def test_killed_generation_resumes_without_recomputing_finished_shards(tiny_model_dir, data_dir, tmp_path,
+                                                                      monkeypatch):
+    count_writes(monkeypatch, fail_after=1)
+    with pytest.raises(Killed):
+        make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, temperatures=(1.0, 2.0))
+    (first,) = [p for p in (tmp_path / "c").iterdir() if (p / "shard-00000.json").is_file()]
+    assert not (first / teacher_cache.MANIFEST).exists()
+    stamp = (first / "shard-00000.safetensors").stat().st_mtime_ns
+    written = count_writes(monkeypatch)
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, temperatures=(1.0, 2.0))
+    n_shards = summary["per_cache"][0]["shards"]
+    assert n_shards == 3
+    # 3 shards for each of 2 caches, minus the one finished before the kill
+    assert len(written) == 2 * n_shards - 1 and written.count(0) == 1
+    assert (first / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+    for path in summary["caches"].values():
+        assert len(teacher_cache.open_cache(path)._index) == summary["train_examples"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_shard_is_refused_then_regenerated(tiny_model_dir, data_dir, tmp_path, monkeypatch, damage):
+    # noisy and sampled: the regenerated shard must repeat the same seeded draws
+    params = dict(k=4, representation="sampled", num_samples=6, noise_sigmas=(0.5,))
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", **params))
+    shard = path / "shard-00001.safetensors"
+    good = shard.read_bytes()
+    data = bytearray(good)
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        del data[-10:]
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"shard-00001.safetensors: sha256 .* corrupt or truncated"):
+        teacher_cache.open_cache(path)
+    written = count_writes(monkeypatch)
+    make_cache(tiny_model_dir, data_dir, tmp_path / "c", **params)
+    assert written == [1] and shard.read_bytes() == good
+    teacher_cache.open_cache(path)
+
+
+# k = V (top-k), or k = V - 1 and a one-token tail that every draw hits (topk_sampled): exact up to float16
+@pytest.mark.parametrize("representation", ["topk", "topk_sampled"])
+def test_student_from_cache_matches_online_student(tiny_model_dir, data_dir, tmp_path, representation):
+    caches = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,), num_samples=4,
+                        representation=representation)["caches"]
+    common = dict(method="fkl", student_layers=1, teacher=str(tiny_model_dir), data_dir=data_dir, epochs=2,
+                  batch_size=2, micro_batch_size=2, lr=3e-3, lora=False, temperature=2.0, loss_chunk_size=64,
+                  **COMMON)
+    online = training.run_training(str(tiny_model_dir), tmp_path / "online", **common)
+    cached = training.run_training(str(tiny_model_dir), tmp_path / "cached", teacher_cache=caches[2.0, 0.0], **common)
+    assert cached["final_val_loss"] == pytest.approx(online["final_val_loss"], rel=1e-3)
+    for a, b in zip(online["history"][1:], cached["history"][1:]):
+        # float16 log-probs shift a KL by ~1e-5 in absolute terms: large against this near-zero KL
+        assert b["kd_loss"] == pytest.approx(a["kd_loss"], abs=5e-5)
+
+
+def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, representation="sampled")
+    path = only_cache(summary)
+    student, tok = models.load_model(tiny_model_dir)
+    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    config = training.TrainConfig(method="fkl", epochs=1, batch_size=2, micro_batch_size=2, max_length=96, lora=False)
+
+    def refused(config, examples=examples, tokenizer=tok):
+        with pytest.raises(ValueError) as err:
+            training.train(student, tokenizer, examples, config, tmp_path / "out", val_examples=[],
+                           teacher_cache=path)
+        assert not (tmp_path / "out").exists()
+        return str(err.value)
+
+    message = refused(training.TrainConfig(**{**vars(config), "temperature": 2.0}))
+    assert "temperature: cache has 1.0, run expects 2.0" in message and "noise_sigma" not in message
+    assert "mix_fingerprint: cache has" in refused(config, examples=examples[:-1])
+    other_tok = models.tiny_tokenizer([t[::-1] for t in tiny_corpus], 300)
+    assert "tokenizer: cache has" in refused(config, tokenizer=other_tok)
+    both = refused(training.TrainConfig(**{**vars(config), "noise_sigma": 1.0, "max_length": 64}))
+    assert "noise_sigma: cache has 0.0, run expects 1.0" in both and "max_length: cache has 96, run expects 64" in both
+    assert "needs a 'topk' teacher cache" in refused(training.TrainConfig(**{**vars(config), "method": "rkl"}))
+    assert "need the online teacher" in refused(training.TrainConfig(**{**vars(config), "method": "gkd"}))
+    with pytest.raises(ValueError, match="representation: cache has 'sampled', run expects 'topk'"):
+        teacher_cache.open_cache(path, {"representation": "topk"})
+    # a batch whose tokens differ from the cached ones is refused too
+    cache = teacher_cache.open_cache(path)
+    row = training.tokenize_example(tok, examples[0], 96)
+    row["input_ids"] = row["input_ids"][:-2] + [row["input_ids"][-1]] * 2
+    with pytest.raises(ValueError, match="input ids differ"):
+        cache.batch(training.collate([row], tok.pad_token_id))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(representation="dense"), "representation='dense' is not one of"),
+    (dict(k=0), "k must be an int >= 1"),
+    (dict(temperatures=(1.0, 0.0)), "temperature must be > 0"),
+    (dict(noise_sigmas=(-1.0,)), "noise sigma must be >= 0"),
+    (dict(representation="sampled", num_samples=300), "num_samples must be an int in"),
+])
+def test_bad_input_fails_before_any_work(tiny_model_dir, data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        make_cache(tiny_model_dir, data_dir, tmp_path / "c", **overrides)
+    with pytest.raises(ModelError, match="adapter directory"):
+        make_cache(tiny_model_dir, data_dir, tmp_path / "c", teacher_adapter=str(tmp_path / "missing"))
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_teacher_cache_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
+    import papermill as pm
+
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    data = {"data_dir": str(data_dir), "seed": 0, "max_length": 96, "val_fraction": 0.25}
+    pm.execute_notebook(str(notebooks / "teacher_cache.ipynb"), str(tmp_path / "tc.ipynb"), progress_bar=False,
+                        parameters={**data, "teacher": str(tiny_model_dir), "output_dir": str(tmp_path / "cache"),
+                                    "representation": "topk", "k": 16, "temperatures": [2.0], "rationales": True,
+                                    "rationale_max_new_tokens": 4, "shard_size": 4})
+    (cache,) = (tmp_path / "cache").iterdir()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["fields"]["temperature"] == 2.0 and manifest["fields"]["k"] == 16
+    assert manifest["rationales"]["max_new_tokens"] == 4 and len(manifest["shards"]) == 2
+    pm.execute_notebook(str(notebooks / "distill.ipynb"), str(tmp_path / "kd.ipynb"), progress_bar=False,
+                        parameters={**data, "model": str(tiny_model_dir), "student_layers": 1, "method": "rkl",
+                                    "teacher": None, "teacher_cache": str(cache), "temperature": 2.0, "epochs": 1,
+                                    "batch_size": 2, "micro_batch_size": 2, "lora_r": 4,
+                                    "output_dir": str(tmp_path / "student")})
+    summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
+    assert summary["method"] == "rkl" and summary["history"][-1]["kd_loss"] > 0
+    # seqkd takes the teacher's generations from the cache
+    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    with_rationales = training.cached_rationales(cache, examples, 4)
+    teacher, tok = models.load_model(tiny_model_dir)
+    online = training.teacher_rationales(teacher, tok, examples, max_new_tokens=4)
+    assert [e.rationale for e in with_rationales] == [e.rationale for e in online]
+    with pytest.raises(ValueError, match="max_new_tokens: cache has 4, run expects 8"):
+        training.cached_rationales(cache, examples, 8)
