@@ -15,7 +15,8 @@ from typing import Any
 import yaml
 
 from kd_utils.tasks import TASKS, tasks_for
-from kd_utils.training import METHODS
+from kd_utils import teacher_cache
+from kd_utils.training import METHODS, SPARSE_LOSSES
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -38,7 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "teacher_expertise": ["task_aware"],
     "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": "paper",
            "seqkd_max_new_tokens": 128},
-    "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": "topk", "k": 16, "num_samples": 12},
+    "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": teacher_cache.DEFAULT_REPRESENTATION,
+                      "k": teacher_cache.DEFAULT_K, "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES},
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
                    "max_new_tokens": {"math": 256, "commonsense": 32}, "do_sample": False, "eval_base": True},
@@ -59,7 +61,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
     "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR, "'paper' or 'response'"),
     "kd.seqkd_max_new_tokens": (INT, "an integer"),
-    "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "'topk' or 'sampled'"),
+    "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
     "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
     "evaluation.max_new_tokens.math": (INT, "an integer"), "evaluation.max_new_tokens.commonsense": (INT, "an integer"),
@@ -195,9 +197,10 @@ def validate(params: dict) -> list[str]:
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
     cache = params["teacher_cache"]
-    if cache["representation"] not in ("topk", "sampled"):
-        problems.append(f"teacher_cache.representation: expected 'topk' or 'sampled', got {cache['representation']!r}")
-    cacheable = ("fkl", "rkl") if cache["representation"] == "topk" else ("fkl",)
+    if cache["representation"] not in teacher_cache.REPRESENTATIONS:
+        problems.append(f"teacher_cache.representation: expected one of {', '.join(teacher_cache.REPRESENTATIONS)}, "
+                        f"got {cache['representation']!r}")
+    cacheable = [m for m, representation in SPARSE_LOSSES if representation == cache["representation"]]
     if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "
                         f"{cache['representation']} cache can train; gkd's on-policy part needs the online teacher), "

@@ -2,7 +2,7 @@
 
     python -m kd_utils.study run params/default.yaml [--dry-run] [--executor local|slurm] [--only STAGE]
 
-Run graph: teacher fine-tune -> student SFT / KD runs -> evaluation of the base model, the
+Run graph: teacher fine-tune -> teacher cache -> student SFT / KD runs -> evaluation of the base model, the
 teacher and every student -> results.csv -> analysis notebook -> report.html. Run ids are
 content hashes of a run's resolved parameters (upstream runs enter by id), so a re-run skips
 completed runs and redoes incomplete ones. A failing run is recorded with its error, its
@@ -30,7 +30,7 @@ from kd_utils.tasks import tasks_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
-STAGES = ("teacher", "student", "eval", "analysis")
+STAGES = ("teacher", "cache", "student", "eval", "analysis")
 RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
                   "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high"]
 STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
@@ -66,6 +66,7 @@ def plan(params: dict) -> list[Run]:
                    "max_new_tokens_commonsense": ev["max_new_tokens"]["commonsense"], "do_sample": ev["do_sample"],
                    "data_dir": params["data_dir"]}
     seed0 = params["seeds"][0]
+    cached_methods = params["teacher_cache"]["methods"] if params["teacher_cache"]["enabled"] else []
     runs: list[Run] = []
 
     def evaluate(model: str, adapter: str | None, upstream: Run | None, meta: dict, label: str) -> None:
@@ -86,6 +87,7 @@ def plan(params: dict) -> list[Run]:
         teacher_name = f"{teacher_base}:{domain}-expert"
         evaluate(teacher_model, adapter, teacher, {"role": "teacher", "model": teacher_name, "teacher": "",
                                                    "method": "sft", "seed": seed0}, teacher_name)
+        caches: dict[tuple, Run] = {}  # (seed, task-aware) -> the cache run students of that seed share
         for student in params["models"]["students"]:
             name = f"{student['name']}@{domain}" if multi_domain else student["name"]
             if "layers" in student:
@@ -98,14 +100,21 @@ def plan(params: dict) -> list[Run]:
                     aware = expertise == "task_aware"
                     run_params = {**base_args, "method": method, "domain": domain, "seed": seed,
                                   "data_dir": params["data_dir"], **_training_params(params, "student")}
-                    deps = []
+                    deps, source = [], ""
                     if method != "sft":
                         run_params.update({"teacher": teacher_model, "teacher_adapter": adapter,
                                            "task_aware_teacher": aware, "temperature": tau, "noise_sigma": sigma,
                                            **params["kd"]})
                         deps = [teacher.id]
+                    if method in cached_methods:
+                        key = (seed, aware)
+                        if key not in caches:
+                            caches[key] = cache_run(params, domain, teacher, teacher_model, adapter, aware, seed)
+                            runs.append(caches[key])
+                        run_params["teacher_cache"] = f"{STUDY_PREFIX}runs/{caches[key].id}"
+                        deps, source = [caches[key].id], " (teacher cache)"
                     train = Run("student", "distill.ipynb", run_params, deps,
-                                label=f"{method} {name} tau={tau} sigma={sigma} {expertise} seed={seed}")
+                                label=f"{method}{source} {name} tau={tau} sigma={sigma} {expertise} seed={seed}")
                     runs.append(train)
                     student_adapter = f"{STUDY_PREFIX}runs/{train.id}/adapter" if run_params["lora"] else None
                     student_model = student_base if student_adapter else f"{STUDY_PREFIX}runs/{train.id}/model"
@@ -116,6 +125,21 @@ def plan(params: dict) -> list[Run]:
                               "noise_sigma": sigma if method != "sft" else 0.0, "seed": seed},
                              f"{method} {name} tau={tau} sigma={sigma} {expertise}")
     return runs
+
+
+def cache_run(params: dict, domain: str, teacher: Run, teacher_model: str, adapter: str | None, aware: bool,
+              seed: int) -> Run:
+    """Teacher logit generation over the students' training mix, for every temperature and sigma at once."""
+    student = params["training"]["student"]
+    cache = params["teacher_cache"]
+    return Run("cache", "teacher_cache.ipynb", {
+        "teacher": teacher_model, "teacher_adapter": adapter, "task_aware_teacher": aware, "domain": domain,
+        "n_train": student["n_train"], "include_mawps": student["include_mawps"], "data_dir": params["data_dir"],
+        "seed": seed, "max_length": student["max_length"], "val_fraction": student["val_fraction"],
+        "representation": cache["representation"], "k": cache["k"], "num_samples": cache["num_samples"],
+        "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"])},
+        [teacher.id], label=f"teacher cache {teacher_model} on {domain} ({cache['representation']}) seed={seed}"
+                            + ("" if aware else " task-unaware"))
 
 
 def _grid(params: dict):

@@ -452,13 +452,36 @@ def _same(a, b) -> bool:
     return float(a) == float(b) if numbers else a == b
 
 
+def find_cache(root: str | Path, expect: dict) -> Path:
+    """The one cache under ``root`` (a ``run_teacher_cache`` output_dir) whose fields match ``expect``.
+
+    A study's cache run writes one cache per (temperature, sigma); each student run finds its own.
+    """
+    root = Path(root)
+    candidates = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    report = []
+    for cache in candidates:
+        fields = json.loads((cache / MANIFEST).read_text())["fields"]
+        differences = field_differences(fields, expect)
+        if not differences:
+            return cache
+        report.append(f"{cache.name}: " + "; ".join(differences))
+    raise ValueError(f"no teacher cache under {root} fits this run ({len(candidates)} found)"
+                     + "".join(f"\n  {line}" for line in report))
+
+
 def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
     """Load a cache after checking it: format version, the ``expect``ed fields, every shard's sha256.
+
+    ``path`` is a cache directory, or a ``run_teacher_cache`` output_dir holding several: the
+    one matching ``expect`` is used (``find_cache``).
 
     ``expect`` maps manifest field names (e.g. EXPECT_FIELDS) to the values the student run
     uses; a ValueError names every field that differs with both values.
     """
     path = Path(path)
+    if not (path / MANIFEST).is_file() and any(path.glob(f"*/{MANIFEST}")):
+        path = find_cache(path, expect or {})
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"{path} is not a teacher cache: {MANIFEST} is missing (generation unfinished?)")

@@ -26,6 +26,21 @@ def test_default_study_covers_every_stage():
     assert {("base", ""), ("teacher", "sft")} <= roles
     assert {m for role, m in roles if role == "student"} == {"sft", "fkl", "rkl", "gkd"}
     assert len({r.parameters["student_layers"] for r in runs if r.stage == "student"}) == 2
+    caches = [r for r in runs if r.stage == "cache"]
+    assert len(caches) == 1
+    from_cache = [r for r in runs if r.parameters.get("teacher_cache")]
+    assert {r.parameters["method"] for r in from_cache} == {"fkl"} and len(from_cache) == 2
+    assert all(r.deps == [caches[0].id] and caches[0].id in r.parameters["teacher_cache"] for r in from_cache)
+
+
+def test_cache_methods_must_be_trainable_from_the_cache(tmp_path):
+    path = write(tmp_path, {"study": "x", "teacher_cache": {"enabled": True, "methods": ["rkl", "gkd"],
+                                                            "representation": "sampled", "k": 0}})
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(path)
+    text = str(err.value)
+    assert "teacher_cache.methods: expected a list of fkl (what a sampled cache can train" in text
+    assert "teacher_cache.k: must be >= 1, got 0" in text
 
 
 def write(tmp_path, content: dict) -> Path:
@@ -88,5 +103,5 @@ def test_run_ids_are_content_hashes():
     p["temperatures"] = [5.0]
     c = study.plan(p)
     changed = {r.id for r in c} - {r.id for r in a}
-    assert changed and all(r.stage in ("student", "eval") for r in c if r.id in changed)
+    assert changed and all(r.stage in ("cache", "student", "eval") for r in c if r.id in changed)
     assert {r.id for r in a if r.stage == "teacher"} == {r.id for r in c if r.stage == "teacher"}

@@ -269,3 +269,18 @@ def test_teacher_cache_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path
     assert [e.rationale for e in with_rationales] == [e.rationale for e in online]
     with pytest.raises(ValueError, match="max_new_tokens: cache has 4, run expects 8"):
         training.cached_rationales(cache, examples, 8)
+
+
+def test_a_run_finds_its_cache_among_a_stage_output_dirs(tiny_model_dir, data_dir, tmp_path):
+    """A study's cache run writes one cache per temperature; each student run is given the stage's directory."""
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "stage", k=8, temperatures=(1.0, 2.0))
+    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    tok = models.load_tokenizer(tiny_model_dir)
+    expect = {"tokenizer": teacher_cache.tokenizer_fingerprint(tok), "mix_fingerprint": mix_fingerprint(examples),
+              "max_length": 96, "noise_sigma": 0.0}
+    for tau in (1.0, 2.0):
+        cache = teacher_cache.open_cache(tmp_path / "stage", {**expect, "temperature": tau})
+        assert cache.path == Path(summary["caches"][tau, 0.0])
+    with pytest.raises(ValueError) as err:
+        teacher_cache.open_cache(tmp_path / "stage", {**expect, "temperature": 5.0})
+    assert "no teacher cache under" in str(err.value) and str(err.value).count("run expects 5.0") == 2
