@@ -223,7 +223,20 @@ def driver(args) -> None:
             for loss in args.losses:
                 # probe at a small size: predicts the full-size peak (linear in positions)
                 probes = {v: run_worker(args, loss, dtype, v, probe_T, args.batch, 1, None) for v in VARIANTS}
-                predicted = {v: probes[v]["peak_bytes"] * positions / probes[v]["positions"] for v in VARIANTS}
+                per_position = {v: probes[v]["peak_bytes"] / probes[v]["positions"] for v in VARIANTS}
+                # where the naive variant would not fit in memory, halve the sequence length (both variants)
+                seq_len = args.seq_len
+                while seq_len > probe_T and (per_position["naive"] * args.batch * seq_len
+                                             > mem_available() - args.headroom_gb * GIB):
+                    seq_len //= 2
+                if seq_len != args.seq_len:
+                    print(f"{loss}/{dtype}: naive predicted {per_position['naive'] * positions / GIB:.1f} GiB at "
+                          f"{positions} positions, more than the available memory; measuring at seq_len {seq_len}",
+                          flush=True)
+                    skipped.append({"loss": loss, "dtype": dtype, "variant": "naive", "positions": positions,
+                                    "predicted_peak_mb": per_position["naive"] * positions / MB,
+                                    "available_mb": mem_available() / MB, "measured_instead_at_seq_len": seq_len})
+                predicted = {v: per_position[v] * args.batch * seq_len for v in VARIANTS}
                 results = {v: [] for v in VARIANTS}
                 grads = {}
                 for rnd in range(args.rounds):
@@ -237,7 +250,7 @@ def driver(args) -> None:
                                   f"available {avail / GIB:.1f} GiB", flush=True)
                             continue
                         grad_out = os.path.join(tmp, f"{v}.grad") if rnd == 0 else None
-                        r = run_worker(args, loss, dtype, v, args.seq_len, args.batch, args.repeats, grad_out)
+                        r = run_worker(args, loss, dtype, v, seq_len, args.batch, args.repeats, grad_out)
                         r["predicted_peak_bytes"] = predicted[v]
                         results[v].append(r)
                         if grad_out:
@@ -247,7 +260,8 @@ def driver(args) -> None:
                 if not (results["naive"] and results["chunked"]):
                     continue
                 n, c = results["naive"], results["chunked"]
-                row = {"loss": loss, "dtype": dtype, "positions": positions, "vocab": args.vocab,
+                row = {"loss": loss, "dtype": dtype, "positions": args.batch * seq_len, "seq_len": seq_len,
+                       "vocab": args.vocab,
                        "naive_peak_mb": max(r["peak_bytes"] for r in n) / MB,
                        "chunked_peak_mb": max(r["peak_bytes"] for r in c) / MB,
                        "naive_s": min(min(f + b for f, b in zip(r["forward_s"], r["backward_s"])) for r in n),
@@ -266,10 +280,10 @@ def driver(args) -> None:
                 for p in grads.values():
                     os.unlink(p)
 
-    lines = ["| loss | inputs | naive peak MB | chunked peak MB | chunked/naive | naive s (fwd+bwd) | chunked s | "
-             "loss rel diff | grad rel L2 diff | target <= 1/4 |", "|" + "---|" * 10]
+    lines = ["| loss | inputs | positions | naive peak MB | chunked peak MB | chunked/naive | naive s (fwd+bwd) | chunked s | "
+             "loss rel diff | grad rel L2 diff | target <= 1/4 |", "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['loss']} | {r['dtype']} | {r['naive_peak_mb']:.0f} | {r['chunked_peak_mb']:.0f} | "
+        lines.append(f"| {r['loss']} | {r['dtype']} | {r['positions']} | {r['naive_peak_mb']:.0f} | {r['chunked_peak_mb']:.0f} | "
                      f"{r['peak_ratio']:.3f} | {r['naive_s']:.2f} | {r['chunked_s']:.2f} | {r['loss_rel_diff']:.1e} | "
                      f"{r['grad_rel_l2']:.1e} | {'met' if r['target_met'] else 'MISSED'} |")
     table = "\n".join(lines)
@@ -304,7 +318,7 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: kd_utils.losses.DEFAULT_CHUNK_SIZE")
+    parser.add_argument("--chunk-size", type=int, default=None, help="default: kd_utils.losses.auto_chunk_size(vocab), the losses' default")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--repeats", type=int, default=2, help="timed forward+backward runs per subprocess")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved subprocess rounds per variant")
@@ -320,9 +334,9 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--grad-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.chunk_size is None:
-        from kd_utils.losses import DEFAULT_CHUNK_SIZE
-        args.chunk_size = DEFAULT_CHUNK_SIZE
+    if args.chunk_size is None:  # what the losses pick with their default chunk_size=None
+        from kd_utils.losses import auto_chunk_size
+        args.chunk_size = auto_chunk_size(args.vocab)
     if args.worker:
         worker(args)
     else:
