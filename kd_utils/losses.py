@@ -13,9 +13,13 @@ An all-zero mask gives 0 that is still connected to student_logits in the graph.
 Memory: the masked positions are processed `chunk_size` rows at a time inside one
 autograd Function that saves only its inputs and recomputes each chunk in
 backward, so the only buffer that grows with B*T*V is the returned gradient, in
-the student's dtype. Each chunk is computed in float32 (float64 for float64
-inputs); the loss is returned in that dtype, the gradient in the student's.
-Teacher-side tensors are detached: no gradient ever flows to the teacher.
+the student's dtype, preallocated once and written chunk by chunk. Each chunk is
+computed in float32 (float64 for float64 inputs) with in-place operations, so at
+most four [chunk_size, V] buffers of that dtype are alive at once (forward_kl and
+reverse_kl: three). The default chunk_size (None) takes CHUNK_ELEMENTS // V rows
+(110 rows, 64 MiB per float32 buffer, for a 151936-token vocabulary). The loss is
+returned in the compute dtype, the gradient in the student's. Teacher-side tensors
+are detached: no gradient ever flows to the teacher.
 """
 
 import math
@@ -25,9 +29,17 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-# 256 rows of a 151936-token vocabulary is ~156 MB per float32 temporary: small
-# against the logits themselves, large enough that the Python loop costs nothing.
-DEFAULT_CHUNK_SIZE = 256
+# Rows per chunk when chunk_size is None: CHUNK_ELEMENTS // V, i.e. 64 MiB per float32
+# [chunk, V] temporary whatever the vocabulary (110 rows of Qwen's 151936 tokens, 341 of
+# SmolLM2's 49152): small against the logits themselves, large enough that the Python
+# loop costs nothing.
+CHUNK_ELEMENTS = 2**24
+DEFAULT_CHUNK_SIZE = None
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per chunk for chunk_size=None: CHUNK_ELEMENTS // vocab_size, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab_size))
 
 NEG_INF = float("-inf")
 
@@ -42,45 +54,71 @@ def _xlogratio(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
     return torch.where(p == 0, 0.0, p * (logp - logq))
 
 
+def _xlogratio_(p: Tensor, logp: Tensor, logq: Tensor) -> Tensor:
+    """_xlogratio written into logp's buffer (logp is consumed)."""
+    return logp.sub_(logq).mul_(p).masked_fill_(p == 0, 0.0)
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else NEG_INF
 
 
-def _tempered_log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
-    return (logits.to(dtype) / temperature).log_softmax(-1)
+def _tempered_log_softmax(logits: Tensor, temperature: float, dtype: torch.dtype, owned: bool = False) -> Tensor:
+    """log_softmax(logits / tau) in dtype; owned=True: logits is a scratch copy that may be overwritten."""
+    x = logits.to(dtype)
+    if temperature != 1:
+        x = x.div_(temperature) if owned or x is not logits else x / temperature
+    return x.log_softmax(-1)
+
+
+# The dense divergences get the student's log-probs `logq` and the teacher's rows as
+# scratch copies that they may overwrite (the chunk loop keeps no other reference).
 
 
 def _fkl(logq, teacher, need_grad, temperature):
-    logp = _tempered_log_softmax(teacher, temperature, logq.dtype)
+    logp = _tempered_log_softmax(teacher, temperature, logq.dtype, owned=True)
+    del teacher
     p = logp.exp()
-    loss = _xlogratio(p, logp, logq).sum(-1)
-    return loss, (logq.exp() - p if need_grad else None)
+    if need_grad:  # backward: only the gradient q - p is used
+        del logp
+        return None, logq.exp_().sub_(p)
+    return _xlogratio_(p, logp, logq).sum(-1), None
 
 
 def _rkl(logq, teacher, need_grad, temperature):
-    logp = _tempered_log_softmax(teacher, temperature, logq.dtype)
+    logp = _tempered_log_softmax(teacher, temperature, logq.dtype, owned=True)
+    del teacher
     q = logq.exp()
-    terms = _xlogratio(q, logq, logp)
+    terms = _xlogratio_(q, logq, logp)  # in logq's buffer
     loss = terms.sum(-1)
     # d/ds_j = q_j (log q_j - log p_j - KL)
-    return loss, (terms - q * loss[:, None] if need_grad else None)
+    return loss, (terms.sub_(q.mul_(loss[:, None])) if need_grad else None)
 
 
 def _jsd(logq, teacher, need_grad, temperature, beta):
-    logp = _tempered_log_softmax(teacher, temperature, logq.dtype)
-    p, q = logp.exp(), logq.exp()
+    logp = _tempered_log_softmax(teacher, temperature, logq.dtype, owned=True)
+    del teacher
     log_b, log_1mb = _log(beta), _log(1 - beta)  # -inf at the ends keeps beta = 0, 1 exact
-    logm = torch.logaddexp(logq + log_b, logp + log_1mb)
-    q_terms = _xlogratio(q, logq, logm)
-    loss = beta * _xlogratio(p, logp, logm).sum(-1) + (1 - beta) * q_terms.sum(-1)
+    logm = logq + log_b
+    torch.logaddexp(logm, logp + log_1mb, out=logm)
     if not need_grad:
-        return loss, None
+        p = logp.exp()
+        p_terms = _xlogratio_(p, logp, logm).sum(-1)
+        del p, logp
+        q = logq.exp()
+        return beta * p_terms + (1 - beta) * _xlogratio_(q, logq, logm).sum(-1), None
     # dJSD/dq_j = (1-beta)(log q_j - log m_j + 1) - beta r_j / m_j, r = beta p + (1-beta) q;
     # the constant drops out through the softmax. q_j beta r_j / m_j <= r_j is taken in
     # log space so that it cannot overflow.
-    logr = torch.logaddexp(logp + log_b, logq + log_1mb)
-    qg = (1 - beta) * q_terms - torch.where(q == 0, 0.0, torch.exp(log_b + logq + logr - logm))
-    return loss, qg - q * qg.sum(-1, keepdim=True)
+    logr = logp.add_(log_b)  # consumes logp
+    torch.logaddexp(logr, logq + log_1mb, out=logr)
+    cross = (logq + log_b).add_(logr).sub_(logm).exp_()
+    del logr
+    q = logq.exp()
+    cross.masked_fill_(q == 0, 0.0)
+    qg = _xlogratio_(q, logq, logm).mul_(1 - beta).sub_(cross)  # in logq's buffer
+    del cross, logm
+    return None, qg.sub_(q.mul_(qg.sum(-1, keepdim=True)))
 
 
 def _topk_buckets(logq: Tensor, ids: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
@@ -147,8 +185,8 @@ class _ChunkedDivergence(torch.autograd.Function):
         dtype = torch.promote_types(student.dtype, torch.float32)
         total = weights.new_zeros(())
         for idx, w in zip(rows.split(chunk_size), weights.split(chunk_size)):
-            logq = _tempered_log_softmax(student[idx], temperature, dtype)
-            loss, _ = divergence(logq, *(t[idx] for t in teacher), need_grad=False)
+            loss, _ = divergence(_student_rows(student, idx, temperature, dtype),
+                                 *(t.index_select(0, idx) for t in teacher), need_grad=False)
             total += (loss.double() * w).sum()
         return total.to(dtype)
 
@@ -157,13 +195,18 @@ class _ChunkedDivergence(torch.autograd.Function):
     def backward(ctx, grad_output):
         student, rows, weights, *teacher = ctx.saved_tensors
         dtype = torch.promote_types(student.dtype, torch.float32)
-        grad = torch.zeros_like(student)
+        grad = torch.zeros_like(student)  # the one full-size buffer, in the student's dtype
         scale = grad_output.double() / ctx.temperature
         for idx, w in zip(rows.split(ctx.chunk_size), weights.split(ctx.chunk_size)):
-            logq = _tempered_log_softmax(student[idx], ctx.temperature, dtype)
-            _, g = ctx.divergence(logq, *(t[idx] for t in teacher), need_grad=True)
-            grad[idx] = (g * (w * scale).to(dtype)[:, None]).to(grad.dtype)
+            _, g = ctx.divergence(_student_rows(student, idx, ctx.temperature, dtype),
+                                  *(t.index_select(0, idx) for t in teacher), need_grad=True)
+            grad.index_copy_(0, idx, g.mul_((w * scale).to(dtype)[:, None]).to(grad.dtype))
+            del g
         return grad, None, None, None, None, None, *(None for _ in teacher)
+
+
+def _student_rows(student: Tensor, idx: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
+    return _tempered_log_softmax(student.index_select(0, idx), temperature, dtype, owned=True)
 
 
 def _check_temperature(temperature: float) -> None:
@@ -171,9 +214,9 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
-def _check_chunk_size(chunk_size: int) -> None:
-    if not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+def _check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
 
 
 def _check_student(student_logits: Tensor) -> None:
@@ -225,6 +268,8 @@ def _chunked(divergence, student_logits, teacher, mask, temperature, chunk_size,
     _check_chunk_size(chunk_size)
     rows, weights = _row_weights(_mask_bool(mask, student_logits), per_sequence, scale)
     flat = [t.detach().flatten(0, 1) for t in teacher]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(student_logits.shape[-1])
     return _ChunkedDivergence.apply(
         student_logits.flatten(0, 1), rows.to(student_logits.device),
         weights.to(student_logits.device), divergence, float(temperature), chunk_size, *flat,
@@ -246,7 +291,7 @@ def _dense(divergence, student_logits, teacher_logits, mask, temperature, chunk_
 
 def forward_kl(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
-    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """tau^2 * mean_seq mean_{t in mask} KL(p_T || p_S); [B, T, V] logits, [B, T] mask."""
     fn = partial(_fkl, temperature=temperature)
@@ -255,7 +300,7 @@ def forward_kl(
 
 def reverse_kl(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor,
-    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """tau^2 * mean_seq mean_{t in mask} KL(p_S || p_T); [B, T, V] logits, [B, T] mask."""
     fn = partial(_rkl, temperature=temperature)
@@ -264,7 +309,7 @@ def reverse_kl(
 
 def generalized_jsd(
     student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, beta: float = 0.5,
-    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """mean_{(b, t) in mask} [beta KL(p_T || M) + (1 - beta) KL(p_S || M)], M = beta p_S + (1 - beta) p_T.
 
@@ -304,7 +349,7 @@ def _check_topk(student_logits, topk_ids, topk_logprobs):
 
 def forward_kl_topk(
     student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor,
-    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """forward_kl over the k+1 buckets {id_1}, ..., {id_k}, tail = the other tokens.
 
@@ -321,7 +366,7 @@ def forward_kl_topk(
 
 def reverse_kl_topk(
     student_logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, mask: Tensor,
-    temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """reverse_kl over the same k+1 buckets as forward_kl_topk.
 
@@ -335,7 +380,7 @@ def reverse_kl_topk(
 
 def forward_kl_sampled(
     student_logits: Tensor, sample_ids: Tensor, sample_counts: Tensor, teacher_entropy: Tensor,
-    mask: Tensor, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    mask: Tensor, temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
     """forward_kl estimated from teacher samples (Anshumann et al., 2025).
 
@@ -364,7 +409,7 @@ def forward_kl_sampled(
 
 @torch.no_grad()
 def teacher_topk(
-    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    teacher_logits: Tensor, k: int, temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor]:
     """(ids int64 [B, T, k], log softmax(teacher_logits / tau) at ids), largest first.
 
@@ -377,6 +422,7 @@ def teacher_topk(
     if not 1 <= k <= V:
         raise ValueError(f"k must lie in [1, {V}], got {k}")
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
+    chunk_size = chunk_size or auto_chunk_size(V)
     flat = teacher_logits.flatten(0, 1)
     ids = torch.empty(len(flat), k, dtype=torch.long, device=flat.device)
     logprobs = torch.empty(len(flat), k, dtype=dtype, device=flat.device)
@@ -390,7 +436,7 @@ def teacher_topk(
 @torch.no_grad()
 def teacher_samples(
     teacher_logits: Tensor, num_samples: int, temperature: float = 1.0,
-    generator: torch.Generator | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    generator: torch.Generator | None = None, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, counts) [B, T, num_samples] int64 and the entropy of p_T [B, T].
 
@@ -409,6 +455,7 @@ def teacher_samples(
     dtype = torch.promote_types(teacher_logits.dtype, torch.float32)
     flat = teacher_logits.flatten(0, 1)
     n, V = flat.shape
+    chunk_size = chunk_size or auto_chunk_size(V)
     u = torch.rand(n, num_samples, generator=generator, dtype=torch.float64, device=flat.device)
     draws = torch.empty(n, num_samples, dtype=torch.long, device=flat.device)
     entropy = torch.empty(n, dtype=dtype, device=flat.device)

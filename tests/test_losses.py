@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from kd_utils.losses import (
+    CHUNK_ELEMENTS, auto_chunk_size,
     align_vocab, forward_kl, forward_kl_sampled, forward_kl_topk, generalized_jsd,
     reverse_kl, reverse_kl_topk, teacher_samples, teacher_topk,
 )
@@ -371,3 +372,22 @@ def test_sampled_is_unbiased():
     p = torch.softmax(t0.to(F64) / tau, -1)
     grad_se = tau / T * (p * (1 - p) / (S * R)).sqrt()
     assert torch.all((s0.grad.to(F64) - dense_grad).abs() <= 5 * grad_se + 1e-6)
+
+
+# ---------------------------------------------------------------- chunking
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", DENSE)
+def test_automatic_chunks_and_inputs_untouched(name, dtype):
+    """chunk_size=None (CHUNK_ELEMENTS // V rows) gives the same loss and gradient as explicit
+    chunks, and the in-place chunk arithmetic never writes into the caller's logits."""
+    fn, _ = DENSE[name]
+    s, t, mask = make_inputs(dtype, T=7, V=17)
+    s0, t0 = s.clone(), t.clone()
+    loss, grad = grads(fn, s, t, mask, temperature=2.0)
+    loss1, grad1 = grads(fn, s, t, mask, temperature=2.0, chunk_size=1)
+    assert auto_chunk_size(151936) == 110 and auto_chunk_size(17) == CHUNK_ELEMENTS // 17
+    torch.testing.assert_close(loss, loss1)
+    torch.testing.assert_close(grad, grad1)
+    assert torch.equal(s, s0) and torch.equal(t, t0)
