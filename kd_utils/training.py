@@ -59,7 +59,7 @@ class TrainConfig:
     lmbda: float = 0.5  # gkd's probability of an on-policy batch
     gkd_max_new_tokens: int = 128
     distill_positions: str = "paper"  # "paper": every non-pad position for fkl/rkl, response for gkd; "response"
-    loss_chunk_size: int = 1024
+    loss_chunk_size: int | None = None  # positions per KD-loss chunk; None: ~64 MiB of fp32 per chunk buffer
     val_fraction: float = 0.1
     max_steps: int | None = None  # cap on optimizer steps per epoch (smoke runs)
     mixed_precision: str = "auto"  # "auto": bf16 on GPUs that support it, else "no"
