@@ -81,8 +81,6 @@ DEFAULT_REPRESENTATION = "topk_sampled"
 DEFAULT_K = 8
 DEFAULT_NUM_SAMPLES = 6
 LOGPROB_DTYPE = torch.float16
-# fields a student run checks against the manifest (open_cache's ``expect``)
-EXPECT_FIELDS = ("tokenizer", "temperature", "noise_sigma", "mix_fingerprint", "max_length", "representation")
 MANIFEST = "manifest.json"
 RATIONALES = "rationales.jsonl"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
@@ -94,17 +92,17 @@ def _memo_file() -> Path:
     return cache_dir() / "weight-hashes.json"
 
 
-def weights_hash(model_dir: str | Path) -> str:
+def weights_hash(directory: str | Path) -> str:
     """sha256 over config files + weight files of a model / adapter directory.
 
     Each weight file's sha256 is memoised in ``$KD_CACHE_DIR/weight-hashes.json`` under
     path + size + mtime, so a model is read in full once, not on every run.
     """
-    model_dir = Path(model_dir)
-    files = sorted(p for p in model_dir.iterdir() if p.is_file() and (
+    directory = Path(directory)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and (
         p.suffix in WEIGHT_SUFFIXES or p.name in ("config.json", "adapter_config.json")))
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
-        raise ValueError(f"{model_dir} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise ValueError(f"{directory} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     memo_path = _memo_file()
     memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
     parts, changed = [], False
@@ -389,9 +387,6 @@ class TeacherCache:
                 self._index[example_id] = (s, token, position, length)
                 token, position = token + length, position + length - 1
 
-    def __contains__(self, example_id: str) -> bool:
-        return example_id in self._index
-
     def example(self, example_id: str) -> dict[str, torch.Tensor]:
         """``input_ids`` [L] and the storage tensors of the L - 1 next-token positions."""
         if example_id not in self._index:
@@ -459,8 +454,9 @@ def _same(a, b) -> bool:
 def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
     """Load a cache after checking it: format version, the ``expect``ed fields, every shard's sha256.
 
-    ``expect`` maps manifest field names (e.g. EXPECT_FIELDS) to the values the student run
-    uses; a ValueError names every field that differs with both values.
+    ``expect`` maps manifest field names (tokenizer, temperature, noise_sigma, mix_fingerprint,
+    max_length, representation, ...) to the values the student run uses; a ValueError names
+    every field that differs, with both values.
     """
     path = Path(path)
     manifest_path = path / MANIFEST
