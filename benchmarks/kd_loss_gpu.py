@@ -2,8 +2,9 @@
 
 Same inputs, formulas and size as ``kd_loss_memory.py`` (vocabulary 151936, 2 x 2048 = 4096
 positions, bf16 student and teacher logits as training on a GPU gives), measured with the CUDA
-allocator: peak = ``torch.cuda.max_memory_allocated`` during forward + backward minus what the
-inputs hold (the student gradient is included). Time: median of ``--repeats`` synchronised
+allocator: peak = ``torch.cuda.max_memory_allocated`` during forward + backward minus what was
+allocated before it (the inputs; the previous run's graph and gradient are freed first, so the
+student gradient is counted). Time: median of ``--repeats`` synchronised
 forward + backward runs after one warm-up. Agreement: relative difference of the loss and
 relative L2 difference of the student gradient against the naive formula.
 
@@ -27,8 +28,9 @@ from kd_loss_memory import LOSSES, MB, TARGET_RATIO, chunked_loss, make_inputs, 
 
 def measure(fn, student: torch.Tensor, repeats: int) -> dict:
     """Peak extra CUDA memory and median time of fn(student) + backward; the loss and gradient of the last run."""
-    times = []
+    times, last = [], {}
     for i in range(repeats + 1):
+        last = {}  # free the previous run's gradient first: it must not sit in the baseline
         leaf = student.detach().requires_grad_(True)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -40,7 +42,9 @@ def measure(fn, student: torch.Tensor, repeats: int) -> dict:
         if i:  # the first run warms up kernels and the allocator
             times.append(time.perf_counter() - start)
         peak = torch.cuda.max_memory_allocated() - base
-    return {"peak_mb": peak / MB, "seconds": statistics.median(times), "loss": float(loss.detach()), "grad": leaf.grad}
+        last = {"loss": float(loss.detach()), "grad": leaf.grad}
+        del loss, leaf  # the graph holds the input and its gradient
+    return {"peak_mb": peak / MB, "seconds": statistics.median(times), **last}
 
 
 def main() -> None:
