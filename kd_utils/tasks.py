@@ -123,7 +123,8 @@ def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[flo
     if n == 0:
         return (math.nan, math.nan)
     low, high = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
-    return float(low), float(high)
+    p = correct / n  # the closed form leaves ~1e-15 rounding at 0 and 1 successes: keep p inside its interval
+    return min(float(low), p), max(float(high), p)
 
 
 def accuracy_summary(correct: int, n: int) -> dict[str, float]:

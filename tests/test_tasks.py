@@ -65,6 +65,15 @@ def test_wilson_interval_known_values():
     assert summary["accuracy"] == 80.0 and summary["ci_low"] == pytest.approx(49.01625, abs=1e-4)
 
 
+@pytest.mark.parametrize("n", [1, 6, 7, 100])
+def test_accuracy_lies_inside_its_interval(n):
+    """Exactly, also at 0% and 100% (error bars are accuracy - ci_low and ci_high - accuracy)."""
+    for correct in range(n + 1):
+        s = accuracy_summary(correct, n)
+        assert 0 <= s["ci_low"] <= s["accuracy"] <= s["ci_high"] <= 100
+    assert accuracy_summary(0, n)["ci_low"] == 0 and accuracy_summary(n, n)["ci_high"] == 100
+
+
 def test_prompt_template_with_and_without_input():
     assert build_prompt("Add 2 and 3.").endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
     with_input = build_prompt("Add.", "2 and 3")
