@@ -508,16 +508,42 @@ def spearman_permutation_pvalue(x: Sequence[float], y: Sequence[float], n_resamp
     return hits / len(perms) if exact else (hits + 1) / (n_resamples + 1)
 
 
+# "medium" effects (Cohen): d = 0.5 for the t-test, f = 0.25 for the ANOVA, rho = 0.3 for Spearman
+MEDIUM_EFFECT = {"ttest": 0.5, "anova": 0.25, "spearman": 0.3}
+ADEQUATE_POWER = 0.8
+
+
+def medium_effect_power(kind: str, n: int, k_groups: int = 3, alpha: float = 0.05) -> float:
+    """Power of a test on ``n`` points to detect a medium effect at ``alpha``.
+
+    t-test: one-sided one-sample (statsmodels); ANOVA: ``k_groups`` groups (statsmodels);
+    Spearman: two-sided, Fisher-z normal approximation with atanh(rho) * sqrt(n - 3).
+    """
+    from statsmodels.stats.power import FTestAnovaPower, TTestPower
+
+    if kind == "ttest":
+        return float(TTestPower().power(MEDIUM_EFFECT[kind], nobs=n, alpha=alpha, alternative="larger")) if n > 1 \
+            else math.nan
+    if kind == "anova":
+        return float(FTestAnovaPower().power(MEDIUM_EFFECT[kind], nobs=n, alpha=alpha, k_groups=k_groups)) \
+            if n > k_groups else math.nan
+    if n <= 3:
+        return math.nan
+    shift, z = math.atanh(MEDIUM_EFFECT[kind]) * math.sqrt(n - 3), stats.norm.ppf(1 - alpha / 2)
+    return float(stats.norm.sf(z - shift) + stats.norm.cdf(-z - shift))
+
+
 def _test(kind: str, data: pd.DataFrame, x: str | None, min_points: int,
-          permutation: bool) -> tuple[float, float, int, str, float]:
+          permutation: bool) -> tuple[float, float, int, str, float, float]:
     """Run one hypothesis test on the rows of ``data`` without NaN.
 
-    Returns (statistic, pvalue, n, note, permutation p-value or NaN).
+    Returns (statistic, pvalue, n, note, permutation p-value or NaN, power for a medium effect).
+    A test that runs but has power below ADEQUATE_POWER is noted as underpowered.
     """
     data = data.dropna(subset=["improvement"] + ([x] if x else []))
     n = len(data)
     if n < min_points:
-        return math.nan, math.nan, n, f"not testable: {n} point(s) < {min_points}", math.nan
+        return math.nan, math.nan, n, f"not testable: {n} point(s) < {min_points}", math.nan, math.nan
     if kind == "ttest":
         result = improvement_ttest(data["improvement"])
     elif kind == "anova":
@@ -526,7 +552,11 @@ def _test(kind: str, data: pd.DataFrame, x: str | None, min_points: int,
         result = spearman(data[x], data["improvement"])
     exact = (spearman_permutation_pvalue(data[x], data["improvement"])
              if permutation and kind == "spearman" and not result[2] else math.nan)
-    return result[0], result[1], n, result[2], exact
+    power = medium_effect_power(kind, n, data["method"].nunique() if kind == "anova" else 3)
+    note = result[2]
+    if not note and not power >= ADEQUATE_POWER:
+        note = f"underpowered: {n} points, power {power:.2f} for a medium effect ({kind} {MEDIUM_EFFECT[kind]})"
+    return result[0], result[1], n, note, exact, power
 
 
 def hypothesis_tests(improvements: pd.DataFrame, min_points: int = 3, permutation: bool = False) -> pd.DataFrame:
@@ -538,7 +568,8 @@ def hypothesis_tests(improvements: pd.DataFrame, min_points: int = 3, permutatio
       with the teacher's accuracy / student size (B) / the student's SFT accuracy.
     - H4_agreement / H5_fidelity: Spearman with agreement / BLEU, tasks without
       ``average``; emitted for a domain only where that column has data.
-    Returns columns domain, hypothesis, method, task, statistic, pvalue, n, note, and
+    Returns columns domain, hypothesis, method, task, statistic, pvalue, n, note, power (to
+    detect a medium effect; tests below 0.8 are noted as underpowered), and
     with ``permutation`` also ``pvalue_permutation`` (Spearman rows; see
     :func:`spearman_permutation_pvalue`), which small studies should read instead of
     scipy's asymptotic p-value.
@@ -555,11 +586,12 @@ def hypothesis_tests(improvements: pd.DataFrame, min_points: int = 3, permutatio
                 for task in tasks:
                     if task == "average" and not with_average:
                         continue
-                    stat, p, n, note, perm = _test(kind, subset[subset["task"] == task], x, min_points,
-                                                   permutation)
+                    stat, p, n, note, perm, power = _test(kind, subset[subset["task"] == task], x, min_points,
+                                                          permutation)
                     rows.append({"domain": domain, "hypothesis": hypothesis, "method": method, "task": task,
-                                 "statistic": stat, "pvalue": p, "n": n, "note": note, "pvalue_permutation": perm})
-    columns = list(TEST_COLUMNS) + ["note"] + (["pvalue_permutation"] if permutation else [])
+                                 "statistic": stat, "pvalue": p, "n": n, "note": note, "power": power,
+                                 "pvalue_permutation": perm})
+    columns = list(TEST_COLUMNS) + ["note", "power"] + (["pvalue_permutation"] if permutation else [])
     return pd.DataFrame(rows, columns=columns)
 
 

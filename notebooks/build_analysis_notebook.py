@@ -32,7 +32,11 @@ n_bootstrap = 2000
 bootstrap_seed = 0
 embeddings = True  # embedding similarity with the packaged MiniLM (study mode, needs predictions)"""),
     ("code", """import os
+import warnings
 from pathlib import Path
+
+os.environ["TQDM_DISABLE"] = "1"  # progress bars (model loading) would end up in the report
+warnings.filterwarnings("ignore", message="IProgress not found")
 
 import pandas as pd
 from IPython.display import Markdown, display
@@ -92,9 +96,11 @@ Tests with fewer than 3 points, or on constant input, are reported as not testab
 (NaN). Holm-adjusted p-values are across the tasks of each (domain, hypothesis,
 method), `average` included. In study mode Spearman tests also get a permutation
 p-value (exact for up to 7 points): scipy's p-value is asymptotic and far too small
-for the handful of points a small study has."""),
+for the handful of points a small study has. `power` is each test's power to detect a medium
+effect (Cohen's d = 0.5, f = 0.25, rho = 0.3) at alpha = 0.05; tests below 0.8 are marked
+**underpowered** in `note`: their non-significant results say little."""),
     ("code", """tests = st.holm_adjust(st.hypothesis_tests(improvements, permutation=results_source == "study"))
-extra = [] if results_source == "paper" else ["pvalue_holm", "pvalue_permutation", "note"]
+extra = [] if results_source == "paper" else ["pvalue_holm", "pvalue_permutation", "note", "power"]
 tests[list(st.TEST_COLUMNS) + extra].to_csv(output_dir / "hypothesis_tests.csv", index=False)
 display(tests[tests["task"] == "average"].set_index(["domain", "hypothesis", "method", "task"]))"""),
     ("md", """### In the paper's table layout

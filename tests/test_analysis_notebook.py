@@ -62,7 +62,9 @@ def test_study_mode_notebook(tmp_path):
                          {"results_source": "study", "results_path": str(results), "output_dir": str(out),
                           "n_bootstrap": 500, "embeddings": False})
     tests = pd.read_csv(out / "hypothesis_tests.csv")
-    assert list(tests.columns) == list(st.TEST_COLUMNS) + ["pvalue_holm", "pvalue_permutation", "note"]
+    assert list(tests.columns) == list(st.TEST_COLUMNS) + ["pvalue_holm", "pvalue_permutation", "note", "power"]
+    testable = tests[tests["statistic"].notna() & ~tests["note"].fillna("").str.startswith("not testable")]
+    assert (testable["note"].str.startswith("underpowered") == ~(testable["power"] >= 0.8)).all()
     assert {"H4_agreement", "H5_fidelity"} <= set(tests["hypothesis"])
     # a single teacher: H2 is reported as not testable, not an error
     h2 = tests[tests["hypothesis"] == "H2_teacher_performance"]

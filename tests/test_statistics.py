@@ -444,3 +444,23 @@ def test_h1_ttest_size_and_power_by_simulation():
     power = np.mean([st.improvement_ttest(y)[1] < 0.05 for y in planted])
     assert 0.03 <= null_rate <= 0.07
     assert power > 0.8
+
+
+def test_medium_effect_power_against_known_values():
+    """The smallest n with power >= 0.8 matches the textbook sample sizes (Cohen 1988; G*Power)."""
+    def smallest_n(kind, **kw):
+        return next(n for n in range(4, 400) if st.medium_effect_power(kind, n, **kw) >= 0.8)
+
+    assert smallest_n("ttest") == 27  # one-sided one-sample, d = 0.5
+    assert smallest_n("spearman") == 85  # two-sided, rho = 0.3
+    assert smallest_n("anova", k_groups=3) in (158, 159)  # f = 0.25, 3 groups (53 per group)
+    assert st.medium_effect_power("spearman", 3) != st.medium_effect_power("spearman", 3)  # NaN: undefined
+
+
+def test_small_tests_are_marked_underpowered():
+    improvements = pd.DataFrame({"domain": "math", "teacher": "t", "student": [f"s{i}" for i in range(6)],
+                                 "method": ["fkl", "rkl", "gkd"] * 2, "task": "gsm8k",
+                                 "improvement": [1.0, 2.0, -1.0, 3.0, 0.5, 2.5]})
+    tests = st.hypothesis_tests(improvements)
+    h1 = tests[(tests["hypothesis"] == "H1_improvement_ttest") & (tests["method"] == "all")].iloc[0]
+    assert h1["n"] == 6 and h1["power"] < 0.8 and h1["note"].startswith("underpowered: 6 points, power 0.")
