@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from kd_utils.evaluation import write_atomic
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_loss_memory import LOSSES, MB, TARGET_RATIO, chunked_loss, make_inputs, naive_loss  # noqa: E402
 
@@ -82,10 +84,9 @@ def main() -> None:
         print(f"| {r['loss']} | {r['naive_peak_mb']} | {r['chunked_peak_mb']} | {r['ratio']} | {r['naive_ms']} | "
               f"{r['chunked_ms']} | {r['loss_rel_diff']:.1e} | {r['grad_rel_l2']:.1e} |")
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        write_atomic(args.output, json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                                            "batch": args.batch, "seq_len": args.seq_len, "vocab": args.vocab,
-                                           "temperature": args.temperature, "results": rows}, indent=1))
+                                           "temperature": args.temperature, "results": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

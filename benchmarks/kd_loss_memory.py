@@ -202,18 +202,6 @@ def grad_agreement(path_c: str, path_n: str, dtype: str, piece: int = 1 << 24) -
             "grad_max_abs_diff_over_max_abs": max_diff / max_ref if max_ref else float("nan")}
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def driver(args) -> None:
     positions = args.batch * args.seq_len
     probe_T = max(1, args.probe_positions // args.batch)
@@ -301,6 +289,8 @@ def driver(args) -> None:
     }
     print(table)
     if args.output:
+        from kd_utils.evaluation import write_atomic  # here, not at the top: workers stay light
+
         write_atomic(args.output, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.output}")
 
