@@ -16,7 +16,7 @@ import yaml
 
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
-from kd_utils.training import METHODS
+from kd_utils.training import METHODS, cacheable_methods
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -200,7 +200,7 @@ def validate(params: dict) -> list[str]:
     if cache["representation"] not in teacher_cache.REPRESENTATIONS:
         problems.append(f"teacher_cache.representation: expected one of {', '.join(teacher_cache.REPRESENTATIONS)}, "
                         f"got {cache['representation']!r}")
-    cacheable = ("fkl", "rkl") if cache["representation"] == "topk" else ("fkl",)  # rkl needs the top-k + tail partition
+    cacheable = cacheable_methods(cache["representation"])
     if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "
                         f"{cache['representation']} cache can train; gkd's on-policy part needs the online teacher), "

@@ -36,6 +36,11 @@ KD_METHODS = ("fkl", "rkl", "gkd")  # methods with a token-level teacher signal
 SPARSE_KD_METHODS = ("fkl", "rkl")  # those that can train from a teacher cache
 
 
+def cacheable_methods(representation: str) -> tuple[str, ...]:
+    """The methods a teacher cache of ``representation`` can train: rkl needs the top-k + tail partition."""
+    return SPARSE_KD_METHODS if representation == "topk" else ("fkl",)
+
+
 @dataclass
 class TrainConfig:
     method: str = "sft"
@@ -269,7 +274,7 @@ def open_teacher_cache(path: str | Path, tokenizer, train_examples: list[Example
         "tokenizer": teacher_cache.tokenizer_fingerprint(tokenizer), "temperature": config.temperature,
         "noise_sigma": config.noise_sigma, "mix_fingerprint": mix_fingerprint(train_examples),
         "max_length": config.max_length})
-    if config.method == "rkl" and cache.representation != "topk":
+    if config.method not in cacheable_methods(cache.representation):
         raise ValueError(f"method {config.method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
                          f"{path} holds representation {cache.representation!r}")
     return cache
