@@ -228,9 +228,7 @@ def forward(model, batch: dict) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device) -> float:
-    """Token-mean cross-entropy on the held-out rows."""
-    if not rows:
-        return math.nan
+    """Token-mean cross-entropy on the held-out rows' labelled tokens (nan when there are none)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -238,10 +236,11 @@ def validation_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int,
         batch = {k: v.to(device) if torch.is_tensor(v) else v
                  for k, v in collate(rows[start:start + micro_batch_size], pad_id).items()}
         n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(lm_loss(forward(model, batch), batch["labels"])) * n
-        count += n
+        if n:  # a batch of prompts cut before their response has no labelled token (its mean is nan)
+            total += float(lm_loss(forward(model, batch), batch["labels"])) * n
+            count += n
     model.train(was_training)
-    return total / max(count, 1)
+    return total / count if count else math.nan
 
 
 def wrap_lora(model, config: TrainConfig):
@@ -309,8 +308,13 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    accumulation = config.batch_size // config.micro_batch_size
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=accumulation)
+    accelerator = Accelerator(mixed_precision=mixed)
+    per_step = config.micro_batch_size * accelerator.num_processes
+    if config.batch_size % per_step:
+        raise ValueError(f"batch_size={config.batch_size} must be a multiple of micro_batch_size x processes "
+                         f"= {config.micro_batch_size} x {accelerator.num_processes}")
+    accumulation = config.batch_size // per_step  # batch_size is the effective batch on any number of processes
+    accelerator.gradient_accumulation_steps = accumulation
     set_seed(config.seed)
     if config.lora:
         model = wrap_lora(model, config)
@@ -326,8 +330,10 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     total_steps = steps_per_epoch * config.epochs
-    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=int(config.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
+    # the prepared scheduler steps once per process at every optimizer step (accelerate's convention)
+    scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                              num_warmup_steps=int(config.warmup_ratio * total_steps) * accelerator.num_processes,
+                              num_training_steps=total_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
         teacher = teacher.to(accelerator.device).eval()
@@ -376,12 +382,12 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 optimizer.zero_grad()
             for key, value in (("loss", loss), ("ce", ce), ("kd", kd)):
                 sums[key] += float(value.detach())
-            bar.set_postfix(loss=f"{float(loss):.4f}")
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if accelerator.sync_gradients:
                 step += 1
         n = max(len(batches), 1)
-        history.append({"epoch": epoch, "step": step, "train_loss": sums["loss"] / n, "ce_loss": sums["ce"] / n,
-                        "kd_loss": sums["kd"] / n,
+        history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
+                        "ce_loss": sums["ce"] / n, "kd_loss": sums["kd"] / n,
                         "val_loss": validation_loss(model, val_rows, config.micro_batch_size, pad_id, device)})
         save_checkpoint(accelerator, model, tokenizer, output_dir, epoch, history, noise_gen, policy_rng, config)
         if on_epoch_end is not None:
@@ -412,7 +418,9 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int,
                     noise_gen: torch.Generator, policy_rng: random.Random, config: TrainConfig) -> None:
     """Everything needed to resume after ``epoch``; a ``done`` marker makes it complete."""
     path = output_dir / "checkpoints" / f"epoch-{epoch}"
-    shutil.rmtree(path, ignore_errors=True)
+    if accelerator.is_main_process:  # one process clears it, before any writes into it
+        shutil.rmtree(path, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(path / "state"))
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, path / ("adapter" if config.lora else "model"))
@@ -507,33 +515,41 @@ def launch_training(num_processes: int = 1, **params) -> dict:
     return json.loads((Path(params["output_dir"]) / "train_summary.json").read_text())
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Script entry point for ``accelerate launch`` (multi-GPU data parallel):
+def run_from_params_file(function: Callable[..., dict], argv: list[str] | None, prog: str) -> dict:
+    """Call ``function(**params)`` with the arguments in a JSON / YAML file (the command-line
+    entry points that ``accelerate launch`` starts on every process).
 
-        accelerate launch --num_processes 4 -m kd_utils.training outputs/<study>/runs/<run_id>/params.json
-
-    PARAMS is a JSON or YAML mapping of ``run_training`` arguments, or a study run's
-    ``params.json`` (its ``resolved`` parameters are used).
+    PARAMS is a mapping of ``function``'s arguments, or a study run's ``params.json`` (its
+    ``resolved`` parameters are used); ``--output-dir`` overrides the output directory.
     """
     import argparse
 
     import yaml
 
-    parser = argparse.ArgumentParser(prog="python -m kd_utils.training", description=main.__doc__.split("\n\n")[0])
-    parser.add_argument("params", type=Path, help="JSON/YAML file of run_training arguments, or a run's params.json")
+    parser = argparse.ArgumentParser(prog=prog, description=(function.__doc__ or "").split("\n\n")[0])
+    parser.add_argument("params", type=Path, help=f"JSON/YAML file of {function.__name__} arguments, "
+                                                  "or a run's params.json")
     parser.add_argument("--output-dir", default=None, help="override the params' output_dir")
     args = parser.parse_args(argv)
     if not args.params.is_file():
         parser.error(f"params file {args.params} does not exist")
     params = yaml.safe_load(args.params.read_text())  # YAML is a superset of JSON
     if not isinstance(params, dict):
-        parser.error(f"{args.params} must hold a mapping of run_training arguments")
+        parser.error(f"{args.params} must hold a mapping of {function.__name__} arguments")
     params = dict(params.get("resolved", params))
     if args.output_dir:
         params["output_dir"] = args.output_dir
     if "output_dir" not in params:
         parser.error(f"{args.params} has no output_dir (or pass --output-dir)")
-    run_training(**params)
+    return function(**params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Script entry point for ``accelerate launch`` (multi-GPU data parallel):
+
+        accelerate launch --num_processes 4 -m kd_utils.training outputs/<study>/runs/<run_id>/params.json
+    """
+    run_from_params_file(run_training, argv, "python -m kd_utils.training")
 
 
 if __name__ == "__main__":

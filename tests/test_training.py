@@ -1,4 +1,7 @@
 import json
+import math
+import os
+from functools import partial
 
 import pytest
 import torch
@@ -153,3 +156,51 @@ def test_script_entry_point_runs_a_study_runs_params_file(tiny_model_dir, data_d
     missing = subprocess.run([sys.executable, "-m", "kd_utils.training", str(tmp_path / "nope.json")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "nope.json does not exist" in missing.stderr
+
+
+def test_validation_loss_skips_batches_without_labelled_tokens(tiny_model_dir, mix):
+    model, tok = models.load_model(tiny_model_dir)
+    rows = [training.tokenize_example(tok, e, 96) for e in mix[:2]]
+    cut = [{**r, "labels": [-100] * len(r["labels"])} for r in rows]  # prompts cut before their response
+    loss = partial(training.validation_loss, model, micro_batch_size=2, pad_id=tok.pad_token_id, device="cpu")
+    assert not math.isnan(loss(rows))
+    assert loss(cut + rows) == pytest.approx(loss(rows), rel=1e-6)
+    assert math.isnan(loss(cut)) and math.isnan(loss([]))  # nothing to score
+
+
+def test_two_processes_keep_the_effective_batch_and_the_schedule(tiny_model_dir, data_dir, tmp_path):
+    """``accelerate launch --cpu --num_processes 2 -m kd_utils.training`` (torchrun here), fkl from a teacher
+    cache: the same optimizer steps and learning rates per epoch as one process."""
+    import subprocess
+    import sys
+
+    from kd_utils import teacher_cache
+
+    common = dict(max_length=64, val_fraction=0.0, seed=0, temperature=2.0)  # 8 rows: 2 batches of 4
+    cache = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "cache", data_dir=str(data_dir),
+                                            temperatures=(2.0,), **{k: v for k, v in common.items()
+                                                                    if k != "temperature"})["caches"][2.0, 0.0]
+    resolved = {"model": str(tiny_model_dir), "teacher": str(tiny_model_dir), "student_layers": 1,
+                "data_dir": str(data_dir), "method": "fkl", "teacher_cache": cache, "epochs": 2, "batch_size": 4,
+                "micro_batch_size": 2, "lr": 1e-3, "lora": False, **common}
+    def launch(processes: int, name: str, **overrides) -> subprocess.CompletedProcess:
+        params = tmp_path / f"{name}.json"
+        params.write_text(json.dumps({"resolved": {**resolved, "output_dir": str(tmp_path / name), **overrides}}))
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               str(processes), "-m", "kd_utils.training", str(params)], capture_output=True, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+
+    histories = {}
+    for processes in (1, 2):
+        done = launch(processes, f"out-{processes}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        histories[processes] = json.loads((tmp_path / f"out-{processes}" / "history.json").read_text())
+    one, two = histories[1], histories[2]
+    assert [h["step"] for h in two] == [h["step"] for h in one] == [0, 2, 4]
+    # linear decay without warmup: half the rate after the first of two epochs, 0 at the end
+    for history in (one, two):
+        assert history[1]["lr"] == pytest.approx(0.5e-3) and history[2]["lr"] == 0
+    bad = launch(2, "bad", batch_size=2)
+    assert bad.returncode != 0
+    assert "batch_size=2 must be a multiple of micro_batch_size x processes = 2 x 2" in bad.stderr
+    assert not (tmp_path / "bad").exists()
