@@ -437,15 +437,19 @@ def teacher_topk(
 def teacher_samples(
     teacher_logits: Tensor, num_samples: int, temperature: float = 1.0,
     generator: torch.Generator | None = None, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    systematic: bool = False, merge: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(ids, counts) [B, T, num_samples] int64 and the entropy of p_T [B, T].
 
-    num_samples draws with replacement from p_T = softmax(teacher_logits / tau) per
-    position; equal ids are merged into one entry with their count, distinct ids
-    first (ascending), then padding (id 0, count 0). Draws are inverse-CDF lookups
-    of one float64 uniform tensor [B*T, num_samples] taken from `generator` up
-    front, so they do not depend on chunk_size. Entropy is float32 (float64 for
-    float64 logits).
+    num_samples draws from p_T = softmax(teacher_logits / tau) per position, as
+    inverse-CDF lookups of float64 uniforms taken from `generator` up front (so they
+    do not depend on chunk_size). Independent draws by default; ``systematic`` takes
+    one uniform u per position and draws at (u + i) / num_samples, i = 0..n-1: every id
+    is still expected num_samples * p times (unbiased), but an id with p >= 1/n is
+    drawn floor(n p) or ceil(n p) times, so the estimate varies less. With ``merge``,
+    equal ids become one entry with their count, distinct ids first (ascending), then
+    padding (id 0, count 0); without, the draws come sorted with count 1 each.
+    Entropy is float32 (float64 for float64 logits).
     """
     _check_student(teacher_logits)
     _check_temperature(temperature)
@@ -456,7 +460,9 @@ def teacher_samples(
     flat = teacher_logits.flatten(0, 1)
     n, V = flat.shape
     chunk_size = chunk_size or auto_chunk_size(V)
-    u = torch.rand(n, num_samples, generator=generator, dtype=torch.float64, device=flat.device)
+    u = torch.rand(n, 1 if systematic else num_samples, generator=generator, dtype=torch.float64, device=flat.device)
+    if systematic:
+        u = (u + torch.arange(num_samples, dtype=torch.float64, device=flat.device)) / num_samples
     draws = torch.empty(n, num_samples, dtype=torch.long, device=flat.device)
     entropy = torch.empty(n, dtype=dtype, device=flat.device)
     for i in range(0, n, chunk_size):
@@ -467,10 +473,12 @@ def teacher_samples(
         # right=True never picks a zero-probability id (its cdf equals its predecessor's)
         draws[i:i + chunk_size] = torch.searchsorted(cdf, u[i:i + chunk_size] * cdf[:, -1:], right=True).clamp_(max=V - 1)
     draws = draws.sort(-1).values
+    shape = (*teacher_logits.shape[:2], num_samples)
+    if not merge:
+        return draws.view(shape), torch.ones_like(draws).view(shape), entropy.view(teacher_logits.shape[:2])
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     slot = first.cumsum(-1) - 1
     ids = torch.zeros_like(draws).scatter_(1, slot, draws)
     counts = torch.zeros_like(draws).scatter_add_(1, slot, torch.ones_like(draws))
-    shape = (*teacher_logits.shape[:2], num_samples)
     return ids.view(shape), counts.view(shape), entropy.view(teacher_logits.shape[:2])

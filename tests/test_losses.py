@@ -340,6 +340,22 @@ def test_teacher_samples_follow_the_distribution():
     assert torch.all((freq - p).abs() <= 5 * (p * (1 - p) / n).sqrt() + 1e-12)
 
 
+def test_systematic_draws_hit_each_id_floor_or_ceil_of_n_p_times():
+    t = torch.tensor([[[2.0, 0.0, -1.0, float("-inf"), 1.0, 0.5]]]).expand(500, 1, 6)
+    n = 7
+    ids, counts, _ = teacher_samples(t, n, generator=torch.Generator().manual_seed(2), systematic=True, merge=False)
+    assert torch.all(counts == 1) and torch.all(ids[..., 1:] >= ids[..., :-1])  # unmerged, sorted
+    hits = torch.zeros(500, 6).scatter_add_(1, ids.view(500, n), torch.ones(500, n))
+    expected = n * torch.softmax(t[0, 0].to(F64), -1)
+    assert torch.all(hits >= expected.floor()) and torch.all(hits <= expected.ceil())
+    assert torch.all(hits[:, 3] == 0)
+    # unbiased: the mean count over positions (independent offsets) is n p
+    assert torch.all((hits.to(F64).mean(0) - expected).abs() < 0.1)
+    merged = teacher_samples(t, n, generator=torch.Generator().manual_seed(2), systematic=True)
+    again = torch.zeros(500, 6).scatter_add_(1, merged[0].view(500, n), merged[1].view(500, n).float())
+    assert torch.equal(hits, again)
+
+
 def test_sampled_matches_formula():
     s, t, mask = make_inputs()
     ids, counts, entropy = teacher_samples(t, 5, temperature=2.0, generator=torch.Generator().manual_seed(4))
@@ -351,13 +367,14 @@ def test_sampled_matches_formula():
     assert_grad_close(grad, ref_grad, torch.float32)
 
 
-def test_sampled_is_unbiased():
+@pytest.mark.parametrize("systematic", [False, True])
+def test_sampled_is_unbiased(systematic):
     """Average over R independent draws of a [1, T, V] problem, laid out as R sequences."""
     R, T, V, S, tau = 20_000, 3, 8, 4, 2.0
     g = torch.Generator().manual_seed(5)
     s0 = torch.randn(1, T, V, generator=g, requires_grad=True)
     t0 = 2 * torch.randn(1, T, V, generator=g)
-    ids, counts, entropy = teacher_samples(t0.expand(R, T, V), S, temperature=tau, generator=g)
+    ids, counts, entropy = teacher_samples(t0.expand(R, T, V), S, temperature=tau, generator=g, systematic=systematic)
     mask = torch.ones(R, T, dtype=torch.bool)
     loss = forward_kl_sampled(s0.expand(R, T, V), ids, counts, entropy, mask, temperature=tau)
     loss.backward()
@@ -369,6 +386,7 @@ def test_sampled_is_unbiased():
     assert abs(loss.item() - dense.item()) < 5 * se
 
     # per element, the sampled gradient is tau/T * (q - c/S), and c/S has variance p(1-p)/S
+    # (at most: systematic draws vary less)
     p = torch.softmax(t0.to(F64) / tau, -1)
     grad_se = tau / T * (p * (1 - p) / (S * R)).sqrt()
     assert torch.all((s0.grad.to(F64) - dense_grad).abs() <= 5 * grad_se + 1e-6)

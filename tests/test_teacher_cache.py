@@ -1,4 +1,6 @@
+import ast
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -230,7 +232,7 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     (dict(k=0), "k must be an int >= 1"),
     (dict(temperatures=(1.0, 0.0)), "temperature must be > 0"),
     (dict(noise_sigmas=(-1.0,)), "noise sigma must be >= 0"),
-    (dict(representation="sampled", num_samples=300), "num_samples must be an int in"),
+    (dict(representation="sampled", num_samples=0), "num_samples must be an int >= 1"),
 ])
 def test_bad_input_fails_before_any_work(tiny_model_dir, data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -284,3 +286,86 @@ def test_a_run_finds_its_cache_among_a_stage_output_dirs(tiny_model_dir, data_di
     with pytest.raises(ValueError) as err:
         teacher_cache.open_cache(tmp_path / "stage", {**expect, "temperature": 5.0})
     assert "no teacher cache under" in str(err.value) and str(err.value).count("run expects 5.0") == 2
+
+
+def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_dir, tmp_path):
+    """2 CPU processes as ``accelerate launch --cpu`` starts them: each rank writes its own shards."""
+    import subprocess
+    import sys
+
+    params = dict(representation="topk_sampled", k=4, num_samples=6, temperatures=(1.0, 2.0), noise_sigmas=(0.0, 0.5))
+    script = tmp_path / "generate.py"
+    script.write_text(
+        "import json, sys\nfrom accelerate import PartialState\nfrom kd_utils import teacher_cache\n"
+        "write = teacher_cache._write_shard\n"
+        "def logged(cache, index, *args):\n"
+        "    state = PartialState()\n"
+        "    with open(sys.argv[4], 'a') as log:\n"
+        "        log.write(json.dumps([state.process_index, state.num_processes, index]) + '\\n')\n"
+        "    return write(cache, index, *args)\n"
+        "teacher_cache._write_shard = logged\n"
+        f"teacher_cache.run_teacher_cache(sys.argv[1], sys.argv[2], data_dir=sys.argv[3], shard_size=2, batch_size=2,"
+        f" max_length=96, val_fraction=0.25, seed=0, **{params!r})\n")
+    log = tmp_path / "writes.jsonl"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_model_dir), str(tmp_path / "two"), str(data_dir), str(log)],
+                          capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    writes = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {world for _, world, _ in writes} == {2}
+    assert all(index % 2 == rank for rank, _, index in writes)  # shard i is rank i % 2's
+    assert {rank for rank, _, _ in writes} == {0, 1}
+
+    # one process, through the script entry point and a params file
+    arguments = dict(teacher=str(tiny_model_dir), output_dir=str(tmp_path / "one"), data_dir=str(data_dir),
+                     shard_size=2, batch_size=2, max_length=96, val_fraction=0.25, seed=0, **params)
+    (tmp_path / "params.json").write_text(json.dumps({"resolved": arguments}))
+    done = subprocess.run([sys.executable, "-m", "kd_utils.teacher_cache", str(tmp_path / "params.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    caches = sorted((tmp_path / "one").iterdir())
+    assert [c.name for c in caches] == sorted(c.name for c in (tmp_path / "two").iterdir())  # same keys
+    assert len(caches) == 4 and len(writes) == 4 * len(json.loads((caches[0] / teacher_cache.MANIFEST).read_text())["shards"])
+    for path in caches:
+        other = tmp_path / "two" / path.name
+        manifest = json.loads((other / teacher_cache.MANIFEST).read_text())
+        assert manifest["shards"] == json.loads((path / teacher_cache.MANIFEST).read_text())["shards"]
+        assert len(manifest["shards"]) >= 3
+        for record in manifest["shards"]:
+            assert (other / record["file"]).read_bytes() == (path / record["file"]).read_bytes()
+        teacher_cache.open_cache(other)
+
+
+def test_unbiased_variance_floor():
+    V, n = 50, 8
+    uniform = torch.full((1, V), 1 / V, dtype=torch.float64)
+    # every id kept with probability n / V, estimated as 1 / n: variance (1/V)(1/n - 1/V) each
+    assert float(teacher_cache.unbiased_variance_floor(uniform, n)) == pytest.approx(1 / n - 1 / V)
+    peaked = torch.tensor([[0.6, 0.3] + [0.1 / 10] * 10], dtype=torch.float64)
+    # the two large ones are kept exactly; the 10 small ones share the 6 other entries
+    assert float(teacher_cache.unbiased_variance_floor(peaked, n)) == pytest.approx(10 * 0.01 * (0.1 / 6 - 0.01))
+    assert float(teacher_cache.unbiased_variance_floor(peaked, 12)) == 0
+    # no unbiased scheme beats it: the stored draws of sampled / topk_sampled stay above it
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, V, generator=gen, dtype=torch.float64) * 2
+    p = torch.softmax(logits, -1)
+    floor = float(teacher_cache.unbiased_variance_floor(p, n))
+    for fields in ({"representation": "sampled", "num_samples": n},
+                   {"representation": "topk_sampled", "k": 2, "num_samples": n - 2}):
+        stored = teacher_cache.encode(logits.repeat(4000, 1), {**fields, "temperature": 1.0}, gen)
+        args = teacher_cache.decode(stored)
+        w = args["sample_counts"].double()
+        estimate = torch.zeros(4000, V, dtype=torch.float64).scatter_add_(1, args["sample_ids"], w / w.sum(-1, True))
+        variance = float(((estimate - p) ** 2).sum(-1).mean())
+        assert floor <= variance
+
+
+def test_notebook_defaults_are_the_module_defaults():
+    import papermill
+
+    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "teacher_cache.ipynb"
+    declared = papermill.inspect_notebook(str(notebook))
+    defaults = {name: ast.literal_eval(declared[name]["default"]) for name in ("representation", "k", "num_samples")}
+    assert defaults == {"representation": teacher_cache.DEFAULT_REPRESENTATION, "k": teacher_cache.DEFAULT_K,
+                        "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES}
