@@ -217,12 +217,16 @@ def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None
         return {"ids": ids[0].to(ids_as), "entropy": entropy[0].float()}
     # topk_sampled: the k largest probabilities exactly, then draws from the tail (p_T without them)
     top_ids, top_logprobs = losses.teacher_topk(logits[None], min(fields["k"], logits.shape[-1] - 1), tau)
-    tail_ids, _, _ = losses.teacher_samples(logits.scatter(1, top_ids[0], -math.inf)[None], fields["num_samples"],
-                                            tau, **draw)
-    logp = (logits.float() / tau).log_softmax(-1)
-    entropy = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
+    tail_ids, _, tail_entropy = losses.teacher_samples(logits.scatter(1, top_ids[0], -math.inf)[None],
+                                                       fields["num_samples"], tau, **draw)
+    # H(p) = -sum_top p log p + m H(tail) - m log m, m the tail mass: no third pass over the vocabulary
+    top = top_logprobs[0].double()
+    tail = _tail(top).clamp(min=0)
+    # (a tail of only impossible tokens has mass 0 and no distribution: its entropy is nan)
+    tail_part = torch.where(tail > 0, tail * tail_entropy[0].double(), 0.0)
+    entropy = -torch.xlogy(top.exp(), top.exp()).sum(-1) + tail_part - torch.xlogy(tail, tail)
     return {"ids": torch.cat([top_ids[0], tail_ids[0]], 1).to(ids_as),
-            "logprobs": top_logprobs[0].to(logprob_dtype), "entropy": entropy}
+            "logprobs": top_logprobs[0].to(logprob_dtype), "entropy": entropy.float()}
 
 
 def unbiased_variance_floor(p: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import ast
 import json
+import math
 import os
 from pathlib import Path
 
@@ -369,3 +370,15 @@ def test_notebook_defaults_are_the_module_defaults():
     defaults = {name: ast.literal_eval(declared[name]["default"]) for name in ("representation", "k", "num_samples")}
     assert defaults == {"representation": teacher_cache.DEFAULT_REPRESENTATION, "k": teacher_cache.DEFAULT_K,
                         "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES}
+
+
+@pytest.mark.parametrize("k", [1, 4, 49])
+def test_topk_sampled_entropy_is_the_teachers(k):
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(7, 50, generator=gen) * 3
+    logits[0, 10:] = -math.inf  # a position whose tail is mostly impossible tokens
+    stored = teacher_cache.encode(logits, {"representation": "topk_sampled", "k": k, "num_samples": 5,
+                                           "temperature": 1.5}, gen)
+    logp = (logits.double() / 1.5).log_softmax(-1)
+    dense = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
+    torch.testing.assert_close(stored["entropy"].double(), dense, rtol=1e-5, atol=1e-6)
