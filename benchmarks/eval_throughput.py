@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 
 from kd_utils.data import load_task
-from kd_utils.evaluation import generate, write_atomic
+from kd_utils.evaluation import generate
+from kd_utils.io import write_atomic
 from kd_utils.models import default_device, load_model
 from kd_utils.tasks import build_prompt
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from kd_utils.evaluation import write_atomic
+from kd_utils.io import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_loss_memory import LOSSES, MB, TARGET_RATIO, chunked_loss, make_inputs, naive_loss  # noqa: E402

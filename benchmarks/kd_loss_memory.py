@@ -289,7 +289,7 @@ def driver(args) -> None:
     }
     print(table)
     if args.output:
-        from kd_utils.evaluation import write_atomic  # here, not at the top: workers stay light
+        from kd_utils.io import write_atomic  # here, not at the top: workers stay light
 
         write_atomic(args.output, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.output}")

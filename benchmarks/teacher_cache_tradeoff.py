@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from kd_utils import losses, models, teacher_cache, training
-from kd_utils.evaluation import write_atomic
+from kd_utils import batches, losses, models, teacher_cache, training
+from kd_utils.io import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_cache_tradeoff.json"
 
@@ -134,7 +134,7 @@ def student_outputs(student, batch: dict, vocab_size: int) -> tuple[torch.Tensor
     """Next-token logits [B, T-1, V] and last hidden states [B, T-1, d], float32."""
     with torch.no_grad():
         out = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                      position_ids=training.position_ids(batch["attention_mask"]), output_hidden_states=True)
+                      position_ids=batches.position_ids(batch["attention_mask"]), output_hidden_states=True)
     return out.logits[:, :-1, :vocab_size].float(), out.hidden_states[-1][:, :-1].float()
 
 
@@ -143,9 +143,9 @@ def held_out_fkl(student, teacher, rows: list[dict], temperature: float, pad_id:
     """forward_kl (tau^2-scaled, per-sequence mean) against the full teacher on held-out rows."""
     total = 0.0
     for start in range(0, len(rows), batch_size):
-        batch = training.collate(rows[start:start + batch_size], pad_id)
+        batch = batches.collate(rows[start:start + batch_size], pad_id)
         mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
-        s, t = training.forward(student, batch)[:, :-1], training.forward(teacher, batch)[:, :-1]
+        s, t = batches.forward(student, batch)[:, :-1], batches.forward(teacher, batch)[:, :-1]
         s, t = losses.align_vocab(s, t, min(s.shape[-1], t.shape[-1]))
         total += float(losses.forward_kl(s.float(), t.float(), mask, temperature)) * len(batch["input_ids"])
     return total / len(rows)
@@ -209,12 +209,12 @@ def main() -> None:
     teacher, tokenizer = models.load_model(models.EMBEDDED_MODEL)
     vocab_size, pad_id = len(tokenizer.get_vocab()), tokenizer.pad_token_id
     selection = teacher_cache.select_examples("math", args.n_train, False, args.data_dir, 0, args.val_fraction)
-    val_rows = [training.tokenize_example(tokenizer, e, args.max_length) for e in selection.val]
-    rows = [training.tokenize_example(tokenizer, e, args.max_length) for e in selection.train[:args.error_rows]]
-    error_batch = training.collate(rows, pad_id)
+    val_rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.val]
+    rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.train[:args.error_rows]]
+    error_batch = batches.collate(rows, pad_id)
     mask = training.distill_mask(error_batch, training.TrainConfig(method="fkl"))
     with torch.no_grad():
-        t_logits = training.forward(teacher, error_batch)[:, :-1, :vocab_size].float()
+        t_logits = batches.forward(teacher, error_batch)[:, :-1, :vocab_size].float()
     errors, floors, distilled, timings = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

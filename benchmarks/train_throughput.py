@@ -33,9 +33,10 @@ from pathlib import Path
 
 import torch
 
-from kd_utils import models, training
+from kd_utils import batches, models, training
 from kd_utils.data import build_training_mix
-from kd_utils.evaluation import sample_examples, write_atomic
+from kd_utils.evaluation import sample_examples
+from kd_utils.io import write_atomic
 
 
 def measure(method: str, student_dir: Path, teacher, tokenizer, examples, args) -> dict:
@@ -43,11 +44,11 @@ def measure(method: str, student_dir: Path, teacher, tokenizer, examples, args) 
     config = training.TrainConfig(method=method, epochs=1, batch_size=args.batch_size,
                                   micro_batch_size=args.micro_batch_size, max_length=args.max_length,
                                   val_fraction=0, temperature=2.0, seed=0)
-    rows = [training.tokenize_example(tokenizer, e, args.max_length) for e in examples]
+    rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in examples]
     # the micro batches train() will run, in its order (one epoch, whole accumulation groups)
     accumulation = args.batch_size // args.micro_batch_size
-    steps = len(training.epoch_batches(rows, args.micro_batch_size, config.seed, 1)) // accumulation
-    micro = training.epoch_batches(rows, args.micro_batch_size, config.seed, 1)[:steps * accumulation]
+    steps = len(batches.epoch_batches(rows, args.micro_batch_size, config.seed, 1)) // accumulation
+    micro = batches.epoch_batches(rows, args.micro_batch_size, config.seed, 1)[:steps * accumulation]
     micro_tokens = [sum(len(r["input_ids"]) for r in m) for m in micro]
     stamps = []
     inner = training.lm_loss

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kd_utils.data import DataError, Example, available_tasks, load_task
+from kd_utils.io import write_atomic
 from kd_utils.tasks import accuracy_summary, build_prompt, extract_answer, get_task, is_correct
 
 DEFAULT_MAX_NEW_TOKENS = {"math": 256, "commonsense": 32}  # LLM-Adapters' evaluate.py / commonsense_evaluate.py
@@ -68,19 +67,6 @@ def score(examples: list[Example], outputs: list[str]) -> list[dict]:
             "answer": ex.answer, "correct": is_correct(ex.task, out, ex.answer),
         })
     return records
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to ``path`` via a temporary file in the same directory, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_predictions(path: Path) -> list[dict]:

@@ -403,6 +403,21 @@ def forward_kl_sampled(
                     temperature, chunk_size, True, temperature**2)
 
 
+def sparse_kd_loss(method: str, student_logits: Tensor, teacher: dict[str, Tensor], mask: Tensor,
+                   temperature: float = 1.0, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> Tensor:
+    """fkl / rkl against a sparse teacher: ``teacher`` holds topk_ids + topk_logprobs (the top-k +
+    tail partition; fkl and rkl) or sample_ids + sample_counts + teacher_entropy (draws; fkl only)."""
+    topk = "topk_ids" in teacher
+    if method == "fkl":
+        loss = forward_kl_topk if topk else forward_kl_sampled
+    elif method == "rkl" and topk:
+        loss = reverse_kl_topk
+    else:
+        raise ValueError(f"no sparse {method!r} loss for a teacher of {sorted(teacher)}: fkl takes top-k or draws, "
+                         "rkl only top-k")
+    return loss(student_logits, **teacher, mask=mask, temperature=temperature, chunk_size=chunk_size)
+
+
 # ----------------------------------------------------------------------------
 # teacher-side helpers for the cache
 

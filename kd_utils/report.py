@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kd_utils.io import temp_path_beside, write_atomic
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _temp_file(path: Path, suffix: str) -> str:
-    """A temporary file beside ``path`` with the permissions a plain new file would get (mkstemp's are 0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)
-    os.close(fd)
-    return tmp
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see a partial file."""
-    tmp = _temp_file(path, ".tmp")
-    try:
-        Path(tmp).write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # JupyterLab's HTML template minus the CDN scripts (require.js, MathJax, Mermaid) the
@@ -54,7 +33,7 @@ def notebook_to_html(notebook: str | Path, html_path: str | Path) -> Path:
                             embed_images=True)
     body, _ = exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))
     html_path = Path(html_path)
-    _atomic_write(html_path, body)
+    write_atomic(html_path, body)
     return html_path
 
 
@@ -74,7 +53,7 @@ def render_report(notebook: str | Path, html_path: str | Path, parameters: Mappi
 
     html_path = Path(html_path)
     executed = Path(executed_notebook) if executed_notebook else html_path.with_suffix(".ipynb")
-    tmp = _temp_file(executed, ".ipynb")
+    tmp = temp_path_beside(executed, ".ipynb")
     try:
         pm.execute_notebook(str(notebook), tmp, parameters=dict(parameters), cwd=str(cwd or REPO_ROOT),
                             kernel_name=kernel_name, progress_bar=False)

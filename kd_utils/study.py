@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kd_utils.evaluation import write_atomic
+from kd_utils.io import write_atomic
 from kd_utils.params import ParamsError, load_study
 from kd_utils.tasks import tasks_for
 

@@ -1,7 +1,7 @@
 """Teacher-logit cache: the teacher runs once over the training rows, students distill from disk.
 
 What is stored, per training example and per next-token position of its tokenized row
-(``training.tokenize_example``, so every position that fkl / rkl may distill), for one
+(``batches.tokenize_example``, so every position that fkl / rkl may distill), for one
 (temperature tau, noise sigma) setting:
 
 - ``topk``: the k most likely ids of p_T = softmax((logits + noise) / tau) and their
@@ -36,7 +36,7 @@ PARAMS`` (``--cpu`` on CPUs), shard i is written by rank i % world_size and the 
 writes the manifest.
 
 Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
-10-layer LoRA student cut from it, the math mix, max_length 128; tables in the README and
+10-layer LoRA student cut from it, the math mix, max_length 128; tables in benchmarks/README.md and
 benchmarks/results/teacher_cache_tradeoff.json):
 
 - ``topk_sampled`` with k = 4 and 20 tail draws: 62 bytes per distilled token (uint16 ids,
@@ -62,8 +62,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +72,10 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from kd_utils import losses
+from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
-from kd_utils.evaluation import sample_examples, write_atomic
+from kd_utils.evaluation import sample_examples
+from kd_utils.io import run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
 CACHE_FORMAT_VERSION = 2  # 2: systematic draws, stored one id per draw
@@ -88,6 +88,12 @@ LOGPROB_DTYPE = torch.float16
 MANIFEST = "manifest.json"
 RATIONALES = "rationales.jsonl"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+SPARSE_KD_METHODS = ("fkl", "rkl")  # the methods that can train from a cache
+
+
+def cacheable_methods(representation: str) -> tuple[str, ...]:
+    """The methods a teacher cache of ``representation`` can train: rkl needs the top-k + tail partition."""
+    return SPARSE_KD_METHODS if representation == "topk" else ("fkl",)
 
 
 # ---- identity ------------------------------------------------------------------------------
@@ -285,21 +291,10 @@ def _ids_hash(example_ids: list[str]) -> str:
     return hashlib.sha256(json.dumps(example_ids).encode()).hexdigest()
 
 
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _write_shard(cache: Path, index: int, tensors: dict[str, torch.Tensor], example_ids: list[str]) -> dict:
     """One shard file, then its record (the record's presence marks the shard complete)."""
     data = st_save(tensors, metadata={"example_ids": json.dumps(example_ids)})
-    _write_bytes_atomic(cache / _shard_name(index), data)
+    write_atomic(cache / _shard_name(index), data)
     record = {"file": _shard_name(index), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
               "examples": len(example_ids), "positions": int(tensors["ids"].shape[0]),
               "example_ids_sha256": _ids_hash(example_ids)}
@@ -332,8 +327,6 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
-
-    from kd_utils.training import collate, forward, tokenize_example
 
     targets = {Path(d): f for d, f in targets.items()}
     shared = {(f["max_length"], f["seed"]) for f in targets.values()}
@@ -460,6 +453,16 @@ class TeacherCache:
                 out[name][b, :L - 1] = cached[name].to(out[name].dtype)
         return {name: t.to(device) if device is not None else t for name, t in decode(out).items()}
 
+    def targets(self, batch: dict, device=None) -> dict[str, torch.Tensor]:
+        """The teacher-source interface (``kd_utils.teachers``): this batch's sparse targets."""
+        return self.batch(batch, device)
+
+    def state(self) -> dict:
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
     def rationales(self) -> dict[str, str]:
         """The teacher's generations by example id (ValueError when the cache has none)."""
         record = self.manifest.get("rationales")
@@ -544,6 +547,35 @@ def _safetensors_metadata(data: bytes) -> dict:
     return json.loads(data[8:8 + header_len]).get("__metadata__", {})
 
 
+def open_for_training(path: str | Path, tokenizer, train_examples: list[Example], method: str, temperature: float,
+                      noise_sigma: float, max_length: int) -> TeacherCache:
+    """The cache at ``path`` after checking that it fits this training run (ValueError naming each differing field)."""
+    if method not in SPARSE_KD_METHODS:
+        why = ("gkd's on-policy batches need the online teacher: pass teacher instead of teacher_cache"
+               if method == "gkd" else "a teacher cache serves fkl and rkl only")
+        raise ValueError(f"method {method!r} cannot train from teacher_cache: {why}")
+    cache = open_cache(path, expect={
+        "tokenizer": tokenizer_fingerprint(tokenizer), "temperature": temperature, "noise_sigma": noise_sigma,
+        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length})
+    if method not in cacheable_methods(cache.representation):
+        raise ValueError(f"method {method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
+                         f"{path} holds representation {cache.representation!r}")
+    return cache
+
+
+def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens: int) -> list[Example]:
+    """seqkd's training set from the rationales stored in a cache (same contract as ``teachers.teacher_rationales``)."""
+    cache = open_cache(path)
+    record = cache.manifest.get("rationales") or {}
+    differences = field_differences(
+        {"max_new_tokens": record.get("max_new_tokens"), "mix_fingerprint": record.get("mix_fingerprint")},
+        {"max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples)})
+    if differences:
+        raise ValueError(f"the rationales in teacher cache {path} do not fit this run: " + "; ".join(differences))
+    texts = cache.rationales()
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, texts[e.id]) for e in examples]
+
+
 # ---- the stage ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -557,8 +589,6 @@ class Selection:
 
 def select_examples(domain: str, n_train: int | None, include_mawps: bool, data_dir, seed: int,
                     val_fraction: float) -> Selection:
-    from kd_utils.training import split_train_val
-
     mix, _ = build_training_mix(domain, data_dir, include_mawps=include_mawps)
     mix = sample_examples(mix, n_train, seed)
     train, val = split_train_val(mix, val_fraction, seed)
@@ -611,7 +641,7 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
         if todo:
             generate_cache(model, tokenizer, selected.train, todo, batch_size, shard_size, info)
         if need_rationales:
-            from kd_utils.training import teacher_rationales
+            from kd_utils.teachers import teacher_rationales
 
             texts = [e.rationale for e in teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens,
                                                              batch_size)]
@@ -651,8 +681,6 @@ def main(argv: list[str] | None = None) -> None:
 
         accelerate launch --num_processes 4 -m kd_utils.teacher_cache outputs/<study>/runs/<cache run>/params.json
     """
-    from kd_utils.training import run_from_params_file
-
     run_from_params_file(run_teacher_cache, argv, "python -m kd_utils.teacher_cache")
 
 

@@ -24,21 +24,17 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from kd_utils import losses
-from kd_utils.data import Example, build_training_mix, mix_fingerprint
-from kd_utils.evaluation import generate, sample_examples, write_atomic
+from kd_utils import losses, teacher_cache as cache_store
+from kd_utils.batches import collate, epoch_batches, forward, split_train_val, to_device, tokenize_example
+from kd_utils.data import Example, build_training_mix
+from kd_utils.evaluation import sample_examples
+from kd_utils.io import run_from_params_file, write_atomic
 from kd_utils.models import build_student_dir, check_adapter_dir, load_model
-from kd_utils.tasks import build_prompt
+from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
 
 METHODS = ("sft", "fkl", "rkl", "gkd", "seqkd")
 PAPER_NAMES = {"sft": "SFT", "fkl": "SeqKD", "rkl": "RevKD", "gkd": "GKD", "seqkd": "SeqKD (Kim & Rush)"}
 KD_METHODS = ("fkl", "rkl", "gkd")  # methods with a token-level teacher signal
-SPARSE_KD_METHODS = ("fkl", "rkl")  # those that can train from a teacher cache
-
-
-def cacheable_methods(representation: str) -> tuple[str, ...]:
-    """The methods a teacher cache of ``representation`` can train: rkl needs the top-k + tail partition."""
-    return SPARSE_KD_METHODS if representation == "topk" else ("fkl",)
 
 
 @dataclass
@@ -93,77 +89,7 @@ class TrainConfig:
         return self
 
 
-# ---- data -------------------------------------------------------------------------------
-
-def tokenize_example(tokenizer, example: Example, max_length: int) -> dict:
-    """Prompt + rationale + EOS, truncated; labels are -100 on prompt tokens (train_on_inputs=False)."""
-    prompt = build_prompt(example.instruction, example.input)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(example.rationale or "", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([-100] * len(prompt_ids) + response_ids)[:max_length]
-    return {"input_ids": ids, "labels": labels, "prompt": prompt, "id": example.id}
-
-
-def collate(rows: list[dict], pad_id: int) -> dict:
-    """Right-padded batch with attention mask and labels (-100 on pads); ``ids`` lets a teacher cache align."""
-    width = max(len(r["input_ids"]) for r in rows)
-    pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
-    return {
-        "input_ids": torch.tensor([pad(r["input_ids"], pad_id) for r in rows]),
-        "attention_mask": torch.tensor([pad([1] * len(r["input_ids"]), 0) for r in rows]),
-        "labels": torch.tensor([pad(r["labels"], -100) for r in rows]),
-        "prompts": [r["prompt"] for r in rows],
-        "ids": [r["id"] for r in rows],
-    }
-
-
-def split_train_val(examples: list[Example], val_fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """A fixed-seed held-out split (at least one validation example when val_fraction > 0)."""
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    n_val = max(1, round(val_fraction * len(examples))) if val_fraction > 0 else 0
-    val = {*order[:n_val]}
-    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
-
-
-def epoch_batches(rows: list[dict], micro_batch_size: int, seed: int, epoch: int) -> list[list[dict]]:
-    """This epoch's micro batches: a shuffle fixed by (seed, epoch), so a resumed run sees the same order."""
-    order = list(range(len(rows)))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    return [[rows[i] for i in order[s:s + micro_batch_size]] for s in range(0, len(order), micro_batch_size)]
-
-
-# ---- teacher ----------------------------------------------------------------------------
-
-def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> int:
-    """Teacher and student must share a vocabulary; returns its size (embedding rows beyond it are padding)."""
-    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
-    if s_vocab != t_vocab:
-        only_s, only_t = len(s_vocab.keys() - t_vocab.keys()), len(t_vocab.keys() - s_vocab.keys())
-        raise ValueError(f"teacher and student tokenizers differ (student {len(s_vocab)} tokens, teacher "
-                         f"{len(t_vocab)}; {only_s} only in the student, {only_t} only in the teacher, or ids "
-                         "differ). KD needs a shared tokenizer: pick models of the same family.")
-    for name in ("eos_token_id", "pad_token_id"):
-        if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
-            raise ValueError(f"teacher and student tokenizers differ in {name}")
-    return len(s_vocab)
-
-
-def teacher_signal(teacher_logits: torch.Tensor, noise_sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The teacher's logits, with fresh Gaussian noise of std ``noise_sigma`` (the noise ablation)."""
-    if noise_sigma == 0:
-        return teacher_logits
-    noise = torch.randn(teacher_logits.shape, generator=generator, device="cpu").to(teacher_logits)
-    return teacher_logits + noise_sigma * noise
-
-
 # ---- the loop -----------------------------------------------------------------------------
-
-def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding (on-policy batches are left-padded)."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy over labelled positions (token mean)."""
@@ -178,20 +104,12 @@ def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
     return target & batch["attention_mask"][:, :-1].bool()
 
 
-# (method, kind of cached teacher) -> the sparse loss: top-k + tail log-probs, or weighted draws
-# (teacher_cache's "sampled" and "topk_sampled"); rkl needs the top-k + tail partition
-SPARSE_LOSSES = {("fkl", "topk"): losses.forward_kl_topk, ("rkl", "topk"): losses.reverse_kl_topk,
-                 ("fkl", "sampled"): losses.forward_kl_sampled}
-
-
 def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: torch.Tensor, config: TrainConfig,
             vocab_size: int) -> torch.Tensor:
-    """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse batch (``TeacherCache.batch``)."""
+    """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse targets (a dict)."""
     if isinstance(teacher, dict):
-        representation = "topk" if "topk_ids" in teacher else "sampled"
-        return SPARSE_LOSSES[config.method, representation](
-            student_logits[:, :-1, :vocab_size], **teacher, mask=mask, temperature=config.temperature,
-            chunk_size=config.loss_chunk_size)
+        return losses.sparse_kd_loss(config.method, student_logits[:, :-1, :vocab_size], teacher, mask,
+                                     config.temperature, config.loss_chunk_size)
     s, t = losses.align_vocab(student_logits[:, :-1], teacher[:, :-1], vocab_size)
     if config.method == "fkl":
         return losses.forward_kl(s, t, mask, config.temperature, chunk_size=config.loss_chunk_size)
@@ -221,11 +139,6 @@ def on_policy_batch(student, tokenizer, prompts: list[str], config: TrainConfig,
             "labels": labels[:, :config.max_length], "prompts": prompts}
 
 
-def forward(model, batch: dict) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=position_ids(batch["attention_mask"])).logits
-
-
 @torch.no_grad()
 def validation_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int, device) -> float:
     """Token-mean cross-entropy on the held-out rows' labelled tokens (nan when there are none)."""
@@ -233,8 +146,7 @@ def validation_loss(model, rows: list[dict], micro_batch_size: int, pad_id: int,
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), micro_batch_size):
-        batch = {k: v.to(device) if torch.is_tensor(v) else v
-                 for k, v in collate(rows[start:start + micro_batch_size], pad_id).items()}
+        batch = to_device(collate(rows[start:start + micro_batch_size], pad_id), device)
         n = int((batch["labels"][:, 1:] != -100).sum())
         if n:  # a batch of prompts cut before their response has no labelled token (its mean is nan)
             total += float(lm_loss(forward(model, batch), batch["labels"])) * n
@@ -259,24 +171,6 @@ def last_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
     """The highest complete epoch checkpoint (a ``done`` marker is written last)."""
     found = [(int(p.name.split("-")[1]), p) for p in (output_dir / "checkpoints").glob("epoch-*") if (p / "done").is_file()]
     return max(found) if found else None
-
-
-def open_teacher_cache(path: str | Path, tokenizer, train_examples: list[Example], config: TrainConfig):
-    """The cache at ``path`` after checking that it fits this run (ValueError naming each differing field)."""
-    from kd_utils import teacher_cache
-
-    if config.method not in SPARSE_KD_METHODS:
-        why = ("gkd's on-policy batches need the online teacher: pass teacher instead of teacher_cache"
-               if config.method == "gkd" else "a teacher cache serves fkl and rkl only")
-        raise ValueError(f"method {config.method!r} cannot train from teacher_cache: {why}")
-    cache = teacher_cache.open_cache(path, expect={
-        "tokenizer": teacher_cache.tokenizer_fingerprint(tokenizer), "temperature": config.temperature,
-        "noise_sigma": config.noise_sigma, "mix_fingerprint": mix_fingerprint(train_examples),
-        "max_length": config.max_length})
-    if config.method not in cacheable_methods(cache.representation):
-        raise ValueError(f"method {config.method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
-                         f"{path} holds representation {cache.representation!r}")
-    return cache
 
 
 def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, output_dir: str | Path,
@@ -304,7 +198,10 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         train_examples, val_examples = split_train_val(train_examples, config.val_fraction, config.seed)
     if not train_examples:
         raise ValueError("no training examples")
-    cache = open_teacher_cache(teacher_cache, tokenizer, train_examples, config) if teacher_cache is not None else None
+    source = None  # the teacher source: the online model or the cache (kd_utils.teachers)
+    if teacher_cache is not None:
+        source = cache_store.open_for_training(teacher_cache, tokenizer, train_examples, config.method,
+                                               config.temperature, config.noise_sigma, config.max_length)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -336,9 +233,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                               num_training_steps=total_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
-        teacher = teacher.to(accelerator.device).eval()
+        source = OnlineTeacher(teacher, config.noise_sigma, config.seed, accelerator.device)
     device, pad_id = accelerator.device, tokenizer.pad_token_id
-    noise_gen = torch.Generator().manual_seed(config.seed + 1)
     policy_rng = random.Random(config.seed + 2)
 
     history: list[dict] = []
@@ -349,7 +245,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         accelerator.load_state(str(path / "state"))
         saved = json.loads((path / "trainer.json").read_text())
         history = saved["history"]
-        noise_gen.set_state(torch.tensor(saved["noise_gen"], dtype=torch.uint8))
+        if source is not None:
+            source.load_state(saved["teacher_source"])
         policy_rng.setstate(_as_tuple(saved["policy_rng"]))
         accelerator.print(f"resuming after epoch {start_epoch} from {path}")
     else:
@@ -363,7 +260,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         bar = tqdm(batches, desc=f"{config.method} epoch {epoch}/{config.epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)
         for micro in bar:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(micro, pad_id).items()}
+            batch = to_device(collate(micro, pad_id), device)
             if config.method == "gkd" and policy_rng.random() < config.lmbda:
                 batch = on_policy_batch(accelerator.unwrap_model(model), tokenizer, batch["prompts"], config, device)
             with accelerator.accumulate(model):
@@ -372,8 +269,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 loss, kd = ce, torch.zeros(())
                 if config.method in KD_METHODS:
                     with torch.no_grad():
-                        target = (cache.batch(batch, device) if cache is not None
-                                  else teacher_signal(forward(teacher, batch), config.noise_sigma, noise_gen))
+                        target = source.targets(batch, device)
                     kd = kd_loss(logits, target, distill_mask(batch, config), config, vocab_size)
                     loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
                 accelerator.backward(loss)
@@ -389,7 +285,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
                         "ce_loss": sums["ce"] / n, "kd_loss": sums["kd"] / n,
                         "val_loss": validation_loss(model, val_rows, config.micro_batch_size, pad_id, device)})
-        save_checkpoint(accelerator, model, tokenizer, output_dir, epoch, history, noise_gen, policy_rng, config)
+        save_checkpoint(accelerator, model, tokenizer, output_dir, epoch, history, source, policy_rng, config)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     final = output_dir / ("adapter" if config.lora else "model")
@@ -415,7 +311,7 @@ def save_trained(model, tokenizer, target: Path) -> None:
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int, history: list[dict],
-                    noise_gen: torch.Generator, policy_rng: random.Random, config: TrainConfig) -> None:
+                    source, policy_rng: random.Random, config: TrainConfig) -> None:
     """Everything needed to resume after ``epoch``; a ``done`` marker makes it complete."""
     path = output_dir / "checkpoints" / f"epoch-{epoch}"
     if accelerator.is_main_process:  # one process clears it, before any writes into it
@@ -424,34 +320,11 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int,
     accelerator.save_state(str(path / "state"))
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, path / ("adapter" if config.lora else "model"))
-        trainer = {"history": history, "noise_gen": noise_gen.get_state().tolist(),
+        trainer = {"history": history, "teacher_source": source.state() if source is not None else {},
                    "policy_rng": policy_rng.getstate(), "config": asdict(config)}
         write_atomic(path / "trainer.json", json.dumps(trainer))
         (path / "done").touch()
     accelerator.wait_for_everyone()
-
-
-def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,
-                       batch_size: int = 16) -> list[Example]:
-    """seqkd's training set: the same prompts with the teacher's greedy generations as rationales."""
-    prompts = [build_prompt(e.instruction, e.input) for e in examples]
-    outputs = generate(teacher, tokenizer, prompts, max_new_tokens, batch_size, desc="teacher rationales")
-    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out) for e, out in zip(examples, outputs)]
-
-
-def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens: int) -> list[Example]:
-    """seqkd's training set from the rationales stored in a teacher cache (same contract as teacher_rationales)."""
-    from kd_utils import teacher_cache
-
-    cache = teacher_cache.open_cache(path)
-    record = cache.manifest.get("rationales") or {}
-    differences = teacher_cache.field_differences(
-        {"max_new_tokens": record.get("max_new_tokens"), "mix_fingerprint": record.get("mix_fingerprint")},
-        {"max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples)})
-    if differences:
-        raise ValueError(f"the rationales in teacher cache {path} do not fit this run: " + "; ".join(differences))
-    texts = cache.rationales()
-    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, texts[e.id]) for e in examples]
 
 
 def run_training(model: str, output_dir: str | Path, method: str = "sft", domain: str = "math",
@@ -470,7 +343,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     """
     config = TrainConfig(method=method, **config).validate()
     from_cache = teacher_cache is not None
-    if from_cache and method not in (*SPARSE_KD_METHODS, "seqkd"):
+    if from_cache and method not in (*cache_store.SPARSE_KD_METHODS, "seqkd"):
         raise ValueError(f"method {method!r} cannot use teacher_cache: it serves fkl, rkl and seqkd"
                          + (" (gkd's on-policy batches need the online teacher)" if method == "gkd" else ""))
     needs_teacher = (method in KD_METHODS or method == "seqkd") and not from_cache
@@ -489,7 +362,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
         teacher_model, teacher_tok = load_model(teacher, adapter=teacher_adapter if task_aware_teacher else None,
                                                 merge_adapter=True)
     if method == "seqkd":
-        mix = (cached_rationales(teacher_cache, mix, seqkd_max_new_tokens) if from_cache else
+        mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens) if from_cache else
                teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4))
         teacher_model = teacher_cache = None
     student, tokenizer = load_model(base)
@@ -513,35 +386,6 @@ def launch_training(num_processes: int = 1, **params) -> dict:
 
     notebook_launcher(functools.partial(run_training, **params), num_processes=num_processes)
     return json.loads((Path(params["output_dir"]) / "train_summary.json").read_text())
-
-
-def run_from_params_file(function: Callable[..., dict], argv: list[str] | None, prog: str) -> dict:
-    """Call ``function(**params)`` with the arguments in a JSON / YAML file (the command-line
-    entry points that ``accelerate launch`` starts on every process).
-
-    PARAMS is a mapping of ``function``'s arguments, or a study run's ``params.json`` (its
-    ``resolved`` parameters are used); ``--output-dir`` overrides the output directory.
-    """
-    import argparse
-
-    import yaml
-
-    parser = argparse.ArgumentParser(prog=prog, description=(function.__doc__ or "").split("\n\n")[0])
-    parser.add_argument("params", type=Path, help=f"JSON/YAML file of {function.__name__} arguments, "
-                                                  "or a run's params.json")
-    parser.add_argument("--output-dir", default=None, help="override the params' output_dir")
-    args = parser.parse_args(argv)
-    if not args.params.is_file():
-        parser.error(f"params file {args.params} does not exist")
-    params = yaml.safe_load(args.params.read_text())  # YAML is a superset of JSON
-    if not isinstance(params, dict):
-        parser.error(f"{args.params} must hold a mapping of {function.__name__} arguments")
-    params = dict(params.get("resolved", params))
-    if args.output_dir:
-        params["output_dir"] = args.output_dir
-    if "output_dir" not in params:
-        parser.error(f"{args.params} has no output_dir (or pass --output-dir)")
-    return function(**params)
 
 
 def main(argv: list[str] | None = None) -> None:

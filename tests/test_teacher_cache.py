@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_utils import losses, models, teacher_cache, training
+from kd_utils import batches, losses, models, teacher_cache, teachers, training
 from kd_utils.data import Example, mix_fingerprint
 from kd_utils.models import ModelError
 
@@ -56,10 +56,10 @@ def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model
     cache = teacher_cache.open_cache(only_cache(summary))
     teacher, tok = models.load_model(tiny_model_dir)
     selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
-    rows = [training.tokenize_example(tok, e, 96) for e in selection.train[:3]]
-    batch = training.collate(rows, tok.pad_token_id)
+    rows = [batches.tokenize_example(tok, e, 96) for e in selection.train[:3]]
+    batch = batches.collate(rows, tok.pad_token_id)
     with torch.no_grad():
-        t_logits = training.forward(teacher, batch)[:, :-1]
+        t_logits = batches.forward(teacher, batch)[:, :-1]
     sparse = cache.batch(batch)
     assert sparse["topk_ids"].shape == (3, batch["input_ids"].shape[1] - 1, len(tok.get_vocab()))
     mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
@@ -74,7 +74,7 @@ def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model
         assert float(cached.detach()) == pytest.approx(float(dense.detach()), rel=2e-3)
         assert torch.allclose(g_cached, g_dense, atol=2e-4, rtol=1e-2)
     assert summary["positions"] == sum(len(r["input_ids"]) - 1 for r in
-                                       (training.tokenize_example(tok, e, 96) for e in selection.train))
+                                       (batches.tokenize_example(tok, e, 96) for e in selection.train))
 
 
 @pytest.mark.parametrize("fields", [{"representation": "sampled", "num_samples": 12},
@@ -222,10 +222,10 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
         teacher_cache.open_cache(path, {"representation": "topk"})
     # a batch whose tokens differ from the cached ones is refused too
     cache = teacher_cache.open_cache(path)
-    row = training.tokenize_example(tok, examples[0], 96)
+    row = batches.tokenize_example(tok, examples[0], 96)
     row["input_ids"] = row["input_ids"][:-2] + [row["input_ids"][-1]] * 2
     with pytest.raises(ValueError, match="input ids differ"):
-        cache.batch(training.collate([row], tok.pad_token_id))
+        cache.batch(batches.collate([row], tok.pad_token_id))
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -266,12 +266,12 @@ def test_teacher_cache_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path
     assert summary["method"] == "rkl" and summary["history"][-1]["kd_loss"] > 0
     # seqkd takes the teacher's generations from the cache
     examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
-    with_rationales = training.cached_rationales(cache, examples, 4)
+    with_rationales = teacher_cache.cached_rationales(cache, examples, 4)
     teacher, tok = models.load_model(tiny_model_dir)
-    online = training.teacher_rationales(teacher, tok, examples, max_new_tokens=4)
+    online = teachers.teacher_rationales(teacher, tok, examples, max_new_tokens=4)
     assert [e.rationale for e in with_rationales] == [e.rationale for e in online]
     with pytest.raises(ValueError, match="max_new_tokens: cache has 4, run expects 8"):
-        training.cached_rationales(cache, examples, 8)
+        teacher_cache.cached_rationales(cache, examples, 8)
 
 
 def test_a_run_finds_its_cache_among_a_stage_output_dirs(tiny_model_dir, data_dir, tmp_path):

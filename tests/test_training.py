@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 import torch
 
-from kd_utils import models, training
+from kd_utils import batches, models, teachers, training
 from kd_utils.data import Example
 from kd_utils.training import TrainConfig
 
@@ -77,7 +77,7 @@ def test_distillation_trains_without_nan_and_kd_loss_decreases(tiny_model_dir, m
 
 def test_seqkd_uses_teacher_generations(tiny_model_dir, mix):
     teacher, tok = models.load_model(tiny_model_dir)
-    rewritten = training.teacher_rationales(teacher, tok, mix[:3], max_new_tokens=5, batch_size=2)
+    rewritten = teachers.teacher_rationales(teacher, tok, mix[:3], max_new_tokens=5, batch_size=2)
     assert [e.id for e in rewritten] == [e.id for e in mix[:3]] and all(e.rationale is not None for e in rewritten)
 
 
@@ -107,11 +107,11 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir, tiny_corpus, mix, tmp_pat
 
 def test_prompt_tokens_are_masked_from_the_labels(tiny_model_dir, mix):
     tok = models.load_tokenizer(tiny_model_dir)
-    row = training.tokenize_example(tok, mix[0], 256)
+    row = batches.tokenize_example(tok, mix[0], 256)
     n_prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
     assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert row["input_ids"][-1] == tok.eos_token_id
-    batch = training.collate([row, training.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
+    batch = batches.collate([row, batches.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
     paper = training.distill_mask(batch, TrainConfig(method="fkl"))
     response = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
     assert paper.sum() > response.sum() > 0 and not (response & ~paper).any()
@@ -160,7 +160,7 @@ def test_script_entry_point_runs_a_study_runs_params_file(tiny_model_dir, data_d
 
 def test_validation_loss_skips_batches_without_labelled_tokens(tiny_model_dir, mix):
     model, tok = models.load_model(tiny_model_dir)
-    rows = [training.tokenize_example(tok, e, 96) for e in mix[:2]]
+    rows = [batches.tokenize_example(tok, e, 96) for e in mix[:2]]
     cut = [{**r, "labels": [-100] * len(r["labels"])} for r in rows]  # prompts cut before their response
     loss = partial(training.validation_loss, model, micro_batch_size=2, pad_id=tok.pad_token_id, device="cpu")
     assert not math.isnan(loss(rows))

@@ -1,0 +1,67 @@
+"""The teacher side of distillation: tokenizer checks, the online teacher, teacher generations.
+
+Training consumes a *teacher source*, an object with ``targets(batch, device)`` (the teacher's
+output for a batch, in the form ``training.kd_loss`` takes) and ``state()`` /
+``load_state(state)`` (what a resumed run must restore). Two exist: :class:`OnlineTeacher`
+here (dense logits from the model on every batch) and ``teacher_cache.TeacherCache`` (sparse
+targets read from disk).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kd_utils.batches import forward
+from kd_utils.data import Example
+from kd_utils.evaluation import generate
+from kd_utils.tasks import build_prompt
+
+
+def check_same_tokenizer(student_tokenizer, teacher_tokenizer) -> int:
+    """Teacher and student must share a vocabulary; returns its size (embedding rows beyond it are padding)."""
+    s_vocab, t_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s_vocab != t_vocab:
+        only_s, only_t = len(s_vocab.keys() - t_vocab.keys()), len(t_vocab.keys() - s_vocab.keys())
+        raise ValueError(f"teacher and student tokenizers differ (student {len(s_vocab)} tokens, teacher "
+                         f"{len(t_vocab)}; {only_s} only in the student, {only_t} only in the teacher, or ids "
+                         "differ). KD needs a shared tokenizer: pick models of the same family.")
+    for name in ("eos_token_id", "pad_token_id"):
+        if getattr(student_tokenizer, name) != getattr(teacher_tokenizer, name):
+            raise ValueError(f"teacher and student tokenizers differ in {name}")
+    return len(s_vocab)
+
+
+def teacher_signal(teacher_logits: torch.Tensor, noise_sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The teacher's logits, with fresh Gaussian noise of std ``noise_sigma`` (the noise ablation)."""
+    if noise_sigma == 0:
+        return teacher_logits
+    noise = torch.randn(teacher_logits.shape, generator=generator, device="cpu").to(teacher_logits)
+    return teacher_logits + noise_sigma * noise
+
+
+class OnlineTeacher:
+    """The teacher model run on every batch; with ``noise_sigma`` > 0, fresh noise on its logits at every step."""
+
+    def __init__(self, model, noise_sigma: float = 0.0, seed: int = 0, device=None):
+        self.model = (model.to(device) if device is not None else model).eval()
+        self.noise_sigma = noise_sigma
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    @torch.no_grad()
+    def targets(self, batch: dict, device=None) -> torch.Tensor:
+        """Dense teacher logits [B, T, V] for the batch (noise added)."""
+        return teacher_signal(forward(self.model, batch), self.noise_sigma, self.generator)
+
+    def state(self) -> dict:
+        return {"noise_gen": self.generator.get_state().tolist()}
+
+    def load_state(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["noise_gen"], dtype=torch.uint8))
+
+
+def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,
+                       batch_size: int = 16) -> list[Example]:
+    """seqkd's training set: the same prompts with the teacher's greedy generations as rationales."""
+    prompts = [build_prompt(e.instruction, e.input) for e in examples]
+    outputs = generate(teacher, tokenizer, prompts, max_new_tokens, batch_size, desc="teacher rationales")
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out) for e, out in zip(examples, outputs)]
