@@ -123,10 +123,23 @@ def test_cache_is_used_when_nothing_else_is_there(local_server, tmp_path, monkey
     assert len(examples) == 1 and (tmp_path / "kdcache" / "data" / "llm-adapters" / "SVAMP" / "test.json").is_file()
 
 
+def test_tampered_download_of_the_right_size_is_refused(local_server, tmp_path):
+    """The mirror serves other bytes of the same length: only the sha256 can tell."""
+    url, payload = local_server
+    rel = "llm-adapters/SVAMP/test.json"
+    original = payload.replace(b'"1"', b'"2"')
+    assert len(original) == len(payload) and original != payload
+    manifest = {rel: (len(original), hashlib.sha256(original).hexdigest())}
+    with pytest.raises(data.DataError, match="checksum"):
+        data.download_file(rel, tmp_path / "cache", mirror=url, manifest=manifest)
+    assert not (tmp_path / "cache" / rel).exists()
+
+
 def test_shared_data_matches_the_manifest():
     root = data.PROJECT_ROOT.parent / "shared" / "data"
     if not root.is_dir():
         pytest.skip("../shared/data is not beside the project")
     for rel, expected in data.MANIFEST.items():
         if expected is not None:
-            assert (root / rel).stat().st_size == expected[0], rel
+            content = (root / rel).read_bytes()
+            assert (len(content), hashlib.sha256(content).hexdigest()) == expected, rel
