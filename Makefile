@@ -8,7 +8,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 STUDY ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup study test clean
+.PHONY: setup study test mutation clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,15 @@ study: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# Mutation testing (not part of `make test`): scores per module, see tests/mutation/run.py.
+# MUTATION_ARGS: module names (tasks, losses, ...), --survivors, --max-children N.
+MUTMUT_SPEC ?= mutmut==3.8.1
+MUTATION_ARGS ?=
+mutation: setup
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "$(MUTMUT_SPEC)"
+	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
+	$(PY) tests/mutation/issue_mutants.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
