@@ -27,7 +27,7 @@ def mix():
              ("6 birds sit and 9 more arrive. How many birds?", "6 + 9 = 15. The answer is 15."),
              ("Mike reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30. The answer is 30.")]
     return [Example(f"m-{i}", "gsm8k", "math", q, "", a.split()[-1].rstrip("."), a) for i, (q, a) in
-            enumerate(facts * 4)]
+            enumerate(facts * 2)]
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import math
 import re
 
+import pandas as pd
 import pytest
 from scipy.stats import norm
 
@@ -151,3 +152,56 @@ def test_accuracy_summary_keys_and_empty_task():
     empty = accuracy_summary(0, 0)
     assert empty["n"] == 0 and empty["correct"] == 0
     assert all(math.isnan(empty[k]) for k in ("accuracy", "ci_low", "ci_high"))
+
+
+# ---- the evaluation notebook on a model whose outputs are known
+
+SCRIPTED_ANSWER = "The answer is 7. true"  # what the scripted model says to every prompt
+NOTEBOOK_CASES = {  # (label, correct for SCRIPTED_ANSWER)
+    "gsm8k": [("7", True), ("7.0009", True), ("7.0011", False), ("15", False)],
+    "boolq": [("true", True), ("false", False), ("true", True)],
+}
+
+
+@pytest.mark.slow
+def test_evaluate_notebook_scores_a_model_with_known_outputs(tiny_model_dir, tmp_path):
+    """evaluate.ipynb's metrics, predictions and displayed table against values computed here:
+    the model's greedy outputs (plain transformers, one prompt at a time), and verdicts chosen
+    with the answers."""
+    import papermill as pm
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from known_outputs import scripted_model_dir
+    from test_evaluation import NOTEBOOKS
+
+    model_dir = scripted_model_dir(tiny_model_dir, tmp_path / "scripted", SCRIPTED_ANSWER, "### Response:\n")
+    for task_id, rows in NOTEBOOK_CASES.items():
+        write_test_file(tmp_path / "data", task_id, [(label, None, None) for label, _ in rows])
+    out = tmp_path / "eval"
+    executed = pm.execute_notebook(
+        str(NOTEBOOKS / "evaluate.ipynb"), str(tmp_path / "evaluate.ipynb"), progress_bar=False, kernel_name="python3",
+        parameters={"model": str(model_dir), "tasks": list(NOTEBOOK_CASES), "n_per_task": None, "batch_size": 2,
+                    "max_new_tokens_math": 12, "max_new_tokens_commonsense": 12, "data_dir": str(tmp_path / "data"),
+                    "output_dir": str(out)})
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModelForCausalLM.from_pretrained(model_dir)
+    for task_id, rows in NOTEBOOK_CASES.items():
+        records = evaluation.read_predictions(out / "predictions" / f"{task_id}.jsonl")
+        assert [r["answer"] for r in records] == [label for label, _ in rows]
+        assert [r["correct"] for r in records] == [correct for _, correct in rows]
+        for i, record in enumerate(records):
+            assert record["prompt"].endswith(f"### Instruction:\nitem {i}: what is it?\n\n### Response:\n")
+            enc = tokenizer(record["prompt"], return_tensors="pt")
+            with torch.no_grad():
+                ids = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            own = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+            assert own == record["output"] == SCRIPTED_ANSWER
+
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert metrics[["task", "n", "correct"]].values.tolist() == [["gsm8k", 4, 2], ["boolq", 3, 2]]
+    assert metrics["accuracy"].tolist() == pytest.approx([50.0, 200 / 3])
+    table = next(o["data"]["text/plain"] for c in executed.cells if "".join(c.source).strip() == "metrics.round(2)"
+                 for o in c.get("outputs", []) if "data" in o)
+    shown = [line.split()[1:6] for line in table.splitlines()[1:]]
+    assert shown == [["gsm8k", "math", "4", "2", "50.00"], ["boolq", "commonsense", "3", "2", "66.67"]]

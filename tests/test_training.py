@@ -135,6 +135,12 @@ def test_finetune_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
     summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert summary["method"] == "rkl" and summary["base_model"].endswith("student-tiny-L1")
     assert (tmp_path / "student" / "figures" / "losses.png").is_file()
+    # values recomputed from the inputs: the fixture's 9 GSM8K rows less 1 planted duplicate, 2 held out, 6 / 2 = 3 steps
+    from known_outputs import check_training_notebook
+
+    for executed, run, base in (("ft.ipynb", "teacher", tiny_model_dir), ("kd.ipynb", "student", summary["base_model"])):
+        checked = check_training_notebook(tmp_path / executed, tmp_path / run, base, data_dir, 0.25, 96)
+        assert checked["n_train"] == 8 and [h["step"] for h in checked["history"]] == [0, 3]
 
 
 @pytest.mark.slow
