@@ -1,12 +1,15 @@
 """Mutation testing, one module at a time, each against the tests that judge it (``make mutation``).
 
-    .venv/bin/python tests/mutation/run.py [MODULE ...] [--survivors] [--max-children N]
+    .venv/bin/python tests/mutation/run.py [MODULE ...] [--survivors | --estimate] [--max-children N]
 
 MODULE is a file named in ``[tool.kd_study.mutation.modules]`` of pyproject.toml or its stem
 (``tasks``, ``losses``); default: all of them. Each runs mutmut (``[tool.mutmut]``) in a scratch
 copy of the project, ``outputs/mutation/<stem>/``, with ``only_mutate`` set to the module and the
 test selection set to its tests. ``--survivors`` reuses the last run there and re-tests only the
 mutants it did not detect (after adding tests); without it every mutant is tested afresh.
+``--estimate`` stops after mutmut has mapped the tests to the functions they call and prints
+how long testing every mutant would take at most (each one running all the tests that call its
+function, as if it survived; killed mutants stop at their first failing test).
 
 The score of a module is the share of its mutants that its tests detect (killed, timed out or
 crashed), leaving out the mutants listed as equivalent in ``tests/mutation/equivalent.txt``.
@@ -31,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 COPIED = ("kd_utils", "tests", "notebooks", "params")
 DETECTED = {"killed", "timeout", "segfault", "caught by type check"}
+PER_MUTANT_SECONDS = 0.8  # a forked pytest session per mutant, measured on tasks.py (122 mutants, 2 workers, 50 s)
 
 
 @dataclass
@@ -131,13 +135,12 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
     if survivors_only and previous and not rerun:
         print(f"{module}: no undetected mutants from the last run to re-test")
     prepare_scratch(module, tests, settings["mutmut"], scratch, fresh=not survivors_only)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *rerun]
     print(f"{module}: mutmut against {' '.join(tests)} in {scratch.relative_to(ROOT)}", flush=True)
     log = scratch / "mutmut-run.log"  # mutmut's progress, written as it runs
     start = time.perf_counter()
     with open(log, "w") as out:
-        done = subprocess.run(command, cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(command, cwd=scratch, env=mutmut_env(), stdout=out, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); its output is in {log}:\n"
@@ -159,6 +162,47 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
                 result.stale.append(f"{name}: listed as '{listed.line}', now '{line}'")
             result.undetected.append((name, status, line))
     return result
+
+
+def estimate_module(module: str, tests: list[str], settings: dict, max_children: int) -> None:
+    """Run mutmut until its stats are written, stop it, and print the worst-case run time."""
+    import signal
+
+    from mutmut.utils.format_utils import mangled_name_from_mutant_name
+
+    scratch = ROOT / "outputs" / "mutation" / f"{Path(module).stem}-estimate"
+    prepare_scratch(module, tests, settings["mutmut"], scratch, fresh=True)
+    stats_file = scratch / "mutants" / "mutmut-stats.json"
+    start = time.perf_counter()
+    with open(scratch / "mutmut-run.log", "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children)],
+                                   cwd=scratch, env=mutmut_env(), stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        stats: dict = {}
+        while process.poll() is None and not stats.get("tests_by_mangled_function_name"):
+            time.sleep(2)
+            try:
+                stats = json.loads(stats_file.read_text())
+            except (OSError, ValueError):
+                stats = {}
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # its own session: mutmut and the workers it forked
+        process.wait()
+    if not stats.get("tests_by_mangled_function_name"):
+        raise SystemExit(f"mutmut stopped before its stats on {module}: see {scratch / 'mutmut-run.log'}")
+    durations, by_function = stats["duration_by_test"], stats["tests_by_mangled_function_name"]
+    names = list(mutant_results(scratch, module))
+    worst = [sum(durations.get(t, 0.0) for t in by_function.get(mangled_name_from_mutant_name(n), ())) for n in names]
+    untested = sum(1 for w in worst if w == 0)
+    overhead = PER_MUTANT_SECONDS * (len(names) - untested) / max_children / 60
+    print(f"{module}: {len(names)} mutants ({untested} without tests), its tests take {sum(durations.values()):.0f} s "
+          f"(stats took {time.perf_counter() - start:.0f} s); testing every mutant on {max_children} workers takes "
+          f"{overhead:.0f} min of per-mutant overhead plus at most {sum(worst) / max_children / 60:.0f} min of tests")
+
+
+def mutmut_env() -> dict[str, str]:
+    # one thread per worker: nothing for a fork to inherit from torch's thread pool, no oversubscription
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def report(results: list[ModuleScore], fail_under: float) -> bool:
@@ -188,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     modules: dict[str, list[str]] = settings["modules"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help=f"default: all of {', '.join(Path(m).stem for m in modules)}")
-    parser.add_argument("--survivors", action="store_true", help="re-test only the last run's undetected mutants")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--survivors", action="store_true", help="re-test only the last run's undetected mutants")
+    mode.add_argument("--estimate", action="store_true", help="print each module's worst-case run time, test nothing")
     parser.add_argument("--max-children", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args(argv)
     by_stem = {Path(m).stem: m for m in modules}
@@ -196,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown module {', '.join(unknown)}; known: {', '.join(by_stem)}")
     chosen = [by_stem.get(m, m) for m in args.modules] or list(modules)
+    if args.estimate:
+        for m in chosen:
+            estimate_module(m, modules[m], settings, args.max_children)
+        return 0
     equivalents = read_equivalents(ROOT / settings["equivalent"])
     results = [run_module(m, modules[m], settings, equivalents, args.survivors, args.max_children) for m in chosen]
     return 0 if report(results, settings["fail_under"]) else 1
