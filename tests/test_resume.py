@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from kd_utils import models, training
-from kd_utils.data import Example
 from kd_utils.training import TrainConfig
+from test_training import mix  # noqa: F401 (the training tests' examples, a fixture)
 
 
 class Killed(Exception):
@@ -18,16 +18,6 @@ class Killed(Exception):
 def kill_after_epoch(epoch: int) -> None:
     if epoch == 1:
         raise Killed()
-
-
-@pytest.fixture(scope="module")
-def mix():
-    facts = [("Tom has 3 apples and buys 4 more. How many apples?", "3 + 4 = 7. The answer is 7."),
-             ("A box has 12 pens and 5 are taken. How many pens are left?", "12 - 5 = 7. The answer is 7."),
-             ("6 birds sit and 9 more arrive. How many birds?", "6 + 9 = 15. The answer is 15."),
-             ("Mike reads 10 pages a day for 3 days. How many pages?", "10 * 3 = 30. The answer is 30.")]
-    return [Example(f"m-{i}", "gsm8k", "math", q, "", a.split()[-1].rstrip("."), a) for i, (q, a) in
-            enumerate(facts * 2)]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +43,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, stud
     def run(name: str, **kwargs) -> dict:
         teacher, tok = models.load_model(tiny_model_dir)
         student, _ = models.load_model(student_dir)
-        return training.train(student, tok, mix, config, tmp_path / name, teacher=teacher, teacher_tokenizer=tok,
+        return training.train(student, tok, mix[:8], config, tmp_path / name, teacher=teacher, teacher_tokenizer=tok,
                               **kwargs)
 
     full = run("full")

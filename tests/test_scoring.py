@@ -61,20 +61,13 @@ LABEL_CASES = [  # boolq: the first label word, case-sensitive substring search
 ]
 
 
-@pytest.mark.parametrize("label, output, correct", NUMERIC_CASES)
-def test_numeric_verdicts(label, output, correct):
-    assert is_correct("gsm8k", output, label) is correct
-    assert is_correct("svamp", output, float(label)) is correct  # a float label gives the same verdict
-
-
-@pytest.mark.parametrize("label, output, correct", LETTER_CASES)
-def test_letter_verdicts(label, output, correct):
-    assert is_correct("aqua", output, label) is correct
-
-
-@pytest.mark.parametrize("label, output, correct", LABEL_CASES)
-def test_label_verdicts(label, output, correct):
-    assert is_correct("boolq", output, label) is correct
+@pytest.mark.parametrize("task, label, output, correct", [
+    *(("gsm8k", *case) for case in NUMERIC_CASES), *(("aqua", *case) for case in LETTER_CASES),
+    *(("boolq", *case) for case in LABEL_CASES)])
+def test_verdicts(task, label, output, correct):
+    assert is_correct(task, output, label) is correct
+    if task == "gsm8k":
+        assert is_correct("svamp", output, float(label)) is correct  # a float label gives the same verdict
 
 
 def write_test_file(root, task_id: str, cases) -> None:

@@ -35,7 +35,7 @@ MUTANTS = [
     Mutant("is_correct relative tolerance", "kd_utils/tasks.py",
            "return abs(float(answer) - pred) <= 0.001",
            "return abs(float(answer) - pred) <= 0.001 * abs(float(answer))",
-           ("tests/test_scoring.py::test_numeric_verdicts",)),
+           ("tests/test_scoring.py::test_verdicts",)),
     Mutant("distill_mask labels[:, :-1] (response path)", "kd_utils/training.py",
            'batch["labels"][:, 1:] != -100 if response_only', 'batch["labels"][:, :-1] != -100 if response_only',
            ("tests/test_training_signal.py::test_distill_mask_positions",)),
