@@ -45,7 +45,7 @@ def size_label(billions: float) -> str:
     return f"{billions:.2g} B"
 
 
-def pair_title(teacher: str, student: str, width: int = 32) -> str:
+def pair_title(teacher: str, student: str, width: int = 40) -> str:
     """A teacher -> student panel title on two lines, long names wrapped, so neighbouring titles do not collide."""
     return "\n".join(textwrap.wrap(teacher, width) + textwrap.wrap(f"-> {student}", width))
 

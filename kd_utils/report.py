@@ -254,14 +254,15 @@ def study_banner(results: pd.DataFrame, improvements: pd.DataFrame, power: Itera
     """
     students = results[(results["role"] == "student") & (results["task"] != "average")]
     n = students["n"].median() if "n" in students and students["n"].notna().any() else math.nan
+    tests = "tests" if power is not None else "H1 t-tests over teacher-student pairs (one per domain)"
     powers = [p for p in (design_power(improvements) if power is None else power) if pd.notna(p)]
     low_power = [p for p in powers if p < ADEQUATE_POWER]
     tiny = pd.notna(n) and n < small_n
     if not tiny and not low_power:
         return None
-    pairs = _pairs_per_domain(improvements)
-    design = (f"{students['model'].nunique()} student(s), {int(pairs.sum())} teacher-student pair(s)"
-              + (f", a median of {n:g} test examples per task" if pd.notna(n) else ""))
+    pairs = ", ".join(f"{count} in {domain}" for domain, count in _pairs_per_domain(improvements).items())
+    design = (f"{students['model'].nunique()} student(s), teacher-student pairs: {pairs or 'none'}"
+              + (f"; a median of {n:g} test examples per task" if pd.notna(n) else ""))
     parts = []
     if tiny:
         half, noise, detectable = _sampling_scale(int(n))
@@ -276,7 +277,7 @@ def study_banner(results: pd.DataFrame, improvements: pd.DataFrame, power: Itera
     else:
         parts.append(f"<p><b>Few units per test.</b> This analysis has {design}.</p>")
     if low_power:
-        parts.append(f"<p>{len(low_power)} of {len(powers)} tests have power below {ADEQUATE_POWER} (as low as "
+        parts.append(f"<p>{len(low_power)} of {len(powers)} {tests} have power below {ADEQUATE_POWER} (as low as "
                      f"{min(low_power):.2f}) to detect a medium effect: their non-significant results are not "
                      "evidence of no effect.</p>")
     return HTML("<div class=\"kd-banner\">" + "".join(parts) + "</div>")
