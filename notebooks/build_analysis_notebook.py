@@ -75,7 +75,10 @@ provenance = report.provenance(
     paper_dir=None if study_mode else paper_results_dir,
     model_sizes=st.load_model_sizes(models_csv) if study_mode and models_csv.is_file() else None)
 write_atomic(output_dir / "provenance.json", json.dumps(provenance, indent=1, default=str))
-banner = report.study_banner(results, improvements, description=provenance["study_parameters"].get("description", ""))
+design = report.study_design(results, improvements)
+design.to_csv(output_dir / "study_design.csv", index=False)
+banner = report.study_banner(design, description=provenance["study_parameters"].get("description", ""),
+                             design_href=report.link(output_dir / "study_design.csv", report_dir))
 if banner is not None:
     display(banner)
 display(report.provenance_html(provenance, report.link(output_dir / "provenance.json", report_dir)))

@@ -77,23 +77,25 @@ def test_notebook_to_html_title_from_the_first_heading_and_print_stylesheet(tmp_
 # ---- banner -------------------------------------------------------------------------------------
 
 def test_banner_for_a_tiny_study_gives_the_numbers_to_expect():
-    banner = report.study_banner(_results(n=6), _improvements(), power=[0.9], description="Embedded teacher.")
-    text = banner.data
+    design = report.study_design(_results(n=6), _improvements())
+    assert list(design["pairs"]) == [2, 2] and list(design["zero_accuracies"]) == [0, 4]
+    text = report.study_banner(design, power=[0.9], description="Embedded teacher.").data
     assert "A tiny study" in text and "Embedded teacher." in text and "n = 6" in text
     # at n = 6 and 50%: Wilson interval of 3/6 is 18.8%-81.2% (+-31); 2 sd of a difference of two
     # independent accuracies = 2 * 100 * sqrt(2 * 0.25 / 6) = 57.7; 80% power needs (1.96 + 0.84) * 28.9 = 81
     assert "&plusmn;31 points" in text and "&plusmn;58 points" in text and "about 81 points" in text
     assert "every student scores 0% on every commonsense task" in text
-    assert "2 student(s)" in text and "2 in math, 2 in commonsense" in text
+    assert "2 student(s)" in text and "pairs: 2 in math, 2 in commonsense" in text
     assert "power below" not in text  # the given power is adequate
 
 
 def test_banner_from_low_power_alone_and_none_for_a_large_well_powered_study():
-    assert report.study_banner(_results(n=1000), _improvements(), power=[0.85, 0.97]) is None
-    text = report.study_banner(_results(n=1000), _improvements(), power=[0.85, 0.31]).data
+    design = report.study_design(_results(n=1000), _improvements())
+    assert report.study_banner(design, power=[0.85, 0.97]) is None
+    text = report.study_banner(design, power=[0.85, 0.31]).data
     assert "Few units per test" in text and "1 of 2 tests have power below 0.8 (as low as 0.31)" in text
     # no power given: the H1 t-test over 2 pairs per domain, far below 0.8
-    assert "H1 t-tests over teacher-student pairs" in report.study_banner(_results(n=1000), _improvements()).data
+    assert "H1 t-tests over teacher-student pairs" in report.study_banner(design).data
 
 
 # ---- provenance ---------------------------------------------------------------------------------
@@ -155,19 +157,25 @@ def test_make_paper_takes_the_results_from_the_data_directory_lookup(tmp_path, m
 
 # ---- findings -----------------------------------------------------------------------------------
 
+NAN = float("nan")
+# the inference issue's verdict schema (kd_utils.statistics.verdicts), with the paper-mode columns
 VERDICTS = pd.DataFrame([
-    {"domain": "math", "hypothesis": "H1", "claim": "KD improves students over their SFT baseline",
-     "estimate": 3.214, "ci_low": 1.05, "ci_high": 5.4, "pvalue": 0.0004, "power": 0.93, "n": 9, "unit": "pairs",
-     "estimate_label": "mean improvement (pp)", "verdict": "supported",
-     "paper_conclusion": "KD improves small students", "survives": True},
-    {"domain": "math", "hypothesis": "H2", "claim": "better teachers give larger gains",
-     "estimate": 0.05, "ci_low": -0.31, "ci_high": 0.4, "pvalue": 0.61, "power": 0.85, "n": 30, "unit": "pairs",
-     "estimate_label": "", "verdict": "not supported",
-     "paper_conclusion": "teacher accuracy barely predicts gains", "survives": "consistent with the paper"},
-    {"domain": "commonsense", "hypothesis": "H3", "claim": "smaller students gain more",
-     "estimate": float("nan"), "ci_low": float("nan"), "ci_high": float("nan"), "pvalue": float("nan"),
-     "power": float("nan"), "n": 2, "unit": "students", "estimate_label": "", "verdict": "not testable",
-     "paper_conclusion": "smaller students gain more", "survives": False},
+    {"domain": "math", "hypothesis": "H1_improvement_ttest", "claim": "KD improves the student over its SFT baseline",
+     "test": "one-sided t-test over teacher-student pairs", "unit": "pairs", "n": 9,
+     "estimate_label": "mean improvement (pp)", "estimate": 3.214, "ci_low": 1.05, "ci_high": 5.4,
+     "pvalue": 0.0004, "pvalue_holm": 0.0012, "power": 0.93, "effect_of_interest": "a 3-point gain",
+     "verdict": "supported", "reason": "p (Holm) = 0.0012 < 0.05",
+     "paper_conclusion": "KD improves small students", "survives": "yes"},
+    {"domain": "math", "hypothesis": "H2_teacher_performance", "claim": "the gain depends on the teacher's accuracy",
+     "test": "Spearman over pairs, permutation p", "unit": "pairs", "n": 30, "estimate_label": "Spearman rho",
+     "estimate": 0.05, "ci_low": -0.21, "ci_high": 0.25, "pvalue": 0.61, "pvalue_holm": 1.0, "power": 0.85,
+     "effect_of_interest": "|rho| = 0.3", "verdict": "not supported",
+     "reason": "p (Holm) = 1; the 95% interval excludes |rho| = 0.3",
+     "paper_conclusion": "teacher accuracy barely predicts gains", "survives": True},
+    {"domain": "commonsense", "hypothesis": "H3_student_size", "claim": "the gain depends on student size",
+     "test": "", "unit": "students", "n": 2, "estimate_label": "", "estimate": NAN, "ci_low": NAN, "ci_high": NAN,
+     "pvalue": NAN, "pvalue_holm": NAN, "power": NAN, "effect_of_interest": NAN, "verdict": "not testable",
+     "reason": "not testable: 2 point(s) < 3", "paper_conclusion": "smaller students gain more", "survives": False},
 ])
 
 
@@ -178,29 +186,33 @@ def _blocks(body: str) -> list[str]:
 def test_findings_block_renders_each_verdict_with_its_numbers():
     body = report.findings_block(VERDICTS).data
     supported, not_supported, not_testable = _blocks(body)
-    assert supported.startswith("kd-supported") and "SUPPORTED" not in supported
-    assert "<b>H1</b>: KD improves students over their SFT baseline" in supported
-    assert "<span class=\"kd-verdict\">supported</span>" in supported
-    assert "mean improvement (pp) +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001, power 0.93; n = 9 pairs." in supported
-    assert "The paper: KD improves small students &mdash; <b>survives the valid procedure</b>" in supported
+    assert supported.startswith("kd-supported")
+    assert "<b>H1_improvement_ttest</b>: KD improves the student over its SFT baseline" in supported
+    assert "<span class=\"kd-verdict\">supported</span> <span class=\"kd-meta\">(p (Holm) = 0.0012 &lt; 0.05)" in supported
+    assert ("mean improvement (pp) +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001 (Holm = 0.001), power 0.93 for a "
+            "3-point gain; n = 9 pairs.") in supported
+    assert "Test: one-sided t-test over teacher-student pairs." in supported
+    assert "The paper: KD improves small students &mdash; <b>survives the valid procedure? yes</b>" in supported
     assert not_supported.startswith("kd-not-supported")
-    assert "Spearman rho +0.05 (95% CI -0.31 to +0.40); p = 0.610, power 0.85; n = 30 pairs." in not_supported
-    assert "<b>consistent with the paper</b>" in not_supported
+    assert "Spearman rho +0.05 (95% CI -0.21 to +0.25); p = 0.610 (Holm = 1.000), power 0.85 for |rho| = 0.3" \
+        in not_supported
+    assert "<b>survives the valid procedure</b>" in not_supported
     assert not_testable.startswith("kd-not-testable")
-    assert "no estimate; p not computed; n = 2 students." in not_testable
+    assert "no estimate; p not computed; n = 2 students." in not_testable and "Test:" not in not_testable
     assert "<b>does not survive the valid procedure</b>" in not_testable
     assert body.index("<h3>math</h3>") < body.index("<h3>commonsense</h3>")
     can_say = body.split("What this study can and cannot say.</b>")[1]
-    assert "It finds evidence for H1 (math)." in can_say
-    assert "it finds none in H2 (math)" in can_say
-    assert "It cannot test H3 (commonsense: n = 2 students)" in can_say
+    assert "It finds evidence for H1_improvement_ttest (math)." in can_say
+    assert "or finds the opposite, in H2_teacher_performance (math)." in can_say
+    assert "It cannot test H3_student_size (commonsense: n = 2 students)" in can_say
     assert "2 of 2 tests have power of at least 0.8." in can_say
 
 
-def test_findings_block_without_paper_columns_and_bad_tables():
-    study = VERDICTS.drop(columns=["paper_conclusion", "survives", "estimate_label", "unit"])
+def test_findings_block_with_the_required_columns_only_and_bad_tables():
+    study = VERDICTS[list(report.VERDICT_COLUMNS)]
     body = report.findings_block(study).data
-    assert "The paper" not in body and "n = 9." in body and "mean improvement (pp) +3.21" in body
+    assert "The paper" not in body and "Test:" not in body and "kd-meta" not in body
+    assert "estimate +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001, power 0.93; n = 9." in body
     with pytest.raises(ValueError, match="lacks column.*power"):
         report.findings_block(study.drop(columns="power"))
     with pytest.raises(ValueError, match="unknown verdict.*'proven'"):
@@ -274,7 +286,7 @@ def test_study_report_tables_in_view_are_short_and_links_resolve(study_report):
     assert parser.tables and max(parser.tables) <= 40, parser.tables
     csv_links = [h for h in parser.hrefs if h and h.endswith((".csv", ".json"))]
     assert {"analysis/improvements.csv", "analysis/mcnemar.csv", "analysis/fidelity.csv",
-            "analysis/provenance.json"} <= set(csv_links)
+            "analysis/provenance.json", "analysis/study_design.csv"} <= set(csv_links)
     for href in csv_links:
         assert (html_path.parent / href).is_file(), href
     assert "<th>run_id</th>" not in text and "<th>teacher_run_id</th>" not in text
