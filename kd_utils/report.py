@@ -197,9 +197,7 @@ def fold(frame: pd.DataFrame, summary: str, csv: str | Path | None = None,
 def improvement_summary(improvements: pd.DataFrame) -> pd.DataFrame:
     """The average improvement (pp) of every teacher -> student pair, a column per method, with the bootstrap
     interval where the table has one: the short view of improvements.csv's ``average`` rows."""
-    rows = improvements[improvements["task"] == "average"] if (improvements["task"] == "average").any() \
-        else improvements.groupby(["domain", "teacher", "student", "method"], sort=False, as_index=False).mean(
-            numeric_only=True)
+    rows = improvements[improvements["task"] == "average"]
     has_ci = "ci_low" in rows and rows["ci_low"].notna().any()
 
     def cell(row: pd.Series) -> str:
@@ -234,17 +232,18 @@ def _sampling_scale(n: float) -> dict:
 
 def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFrame:
     """Per domain, the numbers the banner is made of (the notebook writes them to study_design.csv):
-    students, teacher-student pairs, the median n per task of the student runs, the power of the H1
-    t-test over the pairs to detect a medium effect (d = 0.5), what sampling alone does at that n
-    (:func:`_sampling_scale`), and how many student accuracies are 0."""
+    students with an improvement (KD and SFT runs), teacher-student pairs, the median n per task of the
+    student runs, the power of the H1 t-test over the pairs to detect a medium effect (d = 0.5), what
+    sampling alone does at that n (:func:`_sampling_scale`), and how many student accuracies are 0."""
     from kd_utils.statistics import medium_effect_power
 
     students = results[(results["role"] == "student") & (results["task"] != "average")]
     rows = []
     for domain, runs in students.groupby("domain", sort=False):
-        pairs = len(improvements.loc[improvements["domain"] == domain, ["teacher", "student"]].drop_duplicates())
+        compared = improvements.loc[improvements["domain"] == domain, ["teacher", "student"]].drop_duplicates()
+        pairs = len(compared)
         n = runs["n"].median() if "n" in runs and runs["n"].notna().any() else math.nan
-        rows.append({"domain": domain, "students": runs["model"].nunique(), "pairs": pairs, "n_per_task": n,
+        rows.append({"domain": domain, "students": compared["student"].nunique(), "pairs": pairs, "n_per_task": n,
                      "h1_power_medium_effect": medium_effect_power("ttest", pairs) if pairs >= 2 else 0.0,
                      **_sampling_scale(n), "student_accuracies": len(runs),
                      "zero_accuracies": int((runs["accuracy"] == 0).sum())})
@@ -268,7 +267,7 @@ def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, des
         return None
     pairs = ", ".join(f"{r.pairs} in {r.domain}" for r in design.itertuples())
     n_text = ", ".join(f"{r.n_per_task:g} in {r.domain}" for r in sizes.itertuples())
-    facts = (f"{design['students'].max()} student(s); teacher-student pairs: {pairs or 'none'}"
+    facts = (f"students with KD and SFT runs: {design['students'].max()}; teacher-student pairs: {pairs or 'none'}"
              + (f"; median test examples per task: {n_text}" if n_text else ""))
     parts = []
     if len(tiny):

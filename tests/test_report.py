@@ -85,7 +85,7 @@ def test_banner_for_a_tiny_study_gives_the_numbers_to_expect():
     # independent accuracies = 2 * 100 * sqrt(2 * 0.25 / 6) = 57.7; 80% power needs (1.96 + 0.84) * 28.9 = 81
     assert "&plusmn;31 points" in text and "&plusmn;58 points" in text and "about 81 points" in text
     assert "every student scores 0% on every commonsense task" in text
-    assert "2 student(s)" in text and "pairs: 2 in math, 2 in commonsense" in text
+    assert "students with KD and SFT runs: 2; teacher-student pairs: 2 in math, 2 in commonsense" in text
     assert "power below" not in text  # the given power is adequate
 
 
