@@ -1,4 +1,5 @@
-# Two commands do everything on a fresh machine: `make study` and `make test`.
+# Two commands do everything on a fresh machine: `make study` and `make test`; `make paper` renders
+# the analysis of the paper's published results.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 STUDY ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup study test mutation clean
+.PHONY: setup study paper test mutation clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +25,9 @@ $(VENV)/.installed: pyproject.toml
 
 study: setup
 	$(PY) -m kd_utils.study run $(STUDY)
+
+paper: setup
+	$(PY) -m kd_utils.report paper
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -65,6 +65,7 @@ MANIFEST: dict[str, tuple[int, str] | None] = {
     HELLASWAG_FILE: None,
 }
 TRAIN_SOURCES = {"math": ["gsm8k"], "commonsense": ["boolq", "arc_e", "arc_c", "obqa"]}
+_TRAIN_FILES = {"gsm8k": "gsm8k/train.jsonl", "mawps": "llm-adapters/mawps/trainset.json"}
 
 
 class DataError(RuntimeError):
@@ -161,6 +162,12 @@ def data_file(rel_path: str, data_dir: str | Path | None = None, mirror: str | N
                     f"{rel_path}, or unset it to download from {upstream_url(rel_path)}.")
 
 
+def paper_results_dir(data_dir: str | Path | None = None) -> Path:
+    """The directory of the paper's published result CSVs, every one present (downloaded into the cache if needed)."""
+    files = [data_file(rel, data_dir) for rel in MANIFEST if rel.startswith("kd-paper-results/")]
+    return files[0].parent
+
+
 def read_json(path: Path) -> list[dict]:
     """Read a .json list or a .jsonl file, naming the file and line on malformed input."""
     text = path.read_text(encoding="utf-8")
@@ -188,10 +195,20 @@ def _require(row: dict, keys: tuple[str, ...], path: Path, index: int) -> None:
         raise DataError(f"{path} record {index} lacks {', '.join(missing)}")
 
 
+def task_file(task_id: str, split: str = "test") -> str:
+    """A task split's file, relative to the data directory (LLM-Adapters layout)."""
+    return f"llm-adapters/{get_task(task_id).data_name}/{split}.json"
+
+
+def training_source_file(source: str) -> str:
+    """The file a training source (gsm8k, mawps, or a commonsense task's train split) is read from."""
+    return _TRAIN_FILES.get(source) or task_file(source, "train")
+
+
 def load_task(task_id: str, split: str = "test", data_dir: str | Path | None = None) -> list[Example]:
     """All examples of a task's split in one record type (LLM-Adapters format on disk)."""
     task = get_task(task_id)
-    rel = f"llm-adapters/{task.data_name}/{split}.json"
+    rel = task_file(task_id, split)
     if task_id == "hellaswag" and split == "test":
         try:
             path = data_file(rel, data_dir)
@@ -215,7 +232,7 @@ def available_tasks(task_ids: list[str], data_dir: str | Path | None = None) -> 
     ok, missing = [], {}
     for task_id in task_ids:
         try:
-            data_file(f"llm-adapters/{get_task(task_id).data_name}/test.json", data_dir)
+            data_file(task_file(task_id), data_dir)
             ok.append(task_id)
         except DataError as err:
             missing[task_id] = str(err)
@@ -251,7 +268,7 @@ def mawps_rationale(equation: str, answer: float) -> str:
 def load_training_source(source: str, data_dir: str | Path | None = None) -> list[Example]:
     """One training source as Examples with rationales: gsm8k, mawps, or a commonsense train split."""
     if source == "gsm8k":
-        path = data_file("gsm8k/train.jsonl", data_dir)
+        path = data_file(training_source_file(source), data_dir)
         examples = []
         for i, row in enumerate(read_json(path)):
             _require(row, ("question", "answer"), path, i)
@@ -259,7 +276,7 @@ def load_training_source(source: str, data_dir: str | Path | None = None) -> lis
             examples.append(Example(f"gsm8k-train-{i}", "gsm8k", "math", row["question"], "", answer, rationale))
         return examples
     if source == "mawps":
-        path = data_file("llm-adapters/mawps/trainset.json", data_dir)
+        path = data_file(training_source_file(source), data_dir)
         examples = []
         for i, row in enumerate(read_json(path)):
             _require(row, ("original_text", "equation", "ans"), path, i)
@@ -330,14 +347,18 @@ def load_all_tests(data_dir: str | Path | None = None) -> dict[str, list[Example
     return {t: load_task(t, "test", data_dir) for t in ok}
 
 
+def training_sources(domain: str, include_mawps: bool = False) -> list[str]:
+    """The training sources of a domain's mix (MAWPS optional, math only)."""
+    if domain not in TRAIN_SOURCES:
+        raise ValueError(f"unknown domain {domain!r}; expected one of {list(TRAIN_SOURCES)}")
+    return TRAIN_SOURCES[domain] + (["mawps"] if include_mawps and domain == "math" else [])
+
+
 def build_training_mix(domain: str, data_dir: str | Path | None = None, include_mawps: bool = False,
                        decontaminate_against: dict[str, list[Example]] | None = None
                        ) -> tuple[list[Example], DecontaminationReport]:
     """The design card's training mix for a domain, decontaminated against every test set."""
-    if domain not in TRAIN_SOURCES:
-        raise ValueError(f"unknown domain {domain!r}; expected one of {list(TRAIN_SOURCES)}")
-    sources = TRAIN_SOURCES[domain] + (["mawps"] if include_mawps and domain == "math" else [])
-    train = [ex for source in sources for ex in load_training_source(source, data_dir)]
+    train = [ex for source in training_sources(domain, include_mawps) for ex in load_training_source(source, data_dir)]
     tests = decontaminate_against if decontaminate_against is not None else load_all_tests(data_dir)
     return decontaminate(train, tests)
 

@@ -8,6 +8,7 @@ paper's names next to our ids.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,7 +18,36 @@ import seaborn as sns
 
 from kd_utils.statistics import method_label
 
-_IMPROVEMENT = "improvement over SFT (pp)"
+_IMPROVEMENT = "improvement over SFT (percentage points)"
+# axis labels, with units, of the columns the figures plot
+AXIS_LABELS = {
+    "improvement": _IMPROVEMENT,
+    "student_size": "student size (parameters, log scale)",
+    "agreement": "teacher-student answer agreement (% of examples)",
+    "agreement_teacher_correct": "agreement where the teacher is right (% of examples)",
+    "bleu": "rationale BLEU vs teacher (0-100)",
+    "embedding_similarity": "rationale embedding similarity (cosine)",
+    "teacher_accuracy": "teacher accuracy (%)",
+    "sft_accuracy": "student SFT accuracy (%)",
+    "accuracy": "accuracy (%)",
+    "temperature": "distillation temperature tau",
+    "noise_sigma": "teacher-logit noise sigma (logit units)",
+    "expertise": "teacher",
+}
+
+
+def axis_label(column: str) -> str:
+    return AXIS_LABELS.get(column, column.replace("_", " "))
+
+
+def size_label(billions: float) -> str:
+    """A parameter count in billions as a tick label: 0.0637 -> '0.064 B', 1.5 -> '1.5 B'."""
+    return f"{billions:.2g} B"
+
+
+def pair_title(teacher: str, student: str, width: int = 40) -> str:
+    """A teacher -> student panel title on two lines, long names wrapped, so neighbouring titles do not collide."""
+    return "\n".join(textwrap.wrap(teacher, width) + textwrap.wrap(f"-> {student}", width))
 
 
 def save_figure(fig: plt.Figure, output_dir: str | Path | None, name: str) -> list[Path]:
@@ -55,10 +85,10 @@ def improvement_vs_size(improvements: pd.DataFrame, output_dir: str | Path | Non
                        kind="line", marker="o", errorbar=None, height=3.5, aspect=1.2)
     grid.map_dataframe(sns.scatterplot, x="student_size", y="improvement", hue="method", alpha=0.4, legend=False)
     sizes = sorted(data["student_size"].unique())
-    grid.set(xscale="log", xticks=sizes, xticklabels=[f"{s:g}" for s in sizes])
+    grid.set(xscale="log", xticks=sizes, xticklabels=[size_label(s) for s in sizes])
     for ax in grid.axes.flat:
         ax.minorticks_off()
-    grid.set_axis_labels("student size (B parameters, log scale)", _IMPROVEMENT)
+    grid.set_axis_labels(axis_label("student_size"), _IMPROVEMENT)
     grid.refline(y=0, color="grey", linestyle=":")
     grid.figure.suptitle("KD improvement vs student size (lines: mean over teachers)", y=1.03)
     save_figure(grid.figure, output_dir, "improvement_vs_size")
@@ -69,7 +99,8 @@ def task_differences(improvements: pd.DataFrame, domain: str, output_dir: str | 
     """Per-task KD - SFT difference of each teacher -> student pair (a panel each) and method, with the
     bootstrap intervals (``ci_low``/``ci_high``) where the table has them."""
     table = improvements[(improvements["domain"] == domain) & (improvements["task"] != "average")]
-    table = _labelled(table.assign(pair=table["teacher"] + " -> " + table["student"]), f"{domain} task differences")
+    table = _labelled(table.assign(pair=[pair_title(t, s) for t, s in zip(table["teacher"], table["student"])]),
+                      f"{domain} task differences")
     tasks = list(dict.fromkeys(table["task"]))
     methods = list(dict.fromkeys(table["method"]))
     pairs = list(dict.fromkeys(table["pair"]))
@@ -78,7 +109,7 @@ def task_differences(improvements: pd.DataFrame, domain: str, output_dir: str | 
     # plain subplots, not a FacetGrid: its repeated tight_layout passes cost seconds with a dozen panels
     ncols = min(4, len(pairs))
     nrows = -(-len(pairs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.4 * nrows), squeeze=False, layout="constrained")
     for ax, pair in zip(axes.flat, pairs):
         for i, method in enumerate(methods):
             rows = table[(table["pair"] == pair) & (table["method"] == method)]
@@ -89,18 +120,16 @@ def task_differences(improvements: pd.DataFrame, domain: str, output_dir: str | 
                         capsize=2, markersize=4)
         ax.axhline(0, color="grey", linestyle=":")
         ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-        ax.set_title(pair, fontsize=10)
+        ax.set_title(pair, fontsize=9)
     for ax in axes.flat[len(pairs):]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel(_IMPROVEMENT)
     sns.despine(fig)
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5),
-               frameon=False)
-    # leave 0.35 inch above the top panels for their titles; the suptitle sits above the figure edge
-    fig.subplots_adjust(left=0.06, right=0.97, top=1 - 0.35 / (3.2 * nrows), hspace=0.6, wspace=0.3)
+    # constrained layout keeps panels, their titles, the legend and the suptitle apart
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="outside right center", frameon=False)
     note = " with bootstrap 95% intervals" if has_ci else ""
-    fig.suptitle(f"{domain}: per-task KD - SFT accuracy{note}", y=1.0, va="bottom")
+    fig.suptitle(f"{domain}: per-task KD - SFT accuracy{note}")
     save_figure(fig, output_dir, f"task_differences_{domain}")
     return fig
 
@@ -121,8 +150,7 @@ def ablation_curve(table: pd.DataFrame, factor: str, output_dir: str | Path | No
         grid = sns.relplot(data=data, x=factor, y="improvement", hue="run", col="domain",
                            kind="line", marker="o", errorbar=None, height=3.5, aspect=1.2)
     grid.refline(y=0, color="grey", linestyle=":")
-    grid.set_axis_labels({"temperature": "temperature tau", "noise_sigma": "teacher-logit noise sigma",
-                          "expertise": "teacher"}[factor], _IMPROVEMENT)
+    grid.set_axis_labels(axis_label(factor), _IMPROVEMENT)
     grid.figure.suptitle(f"{factor} ablation (average over tasks)", y=1.03)
     save_figure(grid.figure, output_dir, f"ablation_{factor}")
     return grid.figure
@@ -132,8 +160,8 @@ def scatter(table: pd.DataFrame, x: str, y: str, name: str, output_dir: str | Pa
     """Scatter of two columns coloured by method, a panel per domain (e.g. agreement against improvement)."""
     data = _labelled(table.dropna(subset=[x, y]), f"{y} vs {x}")
     grid = sns.relplot(data=data, x=x, y=y, hue="method", col="domain", height=3.5, aspect=1.2)
-    grid.set_axis_labels(x, _IMPROVEMENT if y == "improvement" else y)
-    grid.figure.suptitle(f"{y} vs {x}", y=1.03)
+    grid.set_axis_labels(axis_label(x), axis_label(y))
+    grid.figure.suptitle(f"{axis_label(y)} vs {axis_label(x)}", y=1.03)
     save_figure(grid.figure, output_dir, name)
     return grid.figure
 
@@ -146,12 +174,12 @@ def _figures(output_dir: str | Path | None) -> Path | None:
 def accuracy_bars(metrics: pd.DataFrame, title: str = "", output_dir: str | Path | None = None) -> plt.Figure:
     """Accuracy per task with 95% Wilson intervals, coloured by domain."""
     df = metrics.reset_index(drop=True)
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(df)), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(df)), 3.5), layout="constrained")
     palette = dict(zip(sorted(df["domain"].unique()), sns.color_palette("deep")))
     ax.bar(df["task"], df["accuracy"], color=[palette[d] for d in df["domain"]])
     ax.errorbar(df["task"], df["accuracy"], yerr=[df["accuracy"] - df["ci_low"], df["ci_high"] - df["accuracy"]],
                 fmt="none", ecolor="black", capsize=3, linewidth=1)
-    ax.set(ylabel="accuracy (%)", ylim=(0, 100), title=title)
+    ax.set(ylabel=axis_label("accuracy"), ylim=(0, 100), title=title)
     ax.tick_params(axis="x", rotation=45)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in palette.values()]
     ax.legend(handles, palette.keys(), frameon=False)
@@ -165,7 +193,7 @@ def loss_curves(history: list[dict], title: str = "", output_dir: str | Path | N
     df = pd.DataFrame(history)
     long = df.melt(id_vars="epoch", value_vars=[c for c in ("train_loss", "ce_loss", "kd_loss", "val_loss")
                                                 if c in df and df[c].notna().any()], var_name="loss")
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = plt.subplots(figsize=(5, 3.2), layout="constrained")
     sns.lineplot(long.dropna(), x="epoch", y="value", hue="loss", marker="o", ax=ax)
     ax.set(ylabel="loss", title=title)
     sns.despine(fig)

@@ -353,7 +353,8 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
 def analysis_run(params: dict, results: pd.DataFrame) -> Run:
     """The analysis notebook over results.csv; its id changes whenever the results do."""
     parameters = {"results_source": "study", "results_path": f"{STUDY_PREFIX}results.csv",
-                  "runs_dir": f"{STUDY_PREFIX}runs", "models_path": f"{STUDY_PREFIX}models.csv", **params["analysis"]}
+                  "runs_dir": f"{STUDY_PREFIX}runs", "models_path": f"{STUDY_PREFIX}models.csv",
+                  "report_dir": STUDY_PREFIX, **params["analysis"]}  # report.html is read from the study directory
     digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode() + results.to_csv(index=False).encode())
     return Run("analysis", "analysis.ipynb", parameters, label="analysis and report",
                id=f"analysis-{digest.hexdigest()[:12]}")
