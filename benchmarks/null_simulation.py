@@ -35,19 +35,25 @@ from kd_utils.io import write_atomic
 from kd_utils.statistics import simulation as sim
 
 
-def chunk(design: sim.Design, n_studies: int, seed: int, mixed_every: int) -> list[dict]:
+def chunk(design: sim.Design, n_studies: int, seed: int, mixed_every: int, n_bootstrap: int,
+          batch: int = 10) -> list[dict]:
     rng = np.random.default_rng(seed)
-    return [sim.study_outcomes(design, rng, mixed_model=i % mixed_every == 0) for i in range(n_studies)]
+    per_study = []
+    while len(per_study) < n_studies:
+        size = min(batch, n_studies - len(per_study))
+        per_study += sim.study_outcomes(design, rng, size, n_bootstrap=n_bootstrap,
+                                        mixed_studies=-(-size // mixed_every))
+    return per_study
 
 
-def run(design: sim.Design, n_studies: int, seed: int, jobs: int, mixed_every: int) -> pd.DataFrame:
+def run(design: sim.Design, n_studies: int, seed: int, jobs: int, mixed_every: int, n_bootstrap: int) -> pd.DataFrame:
     """Rates of ``n_studies`` studies, simulated in ``jobs`` processes with independent seeds."""
     sizes = [n_studies // jobs + (i < n_studies % jobs) for i in range(jobs)]
     seeds = np.random.SeedSequence([seed, int(design.predictions), int(design.gain * 10),
                                     int(design.method_gain * 10)]).spawn(jobs)
     with ProcessPoolExecutor(jobs) as pool:
         parts = pool.map(chunk, [design] * jobs, sizes, [int(s.generate_state(1)[0]) for s in seeds],
-                         [mixed_every] * jobs)
+                         [mixed_every] * jobs, [n_bootstrap] * jobs)
         per_study = [study for part in parts for study in part]
     return sim.rates(per_study).assign(predictions=design.predictions, gain=design.gain,
                                        method_gain=design.method_gain)
@@ -64,10 +70,11 @@ def markdown(table: pd.DataFrame) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--studies", type=int, default=400, help="null studies without predictions")
-    parser.add_argument("--studies-predictions", type=int, default=150, help="null studies with predictions")
-    parser.add_argument("--power-studies", type=int, default=100, help="studies per alternative")
+    parser.add_argument("--studies", type=int, default=200, help="null studies without predictions")
+    parser.add_argument("--studies-predictions", type=int, default=80, help="null studies with predictions")
+    parser.add_argument("--power-studies", type=int, default=60, help="studies per alternative")
     parser.add_argument("--mixed-every", type=int, default=4, help="fit the mixed model in every k-th study")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per interval")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seed", type=int, default=2025)
     parser.add_argument("--output", default=str(sim.VALIDITY_RESULTS))
@@ -85,7 +92,7 @@ def main() -> None:
     tables, seconds = {}, {}
     for name, (design, n) in runs.items():
         t0 = time.time()
-        tables[name] = run(design, n, args.seed, args.jobs, args.mixed_every)
+        tables[name] = run(design, n, args.seed, args.jobs, args.mixed_every, args.bootstrap)
         seconds[name] = time.time() - t0
         print(f"{name}: {n} studies in {seconds[name]:.0f} s", flush=True)
     null = pd.concat([tables["null, results.csv only"], tables["null, with predictions"]], ignore_index=True)
@@ -96,7 +103,8 @@ def main() -> None:
         "design": {k: v for k, v in asdict(base).items() if k != "tasks"} | {"tasks": [t for t, _ in base.tasks]},
         "alpha": 0.05,
         "studies": {name: n for name, (_, n) in runs.items()}, "seconds": seconds,
-        "mixed_model_every": args.mixed_every, "seed": args.seed, "jobs": args.jobs,
+        "mixed_model_every": args.mixed_every, "bootstrap_resamples": args.bootstrap, "permutations": 999,
+        "seed": args.seed, "jobs": args.jobs,
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_start": load_start,
                     "loadavg_end": os.getloadavg(), "wall_s": time.time() - start},
         "table": table.to_dict("records"),

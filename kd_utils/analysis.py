@@ -18,6 +18,7 @@ import pandas as pd
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
 from kd_utils.predictions import as_predictions
+from kd_utils.statistics.hypothesis_tests import BLEU_DOMAINS
 
 
 @dataclass
@@ -35,7 +36,8 @@ class StudyAnalysis:
 
 def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | None = None, predictions=None,
                    embedder=None, fidelity: pd.DataFrame | None = None, n_bootstrap: int = 2000,
-                   n_permutations: int = 9999, seed: int = 0, mixed_model: bool = True) -> StudyAnalysis:
+                   n_permutations: int = 9999, seed: int = 0, mixed_model: bool = True,
+                   bleu_domains: tuple[str, ...] = BLEU_DOMAINS) -> StudyAnalysis:
     """Improvements (mean over temperatures) with split estimates and bootstrap intervals, the valid
     H1-H5 tests and their verdicts, McNemar tests of accuracy and of agreement, the mixed model.
 
@@ -43,7 +45,7 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
     analysis runs on results.csv alone). ``fidelity``: a precomputed
     :func:`~kd_utils.fidelity.fidelity_table` (else computed from the predictions, with
     ``embedder`` for embedding similarity). ``seed`` drives the split, the bootstrap and the
-    Monte Carlo permutations.
+    Monte Carlo permutations; ``bleu_domains``: where H5 (rationale BLEU) is tested.
     """
     predictions = as_predictions(predictions)
     improvements = st.improvement_table(results, model_sizes, temperature="mean")
@@ -53,7 +55,7 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
         improvements = st.attach_fidelity(improvements, fidelity)
     improvements = st.split_estimates(results, improvements, st.split_counts(results, predictions, seed))
     improvements = st.improvement_intervals(results, improvements, predictions, n_bootstrap, seed=seed)
-    tests = st.study_hypothesis_tests(improvements, n_resamples=n_permutations, seed=seed)
+    tests = st.study_hypothesis_tests(improvements, n_resamples=n_permutations, seed=seed, bleu_domains=bleu_domains)
     if len(fidelity):
         tests = pd.concat([tests, st.agreement_gain_tests(fidelity)], ignore_index=True)
     out = StudyAnalysis(improvements=improvements, tests=tests,

@@ -244,10 +244,14 @@ def friedman_test(table: pd.DataFrame, alpha: float = 0.05) -> dict:
 
 
 def _centered_ranks(values: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    """Ranks over all points (midranks for ties), centred within each block."""
-    ranks = stats.rankdata(values)
-    means = pd.Series(ranks).groupby(blocks).transform("mean").to_numpy()
-    return ranks - means
+    """Aligned ranks: values minus their block mean, ranked over all points (midranks), centred within blocks."""
+    codes = np.unique(blocks, return_inverse=True)[1]
+    sizes = np.bincount(codes)
+
+    def centred(v: np.ndarray) -> np.ndarray:
+        return v - (np.bincount(codes, weights=v) / sizes)[codes]
+
+    return centred(stats.rankdata(np.round(centred(values), 9)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -262,9 +266,10 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
                          n_resamples: int = 9999, seed: int = 0, level: float = 0.95, alpha: float = 0.05) -> dict:
     """Spearman rho stratified by blocks, with a two-sided permutation p-value permuting x within blocks.
 
-    x and y are ranked over all points and the ranks centred within each block (an
-    aligned-rank correlation: between-block differences, such as a student's shared SFT
-    baseline, drop out, and the statistic is not as coarse as ranks within blocks of 3).
+    x and y are aligned (minus their block means), ranked over all points and the ranks
+    centred within blocks (an aligned-rank correlation: a shift of a whole block, such as
+    a student's shared SFT baseline, changes nothing, and the statistic is not as coarse
+    as ranks within blocks of 3 would be).
     Without blocks this is Spearman's rho. Blocks with one point carry no within-block
     information and are dropped. The p-value is exact (all permutations) when there are
     at most ``n_resamples`` of them, else Monte Carlo ((hits + 1) / (n_resamples + 1)).
@@ -354,20 +359,20 @@ def _underpowered(row: dict) -> dict:
     return row
 
 
-def _units(dom: pd.DataFrame, columns: list[str], level: str, methods: list[str]) -> dict[tuple[str, str], pd.DataFrame]:
+def _units(improvements: pd.DataFrame, columns: list[str], level: str) -> dict[tuple[str, str, str], pd.DataFrame]:
     """Mean of ``columns`` per independent unit (student, or (teacher, student) pair), for every
-    (method, task) with method ``all`` pooling the methods; rows with a NaN in ``columns`` are left out."""
+    (domain, method, task), method ``all`` pooling the methods; rows with a NaN in ``columns`` are left out."""
     keys = ["student"] if level == "student" else ["teacher", "student"]
-    dom = dom.dropna(subset=columns)
-    out = {}
-    for method, part in [("all", dom)] + [(m, dom[dom["method"] == m]) for m in methods]:
-        means = part.groupby(["task"] + keys)[columns].mean().reset_index()
-        out |= {(method, task): units for task, units in means.groupby("task")}
-    return out
+    data = improvements.dropna(subset=columns)
+    pooled = data.groupby(["domain", "task"] + keys)[columns].mean().reset_index().assign(method="all")
+    each = data.groupby(["domain", "method", "task"] + keys)[columns].mean().reset_index()
+    both = pd.concat([pooled, each], ignore_index=True)
+    return {key: units for key, units in both.groupby(["domain", "method", "task"])}
 
 
 def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_consistency", alpha: float = 0.05,
-                           n_resamples: int = 9999, seed: int = 0) -> pd.DataFrame:
+                           n_resamples: int = 9999, seed: int = 0,
+                           bleu_domains: Sequence[str] = BLEU_DOMAINS) -> pd.DataFrame:
     """H1-H5 by the valid procedure (module docstring), per domain, hypothesis, method and task.
 
     ``improvements`` is a mean-over-temperatures (or fixed-temperature) table, optionally
@@ -377,20 +382,24 @@ def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_c
     Columns: see ``STUDY_TEST_COLUMNS``; ``pvalue`` is the p-value Holm and the verdicts
     use (exact or permutation where scipy's asymptotic one would be wrong),
     ``pvalue_holm`` adjusts it across the tasks of each (domain, hypothesis, method),
-    ``pvalue_selected`` is H1 on the selected-temperature split estimate.
+    ``pvalue_selected`` is H1 on the selected-temperature split estimate. H5 is tested in
+    ``bleu_domains`` only (the paper's: math).
     """
     correlations = [(h, agreement if h == "H4_agreement" else x, y, level) for h, x, y, level in CORRELATION_TESTS]
     empty = pd.DataFrame(columns=["teacher", "student", "improvement", "improvement_selected"])
     rows = []
+    h1 = _units(improvements, ["improvement"], "student")
+    selected = (_units(improvements, ["improvement_selected"], "student")
+                if "improvement_selected" in improvements and improvements["improvement_selected"].notna().any()
+                else {})
+    correlation_units = {x: _units(improvements, [x, y], level) for _, x, y, level in correlations
+                         if x in improvements and y in improvements}
     for domain, dom in sort_rows(improvements, ["domain"]).groupby("domain", sort=False):
         tasks, methods = _domain_levels(dom)
-        h1 = _units(dom, ["improvement"], "student", methods)
-        selected = (_units(dom, ["improvement_selected"], "student", methods)
-                    if "improvement_selected" in dom and dom["improvement_selected"].notna().any() else {})
         for method in ["all"] + methods:
             for task in tasks:
-                res = unit_ttest(h1.get((method, task), empty)["improvement"], "greater", alpha=alpha)
-                chosen = selected.get((method, task))
+                res = unit_ttest(h1.get((domain, method, task), empty)["improvement"], "greater", alpha=alpha)
+                chosen = selected.get((domain, method, task))
                 rows.append(_underpowered(res | {
                     "domain": domain, "hypothesis": "H1_improvement_ttest", "method": method, "task": task,
                     "unit": UNIT_NAMES["student"], "test": "one-sided one-sample t-test",
@@ -407,12 +416,11 @@ def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_c
         for hypothesis, x, y, level in correlations:
             if x not in dom or y not in dom or dom[x].isna().all() or dom[y].isna().all():
                 continue
-            if hypothesis == "H5_fidelity" and domain not in BLEU_DOMAINS:
+            if hypothesis == "H5_fidelity" and domain not in bleu_domains:
                 continue
-            units = _units(dom, [x, y], level, methods)
             for method in ["all"] + methods:
                 for task in tasks:
-                    at = units.get((method, task), pd.DataFrame(columns=["student", x, y]))
+                    at = correlation_units[x].get((domain, method, task), pd.DataFrame(columns=["student", x, y]))
                     res = permutation_spearman(at[x], at[y], at["student"] if level == "pair" else None,
                                                n_resamples, seed, alpha=alpha)
                     rows.append(_underpowered(res | {

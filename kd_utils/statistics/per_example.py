@@ -191,10 +191,11 @@ def _replicates(results: pd.DataFrame, cells: list[tuple[str, str]], predictions
             out[:, columns] = 100.0 * (weights @ matrix) / matrix.shape[0]
             paired[columns] = True
             continue
-        for j in columns:
-            n, correct = counts.loc[cells[j]] if cells[j] in counts.index else (math.nan, math.nan)
-            if not (pd.isna(n) or pd.isna(correct)) and n > 0:
-                out[:, j] = 100.0 * rng.binomial(int(n), correct / n, n_resamples) / n
+        known = counts.reindex(pd.MultiIndex.from_tuples([cells[j] for j in columns])).to_numpy(float)
+        ok = ~np.isnan(known).any(axis=1) & (np.nan_to_num(known[:, 0]) > 0)
+        if ok.any():
+            n, correct = known[ok, 0].astype(int), known[ok, 1]
+            out[:, np.asarray(columns)[ok]] = 100.0 * rng.binomial(n, correct / n, (n_resamples, n.size)) / n
     return out, paired
 
 

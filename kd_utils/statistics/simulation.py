@@ -111,11 +111,32 @@ def simulate_study(design: Design, rng: np.random.Generator) -> tuple[pd.DataFra
     return validate_results(pd.DataFrame(rows, columns=list(RESULTS_COLUMNS)), "simulated study"), store
 
 
-def _pvalues(tests: pd.DataFrame, hypothesis: str, primary: bool = False) -> np.ndarray:
-    rows = tests[tests["hypothesis"] == hypothesis]
-    if primary:
-        rows = rows[(rows["task"] == "average") & (rows["method"] == "all")]
-    return rows["pvalue"].dropna().to_numpy()
+def simulate_studies(design: Design, rng: np.random.Generator, n_studies: int
+                     ) -> tuple[pd.DataFrame, Predictions | None]:
+    """``n_studies`` independent studies in one results table: study k's domains are ``<domain>#k``
+    and its models ``<model>#k``, so that one pass of the analysis (which works per domain) analyses
+    every study on its own while pandas' per-call costs are paid once."""
+    frames, tables = [], {}
+    for k in range(n_studies):
+        results, store = simulate_study(design, rng)
+        suffix = f"#{k}"
+        frames.append(results.assign(
+            domain=results["domain"] + suffix, model=results["model"] + suffix, run_id=f"{k}:" + results["run_id"],
+            teacher=results["teacher"].where(results["teacher"] == "", results["teacher"] + suffix)))
+        if store is not None:
+            tables |= {(f"{k}:{run_id}", task): frame for (run_id, task), frame in store._tables.items()}
+    return pd.concat(frames, ignore_index=True), Predictions(tables=tables) if design.predictions else None
+
+
+def _by_study(frame: pd.DataFrame, values: np.ndarray | pd.Series) -> pd.DataFrame:
+    """Values with the study each came from (the ``#k`` of its domain)."""
+    return pd.DataFrame({"study": frame["domain"].astype(str).str.rsplit("#", n=1).str[1].astype(int).to_numpy(),
+                         "value": np.asarray(values, float)})
+
+
+def _rejected(tests: pd.DataFrame, hypothesis: str, alpha: float, column: str = "pvalue") -> pd.DataFrame:
+    rows = tests[(tests["hypothesis"] == hypothesis) & tests[column].notna()]
+    return _by_study(rows, rows[column] < alpha)
 
 
 #: family -> (what is counted, needs predictions); see :func:`study_outcomes`
@@ -144,65 +165,80 @@ FAMILIES = {
 }
 
 
-def study_outcomes(design: Design, rng: np.random.Generator, alpha: float = 0.05, n_bootstrap: int = 200,
-                   n_permutations: int = 999, mixed_model: bool = True) -> dict[str, tuple[int, int]]:
-    """Simulate one study and analyse it; per family (see FAMILIES) the (count, number of tests)."""
+def study_outcomes(design: Design, rng: np.random.Generator, n_studies: int = 1, alpha: float = 0.05,
+                   n_bootstrap: int = 200, n_permutations: int = 999, mixed_studies: int | None = None
+                   ) -> list[dict[str, tuple[int, int]]]:
+    """Simulate ``n_studies`` studies and analyse them (:func:`kd_utils.analysis.study_analysis`); per
+    study and family (see FAMILIES) the (count, number of tests). The mixed model, the slowest part,
+    is fitted for the first ``mixed_studies`` studies only (default all)."""
     from kd_utils import fidelity as fd
     from kd_utils.analysis import study_analysis
+    from kd_utils.statistics.models import mixed_effects
 
-    results, store = simulate_study(design, rng)
+    results, store = simulate_studies(design, rng, n_studies)
     fidelity = None
     if store is not None:
         fidelity = fd.fidelity_table(results, store, bleu=False)
         fidelity["bleu"] = rng.normal(50.0, 10.0, len(fidelity))
     seed = int(rng.integers(2**31))
+    math_domains = tuple(d for d in results["domain"].unique() if d.startswith("math#"))
     analysis = study_analysis(results, predictions=store, fidelity=fidelity, n_bootstrap=n_bootstrap,
-                              n_permutations=n_permutations, seed=seed, mixed_model=mixed_model)
+                              n_permutations=n_permutations, seed=seed, mixed_model=False, bleu_domains=math_domains)
     tests, improvements = analysis.tests, analysis.improvements
     truth = design.gain
-    counted: dict[str, np.ndarray] = {
-        "H1 t-test over students": _pvalues(tests, "H1_improvement_ttest") < alpha,
-        "H1 Friedman over pairs": _pvalues(tests, "H1_method_friedman") < alpha,
-        "H2 Spearman within students": _pvalues(tests, "H2_teacher_performance") < alpha,
-        "H3 size, Spearman over students": _pvalues(tests, "H3_student_size") < alpha,
-        "H3 SFT accuracy (split), over students": _pvalues(tests, "H3_student_sft") < alpha,
-        "bootstrap 95% interval misses the truth":
-            ~((improvements["ci_low"] <= truth) & (truth <= improvements["ci_high"])).to_numpy()[
-                improvements["ci_low"].notna().to_numpy()],
-        "bootstrap 95% interval excludes 0":
-            ~((improvements["ci_low"] <= 0) & (0 <= improvements["ci_high"])).to_numpy()[
-                improvements["ci_low"].notna().to_numpy()],
-        "verdict 'supported', any hypothesis of a domain":
-            analysis.verdicts.groupby("domain")["verdict"].apply(lambda v: (v == "supported").any()).to_numpy(),
+    known = improvements[improvements["ci_low"].notna()]
+    inside = lambda value: (known["ci_low"] <= value) & (value <= known["ci_high"])  # noqa: E731
+    verdicts = analysis.verdicts.assign(supported=analysis.verdicts["verdict"] == "supported")
+    verdicts = verdicts.groupby("domain", as_index=False)["supported"].any()
+    counted = {
+        "H1 t-test over students": _rejected(tests, "H1_improvement_ttest", alpha),
+        "H1 Friedman over pairs": _rejected(tests, "H1_method_friedman", alpha),
+        "H2 Spearman within students": _rejected(tests, "H2_teacher_performance", alpha),
+        "H3 size, Spearman over students": _rejected(tests, "H3_student_size", alpha),
+        "H3 SFT accuracy (split), over students": _rejected(tests, "H3_student_sft", alpha),
+        "bootstrap 95% interval misses the truth": _by_study(known, ~inside(truth)),
+        "bootstrap 95% interval excludes 0": _by_study(known, ~inside(0.0)),
+        "verdict 'supported', any hypothesis of a domain": _by_study(verdicts, verdicts["supported"]),
     }
-    if mixed_model:
-        terms = analysis.mixed[analysis.mixed["term"].astype(str).str.startswith("method[")]
-        counted["mixed model, method contrasts"] = terms["pvalue"].dropna().to_numpy() < alpha
+    domains = list(dict.fromkeys(improvements["domain"]))
+    fitted = domains if mixed_studies is None else [d for d in domains if int(d.rsplit("#", 1)[1]) < mixed_studies]
+    if fitted:
+        mixed = mixed_effects(improvements[improvements["domain"].isin(fitted)])
+        terms = mixed[mixed["term"].astype(str).str.startswith("method[") & mixed["pvalue"].notna()]
+        counted["mixed model, method contrasts"] = _by_study(terms, terms["pvalue"] < alpha)
     if store is not None:
-        selected = tests.loc[tests["hypothesis"] == "H1_improvement_ttest", "pvalue_selected"].dropna()
         counted |= {
-            "H1 t-test, selected temperature (split)": selected.to_numpy() < alpha,
-            "H4 error consistency, within students": _pvalues(tests, "H4_agreement") < alpha,
-            "H4 KD vs SFT error consistency": _pvalues(tests, "H4_kd_vs_sft") < alpha,
-            "H5 BLEU, within students": _pvalues(tests, "H5_fidelity") < alpha,
-            "McNemar accuracy, per run and task": analysis.mcnemar["pvalue"].to_numpy() < alpha,
-            "McNemar agreement, per run and task": analysis.agreement_mcnemar["pvalue"].to_numpy() < alpha,
+            "H1 t-test, selected temperature (split)": _rejected(tests, "H1_improvement_ttest", alpha,
+                                                                 "pvalue_selected"),
+            "H4 error consistency, within students": _rejected(tests, "H4_agreement", alpha),
+            "H4 KD vs SFT error consistency": _rejected(tests, "H4_kd_vs_sft", alpha),
+            "H5 BLEU, within students": _rejected(tests, "H5_fidelity", alpha),
+            "McNemar accuracy, per run and task": _by_study(analysis.mcnemar, analysis.mcnemar["pvalue"] < alpha),
+            "McNemar agreement, per run and task": _by_study(analysis.agreement_mcnemar,
+                                                             analysis.agreement_mcnemar["pvalue"] < alpha),
         }
         raw = []
-        for _, part in improvements[(improvements["task"] != "average")].groupby(["domain", "task"]):
+        for (domain, _), part in improvements[improvements["task"] != "average"].groupby(["domain", "task"]):
             units = part.groupby(["teacher", "student"])[["agreement", "improvement"]].mean().reset_index()
-            raw.append(permutation_spearman(units["agreement"], units["improvement"], units["student"],
-                                            n_permutations, seed)["pvalue"])
-        counted["naive: H4 raw agreement, within students"] = np.array(raw) < alpha
+            p = permutation_spearman(units["agreement"], units["improvement"], units["student"], n_permutations,
+                                     seed)["pvalue"]
+            raw.append({"domain": domain, "rejected": p < alpha})
+        raw = pd.DataFrame(raw)
+        counted["naive: H4 raw agreement, within students"] = _by_study(raw, raw["rejected"])
     published = hypothesis_tests(improvement_table(results, temperature="best"), per_method=False)
     counted |= {
-        "as published: H1 t-test over rows, best temperature": _pvalues(published, "H1_improvement_ttest") < alpha,
-        "as published: H1 ANOVA over rows": _pvalues(published, "H1_method_anova") < alpha,
-        "as published: H2 Spearman over rows": _pvalues(published, "H2_teacher_performance") < alpha,
-        "as published: H3 size, Spearman over rows": _pvalues(published, "H3_student_size") < alpha,
-        "as published: H3 SFT accuracy, Spearman over rows": _pvalues(published, "H3_student_sft") < alpha,
+        "as published: H1 t-test over rows, best temperature": _rejected(published, "H1_improvement_ttest", alpha),
+        "as published: H1 ANOVA over rows": _rejected(published, "H1_method_anova", alpha),
+        "as published: H2 Spearman over rows": _rejected(published, "H2_teacher_performance", alpha),
+        "as published: H3 size, Spearman over rows": _rejected(published, "H3_student_size", alpha),
+        "as published: H3 SFT accuracy, Spearman over rows": _rejected(published, "H3_student_sft", alpha),
     }
-    return {family: (int(np.sum(values)), int(np.size(values))) for family, values in counted.items()}
+    per_study = [{} for _ in range(n_studies)]
+    for family, frame in counted.items():
+        sums = frame.groupby("study")["value"].agg(["sum", "size"])
+        for k in range(n_studies):
+            per_study[k][family] = (int(sums["sum"].get(k, 0)), int(sums["size"].get(k, 0)))
+    return per_study
 
 
 def rates(per_study: list[dict[str, tuple[int, int]]]) -> pd.DataFrame:
@@ -222,23 +258,18 @@ def rates(per_study: list[dict[str, tuple[int, int]]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def simulate(design: Design, n_studies: int, seed: int = 0, progress: Callable[[int], None] | None = None,
-             mixed_every: int = 1, **kwargs) -> pd.DataFrame:
-    """:func:`study_outcomes` on ``n_studies`` independent studies; the per-family :func:`rates`.
-
-    The mixed model, the slowest part (~1 s per study), is fitted in every
-    ``mixed_every``-th study only.
-    """
+def simulate(design: Design, n_studies: int, seed: int = 0, batch: int = 10, mixed_every: int = 1,
+             progress: Callable[[int], None] | None = None, **kwargs) -> pd.DataFrame:
+    """:func:`study_outcomes` on ``n_studies`` independent studies, ``batch`` per analysis pass; the
+    per-family :func:`rates`. The mixed model is fitted in one study of every ``mixed_every``."""
     rng = np.random.default_rng(seed)
     per_study = []
-    for i in range(n_studies):
-        per_study.append(study_outcomes(design, rng, mixed_model=i % mixed_every == 0, **kwargs))
+    while len(per_study) < n_studies:
+        size = min(batch, n_studies - len(per_study))
+        per_study += study_outcomes(design, rng, size, mixed_studies=-(-size // mixed_every), **kwargs)
         if progress is not None:
-            progress(i + 1)
+            progress(len(per_study))
     return rates(per_study).assign(predictions=design.predictions, gain=design.gain, method_gain=design.method_gain)
-
-
-
 
 
 #: families whose alternative is one method better than the others
