@@ -139,7 +139,9 @@ what the two accuracies imply), the paper's files hold raw agreement only;
 H4_kd_vs_sft tests whether KD raises agreement over SFT. `pvalue` is the p-value
 everything uses, `pvalue_holm` adjusts it across tasks; `power` is for the effect of
 interest. Average-task rows below, every row in the CSV."""),
-    ("code", """display(tests[tests["task"] == "average"].dropna(axis=1, how="all").set_index(["domain", "hypothesis", "method"]))"""),
+    ("code", """average = tests[tests["task"] == "average"]
+display(average.dropna(axis=1, how="all").set_index(["domain", "hypothesis", "method"]) if len(average)
+        else Markdown("No tests: no improvements to test."))"""),
     ("md", """### As published (paper mode)
 The paper's own procedure on its own files: the best temperature per result column,
 chosen on the test set, every (teacher, student, method) row a point. These are the

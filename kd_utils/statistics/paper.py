@@ -312,6 +312,6 @@ def paper_reanalysis(paper_dir: str | Path, n_resamples: int = 9999, seed: int =
         text, conclusion = conclusions.get((row["domain"], PUBLISHED_IDS.get(row["hypothesis"], row["hypothesis"])),
                                            ("not tested in the paper", ""))
         rows.append({"published": text, "paper_conclusion": conclusion or "not tested",
-                     "survives": survives(conclusion, row["verdict"]) if conclusion else "n/a"})
+                     "survives": survives(conclusion, row["verdict"]) if conclusion else "not tested in the paper"})
     verdicts = pd.concat([verdicts, pd.DataFrame(rows)], axis=1)
     return improvements, tests, verdicts
