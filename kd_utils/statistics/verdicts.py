@@ -147,9 +147,11 @@ def findings_markdown(verdicts: pd.DataFrame) -> str:
                 continue
             interval = ("" if pd.isna(row["ci_low"]) else f", 95% CI [{row['ci_low']:.3g}, {row['ci_high']:.3g}]")
             power = "n/a" if pd.isna(row["power"]) else f"{row['power']:.2f}"
-            lines.append(f"- {row['domain']}: **{row['verdict']}**. {row['test']} over {row['n']} {row['unit']}: "
+            lines.append(f"- {row['domain']}: **{row['verdict']}**. {row['test']} over {int(row['n'])} {row['unit']}: "
                          f"estimate {row['estimate']:.3g}{interval}; p = {row['pvalue']:.3g}, Holm {row['pvalue_holm']:.3g}; "
-                         f"power {power} for {row['effect_of_interest']}. {row['reason']}.")
+                         f"power {power} for {row['effect_of_interest']}."
+                         + (f" {row['reason'].split('; ', 1)[-1].capitalize()}." if row["verdict"] in
+                            ("not supported", "inconclusive") else ""))
             if "survives" in row and row.get("paper_conclusion") not in (None, "not tested"):
                 lines.append(f"  The paper: {row['published']} ({row['paper_conclusion']}); survives: {row['survives']}.")
         lines.append("")
