@@ -43,7 +43,14 @@ def test_friedman_matches_scipy_with_ties():
                           "gkd": [3.0, 1.0, 4.0, 4.0, 2.0]})
     res = st.friedman_test(table)
     ref = stats.friedmanchisquare(table["fkl"], table["rkl"], table["gkd"])
-    assert res["statistic"] == pytest.approx(ref.statistic) and res["pvalue"] == pytest.approx(ref.pvalue)
+    assert res["statistic"] == pytest.approx(ref.statistic) and res["pvalue_asymptotic"] == pytest.approx(ref.pvalue)
+    # the permutation p-value against a direct enumeration of the 6^5 within-block orders
+    import itertools
+    ranks = stats.rankdata(table.to_numpy(), axis=1)
+    sums = [sum(r[list(p)] for r, p in zip(ranks, perm)) for perm in
+            itertools.product(list(itertools.permutations(range(3))), repeat=5)]
+    exact = np.mean([np.sum(np.square(s)) >= np.sum(np.square(ranks.sum(axis=0))) - 1e-9 for s in sums])
+    assert st.friedman_test(table, n_resamples=100_000)["pvalue"] == pytest.approx(exact, abs=0.006)  # 4 SE
     assert res["estimate"] == pytest.approx(ref.statistic / (5 * 2))  # Kendall's W
     # incomplete blocks are dropped; too few blocks are not testable
     assert st.friedman_test(table.assign(gkd=[3.0, np.nan, np.nan, np.nan, 2.0]))["note"].startswith("not testable")

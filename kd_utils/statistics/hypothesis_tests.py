@@ -221,16 +221,20 @@ def unit_ttest(values: Sequence[float], alternative: str = "greater", effect: fl
                   "ci_high": float(y.mean()) + half, "power": power}
 
 
-def friedman_test(table: pd.DataFrame, alpha: float = 0.05) -> dict:
+def friedman_test(table: pd.DataFrame, alpha: float = 0.05, n_resamples: int = 9999, seed: int = 0) -> dict:
     """Friedman test of treatments (columns) within blocks (rows; incomplete rows dropped), tie-corrected.
 
-    Returns statistic (chi-square), pvalue, n (blocks), estimate (Kendall's W), power
-    (approximate, for Cohen's medium f = 0.25) and note.
+    The p-value permutes each block's ranks (Monte Carlo, (hits + 1) / (n_resamples + 1)):
+    the chi-square approximation (``pvalue_asymptotic``) rejects too often with few blocks
+    (5.8% at alpha = 0.05 with 9 pairs in the null simulation). Returns statistic
+    (chi-square), pvalue, n (blocks), estimate (Kendall's W), power (approximate, for
+    Cohen's medium f = 0.25) and note.
     """
     table = table.dropna()
     n, k = table.shape
     out = {"statistic": math.nan, "pvalue": math.nan, "n": int(n), "estimate": math.nan, "ci_low": math.nan,
-           "ci_high": math.nan, "power": repeated_measures_power(n, k, alpha=alpha), "note": ""}
+           "ci_high": math.nan, "power": repeated_measures_power(n, k, alpha=alpha), "note": "",
+           "pvalue_asymptotic": math.nan}
     if k < 2 or n < 3:
         return out | {"note": f"not testable: {k} method(s), {n} complete block(s) (needs 2 and 3)"}
     ranks = stats.rankdata(table.to_numpy(float), axis=1)
@@ -238,9 +242,16 @@ def friedman_test(table: pd.DataFrame, alpha: float = 0.05) -> dict:
     correction = 1.0 - ties / (n * k * (k * k - 1))
     if correction <= 0:
         return out | {"note": "not testable: every block ties all methods"}
-    sums = ranks.sum(axis=0)
-    chi2 = (12.0 / (n * k * (k + 1)) * float(sums @ sums) - 3.0 * n * (k + 1)) / correction
-    return out | {"statistic": chi2, "pvalue": float(stats.chi2.sf(chi2, k - 1)), "estimate": chi2 / (n * (k - 1))}
+
+    def chi2(sums: np.ndarray) -> np.ndarray:
+        return (12.0 / (n * k * (k + 1)) * (sums**2).sum(axis=-1) - 3.0 * n * (k + 1)) / correction
+
+    observed = float(chi2(ranks.sum(axis=0)))
+    order = np.argsort(np.random.default_rng(seed).random((n_resamples, n, k)), axis=2)
+    permuted = np.take_along_axis(np.broadcast_to(ranks, (n_resamples, n, k)), order, axis=2).sum(axis=1)
+    hits = int(np.sum(chi2(permuted) >= observed - 1e-9))
+    return out | {"statistic": observed, "pvalue": (hits + 1) / (n_resamples + 1),
+                  "estimate": observed / (n * (k - 1)), "pvalue_asymptotic": float(stats.chi2.sf(observed, k - 1))}
 
 
 def _centered_ranks(values: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -409,9 +420,10 @@ def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_c
         blocks = dom.pivot_table(index=["task", "teacher", "student"], columns="method", values="improvement")
         for task in tasks:
             table = blocks.loc[task] if task in blocks.index.get_level_values(0) else pd.DataFrame()
-            rows.append(_underpowered(friedman_test(table, alpha) | {
+            rows.append(_underpowered(friedman_test(table, alpha, n_resamples, seed) | {
                 "domain": domain, "hypothesis": "H1_method_friedman", "method": "all", "task": task,
-                "unit": "teacher-student pairs (blocks)", "test": "Friedman test (estimate: Kendall's W)",
+                "unit": "teacher-student pairs (blocks)",
+                "test": "Friedman test, permutation p (estimate: Kendall's W)",
                 "effect_of_interest": f"Cohen's medium f = {MEDIUM_EFFECT['anova']}"}))
         for hypothesis, x, y, level in correlations:
             if x not in dom or y not in dom or dom[x].isna().all() or dom[y].isna().all():

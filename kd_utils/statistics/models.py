@@ -15,7 +15,6 @@ A design with too few levels is refused with a note, and a fit that did not conv
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 

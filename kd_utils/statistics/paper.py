@@ -16,7 +16,6 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from kd_utils.statistics.hypothesis_tests import (
