@@ -158,7 +158,9 @@ improvement ~ task + method [+ log(student size) with 5 or more students], rando
 intercept per student and, within students, variance components for pairs and tasks
 (a student's one SFT run per task is shared by its pairs and methods); REML, per domain.
 Designs with too few students or pairs are refused, and a fit that did not converge
-shows no coefficients."""),
+shows no coefficients. The method contrasts are checked by the null simulation; the size
+slope (fitted with 5 or more students only) is not, and its Wald test leans on few
+students: read H3's permutation test instead."""),
     ("code", """mixed.to_csv(output_dir / "mixed_effects.csv", index=False)
 display(mixed)"""),
     ("md", """## Per-run McNemar tests (study mode)
