@@ -226,7 +226,7 @@ def friedman_test(table: pd.DataFrame, alpha: float = 0.05, n_resamples: int = 9
 
     The p-value permutes each block's ranks (Monte Carlo, (hits + 1) / (n_resamples + 1)):
     the chi-square approximation (``pvalue_asymptotic``) rejects too often with few blocks
-    (5.8% at alpha = 0.05 with 9 pairs in the null simulation). Returns statistic
+    (5.8% at alpha = 0.05 with 9 pairs in a null simulation run before this p-value). Returns statistic
     (chi-square), pvalue, n (blocks), estimate (Kendall's W), power (approximate, for
     Cohen's medium f = 0.25) and note.
     """
