@@ -1,15 +1,19 @@
-"""Teacher-student fidelity: answer agreement, rationale BLEU and sentence-embedding similarity.
+"""Teacher-student fidelity, and the paradox tested directly.
 
-Per-example predictions live at ``<runs_dir>/<run_id>/predictions/<task>.jsonl``, one
-JSON object per line with keys id, task, prompt, output, prediction, answer, correct.
-Teacher and student predictions are joined on (task, id); a rationale is the
-``output`` text.
+Measures per (student run, task), from per-example predictions (see
+:mod:`kd_utils.predictions`) joined with the teacher's on (task, id): answer agreement,
+agreement on the examples the teacher gets right and on those it gets wrong (copying
+its errors), Cohen's kappa on the extracted answers, error consistency (Cohen's kappa
+on correctness, whose chance level comes from the two accuracies, so that two accurate
+models do not look faithful just for being accurate; Geirhos et al., NeurIPS 2020),
+rationale BLEU and sentence-embedding similarity. :func:`agreement_mcnemar_tests` tests
+directly whether a KD student agrees with its teacher more often than the same
+student's SFT model does, on the same examples.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -20,45 +24,21 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-PREDICTION_KEYS = ("id", "task", "prompt", "output", "prediction", "answer", "correct")
+from kd_utils.predictions import PREDICTION_KEYS, Predictions, as_predictions, load_predictions, predictions_path
+from kd_utils.statistics.hypothesis_tests import holm_adjust
+from kd_utils.statistics.improvements import KEYS, main_pairs
+from kd_utils.statistics.per_example import mcnemar_pvalues
+
+__all__ = ["PREDICTION_KEYS", "Predictions", "load_predictions", "predictions_path"]  # re-exported
+
 _KD_METHODS = ("fkl", "rkl", "gkd", "seqkd")
 _BASE_SUFFIX = ":base"
 # same tolerance the evaluation uses for numeric answers
 _NUMERIC_TOLERANCE = 1e-3
 
 
-def predictions_path(runs_dir: str | Path, run_id: str, task: str) -> Path:
-    """Where a run's predictions for a task are stored."""
-    return Path(runs_dir) / str(run_id) / "predictions" / f"{task}.jsonl"
-
-
-def load_predictions(path: str | Path) -> pd.DataFrame:
-    """Read a predictions JSONL file; bad JSON, missing keys or repeated ids are errors naming file and line.
-
-    ``id`` is read as a string so that teacher and student files join regardless of
-    how ids were written; ``correct`` must be a JSON boolean.
-    """
-    path = Path(path)
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_no}: invalid JSON ({err.msg})") from err
-            missing = [k for k in PREDICTION_KEYS if k not in record]
-            if missing:
-                raise ValueError(f"{path}, line {line_no}: missing key(s) {', '.join(missing)}")
-            if not isinstance(record["correct"], bool):
-                raise ValueError(f"{path}, line {line_no}: 'correct' must be true or false, got {record['correct']!r}")
-            records.append({k: record[k] for k in PREDICTION_KEYS} | {"id": str(record["id"])})
-    df = pd.DataFrame(records, columns=list(PREDICTION_KEYS))
-    dup = df["id"].duplicated()
-    if dup.any():
-        raise ValueError(f"{path}: id {df['id'][dup].iloc[0]!r} appears more than once")
-    return df
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
 
 
 def answers_agree(a: Any, b: Any) -> bool:
@@ -69,10 +49,7 @@ def answers_agree(a: Any, b: Any) -> bool:
     with nothing, not even another missing answer: two failures to answer are not
     agreement on an answer.
     """
-    def missing(v: Any) -> bool:
-        return v is None or (isinstance(v, float) and math.isnan(v)) or str(v).strip() == ""
-
-    if missing(a) or missing(b):
+    if _missing(a) or _missing(b):
         return False
     try:
         return abs(float(a) - float(b)) <= _NUMERIC_TOLERANCE
@@ -85,17 +62,91 @@ def join_predictions(teacher: pd.DataFrame, student: pd.DataFrame) -> pd.DataFra
     return teacher.merge(student, on=["task", "id"], suffixes=("_teacher", "_student"))
 
 
-def answer_agreement(joined: pd.DataFrame) -> dict[str, float]:
-    """Agreement (%) of student with teacher answers on all joined examples and on those the teacher gets right."""
-    agree = np.array([answers_agree(t, s) for t, s in zip(joined["prediction_teacher"], joined["prediction_student"])],
-                     dtype=bool)
-    right = joined["correct_teacher"].to_numpy(bool)
+def agreement_vector(teacher: Sequence[Any], student: Sequence[Any]) -> np.ndarray:
+    """Per example, whether the answers agree (:func:`answers_agree`; vectorised for numeric arrays)."""
+    t, s = np.asarray(teacher), np.asarray(student)
+    if t.dtype.kind in "fi" and s.dtype.kind in "fi":
+        with np.errstate(invalid="ignore"):
+            return np.abs(t.astype(float) - s.astype(float)) <= _NUMERIC_TOLERANCE
+    return np.array([answers_agree(a, b) for a, b in zip(teacher, student)], dtype=bool)
+
+
+def answer_key(value: Any) -> str | None:
+    """The category of an answer for Cohen's kappa: numbers rounded to the 0.001 tolerance, text lower-cased; None if missing."""
+    if _missing(value):
+        return None
+    try:
+        return f"{round(float(value), 3):g}"
+    except (TypeError, ValueError):
+        return str(value).strip().lower()
+
+
+def answer_kappa(teacher: Sequence[Any], student: Sequence[Any], agree: np.ndarray | None = None) -> float:
+    """Cohen's kappa of two answer sequences: (p_o - p_e) / (1 - p_e), chance p_e from the answers' marginals.
+
+    p_o is the agreement (``agree``, default :func:`agreement_vector`); missing answers
+    are a category of their own that never agrees. NaN for no examples or p_e = 1.
+    """
+    agree = agreement_vector(teacher, student) if agree is None else agree
+    if not agree.size:
+        return math.nan
+    t, s = np.asarray(teacher), np.asarray(student)
+    if t.dtype.kind in "fi" and s.dtype.kind in "fi":  # numbers (the same keys, vectorised); NaN is no answer
+        t, s = (np.round(v[~np.isnan(v)].astype(float), 3) for v in (t.astype(float), s.astype(float)))
+    else:
+        t, s = (np.array([k for k in map(answer_key, values) if k is not None], dtype=object)
+                for values in (teacher, student))
+    # shares of all examples (missing answers count in the denominator, never as a category)
+    (t_keys, t_counts), (s_keys, s_counts) = (np.unique(v, return_counts=True) for v in (t, s))
+    _, t_at, s_at = np.intersect1d(t_keys, s_keys, return_indices=True)
+    p_e = float(t_counts[t_at] @ s_counts[s_at]) / agree.size**2
+    return (float(agree.mean()) - p_e) / (1.0 - p_e) if p_e < 1 else math.nan
+
+
+def error_consistency(teacher_correct: Sequence[bool], student_correct: Sequence[bool]) -> float:
+    """Cohen's kappa on correctness: (c_obs - c_exp) / (1 - c_exp), c_exp = a_T a_S + (1 - a_T)(1 - a_S).
+
+    c_obs is how often both are right or both wrong; c_exp is what two independent
+    models with these accuracies would reach, so the measure does not rise with
+    accuracy alone (Geirhos et al. 2020). NaN when c_exp = 1 (a model always or never right).
+    """
+    t, s = np.asarray(teacher_correct, bool), np.asarray(student_correct, bool)
+    if not t.size:
+        return math.nan
+    a_t, a_s = t.mean(), s.mean()
+    expected = a_t * a_s + (1 - a_t) * (1 - a_s)
+    return float(((t == s).mean() - expected) / (1 - expected)) if expected < 1 else math.nan
+
+
+def agreement_measures(teacher_predictions: Sequence[Any], student_predictions: Sequence[Any],
+                       teacher_correct: Sequence[bool], student_correct: Sequence[bool]) -> dict[str, float]:
+    """Agreement measures of a student's answers with the teacher's on the same examples (percentages, kappas).
+
+    agreement: on all examples; agreement_teacher_correct / _wrong: on the examples the
+    teacher gets right / wrong (on wrong ones, agreeing means copying the teacher's
+    error); kappa: Cohen's kappa on answers; error_consistency: kappa on correctness.
+    """
+    agree = agreement_vector(teacher_predictions, student_predictions)
+    right = np.asarray(teacher_correct, bool)
+
+    def percent(mask: np.ndarray) -> float:
+        return 100.0 * agree[mask].mean() if mask.any() else math.nan
+
     return {
         "n": int(agree.size),
-        "agreement": 100.0 * agree.mean() if agree.size else math.nan,
+        "agreement": percent(np.ones(agree.size, bool)),
         "n_teacher_correct": int(right.sum()),
-        "agreement_teacher_correct": 100.0 * agree[right].mean() if right.any() else math.nan,
+        "agreement_teacher_correct": percent(right),
+        "agreement_teacher_wrong": percent(~right),
+        "kappa": answer_kappa(teacher_predictions, student_predictions, agree),
+        "error_consistency": error_consistency(right, student_correct),
     }
+
+
+def answer_agreement(joined: pd.DataFrame) -> dict[str, float]:
+    """:func:`agreement_measures` on a :func:`join_predictions` table."""
+    return agreement_measures(joined["prediction_teacher"].to_numpy(), joined["prediction_student"].to_numpy(),
+                              joined["correct_teacher"].to_numpy(bool), joined["correct_student"].to_numpy(bool))
 
 
 def rationale_bleu(student_outputs: Sequence[str], teacher_outputs: Sequence[str]) -> float:
@@ -163,52 +214,96 @@ def _teacher_run(results: pd.DataFrame, teacher: str, seed: float) -> str | None
     return str((same if not same.empty else runs.sort_values("seed")).iloc[0]["run_id"])
 
 
-def fidelity_table(results: pd.DataFrame, runs_dir: str | Path, embedder=None) -> pd.DataFrame:
-    """Agreement, BLEU and (with ``embedder``) embedding similarity per student run and task.
+def _teacher_runs(results: pd.DataFrame, wanted: pd.DataFrame) -> dict[tuple[str, float], str | None]:
+    """:func:`_teacher_run` for every distinct (teacher, seed) of ``wanted``."""
+    models = results[results["role"].isin(["teacher", "base"])].drop_duplicates("run_id")
+    return {(t, seed): _teacher_run(models, t, seed)
+            for t, seed in wanted[["teacher", "seed"]].astype({"teacher": str}).drop_duplicates().itertuples(index=False)}
 
-    KD runs are compared with their own teacher; each SFT run with every expert
-    teacher that student was distilled from (the paper's SFT rows: how close the
-    student is to the teacher without distillation). Only (run, task) pairs whose
-    teacher and student prediction files both exist appear.
-    Columns: domain, teacher, student, method, temperature, noise_sigma, seed, task,
-    run_id, teacher_run_id, n, agreement, n_teacher_correct, agreement_teacher_correct,
-    bleu, embedding_similarity (NaN without an embedder).
-    """
-    runs_dir = Path(runs_dir)
+
+FIDELITY_COLUMNS = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "seed", "task", "run_id",
+                    "teacher_run_id", "n", "agreement", "n_teacher_correct", "agreement_teacher_correct",
+                    "agreement_teacher_wrong", "kappa", "error_consistency", "bleu", "embedding_similarity"]
+
+
+def _student_runs(results: pd.DataFrame) -> pd.DataFrame:
+    """KD runs with their own teacher, and each SFT run once per expert teacher that student was distilled from."""
     students = results[(results["role"] == "student") & (results["task"] != "average")]
     kd = students[students["method"].isin(_KD_METHODS)]
     expert = kd[~kd["teacher"].astype(str).str.endswith(_BASE_SUFFIX)]
     sft_teachers = expert[["domain", "model", "teacher"]].drop_duplicates()
     sft = students[students["method"] == "sft"].drop(columns="teacher").merge(sft_teachers, on=["domain", "model"])
+    return pd.concat([kd, sft], ignore_index=True)
+
+
+def fidelity_table(results: pd.DataFrame, predictions, embedder=None, bleu: bool = True) -> pd.DataFrame:
+    """Agreement measures, BLEU and (with ``embedder``) embedding similarity per student run and task.
+
+    ``predictions``: a runs directory or a :class:`~kd_utils.predictions.Predictions`.
+    KD runs are compared with their own teacher; each SFT run with every expert
+    teacher that student was distilled from (the paper's SFT rows: how close the
+    student is to the teacher without distillation). Only (run, task) pairs whose
+    teacher and student predictions both exist appear. ``bleu=False`` leaves BLEU NaN
+    (it costs ~40 ms per run and task). Columns: ``FIDELITY_COLUMNS``.
+    """
+    predictions = as_predictions(predictions)
     rows = []
     cache: dict[str, np.ndarray] = {}
-    teacher_predictions: dict[Path, pd.DataFrame] = {}
-    for run in pd.concat([kd, sft], ignore_index=True).to_dict("records"):
-        teacher_run = _teacher_run(results, str(run["teacher"]), run["seed"])
+    runs = _student_runs(results) if predictions is not None else pd.DataFrame(columns=["teacher", "seed"])
+    teacher_runs = _teacher_runs(results, runs)
+    for run in runs.to_dict("records"):
+        teacher_run = teacher_runs[(str(run["teacher"]), run["seed"])]
         if teacher_run is None:
             continue
-        t_path = predictions_path(runs_dir, teacher_run, run["task"])
-        s_path = predictions_path(runs_dir, run["run_id"], run["task"])
-        if not (t_path.is_file() and s_path.is_file()):
+        runs = [teacher_run, run["run_id"]]
+        answers = predictions.aligned(runs, run["task"], "prediction")
+        if answers is None:
             continue
-        if t_path not in teacher_predictions:  # a teacher's file serves every student run
-            teacher_predictions[t_path] = load_predictions(t_path)
-        joined = join_predictions(teacher_predictions[t_path], load_predictions(s_path))
-        similarity = (float(np.mean(embedding_similarity(embedder, joined["output_student"], joined["output_teacher"],
-                                                         cache)))
-                      if embedder is not None and len(joined) else math.nan)
+        correct = predictions.aligned(runs, run["task"], "correct")[1].astype(bool)
+        texts = (predictions.aligned(runs, run["task"], "output")[1] if (bleu or embedder is not None)
+                 and len(answers[0]) else None)
+        similarity = (float(np.mean(embedding_similarity(embedder, texts[:, 1], texts[:, 0], cache)))
+                      if embedder is not None and texts is not None else math.nan)
         rows.append({
             "domain": run["domain"], "teacher": run["teacher"], "student": run["model"], "method": run["method"],
             "temperature": run["temperature"], "noise_sigma": run["noise_sigma"], "seed": run["seed"],
             "task": run["task"], "run_id": run["run_id"], "teacher_run_id": teacher_run,
-            **answer_agreement(joined),
-            "bleu": rationale_bleu(joined["output_student"], joined["output_teacher"]) if len(joined) else math.nan,
+            **agreement_measures(answers[1][:, 0], answers[1][:, 1], correct[:, 0], correct[:, 1]),
+            "bleu": rationale_bleu(texts[:, 1], texts[:, 0]) if bleu and texts is not None else math.nan,
             "embedding_similarity": similarity,
         })
-    columns = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "seed", "task", "run_id",
-               "teacher_run_id", "n", "agreement", "n_teacher_correct", "agreement_teacher_correct", "bleu",
-               "embedding_similarity"]
-    return pd.DataFrame(rows, columns=columns)
+    return pd.DataFrame(rows, columns=FIDELITY_COLUMNS)
+
+
+def agreement_mcnemar_tests(results: pd.DataFrame, predictions) -> pd.DataFrame:
+    """Exact McNemar test of KD vs SFT *agreement with the teacher*, paired per example.
+
+    For every KD run (each temperature and seed, nothing selected) and task: on the
+    examples the teacher, the KD run and the student's SFT run all have, ``kd_only``
+    counts those where only the KD student gives the teacher's answer, ``sft_only``
+    those where only the SFT student does. Holm adjusts across the tasks, temperatures
+    and seeds of each (domain, teacher, student, method).
+    """
+    predictions = as_predictions(predictions)
+    pairs = main_pairs(results)
+    rows = []
+    pairs = pairs[pairs["task"] != "average"] if predictions is not None else pairs.iloc[:0]
+    teacher_runs = _teacher_runs(results, pairs)
+    for row in pairs.to_dict("records"):
+        teacher_run = teacher_runs[(str(row["teacher"]), row["seed"])]
+        answers = (predictions.aligned([teacher_run, row["run_id"], row["sft_run_id"]], row["task"], "prediction")
+                   if teacher_run is not None else None)
+        if answers is None:
+            continue
+        kd_agrees = agreement_vector(answers[1][:, 0], answers[1][:, 1])
+        sft_agrees = agreement_vector(answers[1][:, 0], answers[1][:, 2])
+        rows.append({k: row[k] for k in KEYS + ["temperature", "seed", "run_id", "sft_run_id"]}
+                    | {"teacher_run_id": teacher_run, "n": len(answers[0]),
+                       "kd_only": int(np.sum(kd_agrees & ~sft_agrees)), "sft_only": int(np.sum(~kd_agrees & sft_agrees))})
+    columns = KEYS + ["temperature", "seed", "run_id", "sft_run_id", "teacher_run_id", "n", "kd_only", "sft_only"]
+    out = pd.DataFrame(rows, columns=columns)
+    out["pvalue"] = mcnemar_pvalues(out["kd_only"], out["sft_only"]) if len(out) else []
+    return holm_adjust(out, family=("domain", "teacher", "student", "method"))
 
 
 def bleu_embedding_agreement(fidelity: pd.DataFrame) -> pd.DataFrame:

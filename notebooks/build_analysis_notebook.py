@@ -19,7 +19,8 @@ output_dir = "outputs/default/analysis"
 runs_dir = None  # per-example predictions; default: <results dir>/runs
 models_path = None  # models.csv (model, n_params); default: <results dir>/models.csv
 n_bootstrap = 2000
-bootstrap_seed = 0
+bootstrap_seed = 0  # also seeds the selection/estimation split and Monte Carlo permutations
+n_permutations = 9999
 embeddings = True  # embedding similarity with the packaged MiniLM (study mode, needs predictions)
 report_dir = None  # where the HTML report is read from, for its links to the CSVs; default: output_dir"""),
     ("code", """import json
@@ -36,7 +37,9 @@ from IPython.display import Markdown, display
 from kd_utils import fidelity as fd
 from kd_utils import plots, report
 from kd_utils import statistics as st
+from kd_utils.analysis import study_analysis
 from kd_utils.io import write_atomic
+from kd_utils.statistics.simulation import read_validity
 
 if Path.cwd().name == "notebooks":  # opened in JupyterLab: resolve paths against the repository root like papermill
     os.chdir(Path.cwd().parent)
@@ -50,21 +53,29 @@ pd.set_option("display.max_colwidth", None)  # notes in full
 if results_source not in ("paper", "study"):
     raise ValueError(f"results_source must be 'paper' or 'study', got {results_source!r}")"""),
     ("code", """if results_source == "paper":
-    results, improvements = st.paper_improvements(paper_results_dir)
-    fidelity = pd.DataFrame()
+    results, improvements = st.paper_improvements(paper_results_dir)  # best temperature: as published
+    published = st.holm_adjust(st.hypothesis_tests(improvements))
+    published[list(st.TEST_COLUMNS)].to_csv(output_dir / "hypothesis_tests.csv", index=False)
+    reanalysed, tests, verdicts = st.paper_reanalysis(paper_results_dir, n_permutations, bootstrap_seed)
+    tests.to_csv(output_dir / "hypothesis_tests_reanalysis.csv", index=False)
+    reanalysed.to_csv(output_dir / "improvements_reanalysis.csv", index=False)
+    fidelity = mcnemar = agreement_mcnemar = pd.DataFrame()
+    mixed = st.mixed_effects(reanalysed)
 else:
     results = st.load_results(results_path)
     study_dir = Path(results_path).parent
     runs_dir = Path(runs_dir) if runs_dir else study_dir / "runs"
     models_csv = Path(models_path) if models_path else study_dir / "models.csv"
-    improvements = st.improvement_table(results, st.load_model_sizes(models_csv) if models_csv.is_file() else None)
     predictions = runs_dir if runs_dir.is_dir() else None
     embedder = fd.load_embedding_model() if embeddings and predictions else None
-    fidelity = fd.fidelity_table(results, predictions, embedder) if predictions else pd.DataFrame()
-    if len(fidelity):
-        improvements = st.attach_fidelity(improvements, fidelity)
-    improvements = st.improvement_intervals(results, improvements, predictions, n_bootstrap, seed=bootstrap_seed)
-improvements.to_csv(output_dir / "improvements.csv", index=False)"""),
+    analysis = study_analysis(results, st.load_model_sizes(models_csv) if models_csv.is_file() else None,
+                              predictions, embedder, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
+                              seed=bootstrap_seed)
+    improvements, tests, verdicts, mixed = analysis.improvements, analysis.tests, analysis.verdicts, analysis.mixed
+    fidelity, mcnemar, agreement_mcnemar = analysis.fidelity, analysis.mcnemar, analysis.agreement_mcnemar
+    tests.to_csv(output_dir / "hypothesis_tests.csv", index=False)
+improvements.to_csv(output_dir / "improvements.csv", index=False)
+verdicts.to_csv(output_dir / "verdicts.csv", index=False)"""),
     ("code", """display(Markdown(f"# {report.report_title(results_source, results)}"))
 study_mode = results_source == "study"
 provenance = report.provenance(
@@ -89,8 +100,11 @@ vs Fidelity Paradox in Knowledge Distillation* (ACL Findings 2025), either from 
 paper's published per-run results (`results_source="paper"`) or from our own study
 (`results_source="study"`, an `outputs/<study>/results.csv`).
 
-*Improvement* = KD accuracy at the best temperature (chosen per task) minus the
-student's SFT accuracy, in percentage points. Method ids are shown with the paper's
+*Improvement* = KD accuracy minus the student's SFT accuracy, in percentage points. In
+study mode it is the mean over the temperatures (nothing is chosen on the test data), and
+tests count independent units (students, or pairs within students); paper mode shows
+the paper's statistics as published (temperature chosen on the test set) and, beside
+them, the same hypotheses re-analysed by the valid procedure. Method ids are shown with the paper's
 names: fkl (SeqKD), rkl (RevKD), gkd (GKD); seqkd is sequence-level KD (Kim & Rush).
 Relative paths resolve against the repository root (where `kd_utils.report.render_report`
 runs the kernel, and where this notebook moves when opened from `notebooks/`).
@@ -100,11 +114,36 @@ only for the expertise ablation), agreement from `EM1*.csv` and BLEU from `BLEU.
 Study mode: our results table; student sizes from `models.csv` when present, else
 parsed from model names; fidelity from per-example predictions when present. Every table
 of this report is also a CSV file beside it (linked from each folded table)."""),
+    ("md", """## Findings
+One verdict per domain and hypothesis, from the primary test (the average over the
+domain's tasks, methods pooled) of the valid procedure, Holm-adjusted across the
+domain's hypotheses: **supported** (significant in the claimed direction), **not
+supported** (not significant and the 95% interval rules out the effect of interest: a
+3-point gain, |rho| = 0.3), **underpowered** (not significant, power below 0.8),
+**inconclusive** (not significant although powered) or **not testable**. In paper mode
+the paper's own conclusion and whether it survives stand beside ours (`verdicts.csv`)."""),
+    ("code", """finding_columns = ["domain", "hypothesis", "n", "estimate", "ci_low", "ci_high", "pvalue", "pvalue_holm", "power",
+                   "verdict"] + (["paper_conclusion", "survives"] if results_source == "paper" else [])
+display(report.table(verdicts[finding_columns]))
+display(Markdown(st.findings_markdown(verdicts)))"""),
+    ("md", """### How far these tests can be trusted
+Whole-pipeline null simulation (`benchmarks/null_simulation.py`): synthetic studies of
+the issue's design (3 teachers x 3 students per domain, fkl / rkl / gkd at 3
+temperatures sharing one SFT run per student, 13 tasks of 300 binomial examples) put
+through this same analysis. *type I*: how often a test rejected at alpha = 0.05 when
+nothing helps (for the intervals: how often a 95% interval missed the truth); *power*:
+how often it rejected with a true 3-point gain of every KD run (method tests: of one
+method). The rows "as published" are the paper's procedure on the same studies."""),
+    ("code", """validity = read_validity()
+display(validity if len(validity) else Markdown("No simulation results found (run benchmarks/null_simulation.py)."))"""),
     ("md", """## Improvements
-Average over tasks per teacher -> student pair, in percentage points, a column per method;
-in study mode with the bootstrap 95% interval over test examples in brackets (paired when
-predictions exist; it does not cover seed-to-seed training variation). Every task is in the
-folded table and in `improvements.csv`."""),
+Average over tasks per teacher -> student pair, in percentage points, a column per method
+(every task is in the folded table and in `improvements.csv`). In study mode `improvement` is the mean over temperatures with
+bootstrap 95% intervals over test examples (`ci_low`/`ci_high`, paired when
+predictions exist; they do not cover seed-to-seed training variation);
+`improvement_selected` is the honest "best temperature" estimate (chosen on half A of
+every test set, measured on half B; needs predictions). Paper mode: the paper's
+best-temperature improvements, as published."""),
     ("code", """if len(improvements) == 0:
     display(Markdown("**No KD student has an SFT run of the same student to compare with: "
                      "every improvement-based section below is empty.**"))
@@ -114,40 +153,58 @@ else:
                         "Every task: KD and SFT accuracy, improvement, teacher accuracy, student size",
                         output_dir / "improvements.csv", report_dir))"""),
     ("md", """## Hypothesis tests
-H1: one-sided one-sample t-test of improvement > 0 and one-way ANOVA across methods;
-H2: Spearman with the teacher's accuracy; H3: with student size and student SFT
-accuracy; H4: with teacher-student answer agreement; H5: with rationale BLEU.
-Tests with fewer than 3 points, or on constant input, are reported as not testable
-(NaN). Holm-adjusted p-values are across the tasks of each (domain, hypothesis,
-method), `average` included. In study mode Spearman tests also get a permutation
-p-value (exact for up to 7 points): scipy's p-value is asymptotic and far too small
-for the handful of points a small study has. `power` is each test's power to detect a medium
-effect (Cohen's d = 0.5, f = 0.25, rho = 0.3) at alpha = 0.05; tests below 0.8 are marked
-**underpowered** in `note`: their non-significant results say little."""),
-    ("code", """tests = st.holm_adjust(st.hypothesis_tests(improvements, permutation=results_source == "study"))
-extra = [] if results_source == "paper" else ["pvalue_holm", "pvalue_permutation", "note", "power"]
-tests[list(st.TEST_COLUMNS) + extra].to_csv(output_dir / "hypothesis_tests.csv", index=False)
-display(tests[tests["task"] == "average"].set_index(["domain", "hypothesis", "method", "task"]))"""),
-    ("md", """### In the paper's table layout
-Cells are `statistic (p)`: t for H1 t-tests, F for the ANOVA, Spearman rho otherwise."""),
-    ("code", """for domain in tests["domain"].unique():
-    display(Markdown(f"**{domain}**"))
-    display(st.paper_table(tests, domain))"""),
+Valid procedure (study mode; the paper's re-analysis): H1 one-sided t-test over
+students (each student's pairs share its one SFT run) and a Friedman test of the
+methods with pairs as blocks; H2 / H4 / H5 Spearman of improvement with the teacher's
+accuracy / agreement / rationale BLEU, ranked within students, permutation p-values
+permuting pairs within students; H3 Spearman over students with size and with SFT
+accuracy (measured on half A of every test set, the improvement on half B, so SFT's
+own noise makes no slope); H4 in study mode uses error consistency (agreement beyond
+what the two accuracies imply), the paper's files hold raw agreement only;
+H4_kd_vs_sft tests whether KD raises agreement over SFT. `pvalue` is the p-value
+everything uses, `pvalue_holm` adjusts it across tasks; `power` is for the effect of
+interest. Average-task rows below, every row in the CSV."""),
+    ("code", """average = tests[tests["task"] == "average"].dropna(axis=1, how="all")
+test_csv = output_dir / ("hypothesis_tests.csv" if results_source == "study" else "hypothesis_tests_reanalysis.csv")
+if len(average) == 0:
+    display(Markdown("No tests: no improvements to test."))
+elif len(average) <= 40:
+    display(report.table(average))
+else:
+    display(report.fold(average, f"Average-task rows of {len(tests)} tests", test_csv, report_dir))"""),
+    ("md", """### As published (paper mode)
+The paper's own procedure on its own files: the best temperature per result column,
+chosen on the test set, every (teacher, student, method) row a point. These are the
+published statistics (`hypothesis_tests.csv`, 352 tests), in the paper's table layout:
+cells are `statistic (p)`, t for H1 t-tests, F for the ANOVA, Spearman rho otherwise."""),
+    ("code", """if results_source == "paper":
+    for domain in published["domain"].unique():
+        display(Markdown(f"**{domain}**"))
+        display(st.paper_table(published, domain))
+else:
+    display(Markdown("Study mode: the paper's procedure is not run on our results (it is not valid inference)."))"""),
     ("md", """## Mixed-effects model
-improvement ~ log(student size in B) + method, random intercept per task (REML),
-fitted per domain on task rows."""),
-    ("code", """mixed = st.mixed_effects(improvements)
-mixed.to_csv(output_dir / "mixed_effects.csv", index=False)
-display(mixed)"""),
-    ("md", """## Per-student McNemar tests (study mode)
-Exact McNemar test of KD vs SFT on the same test examples, per task at the best
-temperature; `kd_only` / `sft_only` count examples only KD / only SFT gets right.
-Holm-adjusted across tasks per (teacher, student, method, seed)."""),
-    ("code", """if results_source == "study" and predictions:
-    mcnemar = st.mcnemar_tests(results, improvements, predictions)
+improvement ~ task + method [+ log(student size) with 5 or more students], random
+intercept per student and, within students, variance components for pairs and tasks
+(a student's one SFT run per task is shared by its pairs and methods); REML, per domain.
+Designs with too few students or pairs are refused, and a fit that did not converge
+shows no coefficients. The method contrasts are checked by the null simulation; the size
+slope (fitted with 5 or more students only) is not, and its Wald test leans on few
+students: read H3's permutation test instead."""),
+    ("code", """mixed.to_csv(output_dir / "mixed_effects.csv", index=False)
+display(report.table(mixed))"""),
+    ("md", """## Per-run McNemar tests (study mode)
+Exact McNemar tests of every KD run against its SFT run on the same examples, every
+temperature (nothing selected); `kd_only` / `sft_only` count examples only KD / only
+SFT gets right. Holm across the tasks and temperatures of each (teacher, student,
+method). Then the same for *agreement with the teacher*: `kd_only` / `sft_only` count
+examples where only the KD / only the SFT student gives the teacher's answer."""),
+    ("code", """if len(mcnemar):
     mcnemar.to_csv(output_dir / "mcnemar.csv", index=False)
-    display(report.fold(mcnemar, f"McNemar tests per task: {(mcnemar['pvalue_holm'] < 0.05).sum()} of {len(mcnemar)} "
-                        "with Holm-adjusted p < 0.05", output_dir / "mcnemar.csv", report_dir))
+    agreement_mcnemar.to_csv(output_dir / "mcnemar_agreement.csv", index=False)
+    for table, what, name in ((mcnemar, "accuracy", "mcnemar.csv"), (agreement_mcnemar, "agreement with the teacher", "mcnemar_agreement.csv")):
+        display(report.fold(table, f"McNemar tests of KD vs SFT, {what}: {(table['pvalue_holm'] < 0.05).sum()} of "
+                            f"{len(table)} with Holm-adjusted p < 0.05", output_dir / name, report_dir))
 else:
     display(Markdown("No per-example predictions, so no McNemar tests."))"""),
     ("md", """## Figures"""),
@@ -174,9 +231,13 @@ over the configurations where that factor varies."""),
         display(Markdown(f"### {factor}\\nNo runs vary {factor}."))"""),
     ("md", """## Fidelity
 Agreement = how often the student's extracted answer equals the teacher's (all
-examples, and examples the teacher gets right); BLEU = corpus BLEU of student against
-teacher rationales; embedding similarity = mean cosine of MiniLM sentence embeddings.
-The paper reports Spearman rho ~ 0.97 between BLEU and embedding similarity."""),
+examples, examples the teacher gets right, examples it gets wrong: copying its
+errors); kappa = Cohen's kappa on the answers; error consistency = Cohen's kappa on
+correctness, whose chance level comes from the two accuracies, so that an accuracy gain
+does not pass for fidelity; BLEU = corpus BLEU of student against teacher rationales;
+embedding similarity = mean cosine of MiniLM sentence embeddings. SFT rows compare the
+student's SFT model with the same teacher. The paper reports Spearman rho ~ 0.97
+between BLEU and embedding similarity."""),
     ("code", """if len(fidelity):
     fidelity.to_csv(output_dir / "fidelity.csv", index=False)
     display(report.fold(fidelity, "Agreement, BLEU and embedding similarity per student run and task",

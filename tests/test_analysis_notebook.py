@@ -48,6 +48,15 @@ def test_paper_mode_notebook(tmp_path):
     assert list(written.columns) == list(st.TEST_COLUMNS)
     pd.testing.assert_frame_equal(written, st.paper_hypothesis_tests(PAPER_DIR), check_exact=False, rtol=1e-12)
     assert len(written) == 352
+    # the re-analysis goes to files of its own, with the published statistic beside ours
+    reanalysis = pd.read_csv(out / "hypothesis_tests_reanalysis.csv")
+    assert {"published_statistic", "published_pvalue", "significant_published", "significant_reanalysis"} <= set(
+        reanalysis.columns)
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    assert len(verdicts) == 16 and verdicts["survives"].notna().all()
+    assert set(verdicts["verdict"]) <= {"supported", "not supported", "underpowered", "inconclusive", "not testable"}
+    text = html.read_text()
+    assert "Findings" in text and "survives" in text
     check_report(html, ["improvement_vs_size", "task_differences_math", "task_differences_commonsense",
                         "ablation_temperature", "ablation_expertise", "agreement_vs_improvement",
                         "bleu_vs_improvement"], out / "figures")
@@ -62,17 +71,25 @@ def test_study_mode_notebook(tmp_path):
                          {"results_source": "study", "results_path": str(results), "output_dir": str(out),
                           "n_bootstrap": 500, "embeddings": False})
     tests = pd.read_csv(out / "hypothesis_tests.csv")
-    assert list(tests.columns) == list(st.TEST_COLUMNS) + ["pvalue_holm", "pvalue_permutation", "note", "power"]
-    testable = tests[tests["statistic"].notna() & ~tests["note"].fillna("").str.startswith("not testable")]
-    assert (testable["note"].str.startswith("underpowered") == ~(testable["power"] >= 0.8)).all()
-    assert {"H4_agreement", "H5_fidelity"} <= set(tests["hypothesis"])
+    assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
+    testable = tests[tests["pvalue"].notna()]
+    assert (testable["note"].fillna("").str.startswith("underpowered") == ~(testable["power"] >= 0.8)).all()
+    assert {"H4_agreement", "H4_kd_vs_sft", "H5_fidelity"} <= set(tests["hypothesis"])
+    assert set(tests.loc[tests["hypothesis"] == "H5_fidelity", "domain"]) == {"math"}  # BLEU: math, as the paper
     # a single teacher: H2 is reported as not testable, not an error
     h2 = tests[tests["hypothesis"] == "H2_teacher_performance"]
     assert h2["statistic"].isna().all() and h2["note"].str.startswith("not testable").all()
     improvements = pd.read_csv(out / "improvements.csv")
     assert improvements["ci_low"].notna().all() and improvements["student_size"].notna().all()
-    assert len(pd.read_csv(out / "mcnemar.csv")) == (improvements["task"] != "average").sum()
-    assert "log(student_size_B)" in set(pd.read_csv(out / "mixed_effects.csv")["term"])
+    assert improvements["temperature"].isna().all()  # the mean over temperatures: nothing selected
+    assert improvements["improvement_selected"].notna().all()  # the honest best-temperature estimate
+    results_table = st.load_results(results)
+    n_runs = (st.main_pairs(results_table)["task"] != "average").sum()
+    assert len(pd.read_csv(out / "mcnemar.csv")) == len(pd.read_csv(out / "mcnemar_agreement.csv")) == n_runs
+    mixed = pd.read_csv(out / "mixed_effects.csv")  # 3 pairs: refused, with the reason
+    assert mixed["note"].iloc[0].startswith("not testable: 3 student(s), 3 pair(s)")
+    verdicts = pd.read_csv(out / "verdicts.csv")
+    assert len(verdicts) == 16 and set(verdicts["domain"]) == {"math", "commonsense"}
     assert len(pd.read_csv(out / "ablation_noise_sigma.csv")) > 0
     check_report(html, ["improvement_vs_size", "task_differences_math", "ablation_temperature",
                         "ablation_noise_sigma", "ablation_expertise", "agreement_vs_improvement",
@@ -89,4 +106,5 @@ def test_study_without_kd_students_renders_an_empty_analysis(tmp_path):
                           "n_bootstrap": 50, "embeddings": False})
     assert len(pd.read_csv(out / "improvements.csv")) == 0
     assert len(pd.read_csv(out / "hypothesis_tests.csv")) == 0
+    assert (pd.read_csv(out / "verdicts.csv")["verdict"] == "not testable").all()
     assert "No KD student has an SFT run" in html.read_text()

@@ -274,6 +274,19 @@ def test_study_best_temperature_seed_mean_and_baseline():
     assert set(sized["student_size"]) == {1.24}
 
 
+def test_study_mean_and_fixed_temperature_rules():
+    mean = st.improvement_table(small_study(), temperature="mean").set_index(["method", "task"])
+    # gsm8k: temperature means 56 (t1, two seeds) and 60 (t2): 58 with equal weight, minus SFT 50/52 per seed
+    row = mean.loc[("fkl", "gsm8k")]
+    assert math.isnan(row["temperature"]) and row["n_temperatures"] == 2 and row["accuracy"] == 58
+    assert row["improvement"] == pytest.approx(((55 - 50 + 57 - 52) / 2 + (60 - 50)) / 2)
+    fixed = st.improvement_table(small_study(), temperature=2.0).set_index(["method", "task"])
+    assert fixed.loc[("fkl", "svamp"), ["temperature", "improvement"]].tolist() == [2.0, 1.0]
+    assert ("rkl", "gsm8k") not in fixed.index  # rkl ran at temperature 1 only
+    with pytest.raises(ValueError, match="temperature must be 'best', 'mean' or a number, got 'max'"):
+        st.improvement_table(small_study(), temperature="max")
+
+
 def test_study_pairs_fallback_run_and_expertise():
     pairs = st.kd_pairs(small_study())
     rkl = pairs[pairs["method"] == "rkl"].iloc[0]
@@ -360,21 +373,41 @@ def test_spearman_permutation_pvalue_exact():
     assert math.isnan(st.spearman_permutation_pvalue([1, 1, 1], [1, 2, 3]))
 
 
-def test_mixed_effects_recovers_planted_effects():
-    rng = np.random.default_rng(1)
+def planted_mixed_rows(n_students: int = 6, seed: int = 1) -> pd.DataFrame:
+    """2 teachers x n_students pairs x 2 methods x 6 tasks with planted size, method and task effects."""
+    rng = np.random.default_rng(seed)
+    sizes = [0.5, 1.0, 1.5, 3.0, 7.0, 14.0][:n_students]
     rows = []
-    for t, task_effect in enumerate(rng.normal(0, 2, 6)):
-        for size in (0.5, 1.0, 3.0, 7.0):
-            for method, effect in (("fkl", 0.0), ("rkl", 1.5)):
-                rows.append(dict(domain="math", task=f"task{t}", student_size=size, method=method,
-                                 improvement=2 - 3 * np.log(size) + effect + task_effect + rng.normal(0, 0.5)))
-    fit = st.mixed_effects(pd.DataFrame(rows)).set_index("term")
-    assert fit.loc["log(student_size_B)", "coef"] == pytest.approx(-3, abs=0.3)
-    assert fit.loc["method[rkl vs fkl]", "coef"] == pytest.approx(1.5, abs=0.4)
-    assert fit.loc["log(student_size_B)", "pvalue"] < 1e-6
-    assert fit.loc["task variance (random intercept)", "coef"] > 1
-    one_task = st.mixed_effects(pd.DataFrame(rows).assign(task="only"))
-    assert one_task["note"].iloc[0] == "not testable: 48 row(s), 1 task(s)"
+    task_effects = rng.normal(0, 2, 6)
+    for size in sizes:
+        student_effect = rng.normal(0, 0.3)
+        for teacher in ("T-a", "T-b"):
+            for t, task_effect in enumerate(task_effects):
+                for method, effect in (("fkl", 0.0), ("rkl", 1.5)):
+                    rows.append(dict(domain="math", teacher=teacher, student=f"S-{size}B", task=f"task{t}",
+                                     student_size=size, method=method,
+                                     improvement=2 - 3 * np.log(size) + effect + task_effect + student_effect
+                                     + rng.normal(0, 0.5)))
+    return pd.DataFrame(rows)
+
+
+def test_mixed_effects_recovers_planted_effects():
+    fit = st.mixed_effects(planted_mixed_rows()).set_index("term")
+    assert fit.loc["log(student_size_B)", "coef"] == pytest.approx(-3, abs=0.5)
+    assert fit.loc["method[rkl vs fkl]", "coef"] == pytest.approx(1.5, abs=0.3)
+    assert fit.loc["method[rkl vs fkl]", "pvalue"] < 1e-6
+    assert fit["note"].str.startswith("converged").all()
+    assert "variance: student (random intercept)" in fit.index and not any("Intercept" in t for t in fit.index)
+
+
+def test_mixed_effects_refuses_small_designs():
+    four = st.mixed_effects(planted_mixed_rows(4)).set_index("term")
+    # size varies between 4 students only: dropped, and said so; the method contrast stays
+    assert "log(student_size_B)" not in four.index and "method[rkl vs fkl]" in four.index
+    assert "log(size) omitted: 4 student size(s)" in four["note"].iloc[0]
+    two = st.mixed_effects(planted_mixed_rows(2))
+    assert len(two) == 1 and two["coef"].isna().all()
+    assert two["note"].iloc[0] == "not testable: 2 student(s), 4 pair(s); the model needs 3 and 4"
 
 
 # ----------------------------------------------------------------------------- per-example tests
@@ -391,44 +424,63 @@ def test_mcnemar_known_values():
         st.mcnemar_test([True], [True, False])
 
 
-def test_bootstrap_known_values():
-    same = np.array([1, 0, 1, 1, 0])
-    assert st.bootstrap_improvement_ci([(same, same)]) == (0.0, 0.0)
-    assert st.bootstrap_improvement_ci([(np.ones(7), np.zeros(7))]) == (100.0, 100.0)
-    # average over two strata, one +100 and one 0 -> exactly 50
-    assert st.bootstrap_improvement_ci([(np.ones(4), np.zeros(4)), (same, same)]) == (50.0, 50.0)
-    # large independent samples: percentile interval ~ normal approximation d +- 1.96 se
-    rng = np.random.default_rng(0)
-    kd, sft = (rng.random(2000) < 0.7).astype(float), (rng.random(2000) < 0.6).astype(float)
-    d = 100 * (kd.mean() - sft.mean())
-    se = 100 * math.sqrt(kd.var() / kd.size + sft.var() / sft.size)
-    low, high = st.bootstrap_improvement_ci([(kd, sft)], paired=False)
-    assert low == pytest.approx(d - 1.96 * se, abs=0.4) and high == pytest.approx(d + 1.96 * se, abs=0.4)
-    # paired data that differ on few examples: the paired interval is much narrower
-    base = (rng.random(500) < 0.5).astype(float)
-    better = base.copy()
-    better[:25] = 1.0
-    paired = st.bootstrap_improvement_ci([(better, base)], paired=True)
-    unpaired = st.bootstrap_improvement_ci([(better, base)], paired=False)
-    assert paired[1] - paired[0] < 0.5 * (unpaired[1] - unpaired[0])
+def test_mcnemar_pvalues_match_statsmodels():
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    b, c = np.array([0, 3, 10, 25, 7]), np.array([0, 9, 2, 30, 7])
+    expected = [mcnemar([[5, bi], [ci, 5]], exact=True).pvalue for bi, ci in zip(b, c)]
+    assert st.mcnemar_pvalues(b, c) == pytest.approx(expected, rel=1e-12)
+
+
+def count_results(rows: list[tuple]) -> pd.DataFrame:
+    """(run_id, role, model, method, temperature, n, correct) on one task -> a results table with counts."""
+    return results_table([(r, role, m, meth, "gsm8k", 100 * c / n,
+                           dict(n=n, correct=c, temperature=t, teacher="T-3B" if meth != "sft" else ""))
+                          for r, role, m, meth, t, n, c in rows])
+
+
+def test_bootstrap_intervals_from_counts_known_values():
+    # KD all right vs SFT all wrong: every resample gives exactly +100; identical runs give 0
+    results = count_results([("sft", "student", "S-1B", "sft", "", 7, 0), ("kd1", "student", "S-1B", "fkl", 1.0, 7, 7),
+                             ("kd2", "student", "S-1B", "fkl", 2.0, 7, 7)])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 200)
+    assert imp.loc[imp["task"] == "gsm8k", ["ci_low", "ci_high"]].values.tolist() == [[100.0, 100.0]]
+    assert set(imp["ci_basis"]) == {"bootstrap of per-run counts (unpaired)"}
+    # large counts: the mean over two temperatures minus one SFT run ~ normal with variance
+    # var(K1)/4 + var(K2)/4 + var(S): the SFT run is resampled once, not once per temperature
+    results = count_results([("sft", "student", "S-1B", "sft", "", 4000, 2000),
+                             ("kd1", "student", "S-1B", "fkl", 1.0, 4000, 2400),
+                             ("kd2", "student", "S-1B", "fkl", 2.0, 4000, 2800)])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 4000)
+    row = imp[imp["task"] == "gsm8k"].iloc[0]
+    se = 100 * math.sqrt((0.6 * 0.4 + 0.7 * 0.3) / 4 / 4000 + 0.25 / 4000)
+    assert row["improvement"] == pytest.approx(15.0)
+    assert row["ci_low"] == pytest.approx(15 - 1.96 * se, abs=0.25) and row["ci_high"] == pytest.approx(
+        15 + 1.96 * se, abs=0.25)
+    none = st.improvement_intervals(results.assign(n=math.nan), st.improvement_table(results, temperature="mean"))
+    assert none["ci_low"].isna().all() and set(none["ci_basis"]) == {"no per-example data"}
 
 
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
     path = write_study(tmp_path)
     results = st.load_results(path)
-    imp = st.improvement_table(results)
+    imp = st.improvement_table(results, temperature="mean")
     runs = tmp_path / "runs"
     with_ci = st.improvement_intervals(results, imp, runs, n_resamples=500)
     assert (with_ci["ci_basis"] == "paired bootstrap over examples").all()
     assert ((with_ci["ci_low"] <= with_ci["improvement"]) & (with_ci["improvement"] <= with_ci["ci_high"])).all()
     from_counts = st.improvement_intervals(results, imp, None, n_resamples=500)
     assert (from_counts["ci_basis"] == "bootstrap of per-run counts (unpaired)").all()
-    mcnemar = st.mcnemar_tests(results, imp, runs)
-    assert len(mcnemar) == len(imp[imp["task"] != "average"])
-    # discordant counts reproduce the accuracy difference on the 30 examples
-    row = mcnemar.merge(imp, on=["domain", "teacher", "student", "method", "task"]).iloc[0]
-    assert 100 * (row["kd_only"] - row["sft_only"]) / row["n"] == pytest.approx(row["improvement"])
+    mcnemar = st.mcnemar_tests(results, runs)
+    pairs = st.main_pairs(results)
+    assert len(mcnemar) == (pairs["task"] != "average").sum()  # every temperature, nothing selected
+    # discordant counts reproduce each run's accuracy difference on the 30 examples
+    merged = mcnemar.merge(pairs[["run_id", "task", "improvement"]], on=["run_id", "task"])
+    assert np.allclose(100 * (merged["kd_only"] - merged["sft_only"]) / merged["n"], merged["improvement"])
     assert (mcnemar["pvalue_holm"] >= mcnemar["pvalue"]).all()
+    # Holm families: the tasks x temperatures of each (domain, pair, method): math 2 x 2, commonsense 1 x 2
+    sizes = mcnemar.groupby(["domain", "teacher", "student", "method"]).size()
+    assert set(sizes.loc["math"]) == {4} and set(sizes.loc["commonsense"]) == {2}
 
 
 # ----------------------------------------------------------------------------- simulation

@@ -1,0 +1,158 @@
+"""The findings: one verdict per domain and hypothesis H1-H5, generated from the valid tests' numbers.
+
+Each verdict reads the hypothesis' primary test (task ``average``, methods pooled),
+with Holm's adjustment across the domain's primary tests:
+
+- **supported**: significant (Holm) at alpha, in the claimed direction;
+- **not supported**: not significant, and the 95% interval excludes the effect of
+  interest (a 3-point gain; |rho| = 0.3), or significant in the opposite direction;
+- **underpowered**: not significant, power below 0.8 for the effect of interest;
+- **inconclusive**: not significant although powered, the interval still holds the effect;
+- **not testable**: no p-value (too few units, constant data, missing measurements).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from kd_utils.statistics.hypothesis_tests import holm
+from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT
+
+#: hypothesis id -> (claim in words, claimed direction: "greater" or None for any, effect of interest or None)
+CLAIMS = {
+    "H1_improvement_ttest": ("KD improves the student over its SFT baseline", "greater", GAIN_OF_INTEREST),
+    "H1_method_friedman": ("the KD methods (fkl, rkl, gkd) differ in improvement", None, None),
+    "H2_teacher_performance": ("the gain depends on the teacher's accuracy", None, MEDIUM_EFFECT["spearman"]),
+    "H3_student_size": ("the gain depends on student size (the paper: smaller students gain more)", None,
+                        MEDIUM_EFFECT["spearman"]),
+    "H3_student_sft": ("the gain depends on the student's SFT accuracy (the paper: weaker students gain more)",
+                       None, MEDIUM_EFFECT["spearman"]),
+    "H4_agreement": ("the gain tracks teacher-student agreement", None, MEDIUM_EFFECT["spearman"]),
+    "H4_kd_vs_sft": ("KD raises the student's agreement with its teacher over SFT", "greater", None),
+    "H5_fidelity": ("the gain tracks reasoning fidelity (rationale BLEU with the teacher)", None,
+                    MEDIUM_EFFECT["spearman"]),
+}
+VERDICT_COLUMNS = ["domain", "hypothesis", "claim", "test", "unit", "n", "estimate", "ci_low", "ci_high",
+                   "pvalue", "pvalue_holm", "power", "effect_of_interest", "verdict", "reason"]
+#: why a hypothesis can have no test at all
+MISSING_REASONS = {
+    "H4_agreement": "no agreement measurements (needs per-example predictions of teacher and students)",
+    "H4_kd_vs_sft": "no agreement measurements of SFT and KD students (needs per-example predictions)",
+    "H5_fidelity": "no rationale BLEU test (needs predictions; the paper tests BLEU on math only)",
+    "H3_student_sft": "no split of the SFT accuracy (needs per-example predictions or n/correct counts)",
+}
+
+
+def _excludes(row: pd.Series, effect: float | None) -> bool:
+    """Whether the interval rules out the effect of interest (a gain of ``effect``, or |rho| >= effect)."""
+    if effect is None or pd.isna(row["ci_low"]) or pd.isna(row["ci_high"]):
+        return False
+    if row["hypothesis"] == "H1_improvement_ttest":
+        return row["ci_high"] < effect
+    return -effect < row["ci_low"] and row["ci_high"] < effect
+
+
+def verdict(row: pd.Series, alpha: float = 0.05) -> tuple[str, str]:
+    """(verdict, reason) of one primary test row with ``pvalue_holm`` (see the module docstring)."""
+    _, direction, effect = CLAIMS.get(row["hypothesis"], ("", None, None))
+    if pd.isna(row["pvalue"]):
+        return "not testable", str(row.get("note") or "no p-value")
+    p = row["pvalue_holm"]
+    right_way = direction is None or row["estimate"] > 0
+    if p < alpha and right_way:
+        return "supported", f"p (Holm) = {p:.3g} < {alpha}"
+    if p < alpha:
+        return "not supported", f"significant in the opposite direction (p (Holm) = {p:.3g})"
+    if direction == "greater" and row["ci_high"] < 0:
+        return "not supported", f"the interval lies below 0 (p (Holm) = {p:.3g})"
+    if _excludes(row, effect):
+        return "not supported", f"p (Holm) = {p:.3g}; the 95% interval excludes {row['effect_of_interest']}"
+    if not row["power"] >= ADEQUATE_POWER:
+        power = "unknown" if pd.isna(row["power"]) else f"{row['power']:.2f}"
+        return "underpowered", f"p (Holm) = {p:.3g}; power {power} < {ADEQUATE_POWER} for {row['effect_of_interest']}"
+    return "inconclusive", f"p (Holm) = {p:.3g} although powered; the interval still holds {row['effect_of_interest']}"
+
+
+def verdict_table(tests: pd.DataFrame, alpha: float = 0.05, domains: list[str] | None = None) -> pd.DataFrame:
+    """Per domain and hypothesis H1-H5: the claim, the primary test's estimate, interval, p, power and verdict.
+
+    ``tests`` are study-mode tests (:func:`~kd_utils.statistics.hypothesis_tests.study_hypothesis_tests`,
+    :func:`~kd_utils.statistics.hypothesis_tests.agreement_gain_tests`). The primary test
+    is the ``average`` task with methods pooled; ``pvalue_holm`` here is Holm across the
+    domain's primary tests. A hypothesis without any test row is "not testable" with the reason.
+    """
+    domains = domains or list(dict.fromkeys(tests["domain"]))
+    primary = tests[(tests["task"] == "average") & (tests["method"] == "all")].set_index(["domain", "hypothesis"])
+    rows = []
+    for domain in domains:
+        block = []
+        for hypothesis, (claim, _, _) in CLAIMS.items():
+            if (domain, hypothesis) in primary.index:
+                row = primary.loc[(domain, hypothesis)].to_dict()
+                block.append({"domain": domain, "hypothesis": hypothesis, "claim": claim} | row)
+            else:
+                reason = MISSING_REASONS.get(hypothesis, "no test rows")
+                block.append({"domain": domain, "hypothesis": hypothesis, "claim": claim, "pvalue": math.nan,
+                              "note": f"not testable: {reason}"})
+        block = pd.DataFrame(block)
+        valid = block["pvalue"].notna().to_numpy()
+        block["pvalue_holm"] = math.nan
+        if valid.any():
+            block.loc[valid, "pvalue_holm"] = holm(block.loc[valid, "pvalue"])
+        for column in VERDICT_COLUMNS:
+            if column not in block:
+                block[column] = math.nan
+        outcome = [verdict(r, alpha) for _, r in block.iterrows()]
+        block["verdict"] = [v for v, _ in outcome]
+        block["reason"] = [r for _, r in outcome]
+        rows.append(block[VERDICT_COLUMNS])
+    table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=VERDICT_COLUMNS)
+    table["n"] = table["n"].astype("Int64") if len(table) else table["n"]
+    return table
+
+
+def survives(paper_conclusion: str, ours: str) -> str:
+    """Whether a conclusion of the paper ('supported' / 'not supported') survives our verdict on the same data."""
+    if paper_conclusion == "supported":
+        if ours == "supported":
+            return "yes"
+        if ours == "not supported":
+            return "no: the valid procedure rules it out"
+        return f"no: not shown under the valid procedure ({ours})"
+    if ours == "not supported":
+        return "yes: the valid procedure rules out the effect of interest"
+    if ours == "supported":
+        return "no: the valid procedure finds the effect"
+    return f"partly: not significant here either, but {ours}, so no evidence of absence"
+
+
+def summarise(values: pd.Series) -> str:
+    """'k of n' significant per-task p-values (< 0.05), for published hypotheses without an average row."""
+    values = values.dropna()
+    return f"{int(np.sum(values < 0.05))} of {len(values)} tasks p < 0.05"
+
+
+def findings_markdown(verdicts: pd.DataFrame) -> str:
+    """The verdict table as Markdown, organised by hypothesis: per domain the claim, the test and its
+    unit, the estimate with its interval, p, power and the verdict in bold with its reason."""
+    lines = []
+    for hypothesis, part in verdicts.groupby("hypothesis", sort=False):
+        lines.append(f"**{hypothesis}**: {part['claim'].iloc[0]}.")
+        for row in part.to_dict("records"):
+            if row["verdict"] == "not testable":
+                lines.append(f"- {row['domain']}: **not testable**: {row['reason'].removeprefix('not testable: ')}")
+                continue
+            interval = ("" if pd.isna(row["ci_low"]) else f", 95% CI [{row['ci_low']:.3g}, {row['ci_high']:.3g}]")
+            power = "n/a" if pd.isna(row["power"]) else f"{row['power']:.2f}"
+            lines.append(f"- {row['domain']}: **{row['verdict']}**. {row['test']} over {int(row['n'])} {row['unit']}: "
+                         f"estimate {row['estimate']:.3g}{interval}; p = {row['pvalue']:.3g}, Holm {row['pvalue_holm']:.3g}; "
+                         f"power {power} for {row['effect_of_interest']}."
+                         + (f" {row['reason'].split('; ', 1)[-1].capitalize()}." if row["verdict"] in
+                            ("not supported", "inconclusive") else ""))
+            if "survives" in row and row.get("paper_conclusion") not in (None, "not tested"):
+                lines.append(f"  The paper: {row['published']} ({row['paper_conclusion']}); survives: {row['survives']}.")
+        lines.append("")
+    return "\n".join(lines)

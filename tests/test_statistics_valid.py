@@ -1,0 +1,295 @@
+"""The valid study-mode procedure: unit tests, Friedman, stratified permutation Spearman, the split,
+verdicts, and the paper re-analysis."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from kd_utils import statistics as st
+from study_fixtures import write_study
+
+PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def test_unit_ttest_matches_scipy():
+    y = np.array([1.0, 4.0, 2.5, -0.5, 3.0])
+    res = st.unit_ttest(y, "greater")
+    ref = stats.ttest_1samp(y, 0.0, alternative="greater")
+    ci = stats.ttest_1samp(y, 0.0).confidence_interval(0.95)
+    assert (res["statistic"], res["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+    assert (res["ci_low"], res["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    assert res["estimate"] == pytest.approx(2.0) and res["n"] == 5
+    two = st.unit_ttest(y, "two-sided")
+    assert two["pvalue"] == pytest.approx(stats.ttest_1samp(y, 0.0).pvalue)
+    # power for a 3-point gain at the observed spread, as statsmodels computes it
+    from statsmodels.stats.power import TTestPower
+    assert res["power"] == pytest.approx(TTestPower().power(3 / y.std(ddof=1), nobs=5, alpha=0.05,
+                                                            alternative="larger"))
+    assert st.unit_ttest([1.0, 2.0])["note"] == "not testable: 2 unit(s) < 3"
+    assert st.unit_ttest([2.0, 2.0, 2.0])["note"].startswith("not testable: constant")
+
+
+def test_friedman_matches_scipy_with_ties():
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0, 2.0], "rkl": [2.0, 2.0, 5.0, 1.0, 3.0],
+                          "gkd": [3.0, 1.0, 4.0, 4.0, 2.0]})
+    res = st.friedman_test(table)
+    ref = stats.friedmanchisquare(table["fkl"], table["rkl"], table["gkd"])
+    assert res["statistic"] == pytest.approx(ref.statistic) and res["pvalue_asymptotic"] == pytest.approx(ref.pvalue)
+    # the permutation p-value against a direct enumeration of the 6^5 within-block orders
+    import itertools
+    ranks = stats.rankdata(table.to_numpy(), axis=1)
+    sums = [sum(r[list(p)] for r, p in zip(ranks, perm)) for perm in
+            itertools.product(list(itertools.permutations(range(3))), repeat=5)]
+    exact = np.mean([np.sum(np.square(s)) >= np.sum(np.square(ranks.sum(axis=0))) - 1e-9 for s in sums])
+    assert st.friedman_test(table, n_resamples=100_000)["pvalue"] == pytest.approx(exact, abs=0.006)  # 4 SE
+    assert res["estimate"] == pytest.approx(ref.statistic / (5 * 2))  # Kendall's W
+    # incomplete blocks are dropped; too few blocks are not testable
+    assert st.friedman_test(table.assign(gkd=[3.0, np.nan, np.nan, np.nan, 2.0]))["note"].startswith("not testable")
+
+
+def test_permutation_spearman_exact_without_blocks():
+    assert st.spearman_permutation_pvalue([1, 2, 3], [1, 2, 3]) == pytest.approx(1 / 3)  # 2 of 6 pairings
+    assert st.spearman_permutation_pvalue([1, 2, 3], [1, 3, 2]) == pytest.approx(1.0)
+    assert math.isnan(st.spearman_permutation_pvalue([1, 1, 1], [1, 2, 3]))
+    # 6 points, exact over 720 pairings: matches a direct enumeration
+    import itertools
+    x, y = np.array([0.5, 1.5, 3.0, 7.0, 1.0, 3.5]), np.array([5.0, 4.0, 3.5, -1.0, 6.0, 2.0])
+    rho = stats.spearmanr(x, y).statistic
+    perms = [stats.spearmanr(x, np.array(p)).statistic for p in itertools.permutations(y)]
+    expected = np.mean(np.abs(perms) >= abs(rho) - 1e-12)
+    res = st.permutation_spearman(x, y)
+    assert res["statistic"] == pytest.approx(rho) and res["pvalue"] == pytest.approx(expected)
+    # 3 points: the smallest attainable p is 1/3, so the test is reported as not testable at 0.05
+    assert st.permutation_spearman([1, 2, 3], [1, 2, 3])["note"].startswith("not testable: 3 points allow 6")
+
+
+def test_permutation_spearman_within_blocks_ignores_block_shifts():
+    rng = np.random.default_rng(0)
+    blocks = np.repeat(["s1", "s2", "s3"], 3)
+    x = np.tile([60.0, 70.0, 80.0], 3) + rng.normal(0, 1, 9)
+    y = rng.normal(0, 1, 9)
+    base = st.permutation_spearman(x, y, blocks)
+    # a constant per block (a student's shared SFT baseline) changes nothing
+    shifted = st.permutation_spearman(x, y + np.repeat([-30.0, 5.0, 40.0], 3), blocks)
+    assert shifted["pvalue"] == base["pvalue"] and shifted["statistic"] == pytest.approx(base["statistic"])
+    # exact: 3!^3 = 216 within-block permutations, p a multiple of 1/216
+    assert base["pvalue"] * 216 == pytest.approx(round(base["pvalue"] * 216))
+    single = st.permutation_spearman([1.0, 2.0], [1.0, 2.0], ["a", "b"])
+    assert single["note"].startswith("not testable: 0 point(s) in blocks of 2 or more")
+
+
+def test_permutation_spearman_within_blocks_size_by_simulation():
+    """Under the null with shared per-block noise (the SFT run) the test rejects about 5%."""
+    rng = np.random.default_rng(1)
+    blocks = np.repeat(np.arange(3), 3)
+    x = np.tile([55.0, 70.0, 85.0], 3)
+    rejections = []
+    for _ in range(400):
+        y = rng.normal(0, 1, 9) + np.repeat(rng.normal(0, 5, 3), 3)
+        rejections.append(st.permutation_spearman(x, y, blocks)["pvalue"] < 0.05)
+    assert 0.02 <= np.mean(rejections) <= 0.08
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_example_split_halves_ids_whatever_their_order():
+    ids = [f"gsm8k-{i}" for i in range(11)]
+    a = st.example_split(ids, "gsm8k", seed=3)
+    assert a.sum() == 5
+    shuffled = ids[::-1]
+    assert set(np.array(ids)[a]) == set(np.array(shuffled)[st.example_split(shuffled, "gsm8k", seed=3)])
+    assert not np.array_equal(a, st.example_split(ids, "gsm8k", seed=4))
+
+
+def test_split_counts_examples_and_thinning(tmp_path):
+    results = st.load_results(write_study(tmp_path))
+    by_examples = st.split_counts(results, tmp_path / "runs", seed=0)
+    assert set(by_examples["split"]) == {"examples"}
+    merged = by_examples.merge(results, on=["run_id", "task"])
+    assert ((merged["n_a"] + merged["n_b"]) == merged["n"]).all()
+    assert ((merged["correct_a"] + merged["correct_b"]) == merged["correct"]).all()
+    by_counts = st.split_counts(results, None, seed=0)
+    assert set(by_counts["split"]) == {"counts"}
+    merged = by_counts.merge(results, on=["run_id", "task"])
+    assert ((merged["correct_a"] + merged["correct_b"]) == merged["correct"]).all()
+    assert ((merged["correct_a"] <= merged["n_a"]) & (merged["correct_b"] <= merged["n_b"])).all()
+
+
+def test_split_removes_regression_to_the_mean():
+    """Under the null (KD = SFT), Spearman(improvement, SFT accuracy) over 6 students is negative on
+    average from SFT's own noise; with SFT accuracy on half A and the improvement on half B it is not.
+    100 simulated studies, each one 'domain' of a single results table."""
+    rng = np.random.default_rng(7)
+    records = []
+    for study in range(100):
+        records.append(dict(run_id=f"T{study}", role="teacher", model="T-7B", method="sft", teacher="",
+                            temperature="", domain=f"study{study}", correct=240))
+        for j, p in enumerate(np.linspace(0.45, 0.55, 6)):  # close abilities: the noise matters
+            student = f"S-{j + 1}B"
+            records.append(dict(run_id=f"{student}-sft-{study}", role="student", model=student, method="sft",
+                                teacher="", temperature="", domain=f"study{study}", correct=rng.binomial(300, p)))
+            records += [dict(run_id=f"{student}-fkl-{t}-{study}", role="student", model=student, method="fkl",
+                             teacher="T-7B", temperature=t, domain=f"study{study}", correct=rng.binomial(300, p))
+                        for t in (1.0, 2.0, 5.0)]
+    table = pd.DataFrame(records).assign(study="s", noise_sigma=0.0, seed=0, task="gsm8k", n=300, ci_low="",
+                                         ci_high="")
+    results = st.validate_results(table.assign(accuracy=100 * table["correct"] / 300)[list(st.RESULTS_COLUMNS)])
+    imp = st.improvement_table(results, temperature="mean")
+    imp = st.split_estimates(results, imp, st.split_counts(results, None, seed=0))
+    imp = imp[imp["task"] == "gsm8k"].groupby("domain")
+    naive = imp.apply(lambda d: stats.spearmanr(d["sft_accuracy"], d["improvement"]).statistic)
+    split = imp.apply(lambda d: stats.spearmanr(d["sft_accuracy_a"], d["improvement_b"]).statistic)
+    assert naive.mean() < -0.25  # the artefact the issue describes
+    assert abs(split.mean()) < 0.12  # 3 standard errors of a mean of 100
+
+
+def test_selected_temperature_is_chosen_on_half_a(tmp_path):
+    results = st.load_results(write_study(tmp_path))
+    imp = st.improvement_table(results, temperature="mean")
+    split = st.split_counts(results, tmp_path / "runs", seed=0)
+    out = st.split_estimates(results, imp, split).set_index(st.KEYS)
+    acc = split.assign(a=split["correct_a"] / split["n_a"], b=split["correct_b"] / split["n_b"]).set_index(
+        ["run_id", "task"])
+    row = out.loc[("math", "teach-1.7B", "stu-360M", "rkl", "gsm8k")]
+    a1, a2 = acc.loc[("stu-360M-rkl-t1", "gsm8k"), "a"], acc.loc[("stu-360M-rkl-t2", "gsm8k"), "a"]
+    chosen = 1.0 if a1 >= a2 else 2.0
+    assert row["selected_temperature"] == chosen
+    expected = 100 * (acc.loc[(f"stu-360M-rkl-t{chosen:g}", "gsm8k"), "b"] - acc.loc[("stu-360M-sft", "gsm8k"), "b"])
+    assert row["improvement_selected"] == pytest.approx(expected)
+    assert row["sft_accuracy_a"] == pytest.approx(100 * acc.loc[("stu-360M-sft", "gsm8k"), "a"])
+
+
+# ----------------------------------------------------------------------------- the valid tests
+
+
+def pair_improvements(effect: float, n_students: int = 6, n_teachers: int = 3, seed: int = 0) -> pd.DataFrame:
+    """A mean-temperature improvement table: every pair's improvement = effect + noise, shared per student."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for j in range(n_students):
+        shared = rng.normal(0, 1)
+        for i in range(n_teachers):
+            for method in ("fkl", "rkl", "gkd"):
+                for task in ("gsm8k", "svamp", "average"):
+                    rows.append(dict(domain="math", teacher=f"T{i}-{7 * (i + 1)}B", student=f"S{j}-{j + 1}B",
+                                     method=method, task=task, temperature=math.nan,
+                                     improvement=effect + shared + rng.normal(0, 0.5),
+                                     teacher_accuracy=60 + 10 * i + rng.normal(0, 0.1), student_size=j + 1.0))
+    return pd.DataFrame(rows)
+
+
+def test_h1_units_are_students():
+    imp = pair_improvements(5.0)
+    tests = st.study_hypothesis_tests(imp, n_resamples=999)
+    row = tests[(tests["hypothesis"] == "H1_improvement_ttest") & (tests["method"] == "all")
+                & (tests["task"] == "average")].iloc[0]
+    units = imp[imp["task"] == "average"].groupby("student")["improvement"].mean()
+    ref = stats.ttest_1samp(units, 0.0, alternative="greater")
+    assert row["n"] == 6 and row["unit"] == "students"
+    assert row["statistic"] == pytest.approx(ref.statistic) and row["pvalue"] == pytest.approx(ref.pvalue)
+    assert row["estimate"] == pytest.approx(units.mean())
+    friedman = tests[(tests["hypothesis"] == "H1_method_friedman") & (tests["task"] == "average")].iloc[0]
+    assert friedman["n"] == 18  # pairs are the blocks
+    h2 = tests[(tests["hypothesis"] == "H2_teacher_performance") & (tests["method"] == "all")
+               & (tests["task"] == "average")].iloc[0]
+    assert h2["n"] == 18 and h2["unit"].startswith("teacher-student pairs")
+    h3 = tests[(tests["hypothesis"] == "H3_student_size") & (tests["method"] == "all")
+               & (tests["task"] == "average")].iloc[0]
+    units = imp[imp["task"] == "average"].groupby("student")[["student_size", "improvement"]].mean()
+    assert h3["n"] == 6 and h3["statistic"] == pytest.approx(stats.spearmanr(units["student_size"],
+                                                                             units["improvement"]).statistic)
+    assert (tests["pvalue_holm"].dropna() >= tests["pvalue"].dropna().loc[tests["pvalue_holm"].dropna().index]).all()
+
+
+def verdict_of(tests: pd.DataFrame, hypothesis: str) -> str:
+    verdicts = st.verdict_table(tests)
+    return verdicts.set_index("hypothesis").loc[hypothesis, "verdict"]
+
+
+def test_verdicts_from_the_numbers():
+    # a large effect over 6 students: supported
+    assert verdict_of(st.study_hypothesis_tests(pair_improvements(5.0), n_resamples=999),
+                      "H1_improvement_ttest") == "supported"
+    # no effect, tiny spread: the interval excludes a 3-point gain
+    small = pair_improvements(0.0).assign(improvement=lambda d: d["improvement"] * 0.1)
+    assert verdict_of(st.study_hypothesis_tests(small, n_resamples=999), "H1_improvement_ttest") == "not supported"
+    # no effect, spread as large as the gain with 3 students: underpowered
+    wide = pair_improvements(0.0, n_students=3).assign(improvement=lambda d: d["improvement"] * 3)
+    assert verdict_of(st.study_hypothesis_tests(wide, n_resamples=999), "H1_improvement_ttest") == "underpowered"
+    # two students: not testable, with the reason
+    two = st.verdict_table(st.study_hypothesis_tests(pair_improvements(5.0, n_students=2), n_resamples=999))
+    row = two.set_index("hypothesis").loc["H1_improvement_ttest"]
+    assert row["verdict"] == "not testable" and "2 unit(s) < 3" in row["reason"]
+    # without agreement or BLEU measurements those hypotheses are not testable, and say why
+    assert two.set_index("hypothesis").loc["H4_agreement", "reason"].startswith("not testable: no agreement")
+
+
+def test_verdict_inconclusive_when_powered_but_interval_holds_the_effect():
+    row = pd.Series({"hypothesis": "H1_improvement_ttest", "pvalue": 0.2, "pvalue_holm": 0.2, "estimate": 1.5,
+                     "ci_low": -1.0, "ci_high": 4.0, "power": 0.9, "effect_of_interest": "a 3-point gain",
+                     "note": ""})
+    assert st.verdicts.verdict(row)[0] == "inconclusive"
+    assert st.verdicts.verdict(row.replace({0.9: 0.5}))[0] == "underpowered"
+    assert st.verdicts.verdict(row.replace({0.2: 0.001}))[0] == "supported"
+    corr = row.copy()
+    corr.update({"hypothesis": "H2_teacher_performance", "estimate": 0.05, "ci_low": -0.2, "ci_high": 0.25})
+    assert st.verdicts.verdict(corr)[0] == "not supported"  # |rho| = 0.3 ruled out
+
+
+def test_agreement_gain_tests_units_are_students():
+    rows = []
+    for j, gain in enumerate([5.0, 7.0, 6.0, 4.0]):
+        for i in range(2):
+            for task in ("gsm8k", "svamp"):
+                rows.append(dict(domain="math", teacher=f"T{i}", student=f"S{j}", task=task, method="sft",
+                                 agreement=50.0 + j))
+                for method in ("fkl", "rkl"):
+                    rows.append(dict(domain="math", teacher=f"T{i}", student=f"S{j}", task=task, method=method,
+                                     agreement=50.0 + j + gain + (1 if method == "rkl" else -1)))
+    tests = st.agreement_gain_tests(pd.DataFrame(rows), measure="agreement").set_index("task")
+    assert tests.loc["average", "n"] == 4 and tests.loc["average", "estimate"] == pytest.approx(5.5)
+    assert tests.loc["average", "pvalue"] == pytest.approx(stats.ttest_1samp([5, 7, 6, 4], 0).pvalue)
+
+
+# ----------------------------------------------------------------------------- the paper re-analysed
+
+
+@pytest.mark.skipif(not PAPER_DIR.is_dir(), reason=f"paper results not found at {PAPER_DIR}")
+def test_paper_reanalysis():
+    improvements, tests, verdicts = st.paper_reanalysis(PAPER_DIR, n_resamples=999)
+    assert set(improvements["temperature"]) == {1.0}  # no test-set selection
+    assert len(verdicts) == 16 and {"published", "paper_conclusion", "survives"} <= set(verdicts.columns)
+    h1 = verdicts.set_index(["domain", "hypothesis"]).loc[("math", "H1_improvement_ttest")]
+    assert h1["n"] == 6 and h1["paper_conclusion"] == "supported"  # 6 students, not 33 rows
+    assert h1["published"].startswith("8.47 (p < 0.001; 33 rows)")
+    # the published statistic of the same row is carried beside ours
+    published = st.paper_hypothesis_tests(PAPER_DIR)
+    row = tests[(tests["hypothesis"] == "H3_student_size") & (tests["method"] == "all") & (tests["task"] == "average")
+                & (tests["domain"] == "math")].iloc[0]
+    ref = published[(published["hypothesis"] == "H3_student_size") & (published["method"] == "all")
+                    & (published["task"] == "average") & (published["domain"] == "math")].iloc[0]
+    assert row["published_statistic"] == pytest.approx(ref["statistic"]) and row["published_n"] == 33
+    kd_vs_sft = tests[tests["hypothesis"] == "H4_kd_vs_sft"]
+    assert set(kd_vs_sft["domain"]) == {"math", "commonsense"} and (kd_vs_sft["n"] == 6).all()
+
+
+@pytest.mark.skipif(not PAPER_DIR.is_dir(), reason=f"paper results not found at {PAPER_DIR}")
+def test_paper_sft_counts_reproduce_the_published_accuracies():
+    results = st.with_sft_counts(st.load_paper_results(PAPER_DIR))
+    sft = results[(results["method"] == "sft") & (results["role"] == "student") & (results["task"] != "average")]
+    assert sft["n"].notna().all()
+    assert np.allclose((100 * sft["correct"] / sft["n"]).round(2), sft["accuracy"])
+    broken = results.copy()
+    broken.loc[sft.index[0], "accuracy"] += 0.013
+    with pytest.raises(ValueError, match="is no count out of"):
+        st.with_sft_counts(broken)
