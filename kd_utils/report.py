@@ -592,7 +592,7 @@ def _units(row: Mapping) -> str:
 def _survives(value: Any) -> str:
     if value is True or value is False:
         return "survives the valid procedure" if value else "does not survive the valid procedure"
-    return f"survives the valid procedure? {value}" if isinstance(value, str) and value else ""
+    return f"survives the valid procedure: {value}" if isinstance(value, str) and value else ""
 
 
 def _can_say(verdicts: pd.DataFrame) -> str:
@@ -631,8 +631,9 @@ def findings_block(verdicts: pd.DataFrame) -> HTML:
     ``verdicts`` has the columns of :data:`VERDICT_COLUMNS` (``verdict`` one of :data:`VERDICTS`) and may
     have ``estimate_label`` (what the estimate is, with its unit), ``test`` (the test's name), ``unit`` (what
     n counts), ``pvalue_holm``, ``effect_of_interest`` (what the power is for), ``reason`` (why the verdict)
-    and, in paper mode, ``paper_conclusion`` (the paper's reported conclusion) and ``survives`` (whether it
-    survives the valid procedure: a bool or a sentence).
+    and, in paper mode, ``paper_conclusion`` (the paper's reported conclusion, "not tested" where it has none),
+    ``published`` (the statistic it rests on) and ``survives`` (whether it survives the valid procedure: a bool
+    or a sentence).
     """
     missing = [c for c in VERDICT_COLUMNS if c not in verdicts.columns]
     if missing:
@@ -648,9 +649,10 @@ def findings_block(verdicts: pd.DataFrame) -> HTML:
                 else ""
             test = f"<p>Test: {html.escape(_text(row, 'test'))}.</p>" if _text(row, "test") else ""
             paper = ""
-            if _text(row, "paper_conclusion"):
+            if _text(row, "paper_conclusion") and row["paper_conclusion"] != "not tested":
                 survives = _survives(row.get("survives"))
-                paper = (f"<p>The paper: {html.escape(row['paper_conclusion'])}"
+                published = f" with {_text(row, 'published')}" if _text(row, "published") else ""
+                paper = (f"<p>The paper: {html.escape(row['paper_conclusion'] + published)}"
                          + (f" &mdash; <b>{html.escape(survives)}</b>" if survives else "") + ".</p>")
             parts.append(
                 f"<div class=\"kd-finding kd-{row['verdict'].replace(' ', '-')}\">"

@@ -55,7 +55,7 @@ if results_source not in ("paper", "study"):
     ("code", """if results_source == "paper":
     results, improvements = st.paper_improvements(paper_results_dir)  # best temperature: as published
     published = st.holm_adjust(st.hypothesis_tests(improvements))
-    published[list(st.TEST_COLUMNS)].to_csv(output_dir / "hypothesis_tests.csv", index=False)
+    published.to_csv(output_dir / "hypothesis_tests.csv", index=False)  # with pvalue_holm, note, power
     reanalysed, tests, verdicts = st.paper_reanalysis(paper_results_dir, n_permutations, bootstrap_seed)
     tests.to_csv(output_dir / "hypothesis_tests_reanalysis.csv", index=False)
     reanalysed.to_csv(output_dir / "improvements_reanalysis.csv", index=False)
@@ -91,8 +91,21 @@ design.to_csv(output_dir / "study_design.csv", index=False)
 banner = report.study_banner(design, description=provenance["study_parameters"].get("description", ""),
                              design_href=report.link(output_dir / "study_design.csv", report_dir))
 if banner is not None:
-    display(banner)
-display(report.provenance_html(provenance, report.link(output_dir / "provenance.json", report_dir)))
+    display(banner)"""),
+    ("md", """## Findings
+One verdict per domain and hypothesis, from the primary test (the average over the
+domain's tasks, methods pooled) of the valid procedure, Holm-adjusted across the
+domain's hypotheses: **supported** (significant in the claimed direction), **not
+supported** (not significant and the 95% interval rules out the effect of interest: a
+3-point gain, |rho| = 0.3), **underpowered** (not significant, power below 0.8),
+**inconclusive** (not significant although powered) or **not testable**. In paper mode
+the paper's own conclusion and whether it survives stand beside ours (`verdicts.csv`)."""),
+    ("code", """finding_columns = ["domain", "hypothesis", "n", "estimate", "ci_low", "ci_high", "pvalue", "pvalue_holm", "power",
+                   "verdict"] + (["paper_conclusion", "survives"] if results_source == "paper" else [])
+display(report.findings_block(verdicts))
+display(report.table(verdicts[finding_columns]))"""),
+    ("md", """## Provenance"""),
+    ("code", """display(report.provenance_html(provenance, report.link(output_dir / "provenance.json", report_dir)))
 display(Markdown(f"{results['run_id'].nunique()} runs, {len(improvements)} (teacher, student, method, task) rows."))"""),
     ("md", """## About this analysis
 Reproduces the hypothesis tests of Ramesh, Sengupta & Chakraborty, *On the Generalization
@@ -114,18 +127,6 @@ only for the expertise ablation), agreement from `EM1*.csv` and BLEU from `BLEU.
 Study mode: our results table; student sizes from `models.csv` when present, else
 parsed from model names; fidelity from per-example predictions when present. Every table
 of this report is also a CSV file beside it (linked from each folded table)."""),
-    ("md", """## Findings
-One verdict per domain and hypothesis, from the primary test (the average over the
-domain's tasks, methods pooled) of the valid procedure, Holm-adjusted across the
-domain's hypotheses: **supported** (significant in the claimed direction), **not
-supported** (not significant and the 95% interval rules out the effect of interest: a
-3-point gain, |rho| = 0.3), **underpowered** (not significant, power below 0.8),
-**inconclusive** (not significant although powered) or **not testable**. In paper mode
-the paper's own conclusion and whether it survives stand beside ours (`verdicts.csv`)."""),
-    ("code", """finding_columns = ["domain", "hypothesis", "n", "estimate", "ci_low", "ci_high", "pvalue", "pvalue_holm", "power",
-                   "verdict"] + (["paper_conclusion", "survives"] if results_source == "paper" else [])
-display(report.table(verdicts[finding_columns]))
-display(Markdown(st.findings_markdown(verdicts)))"""),
     ("md", """### How far these tests can be trusted
 Whole-pipeline null simulation (`benchmarks/null_simulation.py`): synthetic studies of
 the issue's design (3 teachers x 3 students per domain, fkl / rkl / gkd at 3

@@ -45,8 +45,13 @@ def test_paper_mode_notebook(tmp_path):
     html = render_report(NOTEBOOK, out / "report.html",
                          {"results_source": "paper", "paper_results_dir": str(PAPER_DIR), "output_dir": str(out)})
     written = pd.read_csv(out / "hypothesis_tests.csv")
-    assert list(written.columns) == list(st.TEST_COLUMNS)
-    pd.testing.assert_frame_equal(written, st.paper_hypothesis_tests(PAPER_DIR), check_exact=False, rtol=1e-12)
+    # every statistic the report shows: the published ones, Holm, the note and the power
+    assert list(written.columns) == list(st.TEST_COLUMNS) + ["note", "power", "pvalue_holm"]
+    pd.testing.assert_frame_equal(written[list(st.TEST_COLUMNS)], st.paper_hypothesis_tests(PAPER_DIR),
+                                  check_exact=False, rtol=1e-12)
+    tested = written["pvalue"].notna()
+    assert (written.loc[tested, "pvalue_holm"] >= written.loc[tested, "pvalue"] - 1e-15).all()
+    assert written.loc[tested, "power"].between(0, 1).all()
     assert len(written) == 352
     # the re-analysis goes to files of its own, with the published statistic beside ours
     reanalysis = pd.read_csv(out / "hypothesis_tests_reanalysis.csv")
@@ -56,7 +61,9 @@ def test_paper_mode_notebook(tmp_path):
     assert len(verdicts) == 16 and verdicts["survives"].notna().all()
     assert set(verdicts["verdict"]) <= {"supported", "not supported", "underpowered", "inconclusive", "not testable"}
     text = html.read_text()
-    assert "Findings" in text and "survives" in text
+    assert text.index("<div class=\"kd-findings\">") < text.index("<details class=\"kd-provenance\"") \
+        < text.index("About this analysis")
+    assert "survives the valid procedure: " in text and "What this study can and cannot say" in text
     check_report(html, ["improvement_vs_size", "task_differences_math", "task_differences_commonsense",
                         "ablation_temperature", "ablation_expertise", "agreement_vs_improvement",
                         "bleu_vs_improvement"], out / "figures")

@@ -192,7 +192,7 @@ def test_findings_block_renders_each_verdict_with_its_numbers():
     assert ("mean improvement (pp) +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001 (Holm = 0.001), power 0.93 for a "
             "3-point gain; n = 9 pairs.") in supported
     assert "Test: one-sided t-test over teacher-student pairs." in supported
-    assert "The paper: KD improves small students &mdash; <b>survives the valid procedure? yes</b>" in supported
+    assert "The paper: KD improves small students &mdash; <b>survives the valid procedure: yes</b>" in supported
     assert not_supported.startswith("kd-not-supported")
     assert "Spearman rho +0.05 (95% CI -0.21 to +0.25); p = 0.610 (Holm = 1.000), power 0.85 for |rho| = 0.3" \
         in not_supported
@@ -270,8 +270,8 @@ def test_study_report_opens_with_title_banner_and_provenance(study_report):
     title = "kd-study report: study synth"
     assert f"<title>{title}</title>" in text
     body = text[text.index("<body"):]
-    assert body.index(title) < body.index("<div class=\"kd-banner\">") < body.index("<details class=\"kd-provenance\"") \
-        < body.index("About this analysis")
+    assert body.index(title) < body.index("<div class=\"kd-banner\">") < body.index("<div class=\"kd-findings\">") \
+        < body.index("<details class=\"kd-provenance\"") < body.index("About this analysis")
     assert "A tiny study" in body and "A synthetic study." in body and "n = 30" in body
     provenance = body.split("<details class=\"kd-provenance\"")[1]
     assert "commit" in provenance and "sha256" in provenance and "Wall time of the runs" in provenance

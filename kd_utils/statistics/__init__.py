@@ -85,4 +85,4 @@ from kd_utils.statistics.results import (
     parse_model_size,
     validate_results,
 )
-from kd_utils.statistics.verdicts import CLAIMS, findings_markdown, verdict_table
+from kd_utils.statistics.verdicts import CLAIMS, verdict_table

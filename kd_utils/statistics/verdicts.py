@@ -35,8 +35,14 @@ CLAIMS = {
     "H5_fidelity": ("the gain tracks reasoning fidelity (rationale BLEU with the teacher)", None,
                     MEDIUM_EFFECT["spearman"]),
 }
-VERDICT_COLUMNS = ["domain", "hypothesis", "claim", "test", "unit", "n", "estimate", "ci_low", "ci_high",
-                   "pvalue", "pvalue_holm", "power", "effect_of_interest", "verdict", "reason"]
+#: what each primary test's estimate is, with its unit
+ESTIMATE_LABELS = {
+    "H1_improvement_ttest": "mean improvement (pp)",
+    "H1_method_friedman": "Kendall's W",
+    "H4_kd_vs_sft": "mean agreement gain (pp)",
+}
+VERDICT_COLUMNS = ["domain", "hypothesis", "claim", "test", "unit", "n", "estimate_label", "estimate", "ci_low",
+                   "ci_high", "pvalue", "pvalue_holm", "power", "effect_of_interest", "verdict", "reason"]
 #: why a hypothesis can have no test at all
 MISSING_REASONS = {
     "H4_agreement": "no agreement measurements (needs per-example predictions of teacher and students)",
@@ -105,6 +111,7 @@ def verdict_table(tests: pd.DataFrame, alpha: float = 0.05, domains: list[str] |
         for column in VERDICT_COLUMNS:
             if column not in block:
                 block[column] = math.nan
+        block["estimate_label"] = block["hypothesis"].map(ESTIMATE_LABELS).fillna("Spearman rho")
         outcome = [verdict(r, alpha) for _, r in block.iterrows()]
         block["verdict"] = [v for v, _ in outcome]
         block["reason"] = [r for _, r in outcome]
@@ -133,26 +140,3 @@ def summarise(values: pd.Series) -> str:
     """'k of n' significant per-task p-values (< 0.05), for published hypotheses without an average row."""
     values = values.dropna()
     return f"{int(np.sum(values < 0.05))} of {len(values)} tasks p < 0.05"
-
-
-def findings_markdown(verdicts: pd.DataFrame) -> str:
-    """The verdict table as Markdown, organised by hypothesis: per domain the claim, the test and its
-    unit, the estimate with its interval, p, power and the verdict in bold with its reason."""
-    lines = []
-    for hypothesis, part in verdicts.groupby("hypothesis", sort=False):
-        lines.append(f"**{hypothesis}**: {part['claim'].iloc[0]}.")
-        for row in part.to_dict("records"):
-            if row["verdict"] == "not testable":
-                lines.append(f"- {row['domain']}: **not testable**: {row['reason'].removeprefix('not testable: ')}")
-                continue
-            interval = ("" if pd.isna(row["ci_low"]) else f", 95% CI [{row['ci_low']:.3g}, {row['ci_high']:.3g}]")
-            power = "n/a" if pd.isna(row["power"]) else f"{row['power']:.2f}"
-            lines.append(f"- {row['domain']}: **{row['verdict']}**. {row['test']} over {int(row['n'])} {row['unit']}: "
-                         f"estimate {row['estimate']:.3g}{interval}; p = {row['pvalue']:.3g}, Holm {row['pvalue_holm']:.3g}; "
-                         f"power {power} for {row['effect_of_interest']}."
-                         + (f" {row['reason'].split('; ', 1)[-1].capitalize()}." if row["verdict"] in
-                            ("not supported", "inconclusive") else ""))
-            if "survives" in row and row.get("paper_conclusion") not in (None, "not tested"):
-                lines.append(f"  The paper: {row['published']} ({row['paper_conclusion']}); survives: {row['survives']}.")
-        lines.append("")
-    return "\n".join(lines)
