@@ -233,7 +233,7 @@ def _sampling_scale(n: float) -> dict:
 def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFrame:
     """Per domain, the numbers the banner is made of (the notebook writes them to study_design.csv):
     students with an improvement (KD and SFT runs), teacher-student pairs, the median n per task of the
-    student runs, the power of the H1 t-test over the pairs to detect a medium effect (d = 0.5), what
+    student runs, the power of the H1 t-test over the students (its units) to detect a medium effect (d = 0.5), what
     sampling alone does at that n (:func:`_sampling_scale`), and how many student accuracies are 0."""
     from kd_utils.statistics import medium_effect_power
 
@@ -241,10 +241,10 @@ def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFr
     rows = []
     for domain, runs in students.groupby("domain", sort=False):
         compared = improvements.loc[improvements["domain"] == domain, ["teacher", "student"]].drop_duplicates()
-        pairs = len(compared)
+        pairs, students = len(compared), compared["student"].nunique()
         n = runs["n"].median() if "n" in runs and runs["n"].notna().any() else math.nan
-        rows.append({"domain": domain, "students": compared["student"].nunique(), "pairs": pairs, "n_per_task": n,
-                     "h1_power_medium_effect": medium_effect_power("ttest", pairs) if pairs >= 2 else 0.0,
+        rows.append({"domain": domain, "students": students, "pairs": pairs, "n_per_task": n,
+                     "h1_power_medium_effect": medium_effect_power("ttest", students) if students >= 2 else 0.0,
                      **_sampling_scale(n), "student_accuracies": len(runs),
                      "zero_accuracies": int((runs["accuracy"] == 0).sum())})
     return pd.DataFrame(rows)
@@ -256,9 +256,11 @@ def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, des
     :func:`study_design` (linked as ``design_href``): what the study is for and which numbers to expect at its n.
 
     Shown when n per task is below ``small_n`` in some domain, or when a power is below 0.8: ``power``
-    (e.g. the verdict table's power column) or else the design's H1 power.
+    (the verdict table's power column: each test's power for its effect of interest) or else the design's
+    H1 power for a medium effect.
     """
-    tests = "tests" if power is not None else "H1 t-tests over teacher-student pairs (one per domain)"
+    tests, effect = (("primary tests", "their effect of interest (see Findings)") if power is not None else
+                     ("H1 t-tests over students (one per domain)", "a medium effect"))
     powers = [p for p in (design["h1_power_medium_effect"] if power is None else power) if pd.notna(p)]
     low_power = [p for p in powers if p < ADEQUATE_POWER]
     sizes = design.dropna(subset=["n_per_task"])
@@ -291,7 +293,7 @@ def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, des
         parts.append(f"<p><b>Few units per test.</b> This analysis has {facts}.</p>")
     if low_power:
         parts.append(f"<p>{len(low_power)} of {len(powers)} {tests} have power below {ADEQUATE_POWER} (as low as "
-                     f"{min(low_power):.2f}) to detect a medium effect: their non-significant results are not "
+                     f"{min(low_power):.2f}) to detect {effect}: their non-significant results are not "
                      "evidence of no effect.</p>")
     if design_href:
         parts.append(f"<p class=\"kd-meta\">These numbers per domain: <a href=\"{html.escape(design_href)}\">"

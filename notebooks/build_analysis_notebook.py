@@ -88,7 +88,7 @@ provenance = report.provenance(
 write_atomic(output_dir / "provenance.json", json.dumps(provenance, indent=1, default=str))
 design = report.study_design(results, improvements)
 design.to_csv(output_dir / "study_design.csv", index=False)
-banner = report.study_banner(design, description=provenance["study_parameters"].get("description", ""),
+banner = report.study_banner(design, power=verdicts["power"], description=provenance["study_parameters"].get("description", ""),
                              design_href=report.link(output_dir / "study_design.csv", report_dir))
 if banner is not None:
     display(banner)"""),

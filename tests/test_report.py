@@ -93,9 +93,10 @@ def test_banner_from_low_power_alone_and_none_for_a_large_well_powered_study():
     design = report.study_design(_results(n=1000), _improvements())
     assert report.study_banner(design, power=[0.85, 0.97]) is None
     text = report.study_banner(design, power=[0.85, 0.31]).data
-    assert "Few units per test" in text and "1 of 2 tests have power below 0.8 (as low as 0.31)" in text
-    # no power given: the H1 t-test over 2 pairs per domain, far below 0.8
-    assert "H1 t-tests over teacher-student pairs" in report.study_banner(design).data
+    assert "Few units per test" in text and "1 of 2 primary tests have power below 0.8 (as low as 0.31)" in text
+    # no power given: the H1 t-test over the 2 students of each domain, far below 0.8
+    assert design["h1_power_medium_effect"].lt(0.8).all()
+    assert "H1 t-tests over students (one per domain)" in report.study_banner(design).data
 
 
 # ---- provenance ---------------------------------------------------------------------------------

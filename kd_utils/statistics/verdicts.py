@@ -127,12 +127,12 @@ def survives(paper_conclusion: str, ours: str) -> str:
         if ours == "supported":
             return "yes"
         if ours == "not supported":
-            return "no: the valid procedure rules it out"
-        return f"no: not shown under the valid procedure ({ours})"
+            return "no: ruled out"
+        return f"no: not shown ({ours})"
     if ours == "not supported":
-        return "yes: the valid procedure rules out the effect of interest"
+        return "yes: the effect of interest is ruled out"
     if ours == "supported":
-        return "no: the valid procedure finds the effect"
+        return "no: the effect is found"
     return f"partly: not significant here either, but {ours}, so no evidence of absence"
 
 
