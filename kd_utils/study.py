@@ -190,7 +190,7 @@ def execute_run(run: Run, study_dir: str | Path) -> dict:
     started = time.time()
     write_status(run_dir, state="running", started=started, label=run.label)
     executed = run_dir / run.notebook
-    partial = run_dir / f".{run.notebook}.partial"
+    partial = run_dir / f".partial.{run.notebook}"  # ends in .ipynb, as papermill expects
     try:
         pm.execute_notebook(str(NOTEBOOKS / run.notebook), str(partial), parameters=parameters,
                             cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
