@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kd_utils import costs
 from kd_utils.io import write_atomic
 from kd_utils.params import ParamsError, load_study
 from kd_utils.tasks import tasks_for
@@ -375,6 +376,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
         print(f"study {params['study']}: {len(runs)} runs (+ analysis) into {study_dir}")
         for r in runs:
             print(f"  {statuses[r.id]['state']:8s} {r.id:22s} {r.label}" + (f"  <- {', '.join(r.deps)}" if r.deps else ""))
+        print(costs.format_estimate(params, runs, costs.load_table(), costs.default_table_path()))
         return 0
     study_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(study_dir / "params.resolved.json", json.dumps(params, indent=1))

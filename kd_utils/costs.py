@@ -1,0 +1,424 @@
+"""A measured cost model: how many tokens each stage of a study processes, and how long that takes here.
+
+    python -m kd_utils.costs calibrate [--output PATH] [--quick]
+
+Calibration measures tokens/s of three kinds of work on this machine's device (``cpu`` or the
+CUDA device name) for layer subsets of the embedded model (so several model sizes) and a few
+batch sizes: ``train`` (forward + backward of a LoRA model, non-pad tokens), ``forward``
+(no-grad forward: teacher targets, the teacher cache, validation, evaluation prompts) and
+``generate`` (new tokens of greedy decoding with the KV cache, all sequences of a batch
+counted). It also times the fixed cost of one run (a fresh Python process importing the
+package, plus loading the model). The table is cached as JSON, one entry per device kind, at
+``KD_COST_TABLE`` or ``outputs/cost_table.json``. Rates are interpolated linearly in
+log(parameters) and log(batch) between measured points.
+
+``study_work(params, runs)`` counts, independently of execution, the tokens every planned run
+processes: the training rows each epoch's micro batches hold (whole accumulation groups only, as
+``training.train`` drops the rest), validation passes, online-teacher forwards, gkd's on-policy
+samples (the same draws as training; their length is bounded by gkd_max_new_tokens), the
+teacher cache's forward, and evaluation prompts plus generated tokens. Generated tokens are an
+upper bound: a batch stops early when every sequence has ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from kd_utils.io import write_atomic
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("train", "forward", "generate")
+TEACHER_CACHE_BATCH = 8  # teacher_cache.ipynb's batch_size (the study does not set it)
+
+
+def default_table_path() -> Path:
+    return Path(os.environ.get("KD_COST_TABLE", PROJECT_ROOT / "outputs" / "cost_table.json"))
+
+
+def device_kind() -> str:
+    """'cpu' or the CUDA device's name: cost tables are per device kind."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ---- the cost table -----------------------------------------------------------------------
+
+def _interpolate(points: list[tuple[float, float]], x: float, slope_out: float) -> float:
+    """log-log linear interpolation of y(x) through ``points``; beyond them y scales as x**slope_out."""
+    points = sorted(points)
+    lx = math.log(x)
+    logs = [(math.log(px), math.log(py)) for px, py in points]
+    if lx <= logs[0][0]:
+        return math.exp(logs[0][1] + slope_out * (lx - logs[0][0]))
+    if lx >= logs[-1][0]:
+        return math.exp(logs[-1][1] + slope_out * (lx - logs[-1][0]))
+    for (x0, y0), (x1, y1) in zip(logs, logs[1:]):
+        if x0 <= lx <= x1:
+            return math.exp(y0 + (y1 - y0) * (lx - x0) / (x1 - x0))
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class CostTable:
+    """Measured tokens/s per (kind, parameters, batch) on one device kind, and the fixed cost of one run."""
+
+    device: str
+    entries: list[dict]  # {"kind", "n_params", "batch", "tokens_per_s"}
+    run_overhead_s: float
+
+    def rate(self, kind: str, n_params: int, batch: int) -> float:
+        """tokens/s, interpolated in log size then log batch.
+
+        Outside the measured sizes the rate scales as 1/parameters (compute-bound); below the smallest measured
+        batch it scales with the batch (decoding is bound by reading the weights once per step), above the largest
+        it stays flat (the device is saturated).
+        """
+        if kind not in KINDS:
+            raise ValueError(f"unknown cost kind {kind!r}; expected one of {', '.join(KINDS)}")
+        by_batch = defaultdict(list)
+        for e in self.entries:
+            if e["kind"] == kind:
+                by_batch[e["batch"]].append((e["n_params"], e["tokens_per_s"]))
+        if not by_batch:
+            raise ValueError(f"the cost table for {self.device!r} has no {kind!r} measurements")
+        at_batch = [(b, _interpolate(pts, n_params, -1.0)) for b, pts in by_batch.items()]
+        largest = max(b for b, _ in at_batch)
+        if batch >= largest:
+            return dict(at_batch)[largest]
+        return _interpolate(at_batch, batch, 1.0)
+
+    def seconds(self, kind: str, n_params: int, batch: int, tokens: float) -> float:
+        return tokens / self.rate(kind, n_params, batch) if tokens else 0.0
+
+
+def load_table(path: str | Path | None = None, device: str | None = None) -> CostTable | None:
+    """This device kind's table from the JSON at ``path``; None when there is none yet."""
+    path = Path(path) if path is not None else default_table_path()
+    if not path.is_file():
+        return None
+    try:
+        tables = json.loads(path.read_text())["devices"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: not a cost table ({err}); remake it with python -m kd_utils.costs calibrate") from None
+    device = device or device_kind()
+    if device not in tables:
+        return None
+    t = tables[device]
+    return CostTable(device, t["entries"], t["run_overhead_s"])
+
+
+def save_table(table: CostTable, path: str | Path | None = None, extra: dict | None = None) -> Path:
+    """Add or replace this device kind's table in the JSON at ``path`` (other devices' tables are kept)."""
+    path = Path(path) if path is not None else default_table_path()
+    content = json.loads(path.read_text()) if path.is_file() else {"devices": {}}
+    content["devices"][table.device] = {"entries": table.entries, "run_overhead_s": table.run_overhead_s,
+                                        **(extra or {})}
+    write_atomic(path, json.dumps(content, indent=1) + "\n")
+    return path
+
+
+# ---- counting the tokens of a planned study -------------------------------------------------
+
+@dataclass
+class Work:
+    """Tokens of one kind of work in one run."""
+
+    stage: str
+    run_id: str
+    kind: str
+    n_params: int
+    batch: int
+    tokens: float
+
+
+@lru_cache(maxsize=None)
+def _tokenizer(model: str):
+    from kd_utils.models import load_tokenizer
+
+    return load_tokenizer(model)
+
+
+@lru_cache(maxsize=None)
+def model_parameters(model: str, layers: int | None = None) -> int:
+    """Parameters of a model (or of its first-``layers`` subset) from its config alone, on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kd_utils.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    if layers is not None:
+        config.num_hidden_layers = layers
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in net.parameters())  # tied embeddings are one parameter
+
+
+@lru_cache(maxsize=None)
+def _mix(domain: str, data_dir: str | None, include_mawps: bool):
+    from kd_utils.data import build_training_mix
+
+    return build_training_mix(domain, data_dir, include_mawps=include_mawps)[0]
+
+
+def _rows(model: str, p: dict) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of the (train, validation) rows a training run sees."""
+    from kd_utils.batches import split_train_val, tokenize_example
+    from kd_utils.evaluation import sample_examples
+
+    mix = sample_examples(_mix(p["domain"], p["data_dir"], p["include_mawps"]), p["n_train"], p["seed"])
+    train, val = split_train_val(mix, p["val_fraction"], p["seed"])
+    tok = _tokenizer(model)
+    return ([tokenize_example(tok, e, p["max_length"])["input_ids"] for e in train],
+            [tokenize_example(tok, e, p["max_length"])["input_ids"] for e in val])
+
+
+def training_tokens(train_rows: list[list[int]], p: dict) -> list[list[int]]:
+    """Per epoch, the lengths of the micro batches' rows that ``training.train`` steps on (one process)."""
+    from kd_utils.batches import epoch_batches
+
+    accumulation = p["batch_size"] // p["micro_batch_size"]
+    steps = math.ceil(len(train_rows) / p["micro_batch_size"]) // accumulation
+    if p.get("max_steps"):
+        steps = min(steps, p["max_steps"])
+    rows = [{"input_ids": r} for r in train_rows]
+    return [[sum(len(r["input_ids"]) for r in micro)
+             for micro in epoch_batches(rows, p["micro_batch_size"], p["seed"], epoch)[:steps * accumulation]]
+            for epoch in range(1, p["epochs"] + 1)]
+
+
+def _training_work(run, p: dict, student_model: str, student_params: int, teacher_params: int | None) -> list[Work]:
+    train_rows, val_rows = _rows(student_model, p)
+    micro = p["micro_batch_size"]
+    per_epoch = training_tokens(train_rows, p)
+    val_tokens = sum(map(len, val_rows)) * (p["epochs"] + 1)  # before training and after every epoch
+    work = [Work(run.stage, run.id, "forward", student_params, micro, val_tokens)]
+    method = p.get("method", "sft")
+    if method == "gkd":
+        # the same draws as training: per micro batch, on-policy with probability lmbda
+        policy = random.Random(p["seed"] + 2)
+        on_policy = sum(policy.random() < p["lmbda"] for epoch in per_epoch for _ in epoch)
+        generated = on_policy * micro * p["gkd_max_new_tokens"]
+        work.append(Work(run.stage, run.id, "generate", student_params, micro, generated))
+    train_tokens = sum(map(sum, per_epoch))
+    work.append(Work(run.stage, run.id, "train", student_params, micro, train_tokens))
+    if method != "sft" and "teacher_cache" not in p:
+        work.append(Work(run.stage, run.id, "forward", teacher_params, micro, train_tokens))
+    return work
+
+
+def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
+    from kd_utils.data import available_tasks, load_task
+    from kd_utils.evaluation import sample_examples
+    from kd_utils.tasks import build_prompt, get_task
+
+    p = run.parameters
+    ready, _ = available_tasks(p["tasks"], p["data_dir"])
+    tok = _tokenizer(tokenizer_model)
+    prompt_tokens = generated = 0
+    for task_id in ready:
+        examples = sample_examples(load_task(task_id, "test", p["data_dir"]), p["n_per_task"], p["seed"])
+        budget = p["max_new_tokens_math"] if get_task(task_id).domain == "math" else p["max_new_tokens_commonsense"]
+        prompt_tokens += sum(len(tok(build_prompt(e.instruction, e.input))["input_ids"]) for e in examples)
+        generated += budget * len(examples)
+    return [Work("eval", run.id, "forward", n_params, p["batch_size"], prompt_tokens),
+            Work("eval", run.id, "generate", n_params, p["batch_size"], generated)]
+
+
+def study_work(params: dict, runs: list) -> list[Work]:
+    """Every planned run's tokens by kind (see the module docstring for what is counted)."""
+    teacher = params["models"]["teacher"]
+    teacher_params = model_parameters(teacher)
+    kd = params["kd"]
+    work: list[Work] = []
+    sizes: dict[str, int] = {}  # training run id -> parameters of the model it trains (what its eval runs load)
+    for run in runs:
+        p = run.parameters
+        if run.stage == "teacher":
+            sizes[run.id] = teacher_params
+            work += _training_work(run, p, teacher, teacher_params, None)
+        elif run.stage == "cache":
+            train_rows, _ = _rows(teacher, p)
+            work.append(Work("cache", run.id, "forward", teacher_params, TEACHER_CACHE_BATCH,
+                             sum(map(len, train_rows))))
+        elif run.stage == "student":
+            sizes[run.id] = model_parameters(p["model"], p["student_layers"])
+            work += _training_work(run, {**kd, **p}, p["model"], sizes[run.id], teacher_params)
+        elif run.stage == "eval":
+            size = sizes[run.deps[0]] if run.deps else teacher_params  # no upstream: the base model
+            work += _eval_work(run, size, teacher)
+    return work
+
+
+def estimate(work: list[Work], table: CostTable, n_runs: dict[str, int]) -> dict[str, dict]:
+    """Per stage: tokens by kind and estimated seconds (work plus the fixed cost of each run)."""
+    out: dict[str, dict] = {}
+    for w in work:
+        stage = out.setdefault(w.stage, {"tokens": defaultdict(float), "seconds": 0.0})
+        stage["tokens"][w.kind] += w.tokens
+        stage["seconds"] += table.seconds(w.kind, w.n_params, w.batch, w.tokens)
+    for stage, count in n_runs.items():
+        out.setdefault(stage, {"tokens": defaultdict(float), "seconds": 0.0})["seconds"] += count * table.run_overhead_s
+    return out
+
+
+def format_estimate(params: dict, runs: list, table: CostTable | None, table_path: Path) -> str:
+    """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
+    from kd_utils.study import STAGES
+
+    work = study_work(params, runs)
+    n_runs = {s: sum(r.stage == s for r in runs) for s in STAGES}
+    n_runs["analysis"] = 1
+    tokens: dict[str, dict] = defaultdict(lambda: defaultdict(float))
+    for w in work:
+        tokens[w.stage][w.kind] += w.tokens
+    est = estimate(work, table, n_runs) if table else {}
+    where = f"on {table.device}" if table else "no cost table for this device"
+    lines = [f"estimated cost ({where}; generated tokens are upper bounds):",
+             f"  {'stage':9s} {'runs':>5s} {'train tok':>12s} {'forward tok':>12s} {'generate tok':>12s} {'time':>10s}"]
+    total = 0.0
+    for stage in STAGES:
+        t = tokens[stage]
+        secs = est.get(stage, {}).get("seconds")
+        total += secs or 0.0
+        lines.append(f"  {stage:9s} {n_runs[stage]:5d} {t['train']:12,.0f} {t['forward']:12,.0f} {t['generate']:12,.0f} "
+                     f"{_duration(secs):>10s}")
+    if table:
+        lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}")
+        lines.append(f"  (cost table {table_path}; analysis counted as one run's fixed cost)")
+    else:
+        lines.append(f"  no times: no cost table for {device_kind()!r} at {table_path}; make one with "
+                     "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+# ---- calibration ----------------------------------------------------------------------------
+
+def _timed(fn, rounds: int) -> float:
+    """Median seconds of ``fn`` over ``rounds`` runs after one warm-up (CUDA synchronised)."""
+    import torch
+
+    times = []
+    for i in range(rounds + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(layers: list[int], train_batches: list[int], generate_batches: list[int], seq_len: int,
+              new_tokens: int, rounds: int) -> tuple[CostTable, dict]:
+    """Measure the table on this device for layer subsets of the embedded model."""
+    import torch
+
+    from kd_utils import models
+    from kd_utils.training import TrainConfig, wrap_lora
+
+    device = models.default_device()
+    dtype = models.default_dtype()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    base, tokenizer = models.load_model(models.EMBEDDED_MODEL)
+    total_layers = base.config.num_hidden_layers
+    entries = []
+    gen = torch.Generator().manual_seed(0)
+    for keep in layers:
+        n_params = model_parameters(models.EMBEDDED_MODEL, keep)
+        net = models.make_student(base, keep) if keep < total_layers else base
+        net = net.to(device=device, dtype=dtype).eval()
+        for batch in train_batches:
+            ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen).to(device)
+            with torch.no_grad(), autocast:
+                secs = _timed(lambda: net(input_ids=ids).logits, rounds)
+            entries.append({"kind": "forward", "n_params": n_params, "batch": batch, "tokens_per_s": ids.numel() / secs})
+        lora = wrap_lora(models.make_student(base, keep).to(device), TrainConfig()).train()  # fp32 weights, as training
+        opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
+        for batch in train_batches:
+            ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen).to(device)
+
+            def step():
+                with autocast:
+                    loss = torch.nn.functional.cross_entropy(lora(input_ids=ids).logits.flatten(0, 1).float(),
+                                                             ids.flatten())
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            secs = _timed(step, rounds)
+            entries.append({"kind": "train", "n_params": n_params, "batch": batch, "tokens_per_s": ids.numel() / secs})
+        del lora, opt
+        for batch in generate_batches:
+            ids = torch.randint(0, len(tokenizer), (batch, 64), generator=gen).to(device)
+            kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+                      "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
+            with torch.no_grad():
+                secs = _timed(lambda: net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs), rounds)
+            entries.append({"kind": "generate", "n_params": n_params, "batch": batch,
+                            "tokens_per_s": batch * new_tokens / secs})
+        print(f"  {keep} layers ({n_params / 1e6:.0f}M): " + ", ".join(
+            f"{e['kind']}@{e['batch']} {e['tokens_per_s']:,.0f}/s" for e in entries if e["n_params"] == n_params),
+            flush=True)
+    overhead = run_overhead_seconds()
+    return CostTable(device_kind(), entries, overhead), {"seq_len": seq_len, "new_tokens": new_tokens,
+                                                        "rounds": rounds, "torch": torch.__version__}
+
+
+def run_overhead_seconds() -> float:
+    """A fresh interpreter importing training and loading the embedded model (what every notebook run pays)."""
+    code = ("from kd_utils import models, training; import torch; "
+            "m, t = models.load_model(models.EMBEDDED_MODEL); m.to(models.default_device())")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd_utils.costs", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    cal = sub.add_parser("calibrate", help="measure this device's tokens/s and cache the table")
+    cal.add_argument("--output", type=Path, default=None, help="default: $KD_COST_TABLE or outputs/cost_table.json")
+    cal.add_argument("--layers", type=int, nargs="+", default=[30, 15, 6], help="layer subsets of the embedded model")
+    cal.add_argument("--train-batches", type=int, nargs="+", default=None)
+    cal.add_argument("--generate-batches", type=int, nargs="+", default=None)
+    cal.add_argument("--seq-len", type=int, default=128)
+    cal.add_argument("--new-tokens", type=int, default=16)
+    cal.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    import torch
+
+    gpu = torch.cuda.is_available()
+    train_batches = args.train_batches or ([8, 32] if gpu else [8])
+    generate_batches = args.generate_batches or ([16, 64, 256] if gpu else [1, 8])
+    load = os.getloadavg()
+    print(f"calibrating on {device_kind()} (load {load[0]:.2f})", flush=True)
+    table, info = calibrate(args.layers, train_batches, generate_batches, args.seq_len, args.new_tokens, args.rounds)
+    path = save_table(table, args.output, {**info, "loadavg_start": load, "loadavg_end": os.getloadavg(),
+                                           "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    print(f"run overhead {table.run_overhead_s:.1f} s; wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
