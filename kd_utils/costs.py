@@ -238,10 +238,21 @@ def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
             Work("eval", run.id, "generate", n_params, p["batch_size"], generated)]
 
 
-def study_work(params: dict, runs: list) -> list[Work]:
-    """Every planned run's tokens by kind (see the module docstring for what is counted)."""
+def study_work(params: dict, runs: list, sizes_by_model: dict[str, int] | None = None,
+               tokenizer_model: str | None = None) -> list[Work]:
+    """Every planned run's tokens by kind (see the module docstring for what is counted).
+
+    ``sizes_by_model`` gives parameters of models whose configs are not on this machine (e.g. the paper's hub
+    ids offline); ``tokenizer_model`` counts every text with that model's tokenizer instead of each model's own.
+    """
+    known = sizes_by_model or {}
+
+    def size(model: str, layers: int | None = None) -> int:
+        return known[model] if model in known and layers is None else model_parameters(model, layers)
+
     teacher = params["models"]["teacher"]
-    teacher_params = model_parameters(teacher)
+    teacher_params = size(teacher)
+    text_model = tokenizer_model or teacher
     kd = params["kd"]
     work: list[Work] = []
     sizes: dict[str, int] = {}  # training run id -> parameters of the model it trains (what its eval runs load)
@@ -249,17 +260,17 @@ def study_work(params: dict, runs: list) -> list[Work]:
         p = run.parameters
         if run.stage == "teacher":
             sizes[run.id] = teacher_params
-            work += _training_work(run, p, teacher, teacher_params, None)
+            work += _training_work(run, p, text_model, teacher_params, None)
         elif run.stage == "cache":
-            train_rows, _ = _rows(teacher, p)
+            train_rows, _ = _rows(text_model, p)
             work.append(Work("cache", run.id, "forward", teacher_params, TEACHER_CACHE_BATCH,
                              sum(map(len, train_rows))))
         elif run.stage == "student":
-            sizes[run.id] = model_parameters(p["model"], p["student_layers"])
-            work += _training_work(run, {**kd, **p}, p["model"], sizes[run.id], teacher_params)
+            sizes[run.id] = size(p["model"], p["student_layers"])
+            work += _training_work(run, {**kd, **p}, tokenizer_model or p["model"], sizes[run.id], teacher_params)
         elif run.stage == "eval":
-            size = sizes[run.deps[0]] if run.deps else teacher_params  # no upstream: the base model
-            work += _eval_work(run, size, teacher)
+            n = sizes[run.deps[0]] if run.deps else teacher_params  # no upstream: the base model
+            work += _eval_work(run, n, text_model)
     return work
 
 
@@ -302,7 +313,39 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     else:
         lines.append(f"  no times: no cost table for {device_kind()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
+    lines.append(improvement_power_line(runs))
     return "\n".join(lines)
+
+
+def improvement_power_line(runs: list) -> str:
+    """H1's power for a 3-point mean improvement, with the improvement's sd from binomial sampling alone.
+
+    An improvement is a KD student's mean accuracy minus its SFT twin's; at p = 0.5 (the largest binomial variance)
+    over N evaluated examples per model its sd is 100 * sqrt(2 * 0.25 / N). Run-to-run (seed) variation adds to
+    that, so this is an upper bound on the power.
+    """
+    from kd_utils.statistics.power import ttest_power
+
+    students = [r for r in runs if r.stage == "student"]
+    improvements = {(r.parameters["model"], r.parameters.get("student_layers"), r.parameters["method"],
+                     r.parameters["seed"], r.parameters["domain"]) for r in students if r.parameters["method"] != "sft"}
+    evals = [r for r in runs if r.stage == "eval"]
+    n_examples = _examples_per_eval(evals[0])
+    sd = 100 * math.sqrt(2 * 0.25 / n_examples)
+    n = len(improvements)
+    if n < 2:
+        return f"  power for a 3-point improvement (H1): {n} improvement(s), no test possible"
+    return (f"  power for a 3-point mean improvement (H1, one-sided t-test over {n} improvements, sd {sd:.2f} points "
+            f"from sampling {n_examples} examples per model; an upper bound): {ttest_power(n, 3.0, sd):.2f}")
+
+
+def _examples_per_eval(run) -> int:
+    from kd_utils.data import available_tasks, load_task
+    from kd_utils.evaluation import sample_examples
+
+    p = run.parameters
+    ready, _ = available_tasks(p["tasks"], p["data_dir"])
+    return sum(len(sample_examples(load_task(t, "test", p["data_dir"]), p["n_per_task"], p["seed"])) for t in ready)
 
 
 def _duration(seconds: float | None) -> str:

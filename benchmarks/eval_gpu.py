@@ -1,0 +1,165 @@
+"""Evaluation throughput at large batches: dynamic KV cache, static cache, compiled decoding, the paper's loop.
+
+Every variant runs ``kd_utils.evaluation.generate`` unchanged on the embedded SmolLM2-135M-Instruct
+(bfloat16 on GPUs that support it); a variant only sets the model's generation config, which
+``model.generate`` reads:
+- ``dynamic``: the default (DynamicCache);
+- ``static``: ``cache_implementation="static"``, ``disable_compile=True``;
+- ``compiled``: ``cache_implementation="static"`` with transformers' automatic ``torch.compile`` of the
+  decoding forward (on CUDA; on CPU only with ``--compile-cpu``).
+The reference is the paper's loop (batch 1, no cache, argmax of the last position; see
+eval_throughput.py). Each call generates exactly ``--max-new-tokens`` per prompt (min_new_tokens), so
+token counts are equal; GSM8K test prompts, batch b = the first b prompts.
+
+Timing: one warm-up per (variant, batch) (compilation happens there and is reported separately), then
+``--rounds`` interleaved rounds, variant order reversed every other round; median and spread (max - min)
+of tokens/s; load average recorded. Check: the greedy outputs of every variant on ``--n-check`` prompts
+must equal the dynamic cache's; the fastest variant with identical outputs is kept. Full test-set time
+per model: every available task in full, at most 256 (math) / 32 (commonsense) new tokens per example,
+at the kept variant's rate at the largest batch (an upper bound: batches stop when every sequence ends).
+
+    PYTHONPATH=. python benchmarks/eval_gpu.py                 # GPU: batches 64..512
+    PYTHONPATH=. python benchmarks/eval_gpu.py --tiny          # CPU check: batches 2, 4; few tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.eval_throughput import reference_generate
+from kd_utils import models
+from kd_utils.data import available_tasks, load_task
+from kd_utils.evaluation import DEFAULT_MAX_NEW_TOKENS, generate
+from kd_utils.io import write_atomic
+from kd_utils.tasks import build_prompt, get_task, tasks_for
+
+VARIANTS = ("dynamic", "static", "compiled")
+
+
+def configure(model, variant: str) -> None:
+    """Set the generation config a variant needs (evaluation.generate passes none of these)."""
+    gc = model.generation_config
+    gc.cache_implementation = None if variant == "dynamic" else "static"
+    gc.disable_compile = variant != "compiled"
+    if variant == "compiled" and model.device.type == "cpu":
+        from transformers import CompileConfig
+
+        gc.compile_config = CompileConfig()
+        gc.compile_config._compile_all_devices = True
+
+
+def timed(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> tuple[float, list[str]]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = generate(model, tokenizer, prompts, new_tokens, batch_size=batch, min_new_tokens=new_tokens)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def full_test_set_tokens() -> dict[str, int]:
+    """Upper bound of generated tokens for the full test set of every available task of the study ('all')."""
+    ready, _ = available_tasks([t.id for t in tasks_for("all")])
+    return {t: len(load_task(t, "test")) * DEFAULT_MAX_NEW_TOKENS[get_task(t).domain] for t in ready}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU check: batches 2 and 4, 8 new tokens, 1 ref prompt")
+    parser.add_argument("--batches", type=int, nargs="+", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--n-check", type=int, default=None, help="prompts whose greedy outputs must agree")
+    parser.add_argument("--ref-prompts", type=int, default=None, help="prompts the paper's loop runs")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None)
+    parser.add_argument("--compile-cpu", action="store_true", help="also compile on CPU (slow to compile)")
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    gpu = torch.cuda.is_available()
+    batches = args.batches or ([2, 4] if args.tiny else [64, 128, 256, 512])
+    new_tokens = args.max_new_tokens or (8 if args.tiny else 128)
+    n_check = args.n_check or (4 if args.tiny else 64)
+    ref_prompts = args.ref_prompts or (1 if args.tiny else 4)
+    variants = args.variants or [v for v in VARIANTS if v != "compiled" or gpu or args.compile_cpu]
+    output = args.output or Path("benchmarks/results") / ("eval_gpu_tiny.json" if args.tiny else "eval_gpu.json")
+
+    model, tokenizer = models.load_model(models.EMBEDDED_MODEL, dtype=models.default_dtype(),
+                                         device=models.default_device())
+    model.eval()
+    prompts = [build_prompt(e.instruction, e.input) for e in load_task("gsm8k", "test")][:max(batches + [n_check])]
+    load_start = os.getloadavg()
+
+    check, warmup = {}, {}
+    for variant in variants:
+        configure(model, variant)
+        check[variant] = timed(model, tokenizer, prompts[:n_check], min(batches), new_tokens)[1]
+        for batch in batches:
+            warmup[(variant, batch)] = timed(model, tokenizer, prompts[:batch], batch, new_tokens)[0]
+    same = {v: sum(a == b for a, b in zip(check[v], check["dynamic"])) for v in variants}
+
+    rates: dict[tuple, list[float]] = {(v, b): [] for v in variants for b in batches}
+    for rnd in range(args.rounds):
+        order = variants if rnd % 2 == 0 else variants[::-1]
+        for batch in batches:
+            for variant in order:
+                configure(model, variant)
+                secs, _ = timed(model, tokenizer, prompts[:batch], batch, new_tokens)
+                rates[(variant, batch)].append(batch * new_tokens / secs)
+                print(f"round {rnd} batch {batch} {variant}: {rates[(variant, batch)][-1]:,.0f} tokens/s", flush=True)
+
+    # the paper's loop: one prompt at a time, no cache
+    configure(model, "dynamic")
+    banned = [tokenizer.eos_token_id]
+    ref_secs, ref_same = 0.0, 0
+    for prompt, batched in zip(prompts[:ref_prompts], check["dynamic"]):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(model.device)
+        start = time.perf_counter()
+        out = reference_generate(model, ids, new_tokens, banned)
+        if gpu:
+            torch.cuda.synchronize()
+        ref_secs += time.perf_counter() - start
+        ref_same += tokenizer.decode(out[ids.shape[1]:], skip_special_tokens=True).strip() == batched
+    ref_rate = ref_prompts * new_tokens / ref_secs
+
+    summary = [{"variant": v, "batch": b, "median_tokens_per_s": statistics.median(r), "spread": max(r) - min(r),
+                "rounds": r, "warmup_s": warmup[(v, b)], "same_outputs_as_dynamic": f"{same[v]}/{n_check}"}
+               for (v, b), r in rates.items()]
+    identical = [s for s in summary if same[s["variant"]] == n_check]
+    best = max(identical, key=lambda s: s["median_tokens_per_s"])
+    at_largest = max((s for s in identical if s["batch"] == max(batches)), key=lambda s: s["median_tokens_per_s"])
+    tokens = full_test_set_tokens()
+    full = {"tasks": len(tokens), "generated_tokens_upper_bound": sum(tokens.values()),
+            "kept_variant": at_largest["variant"], "batch": at_largest["batch"],
+            "seconds_per_model": sum(tokens.values()) / at_largest["median_tokens_per_s"],
+            "paper_loop_seconds_per_model": sum(tokens.values()) / ref_rate}
+    lines = ["| variant | batch | tokens/s (median) | spread | warm-up s | same greedy outputs |", "|---|---|---|---|---|---|"]
+    lines += [f"| {s['variant']} | {s['batch']} | {s['median_tokens_per_s']:,.1f} | {s['spread']:,.1f} | "
+              f"{s['warmup_s']:.1f} | {s['same_outputs_as_dynamic']} |" for s in summary]
+    lines += [f"| paper loop (batch 1, no cache) | 1 | {ref_rate:,.1f} | | | {ref_same}/{ref_prompts} as dynamic |", "",
+              f"fastest with identical outputs: {best['variant']} at batch {best['batch']}; full test sets "
+              f"({full['tasks']} tasks, <= {full['generated_tokens_upper_bound']:,} tokens) per model: "
+              f"{full['seconds_per_model']:.0f} s ({full['kept_variant']}, batch {full['batch']}) against "
+              f"{full['paper_loop_seconds_per_model'] / 3600:.1f} h with the paper's loop"]
+    table = "\n".join(lines)
+    result = {"benchmark": "eval_gpu", "model": models.EMBEDDED_MODEL, "device": models.default_device(),
+              "device_name": torch.cuda.get_device_name(0) if gpu else "cpu", "dtype": str(models.default_dtype()),
+              "torch": torch.__version__, "new_tokens": new_tokens, "n_check": n_check, "batches": batches,
+              "summary": summary, "best": best, "paper_loop": {"prompts": ref_prompts, "tokens_per_s": ref_rate,
+                                                                "same_as_dynamic": ref_same},
+              "full_test_sets": full, "per_task_tokens": tokens, "loadavg_start": load_start,
+              "loadavg_end": os.getloadavg(), "table_markdown": table}
+    print(table)
+    write_atomic(output, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()
