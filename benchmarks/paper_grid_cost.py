@@ -172,7 +172,6 @@ def main() -> None:
                 row[f"{label}_peak_mb"] = peak_mb(fn)
             pairs.append(row)
             print(row, flush=True)
-        del models[teacher].base_model  # free what no later pair needs
     sizes = {name: rec["n_params"] for name, rec in per_model.items()}
     # 7B teacher (paper_math's): forward rate extrapolated as 1/parameters from the largest measured model
     sizes["Qwen/Qwen2.5-7B"] = PAPER_7B if not args.tiny else 2 * max(sizes.values())

