@@ -176,14 +176,21 @@ def _mix(domain: str, data_dir: str | None, include_mawps: bool):
 
 def _rows(model: str, p: dict) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of the (train, validation) rows a training run sees."""
+    return _rows_cached(model, p["domain"], p["data_dir"], p["include_mawps"], p["n_train"], p["seed"],
+                        p["val_fraction"], p["max_length"])
+
+
+@lru_cache(maxsize=None)  # every run of a seed shares its rows: tokenize them once
+def _rows_cached(model: str, domain: str, data_dir: str | None, include_mawps: bool, n_train: int | None, seed: int,
+                 val_fraction: float, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
     from kd_utils.batches import split_train_val, tokenize_example
     from kd_utils.evaluation import sample_examples
 
-    mix = sample_examples(_mix(p["domain"], p["data_dir"], p["include_mawps"]), p["n_train"], p["seed"])
-    train, val = split_train_val(mix, p["val_fraction"], p["seed"])
+    mix = sample_examples(_mix(domain, data_dir, include_mawps), n_train, seed)
+    train, val = split_train_val(mix, val_fraction, seed)
     tok = _tokenizer(model)
-    return ([tokenize_example(tok, e, p["max_length"])["input_ids"] for e in train],
-            [tokenize_example(tok, e, p["max_length"])["input_ids"] for e in val])
+    return ([tokenize_example(tok, e, max_length)["input_ids"] for e in train],
+            [tokenize_example(tok, e, max_length)["input_ids"] for e in val])
 
 
 def training_tokens(train_rows: list[list[int]], p: dict) -> list[list[int]]:
@@ -221,21 +228,33 @@ def _training_work(run, p: dict, student_model: str, student_params: int, teache
 
 
 def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
+    p = run.parameters
+    prompt_tokens = generated = 0
+    for _task, domain, n, prompts in _eval_prompts(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"],
+                                                     tokenizer_model):
+        budget = p["max_new_tokens_math"] if domain == "math" else p["max_new_tokens_commonsense"]
+        prompt_tokens += prompts
+        generated += budget * n
+    return [Work("eval", run.id, "forward", n_params, p["batch_size"], prompt_tokens),
+            Work("eval", run.id, "generate", n_params, p["batch_size"], generated)]
+
+
+@lru_cache(maxsize=None)  # every eval run of a study scores the same examples
+def _eval_prompts(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str | None, tokenizer_model: str
+                  ) -> list[tuple[str, str, int, int]]:
+    """(task, domain, examples, prompt tokens) of each available task."""
     from kd_utils.data import available_tasks, load_task
     from kd_utils.evaluation import sample_examples
     from kd_utils.tasks import build_prompt, get_task
 
-    p = run.parameters
-    ready, _ = available_tasks(p["tasks"], p["data_dir"])
+    ready, _ = available_tasks(list(tasks), data_dir)
     tok = _tokenizer(tokenizer_model)
-    prompt_tokens = generated = 0
+    out = []
     for task_id in ready:
-        examples = sample_examples(load_task(task_id, "test", p["data_dir"]), p["n_per_task"], p["seed"])
-        budget = p["max_new_tokens_math"] if get_task(task_id).domain == "math" else p["max_new_tokens_commonsense"]
-        prompt_tokens += sum(len(tok(build_prompt(e.instruction, e.input))["input_ids"]) for e in examples)
-        generated += budget * len(examples)
-    return [Work("eval", run.id, "forward", n_params, p["batch_size"], prompt_tokens),
-            Work("eval", run.id, "generate", n_params, p["batch_size"], generated)]
+        examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
+        out.append((task_id, get_task(task_id).domain, len(examples),
+                    sum(len(tok(build_prompt(e.instruction, e.input))["input_ids"]) for e in examples)))
+    return out
 
 
 def study_work(params: dict, runs: list, sizes_by_model: dict[str, int] | None = None,
@@ -290,7 +309,10 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
     from kd_utils.study import STAGES
 
-    work = study_work(params, runs)
+    try:
+        work = study_work(params, runs)
+    except (OSError, ValueError) as err:  # e.g. a hub model's config or tokenizer not on this machine, offline
+        return f"estimated cost: token counts unavailable ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
     n_runs = {s: sum(r.stage == s for r in runs) for s in STAGES}
     n_runs["analysis"] = 1
     tokens: dict[str, dict] = defaultdict(lambda: defaultdict(float))
@@ -313,11 +335,11 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     else:
         lines.append(f"  no times: no cost table for {device_kind()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
-    lines.append(improvement_power_line(runs))
+    lines.append(improvement_power_line(runs, params["models"]["teacher"]))
     return "\n".join(lines)
 
 
-def improvement_power_line(runs: list) -> str:
+def improvement_power_line(runs: list, tokenizer_model: str) -> str:
     """H1's power for a 3-point mean improvement, with the improvement's sd from binomial sampling alone.
 
     An improvement is a KD student's mean accuracy minus its SFT twin's; at p = 0.5 (the largest binomial variance)
@@ -330,7 +352,7 @@ def improvement_power_line(runs: list) -> str:
     improvements = {(r.parameters["model"], r.parameters.get("student_layers"), r.parameters["method"],
                      r.parameters["seed"], r.parameters["domain"]) for r in students if r.parameters["method"] != "sft"}
     evals = [r for r in runs if r.stage == "eval"]
-    n_examples = _examples_per_eval(evals[0])
+    n_examples = _examples_per_eval(evals[0], tokenizer_model)
     sd = 100 * math.sqrt(2 * 0.25 / n_examples)
     n = len(improvements)
     if n < 2:
@@ -339,13 +361,10 @@ def improvement_power_line(runs: list) -> str:
             f"from sampling {n_examples} examples per model; an upper bound): {ttest_power(n, 3.0, sd):.2f}")
 
 
-def _examples_per_eval(run) -> int:
-    from kd_utils.data import available_tasks, load_task
-    from kd_utils.evaluation import sample_examples
-
+def _examples_per_eval(run, tokenizer_model: str) -> int:
     p = run.parameters
-    ready, _ = available_tasks(p["tasks"], p["data_dir"])
-    return sum(len(sample_examples(load_task(t, "test", p["data_dir"]), p["n_per_task"], p["seed"])) for t in ready)
+    return sum(n for _, _, n, _ in _eval_prompts(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"],
+                                                tokenizer_model))
 
 
 def _duration(seconds: float | None) -> str:
