@@ -24,6 +24,7 @@ install_wheels() {  # packages the device image lacks (KINDS.md lists what it ha
   if [ -d "$CARRY/wheels" ] && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
   fi
+  $PY -m ipykernel install --sys-prefix --name python3 >/dev/null  # the kernel papermill runs the notebooks in
 }
 
 case "${1:-}" in
