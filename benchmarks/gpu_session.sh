@@ -20,7 +20,8 @@ export PYTHONPATH=. KD_DATA_DIR=${KD_DATA_DIR:-$PWD/shared-data} KD_CACHE_DIR=${
 export KD_COST_TABLE=$OUT/cost_table.json
 TINY=${TINY:-0}
 
-install_wheels() {  # packages the device image lacks (KINDS.md lists what it has)
+install_wheels() {  # packages the device image lacks (KINDS.md lists what it has); TINY=1 uses this venv as it is
+  [ "$TINY" = 1 ] && return 0
   if [ -d "$CARRY/wheels" ] && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps "$CARRY"/wheels/*.whl
   fi
