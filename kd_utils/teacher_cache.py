@@ -14,7 +14,7 @@ What is stored, per training example and per next-token position of its tokenize
   teacher's entropy (float32); ``losses.forward_kl_sampled`` is then an unbiased estimate
   of forward KL and of its gradient (Anshumann et al., ACL 2025), with less variance than
   independent draws.
-- ``topk_sampled``: the k most likely ids with their log-probs (float16), plus the ids of
+- ``topk_sampled``: the k most likely ids with their log-probs (float16, with ``topk``'s tail guard), plus the ids of
   ``num_samples`` systematic draws from the tail (p_T without those k), each weighted
   tail mass / num_samples, and the entropy. Still unbiased for forward KL
   (``forward_kl_sampled`` with the weights as counts), with only the tail's variance.
@@ -248,7 +248,8 @@ def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None
     tail_part = torch.where(tail > 0, tail * tail_entropy[0].double(), 0.0)
     entropy = -torch.xlogy(top.exp(), top.exp()).sum(-1) + tail_part - torch.xlogy(tail, tail)
     return {"ids": torch.cat([top_ids[0], tail_ids[0]], 1).to(ids_as),
-            "logprobs": top_logprobs[0].to(logprob_dtype), "entropy": entropy.float()}
+            "logprobs": quantize_logprobs(top_logprobs[0], logprob_dtype, covers_vocab=False),
+            "entropy": entropy.float()}
 
 
 def unbiased_variance_floor(p: torch.Tensor, n: int) -> torch.Tensor:

@@ -515,3 +515,21 @@ def test_a_killed_writer_leaves_a_cache_that_regenerates_cleanly(tiny_model_dir,
         assert new.keys() == old.keys(), example_id
         for name in new:
             assert torch.equal(new[name], old[name]), (example_id, name, new[name], old[name])
+
+
+@pytest.mark.parametrize("representation", ["topk", "topk_sampled"])
+def test_float16_log_probs_keep_a_small_tail(representation):
+    """A tail of ~1e-6 is below float16's resolution next to log p = 0: rounded to nearest it would vanish."""
+    logits = torch.tensor([[14.0, 13.5, 0.0, -1.0, -2.0, -3.0]], dtype=torch.float64).repeat(64, 1)
+    logits[:, 1] += torch.linspace(0, 0.5, 64, dtype=torch.float64)  # rows whose rounding errs either way
+    fields = dict(representation=representation, k=2, num_samples=3, temperature=1.0)
+    stored = teacher_cache.encode(logits, fields, torch.Generator().manual_seed(0))
+    true_tail = 1 - logits.softmax(-1)[:, :2].sum(-1)
+    nearest_tail = teacher_cache._tail(losses.teacher_topk(logits[None], 2, 1.0)[1][0].to(torch.float16))
+    assert (nearest_tail < 0.5 * true_tail).any()  # the case the guard is for
+    kept_tail = teacher_cache._tail(stored["logprobs"])
+    assert (kept_tail >= 0.5 * true_tail).all() and (kept_tail < 1e-2).all()
+    if representation == "topk_sampled":  # the draws carry that tail as their weight
+        counts = teacher_cache.decode(stored)["sample_counts"].double()
+        assert torch.allclose(counts[:, 2:].sum(-1), kept_tail, rtol=1e-5)
+        assert torch.allclose(counts.sum(-1), torch.ones(64, dtype=torch.float64), atol=1e-3)
