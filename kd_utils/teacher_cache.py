@@ -22,7 +22,8 @@ What is stored, per training example and per next-token position of its tokenize
 Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
 sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
 per stored position from a generator seeded by (seed, example id): the cache holds one fixed
-noisy teacher, while online training draws fresh noise at every step.
+noisy teacher, while online training draws fresh noise at every step. The draws are fixed the same
+way, so every epoch reads the same sample of the objective (not measured against fresh draws).
 
 Layout: ``<output_dir>/<key>/`` with ``shard-NNNNN.safetensors`` (flat arrays + per-example
 lengths + the cached input ids, example ids in the metadata), a ``shard-NNNNN.json``
