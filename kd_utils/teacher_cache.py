@@ -14,7 +14,7 @@ What is stored, per training example and per next-token position of its tokenize
   teacher's entropy (float32); ``losses.forward_kl_sampled`` is then an unbiased estimate
   of forward KL and of its gradient (Anshumann et al., ACL 2025), with less variance than
   independent draws.
-- ``topk_sampled``: the k most likely ids with their log-probs (float16), plus the ids of
+- ``topk_sampled``: the k most likely ids with their log-probs (float16, with ``topk``'s tail guard), plus the ids of
   ``num_samples`` systematic draws from the tail (p_T without those k), each weighted
   tail mass / num_samples, and the entropy. Still unbiased for forward KL
   (``forward_kl_sampled`` with the weights as counts), with only the tail's variance.
@@ -22,7 +22,8 @@ What is stored, per training example and per next-token position of its tokenize
 Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
 sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
 per stored position from a generator seeded by (seed, example id): the cache holds one fixed
-noisy teacher, while online training draws fresh noise at every step.
+noisy teacher, while online training draws fresh noise at every step. The draws are fixed the same
+way, so every epoch reads the same sample of the objective (not measured against fresh draws).
 
 Layout: ``<output_dir>/<key>/`` with ``shard-NNNNN.safetensors`` (flat arrays + per-example
 lengths + the cached input ids, example ids in the metadata), a ``shard-NNNNN.json``
@@ -42,8 +43,9 @@ benchmarks/results/teacher_cache_tradeoff.json):
 - ``topk_sampled`` with k = 4 and 20 tail draws: 62 bytes per distilled token (uint16 ids,
   float16 log-probs, float32 entropy, the input id). The fkl loss is within 0.5% of the
   full-logit value. A student distilled from it for 2 epochs ends within 0.1% of the online
-  student's held-out KL, at tau = 1 and 2. One epoch takes 2.25x less time than with the
-  online teacher.
+  student's held-out KL, at tau = 1 and 2 (one seed, 16 held-out rows). One epoch took 2.25x less
+  time than with the online teacher (best of 2 rounds in one order, tau = 1, generation not counted);
+  these figures predate the last encoder change and await a rerun.
 - Its per-position logit gradient errs by ~8% at tau = 1 and ~105% at tau = 2. That is close
   to the floor of any unbiased form holding 29 ids, what 64 bytes hold at 2 bytes per id
   (``unbiased_variance_floor``: 6% and 91%). The
@@ -75,10 +77,10 @@ from kd_utils import losses
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
-from kd_utils.io import run_from_params_file, write_atomic
+from kd_utils.io import read_json, run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
-CACHE_FORMAT_VERSION = 2  # 2: systematic draws, stored one id per draw
+CACHE_FORMAT_VERSION = 3  # 3: task-awareness in the fields; every field checked against the run and the key
 REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
 # unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "topk_sampled"
@@ -114,7 +116,10 @@ def weights_hash(directory: str | Path) -> str:
     if not any(p.suffix in WEIGHT_SUFFIXES for p in files):
         raise ValueError(f"{directory} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     memo_path = _memo_file()
-    memo = json.loads(memo_path.read_text()) if memo_path.is_file() else {}
+    try:  # a missing or damaged memo only costs rehashing
+        memo = read_json(memo_path)
+    except ValueError:
+        memo = {}
     parts, changed = [], False
     for path in files:
         stat = path.stat()
@@ -144,11 +149,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(content, ensure_ascii=False).encode()).hexdigest()[:20]
 
 
-def cache_fields(teacher_hash: str, adapter_hash: str | None, tokenizer_fp: str, mix_fp: str, max_length: int,
-                 representation: str, k: int, num_samples: int, temperature: float, noise_sigma: float,
-                 seed: int) -> dict:
+def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher: bool, tokenizer_fp: str,
+                 mix_fp: str, max_length: int, representation: str, k: int, num_samples: int, temperature: float,
+                 noise_sigma: float, seed: int) -> dict:
     """Every input that changes the cache's content (the manifest's ``fields``)."""
     return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
+            "task_aware_teacher": bool(task_aware_teacher),
             "tokenizer": tokenizer_fp, "mix_fingerprint": mix_fp, "max_length": int(max_length),
             "representation": representation, "k": int(k) if representation != "sampled" else None,
             "num_samples": int(num_samples) if representation != "topk" else None,
@@ -160,6 +166,18 @@ def cache_fields(teacher_hash: str, adapter_hash: str | None, tokenizer_fp: str,
 def cache_key(fields: dict) -> str:
     """Content address: sha256 of the canonical JSON of ``fields``."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:24]
+
+
+def teacher_identity(teacher: str | Path, teacher_adapter: str | Path | None = None,
+                     task_aware_teacher: bool = True) -> dict:
+    """The cache fields that name the teacher: weight hashes of the model and the adapter it merges, task-awareness.
+
+    A student run passes these (with its seed) to ``open_for_training`` so a cache of another
+    teacher, a re-fine-tuned adapter or the task-unaware base is refused, not used.
+    """
+    adapter = teacher_adapter if task_aware_teacher else None
+    return {"teacher": weights_hash(model_dir(teacher)), "adapter": weights_hash(adapter) if adapter else None,
+            "task_aware_teacher": bool(task_aware_teacher)}
 
 
 def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas) -> None:
@@ -232,7 +250,8 @@ def encode(logits: torch.Tensor, fields: dict, generator: torch.Generator | None
     tail_part = torch.where(tail > 0, tail * tail_entropy[0].double(), 0.0)
     entropy = -torch.xlogy(top.exp(), top.exp()).sum(-1) + tail_part - torch.xlogy(tail, tail)
     return {"ids": torch.cat([top_ids[0], tail_ids[0]], 1).to(ids_as),
-            "logprobs": top_logprobs[0].to(logprob_dtype), "entropy": entropy.float()}
+            "logprobs": quantize_logprobs(top_logprobs[0], logprob_dtype, covers_vocab=False),
+            "entropy": entropy.float()}
 
 
 def unbiased_variance_floor(p: torch.Tensor, n: int) -> torch.Tensor:
@@ -307,9 +326,12 @@ def _shard_done(cache: Path, index: int, example_ids: list[str]) -> bool:
     record_path, shard = cache / f"shard-{index:05d}.json", cache / _shard_name(index)
     if not (record_path.is_file() and shard.is_file()):
         return False
-    record = json.loads(record_path.read_text())
-    return (record["example_ids_sha256"] == _ids_hash(example_ids) and shard.stat().st_size == record["bytes"]
-            and _sha256(shard) == record["sha256"])
+    try:
+        record = read_json(record_path)
+        return (record["example_ids_sha256"] == _ids_hash(example_ids) and shard.stat().st_size == record["bytes"]
+                and _sha256(shard) == record["sha256"])
+    except (ValueError, KeyError, TypeError):  # a truncated or unparsable record: regenerate the shard
+        return False
 
 
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -373,17 +395,18 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     state.wait_for_everyone()
     manifests = {}
     for cache, fields in targets.items():
-        records = [json.loads((cache / f"shard-{i:05d}.json").read_text()) for i in range(n_shards)]
+        records = [read_json(cache / f"shard-{i:05d}.json") for i in range(n_shards)]
         positions = sum(r["positions"] for r in records)
         total = sum(r["bytes"] for r in records)
         manifest = {"key": cache.name, "fields": fields, "info": info or {}, "examples": len(rows),
                     "positions": positions, "bytes": total, "bytes_per_position": total / max(positions, 1),
                     "shards": records}
-        old = cache / MANIFEST
-        if old.is_file():  # keep rationales written by an earlier run
-            manifest["rationales"] = json.loads(old.read_text()).get("rationales")
+        try:  # keep rationales written by an earlier run
+            manifest["rationales"] = _read_manifest(cache).get("rationales")
+        except ValueError:
+            pass
         if state.is_main_process:
-            write_atomic(old, json.dumps(manifest, indent=1))
+            write_atomic(cache / MANIFEST, json.dumps(manifest, indent=1))
         manifests[cache] = manifest
     state.wait_for_everyone()
     return manifests
@@ -397,7 +420,7 @@ def write_rationales(caches: list[Path], examples: list[Example], rationales: li
               "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples), "examples": len(examples)}
     for cache in caches:
         write_atomic(cache / RATIONALES, text)
-        manifest = json.loads((cache / MANIFEST).read_text())
+        manifest = _read_manifest(cache)
         write_atomic(cache / MANIFEST, json.dumps({**manifest, "rationales": record}, indent=1))
 
 
@@ -495,16 +518,47 @@ def find_cache(root: str | Path, expect: dict) -> Path:
     A study's cache run writes one cache per (temperature, sigma); each student run finds its own.
     """
     root = Path(root)
-    candidates = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
-    report = []
-    for cache in candidates:
-        fields = json.loads((cache / MANIFEST).read_text())["fields"]
-        differences = field_differences(fields, expect)
-        if not differences:
-            return cache
-        report.append(f"{cache.name}: " + "; ".join(differences))
-    raise ValueError(f"no teacher cache under {root} fits this run ({len(candidates)} found)"
+    matches, report = _matching_caches(root, expect)
+    if len(matches) > 1:
+        raise ValueError(f"{len(matches)} teacher caches under {root} fit this run, so which one to use is "
+                         f"ambiguous: {', '.join(m.name for m in matches)}; name the fields that tell them apart "
+                         f"({_distinguishing(matches)}) or pass one cache directory")
+    if matches:
+        return matches[0]
+    raise ValueError(f"no teacher cache under {root} fits this run ({len(report)} found)"
                      + "".join(f"\n  {line}" for line in report))
+
+
+def _matching_caches(root: Path, expect: dict) -> tuple[list[Path], list[str]]:
+    """The caches under ``root`` whose fields match ``expect``, and why each other one does not."""
+    candidates = sorted(p.parent for p in root.glob(f"*/{MANIFEST}"))
+    matches, report = [], []
+    for cache in candidates:
+        try:
+            fields = _read_manifest(cache)["fields"]
+        except ValueError as err:
+            report.append(f"{cache.name}: unreadable ({err})")
+            continue
+        differences = field_differences(fields, expect)
+        if differences:
+            report.append(f"{cache.name}: " + "; ".join(differences))
+        else:
+            matches.append(cache)
+    return matches, report
+
+
+def _distinguishing(caches: list[Path]) -> str:
+    fields = [_read_manifest(c)["fields"] for c in caches]
+    return ", ".join(sorted(name for name in fields[0] if any(f.get(name) != fields[0][name] for f in fields)))
+
+
+def _read_manifest(cache: Path) -> dict:
+    """The manifest of ``cache``, a ValueError naming the file when it is truncated, unparsable or lacks fields."""
+    manifest = read_json(cache / MANIFEST)
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("fields"), dict)
+            and isinstance(manifest.get("shards"), list)):
+        raise ValueError(f"{cache / MANIFEST}: not a teacher cache manifest (no fields / shards)")
+    return manifest
 
 
 def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
@@ -523,11 +577,14 @@ def open_cache(path: str | Path, expect: dict | None = None) -> TeacherCache:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"{path} is not a teacher cache: {MANIFEST} is missing (generation unfinished?)")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = _read_manifest(path)
     fields = manifest["fields"]
     differences = field_differences(fields, {"format_version": CACHE_FORMAT_VERSION, **(expect or {})})
     if differences:
         raise ValueError(f"teacher cache {path} does not fit this run: " + "; ".join(differences))
+    if cache_key(fields) != path.name:
+        raise ValueError(f"teacher cache {path}: its fields hash to key {cache_key(fields)}, not the directory's "
+                         f"name (manifest edited or the directory renamed); regenerate it with run_teacher_cache")
     shards, shard_ids = [], []
     for record in manifest["shards"]:
         shard = path / record["file"]
@@ -548,24 +605,33 @@ def _safetensors_metadata(data: bytes) -> dict:
 
 
 def open_for_training(path: str | Path, tokenizer, train_examples: list[Example], method: str, temperature: float,
-                      noise_sigma: float, max_length: int) -> TeacherCache:
-    """The cache at ``path`` after checking that it fits this training run (ValueError naming each differing field)."""
+                      noise_sigma: float, max_length: int, expect: dict | None = None) -> TeacherCache:
+    """The cache at ``path`` after checking that it fits this training run (ValueError naming each differing field).
+
+    ``expect`` adds the fields the run knows beyond the data and the temperature: ``teacher_identity``
+    and the seed from ``run_training``; representation, k or num_samples when the caller names them.
+    """
     if method not in SPARSE_KD_METHODS:
         why = ("gkd's on-policy batches need the online teacher: pass teacher instead of teacher_cache"
                if method == "gkd" else "a teacher cache serves fkl and rkl only")
         raise ValueError(f"method {method!r} cannot train from teacher_cache: {why}")
     cache = open_cache(path, expect={
         "tokenizer": tokenizer_fingerprint(tokenizer), "temperature": temperature, "noise_sigma": noise_sigma,
-        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length})
+        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length, **(expect or {})})
     if method not in cacheable_methods(cache.representation):
         raise ValueError(f"method {method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
                          f"{path} holds representation {cache.representation!r}")
     return cache
 
 
-def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens: int) -> list[Example]:
+def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens: int,
+                      expect: dict | None = None) -> list[Example]:
     """seqkd's training set from the rationales stored in a cache (same contract as ``teachers.teacher_rationales``)."""
-    cache = open_cache(path)
+    path = Path(path)
+    if not (path / MANIFEST).is_file():  # a stage's caches (one per temperature, sigma) hold the same rationales
+        matches, _ = _matching_caches(path, expect or {})
+        path = matches[0] if matches else find_cache(path, expect or {})
+    cache = open_cache(path, expect)
     record = cache.manifest.get("rationales") or {}
     differences = field_differences(
         {"max_new_tokens": record.get("max_new_tokens"), "mix_fingerprint": record.get("mix_fingerprint")},
@@ -622,8 +688,9 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     if not selected.train:
         raise ValueError("the selection holds no training examples")
     tokenizer = load_tokenizer(teacher)
-    base = dict(teacher_hash=weights_hash(model_dir(teacher)), adapter_hash=weights_hash(adapter) if adapter else None,
-                tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
+    identity = teacher_identity(teacher, teacher_adapter, task_aware_teacher)
+    base = dict(teacher_hash=identity["teacher"], adapter_hash=identity["adapter"],
+                task_aware_teacher=identity["task_aware_teacher"], tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
                 max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed)
     settings = [(t, s) for t in temperatures for s in noise_sigmas]
     targets = {}
@@ -646,7 +713,7 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
             texts = [e.rationale for e in teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens,
                                                              batch_size)]
             write_rationales(list(targets), selected.mix, texts, rationale_max_new_tokens)
-    manifests = {d: json.loads((d / MANIFEST).read_text()) for d in targets}
+    manifests = {d: _read_manifest(d) for d in targets}
     first_fields = next(iter(targets.values()))
     per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],
                   "shards": len(m["shards"]), "bytes": m["bytes"], "bytes_per_token": round(m["bytes_per_position"], 2)}
@@ -659,18 +726,22 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
 
 
 def _complete(cache: Path, fields: dict) -> bool:
-    """A manifest with these fields whose shards all check out."""
-    if not (cache / MANIFEST).is_file():
+    """A manifest with these fields whose shards and shard records all check out."""
+    try:
+        manifest = _read_manifest(cache)
+        # the per-shard records too: a later partial regeneration trusts them
+        return manifest["fields"] == fields and all(
+            (cache / r["file"]).is_file() and _sha256(cache / r["file"]) == r["sha256"]
+            and read_json(cache / r["file"].replace(".safetensors", ".json")) == r for r in manifest["shards"])
+    except (ValueError, KeyError, TypeError):  # absent, truncated or malformed: regenerate
         return False
-    manifest = json.loads((cache / MANIFEST).read_text())
-    return manifest["fields"] == fields and all(
-        (cache / r["file"]).is_file() and _sha256(cache / r["file"]) == r["sha256"] for r in manifest["shards"])
 
 
 def _rationales_missing(cache: Path, max_new_tokens: int, mix: list[Example]) -> bool:
-    if not (cache / MANIFEST).is_file():
+    try:
+        record = _read_manifest(cache).get("rationales")
+    except ValueError:
         return True
-    record = json.loads((cache / MANIFEST).read_text()).get("rationales")
     return not (record and record["max_new_tokens"] == max_new_tokens
                 and record["mix_fingerprint"] == mix_fingerprint(mix) and (cache / RATIONALES).is_file()
                 and _sha256(cache / RATIONALES) == record["sha256"])

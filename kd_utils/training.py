@@ -175,14 +175,16 @@ def last_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
 
 def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, output_dir: str | Path,
           teacher=None, teacher_tokenizer=None, val_examples: list[Example] | None = None,
-          on_epoch_end: Callable[[int], None] | None = None, teacher_cache: str | Path | None = None) -> dict:
+          on_epoch_end: Callable[[int], None] | None = None, teacher_cache: str | Path | None = None,
+          teacher_cache_expect: dict | None = None) -> dict:
     """Train ``model`` (a student or a teacher being fine-tuned) and save it in ``output_dir``.
 
     sft / seqkd use cross-entropy only (seqkd's examples carry the teacher's generations as
     rationales, see ``teacher_rationales``); fkl / rkl / gkd add the KD loss against ``teacher``
     as (1 - kd_weight) * CE + kd_weight * KD. fkl / rkl may instead read the teacher from
     ``teacher_cache`` (a cache directory written by ``teacher_cache.run_teacher_cache`` for these
-    training examples, temperature and noise sigma); the teacher is then not needed.
+    training examples, temperature and noise sigma; ``teacher_cache_expect``: further cache fields
+    it must match, see ``teacher_cache.open_for_training``); the teacher is then not needed.
     Returns the history and final validation loss. Resumes from the last epoch checkpoint in ``output_dir``.
     """
     config.validate()
@@ -201,7 +203,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     source = None  # the teacher source: the online model or the cache (kd_utils.teachers)
     if teacher_cache is not None:
         source = cache_store.open_for_training(teacher_cache, tokenizer, train_examples, config.method,
-                                               config.temperature, config.noise_sigma, config.max_length)
+                                               config.temperature, config.noise_sigma, config.max_length,
+                                               teacher_cache_expect)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -358,16 +361,19 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     mix, report = build_training_mix(domain, data_dir, include_mawps=include_mawps)
     mix = sample_examples(mix, n_train, config.seed)
     teacher_model = teacher_tok = None
+    # the cache must come from this run's teacher (weights, adapter, task-awareness) and seed
+    cache_expect = ({**cache_store.teacher_identity(teacher, teacher_adapter, task_aware_teacher), "seed": config.seed}
+                    if from_cache and teacher is not None else None)
     if needs_teacher:
         teacher_model, teacher_tok = load_model(teacher, adapter=teacher_adapter if task_aware_teacher else None,
                                                 merge_adapter=True)
     if method == "seqkd":
-        mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens) if from_cache else
+        mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, cache_expect) if from_cache else
                teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4))
         teacher_model = teacher_cache = None
     student, tokenizer = load_model(base)
     result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok,
-                   teacher_cache=teacher_cache)
+                   teacher_cache=teacher_cache, teacher_cache_expect=cache_expect)
     summary = {"base_model": base, "method": method, "domain": domain, "n_train": len(mix),
                "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))

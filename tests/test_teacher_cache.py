@@ -105,11 +105,11 @@ def test_sampled_estimator_is_unbiased(fields):
 
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
-    base = dict(teacher_hash="t", adapter_hash=None, tokenizer_fp="v", mix_fp="m", max_length=256,
+    base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m", max_length=256,
                 representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0)
     key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
-    changes = dict(teacher_hash="t2", adapter_hash="a", tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
+    changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
                    temperature=2.0, noise_sigma=1.0, seed=1)
     keys = {teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, name: value}))
             for name, value in changes.items()}
@@ -382,3 +382,154 @@ def test_topk_sampled_entropy_is_the_teachers(k):
     logp = (logits.double() / 1.5).log_softmax(-1)
     dense = -torch.where(logp.isinf(), 0.0, logp.exp() * logp).sum(-1)
     torch.testing.assert_close(stored["entropy"].double(), dense, rtol=1e-5, atol=1e-6)
+
+
+def fake_adapter(path: Path, content: bytes) -> Path:
+    """Enough of an adapter directory to be hashed (its identity is all these tests need)."""
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_bytes(content)
+    return path
+
+
+def training_expect(tiny_model_dir, data_dir) -> dict:
+    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    tok = models.load_tokenizer(tiny_model_dir)
+    return dict(tokenizer=tok, train_examples=examples, method="fkl", temperature=1.0, noise_sigma=0.0, max_length=96)
+
+
+def test_a_cache_of_another_teacher_adapter_or_awareness_is_refused(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4))
+    run = training_expect(tiny_model_dir, data_dir)
+    own = {**teacher_cache.teacher_identity(tiny_model_dir), "seed": 0}
+    assert teacher_cache.open_for_training(path, **run, expect=own).path == path
+
+    def refused(expect: dict) -> str:
+        with pytest.raises(ValueError, match="does not fit this run") as err:
+            teacher_cache.open_for_training(path, **run, expect=expect)
+        return str(err.value)
+
+    other = models.tiny_llama_dir(tmp_path / "other", tiny_corpus, seed=1)
+    message = refused(teacher_cache.teacher_identity(other))
+    assert "teacher: cache has" in message and "adapter" not in message
+    adapter = fake_adapter(tmp_path / "adapter", b"re-fine-tuned")
+    message = refused(teacher_cache.teacher_identity(tiny_model_dir, adapter))
+    assert "adapter: cache has None, run expects '" in message and "teacher:" not in message
+    message = refused({**teacher_cache.teacher_identity(tiny_model_dir, adapter, task_aware_teacher=False), "seed": 3})
+    assert "task_aware_teacher: cache has True, run expects False" in message and "seed: cache has 0, run expects 3" in message
+    # the student run passes its teacher's identity: the wiring, end to end
+    with pytest.raises(ValueError, match="teacher: cache has"):
+        training.run_training(str(tiny_model_dir), tmp_path / "student", method="fkl", teacher=str(other),
+                              teacher_cache=str(path), data_dir=data_dir, epochs=1, batch_size=2, micro_batch_size=2,
+                              lora=False, **COMMON)
+
+
+def test_two_adapters_hash_apart(tmp_path):
+    a = teacher_cache.weights_hash(fake_adapter(tmp_path / "a", b"first fine-tune"))
+    assert a != teacher_cache.weights_hash(fake_adapter(tmp_path / "b", b"second fine-tune"))
+
+
+def test_two_matching_caches_are_an_error_naming_both(tiny_model_dir, data_dir, tmp_path):
+    """Caches of two representations in one folder: a run that does not say which gets neither."""
+    topk = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "stage", k=4))
+    sampled = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "stage", representation="sampled",
+                                    num_samples=4))
+    run = training_expect(tiny_model_dir, data_dir)
+    with pytest.raises(ValueError, match="2 teacher caches .* ambiguous") as err:
+        teacher_cache.open_for_training(tmp_path / "stage", **run)
+    assert topk.name in str(err.value) and sampled.name in str(err.value) and "representation" in str(err.value)
+    chosen = teacher_cache.open_for_training(tmp_path / "stage", **run, expect={"representation": "sampled"})
+    assert chosen.path == sampled
+    with pytest.raises(ValueError, match="representation: cache has 'topk', run expects 'topk_sampled'"):
+        teacher_cache.open_for_training(tmp_path / "stage", **run, expect={"representation": "topk_sampled"})
+
+
+def test_a_cache_whose_key_is_not_its_directory_is_refused(tiny_model_dir, data_dir, tmp_path):
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4))
+    manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
+    manifest["fields"]["temperature"] = 2.0  # an edited manifest now claims another setting
+    (path / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=f"hash to key .*, not the directory's name"):
+        teacher_cache.open_cache(path)
+    renamed = path.rename(tmp_path / "c" / "renamed")
+    manifest["fields"]["temperature"] = 1.0
+    (renamed / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the directory's name"):
+        teacher_cache.open_cache(renamed)
+
+
+@pytest.mark.parametrize("damaged", ["manifest.json", "shard-00001.json"])
+def test_truncated_manifest_or_record_is_detected_and_regenerated(tiny_model_dir, data_dir, tmp_path, monkeypatch,
+                                                                  damaged):
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4))
+    good = teacher_cache.open_cache(path).example
+    file = path / damaged
+    file.write_bytes(file.read_bytes()[: len(file.read_bytes()) // 2])
+    if damaged == "manifest.json":
+        with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
+            teacher_cache.open_cache(path)
+        with pytest.raises(ValueError, match="unreadable"):
+            teacher_cache.open_cache(tmp_path / "c", {"temperature": 1.0})
+    written = count_writes(monkeypatch)
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4)
+    # a truncated record marks its shard unfinished; a truncated manifest alone is rewritten from the records
+    assert written == ([1] if damaged != "manifest.json" else []) and summary["generated"] == [str(path)]
+    cache = teacher_cache.open_cache(path)
+    for example_id in cache._index:
+        new, old = cache.example(example_id), good(example_id)
+        assert new.keys() == old.keys() and all(torch.equal(new[name], old[name]) for name in new), example_id
+
+
+def test_a_killed_writer_leaves_a_cache_that_regenerates_cleanly(tiny_model_dir, data_dir, tmp_path):
+    """A writer SIGKILLed inside a write (data in the temporary file, not yet renamed): the rerun completes the cache."""
+    import signal
+    import subprocess
+    import sys
+
+    params = dict(representation="topk", k=4, shard_size=2, batch_size=2, data_dir=str(data_dir), **COMMON)
+    script = tmp_path / "killed.py"
+    script.write_text(
+        "import json, os, signal, sys\nfrom kd_utils import io, teacher_cache\n"
+        "real_fsync = os.fsync\n"
+        "def fsync(fd):  # die inside shard 1's write: its bytes in the temporary file, not yet renamed\n"
+        "    if '.shard-00001.safetensors.' in os.readlink(f'/proc/self/fd/{fd}'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    real_fsync(fd)\n"
+        "os.fsync = fsync\n"
+        "teacher_cache.run_teacher_cache(sys.argv[1], sys.argv[2], **json.loads(sys.argv[3]))\n")
+    env = {**os.environ, "KD_CACHE_DIR": str(tmp_path / "kd-cache")}
+    done = subprocess.run([sys.executable, str(script), str(tiny_model_dir), str(tmp_path / "c"), json.dumps(params)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    (path,) = (tmp_path / "c").iterdir()
+    assert not (path / teacher_cache.MANIFEST).exists() and not (path / "shard-00001.safetensors").exists()
+    assert (path / "shard-00000.json").is_file()
+    with pytest.raises(ValueError, match="manifest.json is missing"):
+        teacher_cache.open_cache(path)
+    summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **{**params, "data_dir": data_dir})
+    cache = teacher_cache.open_cache(only_cache(summary))
+    clean = teacher_cache.open_cache(only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "clean", k=4)))
+    assert cache.path == path and cache._index.keys() == clean._index.keys()
+    for example_id in clean._index:
+        new, old = cache.example(example_id), clean.example(example_id)
+        assert new.keys() == old.keys(), example_id
+        for name in new:
+            assert torch.equal(new[name], old[name]), (example_id, name, new[name], old[name])
+
+
+@pytest.mark.parametrize("representation", ["topk", "topk_sampled"])
+def test_float16_log_probs_keep_a_small_tail(representation):
+    """A tail of ~1e-6 is below float16's resolution next to log p = 0: rounded to nearest it would vanish."""
+    logits = torch.tensor([[14.0, 13.5, 0.0, -1.0, -2.0, -3.0]], dtype=torch.float64).repeat(64, 1)
+    logits[:, 1] += torch.linspace(0, 0.5, 64, dtype=torch.float64)  # rows whose rounding errs either way
+    fields = dict(representation=representation, k=2, num_samples=3, temperature=1.0)
+    stored = teacher_cache.encode(logits, fields, torch.Generator().manual_seed(0))
+    true_tail = 1 - logits.softmax(-1)[:, :2].sum(-1)
+    nearest_tail = teacher_cache._tail(losses.teacher_topk(logits[None], 2, 1.0)[1][0].to(torch.float16))
+    assert (nearest_tail < 0.5 * true_tail).any()  # the case the guard is for
+    kept_tail = teacher_cache._tail(stored["logprobs"])
+    assert (kept_tail >= 0.5 * true_tail).all() and (kept_tail < 1e-2).all()
+    if representation == "topk_sampled":  # the draws carry that tail as their weight
+        counts = teacher_cache.decode(stored)["sample_counts"].double()
+        assert torch.allclose(counts[:, 2:].sum(-1), kept_tail, rtol=1e-5)
+        assert torch.allclose(counts.sum(-1), torch.ones(64, dtype=torch.float64), atol=1e-3)
