@@ -396,7 +396,10 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
         try:
             statuses[run.id] = executor.result(job)
         except Exception as err:  # noqa: BLE001 - e.g. a Slurm job cancelled, or preempted and not requeued
-            statuses[run.id] = {"state": "failed", "label": run.label, "error": f"{type(err).__name__}: {err}"}
+            failed_dep = next((d for d in run.deps if statuses[d]["state"] in ("failed", "skipped")), None)
+            statuses[run.id] = ({"state": "skipped", "label": run.label, "error": f"dependency {failed_dep} failed"}
+                                if failed_dep else  # Slurm cancelled it (--kill-on-invalid-dep) before we did
+                                {"state": "failed", "label": run.label, "error": f"{type(err).__name__}: {err}"})
             write_status(study_dir / "runs" / run.id, **statuses[run.id])
         bar.update(1)
         tqdm.write(f"[{statuses[run.id]['state']}] {run.label} ({run.id})")
