@@ -8,7 +8,6 @@ smaller study has a job scancelled while it runs and a run that fails.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -23,7 +22,7 @@ import yaml
 
 from kd_utils import study
 from kd_utils.params import load_study
-from test_study import comparable, smoke_params, finished  # noqa: F401 (fixtures: the local reference)
+from test_study import comparable
 
 CONF = Path(__file__).resolve().parent / "slurm" / "logs" / "slurm.conf"
 if CONF.is_file():
@@ -94,7 +93,7 @@ def set_partition(state: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def resumed_on_slurm(smoke_params, tmp_path_factory):  # noqa: F811
+def resumed_on_slurm(smoke_params, tmp_path_factory):
     """Submit with the partition down, check the queue, submit again, kill, resume, let it run."""
     root = tmp_path_factory.mktemp("slurm-smoke")
     params = slurm_study(smoke_params, root / "smoke.yaml")
@@ -144,7 +143,7 @@ def test_a_killed_submission_resumes_by_waiting_for_its_queued_jobs(resumed_on_s
     assert resumed_on_slurm["output"].count("of an earlier submission") == len(resumed_on_slurm["runs"])
 
 
-def test_slurm_gives_the_results_and_report_of_the_local_executor(resumed_on_slurm, finished):  # noqa: F811
+def test_slurm_gives_the_results_and_report_of_the_local_executor(resumed_on_slurm, finished):
     _, reference = finished
     study_dir = resumed_on_slurm["study_dir"]
     pd.testing.assert_frame_equal(comparable(pd.read_csv(study_dir / "results.csv")),
@@ -153,7 +152,7 @@ def test_slurm_gives_the_results_and_report_of_the_local_executor(resumed_on_slu
 
 
 @pytest.fixture(scope="module")
-def cancelled_and_failing(smoke_params, tmp_path_factory):  # noqa: F811
+def cancelled_and_failing(smoke_params, tmp_path_factory):
     """sft only, with a broken student; the teacher's job is scancelled while it runs, then a rerun."""
     root = tmp_path_factory.mktemp("slurm-cancel")
     broken = root / "broken-model"

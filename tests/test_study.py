@@ -9,28 +9,8 @@ import yaml
 
 from kd_utils import study
 from kd_utils.params import load_study
-from conftest import make_data_dir
 
 pytestmark = pytest.mark.slow
-SMOKE = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def smoke_params(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("smoke")
-    content = yaml.safe_load(SMOKE.read_text())
-    content["models"]["teacher"] = str(tiny_model_dir)
-    content["data_dir"] = str(make_data_dir(root / "data"))
-    path = root / "smoke.yaml"
-    path.write_text(yaml.safe_dump(content))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(smoke_params, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out-local")
-    code = study.run_study(smoke_params, output_root=out)
-    return code, out / "smoke"
 
 
 def comparable(results: pd.DataFrame) -> pd.DataFrame:

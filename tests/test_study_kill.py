@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from kd_utils import study
 from kd_utils.params import load_study
-from test_study import comparable, finished, smoke_params  # noqa: F401 (fixtures: the uninterrupted study)
-
-import pytest
+from test_study import comparable
 
 pytestmark = pytest.mark.slow
 
@@ -62,7 +61,7 @@ def wait_for(condition, what: str, timeout: float = 900):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_study_killed_with_sigkill_resumes_to_the_uninterrupted_results(smoke_params, finished, tmp_path):  # noqa: F811
+def test_a_study_killed_with_sigkill_resumes_to_the_uninterrupted_results(smoke_params, finished, tmp_path):
     _, reference = finished
     runs = study.plan(load_study(smoke_params))
     run_dirs = {r.id: tmp_path / "smoke" / "runs" / r.id for r in runs}
