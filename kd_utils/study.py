@@ -366,6 +366,8 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
     pending = []
     for run in todo:
         job = executor.attach(statuses[run.id], study_dir)
+        # a run failed or skipped last time is pending now: its dependents wait for this attempt
+        statuses[run.id] = {**statuses[run.id], "state": "pending"}
         if job is None:
             pending.append(run)
         else:
