@@ -47,9 +47,16 @@ DEFAULTS: dict[str, Any] = {
                    "max_new_tokens": {"math": 256, "commonsense": 32}, "do_sample": False, "eval_base": True},
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0},
     "execution": {"executor": "local", "parallel": 1,
-                  "slurm": {"partition": None, "gpus_per_node": 1, "cpus_per_task": 8, "timeout_min": 240,
-                            "mem_gb": 64, "account": None}},
+                  # partition, account, and resources for every stage (below the per-stage ones)
+                  "slurm": {"partition": None, "account": None},
+                  "slurm_resources": {
+                      "teacher": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 720},
+                      "cache": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 240},
+                      "student": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 480},
+                      "eval": {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 32, "timeout_min": 240},
+                      "analysis": {"gpus_per_node": 0, "cpus_per_task": 4, "mem_gb": 16, "timeout_min": 60}}},
 }
+SLURM_RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 STUDENT_KEYS = {"name", "model", "layers"}
 EXPERTISE = ("task_aware", "task_unaware")
 
@@ -70,6 +77,8 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
     "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
+    **{f"execution.slurm_resources.{stage}.{key}": (INT, "an integer")
+       for stage in DEFAULTS["execution"]["slurm_resources"] for key in SLURM_RESOURCE_KEYS},
 }
 for _role in ("teacher", "student"):
     for _key, _default in TRAINING_DEFAULTS.items():
@@ -197,6 +206,12 @@ def validate(params: dict) -> list[str]:
         problems.append(f"kd.distill_positions: expected 'paper' or 'response', got {kd['distill_positions']!r}")
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
+    for key in params["execution"]["slurm"]:
+        if key in SLURM_RESOURCE_KEYS:
+            problems.append(f"execution.slurm.{key}: resources are set per stage, under "
+                            f"execution.slurm_resources.<stage>.{key} (stages: {', '.join(DEFAULTS['execution']['slurm_resources'])})")
+        elif key not in ("partition", "account"):
+            problems.append(f"execution.slurm.{key}: unknown key (expected partition or account)")
     cache = params["teacher_cache"]
     if cache["representation"] not in teacher_cache.REPRESENTATIONS:
         problems.append(f"teacher_cache.representation: expected one of {', '.join(teacher_cache.REPRESENTATIONS)}, "

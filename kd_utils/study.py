@@ -6,14 +6,21 @@ Run graph: teacher fine-tune -> teacher cache -> student SFT / KD runs -> evalua
 teacher and every student -> results.csv -> analysis notebook -> report.html. Run ids are
 content hashes of a run's resolved parameters (upstream runs enter by id), so a re-run skips
 completed runs and redoes incomplete ones. A failing run is recorded with its error, its
-dependents are skipped, independent runs go on, and the exit code is non-zero.
+dependents are skipped (on Slurm: cancelled), independent runs go on, and the exit code is non-zero.
+One submission of a study at a time (a lock file in the study directory); Slurm job ids are
+recorded in each run's status, so a rerun waits for jobs still queued or running instead of
+submitting them again.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
+import os
+import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -189,7 +196,8 @@ def execute_run(run: Run, study_dir: str | Path) -> dict:
     parameters["output_dir"] = str(run_dir)
     write_atomic(run_dir / "params.json", json.dumps({"run": asdict(run), "resolved": parameters}, indent=1))
     started = time.time()
-    write_status(run_dir, state="running", started=started, label=run.label)
+    job = {"job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}
+    write_status(run_dir, state="running", started=started, label=run.label, **job)
     executed = run_dir / run.notebook
     partial = run_dir / f".partial.{run.notebook}"  # ends in .ipynb, as papermill expects
     try:
@@ -197,11 +205,11 @@ def execute_run(run: Run, study_dir: str | Path) -> dict:
                             cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
         partial.replace(executed)
         notebook_to_html(executed, executed.with_suffix(".html"))
-        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label}
+        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label, **job}
     except Exception as err:  # noqa: BLE001 - any failure of a run is recorded, not raised
         status = {"state": "failed", "started": started, "seconds": time.time() - started, "label": run.label,
                   "error": f"{type(err).__name__}: {getattr(err, 'evalue', None) or err}",
-                  "traceback": traceback.format_exc()}
+                  "traceback": traceback.format_exc(), **job}
     write_status(run_dir, **status)
     return status
 
@@ -220,50 +228,153 @@ class LocalExecutor:
         return self.pool.submit(execute_run, run, study_dir)
 
     @staticmethod
-    def result(job) -> dict:
-        return job.result()
+    def attach(status: dict, study_dir: Path):
+        return None  # nothing outlives this process: a run left "running" was interrupted
 
-
-class SubmititExecutor:
-    """Each run a job through submitit: Slurm with afterok dependencies, or submitit's local executor."""
-
-    def __init__(self, study_dir: Path, cluster: str = "slurm", slurm: dict | None = None):
-        import submitit
-
-        slurm = slurm or {}
-        self.submits_with_dependencies = cluster == "slurm"
-        self.executor = submitit.AutoExecutor(folder=str(study_dir / "submitit" / "%j"), cluster=cluster)
-        self.common = {"timeout_min": slurm.get("timeout_min", 240), "gpus_per_node": slurm.get("gpus_per_node", 1),
-                       "cpus_per_task": slurm.get("cpus_per_task", 8), "mem_gb": slurm.get("mem_gb", 64)}
-        if cluster == "local":
-            self.common["gpus_per_node"] = 0
-        extra = {k: v for k, v in (("slurm_partition", slurm.get("partition")), ("slurm_account", slurm.get("account")))
-                 if v}
-        self.common.update(extra)
-
-    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
-        additional = {"dependency": "afterok:" + ":".join(j.job_id for j in dep_jobs)} if dep_jobs else {}
-        self.executor.update_parameters(name=run.id, **self.common, slurm_additional_parameters=additional)
-        return self.executor.submit(execute_run, run, study_dir)
+    @staticmethod
+    def wait_any(jobs: list):
+        return next(iter(wait(jobs, return_when=FIRST_COMPLETED).done))
 
     @staticmethod
     def result(job) -> dict:
         return job.result()
+
+    @staticmethod
+    def cancel(job) -> None:
+        job.cancel()
+
+
+class RunJob:
+    """One run as a submitit job. Checkpointable, so a job that reaches its time limit is requeued
+    like a preempted one (submitit requeues those anyway); the requeued job executes the run again,
+    and training resumes from the run's last epoch checkpoint."""
+
+    def __call__(self, run: Run, study_dir: Path) -> dict:
+        return execute_run(run, study_dir)
+
+    def checkpoint(self, run: Run, study_dir: Path):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(self, run, study_dir)
+
+
+# Slurm job states in which a job may still run (squeue's long names)
+SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def slurm_states() -> dict[str, str]:
+    """job id -> state of this user's jobs that Slurm still lists (squeue; works without accounting)."""
+    out = subprocess.run(["squeue", "-h", "--me", "-t", "all", "-o", "%i %T"], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+class SubmititExecutor:
+    """Each run a job through submitit: Slurm with afterok dependencies, or submitit's local executor.
+
+    Resources come per stage from ``execution.slurm_resources``; dependents of a failed job are
+    cancelled by Slurm (--kill-on-invalid-dep=yes) and by the runner.
+    """
+
+    def __init__(self, study_dir: Path, cluster: str = "slurm", slurm: dict | None = None,
+                 resources: dict[str, dict] | None = None):
+        import submitit
+
+        slurm = slurm or {}
+        self.slurm = cluster == "slurm"
+        self.submits_with_dependencies = self.slurm
+        self.folder = study_dir / "submitit" / "%j"
+        self.executor = submitit.AutoExecutor(folder=str(self.folder), cluster=cluster)
+        self.resources = {}
+        for stage, res in (resources or {}).items():
+            res = dict(res)
+            if not self.slurm or not res.get("gpus_per_node"):
+                res["gpus_per_node"] = None  # no --gpus-per-node line: clusters without GPUs reject even 0
+            self.resources[stage] = res
+        self.common = {f"slurm_{k}": v for k, v in (("partition", slurm.get("partition")),
+                                                   ("account", slurm.get("account"))) if v and self.slurm}
+
+    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
+        additional = {"kill-on-invalid-dep": "yes"} if self.slurm else {}
+        if dep_jobs:
+            additional["dependency"] = "afterok:" + ":".join(j.job_id for j in dep_jobs)
+        self.executor.update_parameters(name=run.id, **self.resources.get(run.stage, {}), **self.common,
+                                        **({"slurm_additional_parameters": additional} if self.slurm else {}))
+        job = self.executor.submit(RunJob(), run, study_dir)
+        if self.slurm:  # recorded so that a later submission waits for this job instead of repeating it
+            write_status(study_dir / "runs" / run.id, state="queued", label=run.label, job_id=job.job_id,
+                         submitted=time.time())
+        return job
+
+    def attach(self, status: dict, study_dir: Path):
+        """The Slurm job of a run an earlier submission queued, while Slurm still may run it."""
+        import submitit
+
+        job_id = status.get("job_id")
+        if not self.slurm or status["state"] not in ("queued", "running") or not job_id:
+            return None
+        if slurm_states().get(job_id) not in SLURM_ACTIVE:
+            return None
+        return submitit.SlurmJob(folder=self.folder, job_id=job_id)
+
+    def wait_any(self, jobs: list):
+        """The first finished job. On Slurm a job is finished when it wrote its result or Slurm
+        no longer has it active (cancelled, failed, killed for an invalid dependency); squeue is asked,
+        not sacct, which needs accounting."""
+        while True:
+            states = slurm_states() if self.slurm else {}
+            for job in jobs:
+                if job.paths.result_pickle.exists() or (
+                        job.done() if not self.slurm else states.get(job.job_id) not in SLURM_ACTIVE):
+                    return job
+            time.sleep(1.0)
+
+    def result(self, job) -> dict:
+        if self.slurm and not job.paths.result_pickle.exists():
+            state = slurm_states().get(job.job_id, "no longer listed by Slurm")
+            raise RuntimeError(f"Slurm job {job.job_id} ended {state} without a result (log: {job.paths.stderr})")
+        return job.result()
+
+    def cancel(self, job) -> None:
+        job.cancel(check=False)
+
+
+def _dependents(runs: list[Run], failed: str) -> list[str]:
+    """Every run downstream of ``failed`` (transitively), in plan order."""
+    down = {failed}
+    for run in runs:  # plan order: dependencies come first
+        if any(d in down for d in run.deps):
+            down.add(run.id)
+    down.discard(failed)
+    return [r.id for r in runs if r.id in down]
 
 
 def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict] | None = None) -> dict[str, dict]:
     """Execute the runs not yet done, respecting dependencies; returns every run's final status.
 
     ``statuses`` holds the known state of runs outside ``runs`` (dependencies of an --only selection).
+    Runs whose Slurm job an earlier submission queued are waited for, not submitted again.
     """
     statuses = dict(statuses or {})
     statuses.update({r.id: read_status(study_dir / "runs" / r.id) for r in runs})
     todo = [r for r in runs if statuses[r.id]["state"] != "done"]
     scheduled = {r.id for r in todo}
+    by_id = {r.id: r for r in runs}
     jobs: dict[str, object] = {}
     futures: dict[object, Run] = {}
     bar = tqdm(total=len(todo), desc="runs", unit="run")
-    pending = list(todo)
+    pending = []
+    for run in todo:
+        job = executor.attach(statuses[run.id], study_dir)
+        # a run failed or skipped last time is pending now: its dependents wait for this attempt
+        statuses[run.id] = {**statuses[run.id], "state": "pending"}
+        if job is None:
+            pending.append(run)
+        else:
+            jobs[run.id] = job
+            futures[job] = run
+            tqdm.write(f"[waiting] {run.label} ({run.id}): Slurm job {job.job_id} of an earlier submission")
     while pending or futures:
         for run in list(pending):
             dep_states = [statuses[d]["state"] for d in run.deps]
@@ -283,28 +394,53 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
                 bar.set_postfix_str(run.label[:60])
         if not futures:
             continue
-        job = _wait_any(list(futures))
+        job = executor.wait_any(list(futures))
         run = futures.pop(job)
         try:
             statuses[run.id] = executor.result(job)
-        except Exception as err:  # noqa: BLE001 - e.g. a Slurm job cancelled because a dependency failed
-            statuses[run.id] = {"state": "failed", "label": run.label, "error": f"{type(err).__name__}: {err}"}
+        except Exception as err:  # noqa: BLE001 - e.g. a Slurm job cancelled, or preempted and not requeued
+            failed_dep = next((d for d in run.deps if statuses[d]["state"] in ("failed", "skipped")), None)
+            statuses[run.id] = ({"state": "skipped", "label": run.label, "error": f"dependency {failed_dep} failed"}
+                                if failed_dep else  # Slurm cancelled it (--kill-on-invalid-dep) before we did
+                                {"state": "failed", "label": run.label, "error": f"{type(err).__name__}: {err}"})
             write_status(study_dir / "runs" / run.id, **statuses[run.id])
         bar.update(1)
         tqdm.write(f"[{statuses[run.id]['state']}] {run.label} ({run.id})")
+        if statuses[run.id]["state"] == "failed":  # its queued dependents would wait forever: cancel them
+            for rid in _dependents(runs, run.id):
+                dependent = jobs.get(rid)
+                if dependent in futures:
+                    executor.cancel(dependent)
+                    del futures[dependent]
+                    statuses[rid] = {"state": "skipped", "label": by_id[rid].label,
+                                     "error": f"dependency {run.id} ({run.label}) failed"}
+                    write_status(study_dir / "runs" / rid, **statuses[rid])
+                    bar.update(1)
     bar.close()
     return statuses
 
 
-def _wait_any(jobs: list):
-    """The first finished job: concurrent futures or submitit jobs."""
-    if hasattr(jobs[0], "add_done_callback"):
-        return next(iter(wait(jobs, return_when=FIRST_COMPLETED).done))
-    while True:
-        for job in jobs:
-            if job.done():
-                return job
-        time.sleep(1.0)
+class StudyLocked(RuntimeError):
+    """Another submission of the same study holds its lock."""
+
+
+def lock_study(study_dir: Path):
+    """An exclusive lock on the study directory for this process's lifetime (released when it exits,
+    also when it is killed); raises StudyLocked, naming the holder, when another submission has it."""
+    handle = open(study_dir / ".runner.lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise StudyLocked(f"study {study_dir} is being run by another submission ({holder}); wait for it to "
+                          f"finish (its jobs are not submitted twice), or stop it and run again") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle
 
 
 # ---- results and report -------------------------------------------------------------------
@@ -379,10 +515,17 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
         print(costs.format_estimate(params, runs, costs.load_table(), costs.default_table_path()))
         return 0
     study_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = lock_study(study_dir)  # noqa: F841 - held until this process ends
+    except StudyLocked as err:
+        print(err, file=sys.stderr)
+        return 3
     write_atomic(study_dir / "params.resolved.json", json.dumps(params, indent=1))
     name = executor_name or params["execution"]["executor"]
-    executor = (LocalExecutor(params["execution"]["parallel"]) if name == "local" else
-                SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", params["execution"]["slurm"]))
+    execution = params["execution"]
+    executor = (LocalExecutor(execution["parallel"]) if name == "local" else
+                SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", execution["slurm"],
+                                 execution["slurm_resources"]))
     selected = [r for r in runs if only in (None, r.stage)]
     statuses = execute(selected, study_dir, executor, statuses)
     if only in (None, "analysis"):

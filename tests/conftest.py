@@ -90,3 +90,27 @@ def tiny_model_dir(tmp_path_factory, tiny_corpus) -> Path:
 @pytest.fixture(scope="session")
 def embedded_dir() -> Path:
     return models.embedded_model_dir()
+
+
+@pytest.fixture(scope="session")
+def smoke_params(tmp_path_factory, tiny_model_dir) -> Path:
+    """params/smoke.yaml on the tiny model and fixture data (shared: the runner tests compare against it)."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("smoke")
+    content = yaml.safe_load((Path(__file__).resolve().parents[1] / "params" / "smoke.yaml").read_text())
+    content["models"]["teacher"] = str(tiny_model_dir)
+    content["data_dir"] = str(make_data_dir(root / "data"))
+    path = root / "smoke.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+@pytest.fixture(scope="session")
+def finished(smoke_params, tmp_path_factory) -> tuple[int, Path]:
+    """The smoke study run once, uninterrupted, with the local executor: (exit code, study directory)."""
+    from kd_utils import study
+
+    out = tmp_path_factory.mktemp("out-local")
+    code = study.run_study(smoke_params, output_root=out)
+    return code, out / "smoke"

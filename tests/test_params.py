@@ -114,3 +114,19 @@ def test_gpu_study_has_the_grid_issue_15_asks_for():
     assert len([s for s in p["models"]["students"] if "layers" in s]) >= 3
     assert set(p["methods"]) >= {"sft", "fkl", "rkl", "gkd"}
     assert len(p["temperatures"]) >= 2 and len(p["seeds"]) >= 2
+
+
+def test_slurm_resources_are_per_stage_over_the_defaults(tmp_path):
+    loaded = params.load_study(write(tmp_path, {"study": "x", "models": {"students": [{"name": "s", "layers": 1}]},
+                                                "execution": {"slurm_resources": {"eval": {"mem_gb": 48}}}}))
+    resources = loaded["execution"]["slurm_resources"]
+    assert resources["eval"] == {"gpus_per_node": 1, "cpus_per_task": 8, "mem_gb": 48, "timeout_min": 240}
+    assert resources["analysis"]["gpus_per_node"] == 0 and set(resources) == set(study.STAGES)
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, {"study": "x", "models": {"students": [{"name": "s", "layers": 1}]},
+                                           "execution": {"slurm": {"partition": "gpu", "mem_gb": 64},
+                                                         "slurm_resources": {"evaluation": {}, "eval": {"mem_gb": "a"}}}}))
+    text = str(err.value)
+    assert "execution.slurm.mem_gb: resources are set per stage, under execution.slurm_resources.<stage>.mem_gb" in text
+    assert "execution.slurm_resources.evaluation: unknown key" in text
+    assert "execution.slurm_resources.eval.mem_gb: expected an integer" in text

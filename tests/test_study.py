@@ -9,28 +9,8 @@ import yaml
 
 from kd_utils import study
 from kd_utils.params import load_study
-from conftest import make_data_dir
 
 pytestmark = pytest.mark.slow
-SMOKE = Path(__file__).resolve().parents[1] / "params" / "smoke.yaml"
-
-
-@pytest.fixture(scope="module")
-def smoke_params(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("smoke")
-    content = yaml.safe_load(SMOKE.read_text())
-    content["models"]["teacher"] = str(tiny_model_dir)
-    content["data_dir"] = str(make_data_dir(root / "data"))
-    path = root / "smoke.yaml"
-    path.write_text(yaml.safe_dump(content))
-    return path
-
-
-@pytest.fixture(scope="module")
-def finished(smoke_params, tmp_path_factory):
-    out = tmp_path_factory.mktemp("out-local")
-    code = study.run_study(smoke_params, output_root=out)
-    return code, out / "smoke"
 
 
 def comparable(results: pd.DataFrame) -> pd.DataFrame:
@@ -62,32 +42,6 @@ def test_rerun_skips_finished_runs(finished, smoke_params, capsys):
     after = {p.name: json.loads((p / "status.json").read_text())["started"] for p in (study_dir / "runs").iterdir()
              if (p / "status.json").exists()}
     assert before == after  # nothing recomputed
-
-
-def test_killed_study_resumes_with_identical_results(finished, smoke_params, tmp_path, monkeypatch):
-    _, reference = finished
-    real, calls = study.execute_run, []
-
-    def killed_on_third_run(run, study_dir):
-        calls.append(run.id)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
-        return real(run, study_dir)
-
-    monkeypatch.setattr(study, "execute_run", killed_on_third_run)
-    with pytest.raises(KeyboardInterrupt):
-        study.run_study(smoke_params, output_root=tmp_path)
-    monkeypatch.setattr(study, "execute_run", real)
-    done_before = {p.name for p in (tmp_path / "smoke" / "runs").iterdir()
-                   if (p / "status.json").exists() and json.loads((p / "status.json").read_text())["state"] == "done"}
-    assert len(done_before) == 2
-    started = {name: json.loads((tmp_path / "smoke" / "runs" / name / "status.json").read_text())["started"]
-               for name in done_before}
-    assert study.run_study(smoke_params, output_root=tmp_path) == 0
-    for name, t in started.items():
-        assert json.loads((tmp_path / "smoke" / "runs" / name / "status.json").read_text())["started"] == t
-    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "smoke" / "results.csv")),
-                                  comparable(pd.read_csv(reference / "results.csv")))
 
 
 def test_a_failing_run_is_recorded_and_the_rest_complete(smoke_params, tmp_path, tiny_model_dir):
