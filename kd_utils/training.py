@@ -145,6 +145,17 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: to
     return losses.generalized_jsd(s, t, mask, config.beta, tau, chunk_size=config.loss_chunk_size)
 
 
+def training_loss(logits: torch.Tensor, batch: dict, teacher: torch.Tensor | dict | None, config: TrainConfig,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd) of one micro-batch: CE alone for sft / seqkd, (1 - kd_weight) * CE + kd_weight * KD else."""
+    ce = lm_loss(logits, batch["labels"])
+    if config.method not in KD_METHODS:
+        return ce, ce, torch.zeros(())
+    kd = kd_loss(logits, teacher, distill_mask(batch, config), config, vocab_size)
+    loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
+    return loss, ce, kd
+
+
 @torch.no_grad()
 def on_policy_batch(student, tokenizer, prompts: list[str], config: TrainConfig, device) -> dict:
     """Replace the responses by the student's own samples (temperature 1, top_k 0), left-padded."""
@@ -299,13 +310,11 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 batch = on_policy_batch(accelerator.unwrap_model(model), tokenizer, batch["prompts"], config, device)
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
-                ce = lm_loss(logits, batch["labels"])
-                loss, kd = ce, torch.zeros(())
+                target = None
                 if config.method in KD_METHODS:
                     with torch.no_grad():
                         target = source.targets(batch, device)
-                    kd = kd_loss(logits, target, distill_mask(batch, config), config, vocab_size)
-                    loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
+                loss, ce, kd = training_loss(logits, batch, target, config, vocab_size)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
