@@ -125,8 +125,8 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
         if output_dir is not None:
             write_atomic(Path(output_dir) / "predictions" / f"{task_id}.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        rows.append({"task": task_id, "domain": task.domain, "protocol": rules.name,
-                     **accuracy_summary(sum(r["correct"] for r in records), len(records))})
+        rows.append({"task": task_id, "domain": task.domain,
+                     **accuracy_summary(sum(r["correct"] for r in records), len(records)), "protocol": rules.name})
     metrics = pd.DataFrame(rows)
     if output_dir is not None:
         write_atomic(Path(output_dir) / "metrics.csv", metrics.to_csv(index=False))
