@@ -25,6 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TRAINING_DEFAULTS = {
     "epochs": 1, "n_train": None, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-4, "max_length": 256,
     "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
+    "warmup_steps": None, "val_examples": None,  # None: the protocol's
     "max_steps": None, "include_mawps": False,
 }
 DEFAULTS: dict[str, Any] = {

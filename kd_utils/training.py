@@ -48,6 +48,7 @@ class TrainConfig:
     lr: float = 3e-4
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # None: the protocol's (paper 100; improved: warmup_ratio)
     weight_decay: float = 0.0
     max_length: int = 256
     lora: bool = True
@@ -65,6 +66,7 @@ class TrainConfig:
     distill_positions: str | None = None  # fkl / rkl: "paper" (every real token) or "response"; None: the protocol's
     loss_chunk_size: int | None = None  # positions per KD-loss chunk; None: ~64 MiB of fp32 per chunk buffer
     val_fraction: float = 0.1
+    val_examples: int | None = None  # None: the protocol's (paper 500; improved: val_fraction)
     max_steps: int | None = None  # cap on optimizer steps per epoch (smoke runs)
     mixed_precision: str = "auto"  # "auto": bf16 on GPUs that support it, else "no"
     seed: int = 0
@@ -239,7 +241,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         vocab_size = check_same_tokenizer(tokenizer, teacher_tokenizer or tokenizer)
     if val_examples is None:
         train_examples, val_examples = split_train_val(train_examples, config.val_fraction, config.seed,
-                                                       config.rules.val_examples)
+                                                       config.val_examples if config.val_examples is not None
+                                                       else config.rules.val_examples)
     if not train_examples:
         raise ValueError("no training examples")
     source = None  # the teacher source: the online model or the cache (kd_utils.teachers)
@@ -272,7 +275,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                                   weight_decay=config.weight_decay)
     total_steps = steps_per_epoch * config.epochs
     # the prepared scheduler steps once per process at every optimizer step (accelerate's convention)
-    warmup = config.rules.warmup_steps
+    warmup = config.warmup_steps if config.warmup_steps is not None else config.rules.warmup_steps
     warmup = int(config.warmup_ratio * total_steps) if warmup is None else warmup
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
