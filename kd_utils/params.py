@@ -218,6 +218,9 @@ def validate(params: dict) -> list[str]:
     for key in ("k", "num_samples"):
         if isinstance(cache[key], int) and cache[key] < 1:
             problems.append(f"teacher_cache.{key}: must be >= 1, got {cache[key]}")
+    if cache["enabled"] and params["training"]["student"]["val_examples"] is not None:
+        problems.append("training.student.val_examples: the teacher cache selects its rows by val_fraction; "
+                        "set val_examples: null or teacher_cache.enabled: false")
     for role in ("teacher", "student"):
         t = params["training"][role]
         if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (

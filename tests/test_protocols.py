@@ -230,3 +230,11 @@ def test_the_rationale_teacher_is_loaded_on_the_training_device(monkeypatch, tmp
     with pytest.raises(Stop):
         training.run_training("m", tmp_path / "run", method="seqkd", teacher="t")
     assert devices == ["cuda:7"]
+
+
+def test_paper_studies_cannot_train_from_the_improved_teacher_cache():
+    params = {**DEFAULTS, "study": "s", "protocol": "paper",
+              "models": {"teacher": "smollm2-135m-instruct", "students": [{"name": "a", "layers": 2}]},
+              "teacher_cache": {**DEFAULTS["teacher_cache"], "enabled": True}}
+    assert any(p.startswith("teacher_cache.enabled: the teacher cache stores improved-protocol rows")
+               for p in validate(params))
