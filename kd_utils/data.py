@@ -81,6 +81,7 @@ class Example:
     input: str
     answer: str
     rationale: str | None = None
+    complete: bool = True  # False: a generated rationale cut at its token budget (its row gets no EOS)
 
 
 def upstream_url(rel_path: str, mirror: str | None = None) -> str:

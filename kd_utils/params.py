@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kd_utils.protocols import DEFAULT_PROTOCOL, PROTOCOLS
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
@@ -24,6 +25,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 TRAINING_DEFAULTS = {
     "epochs": 1, "n_train": None, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-4, "max_length": 256,
     "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
+    "warmup_steps": None, "val_examples": None,  # None: the protocol's
     "max_steps": None, "include_mawps": False,
 }
 DEFAULTS: dict[str, Any] = {
@@ -32,19 +34,20 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs",
     "data_dir": None,
     "seeds": [0],
+    "protocol": DEFAULT_PROTOCOL,  # "paper" or "improved" (kd_utils.protocols)
     "models": {"teacher": "smollm2-135m-instruct", "students": []},
     "domains": ["math"],
     "methods": ["sft", "fkl", "rkl", "gkd"],
     "temperatures": [1.0],
     "noise_sigmas": [0.0],
     "teacher_expertise": ["task_aware"],
-    "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": "paper",
+    "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": None,
            "seqkd_max_new_tokens": 128},
     "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": teacher_cache.DEFAULT_REPRESENTATION,
                       "k": teacher_cache.DEFAULT_K, "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES},
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
-                   "max_new_tokens": {"math": 256, "commonsense": 32}, "do_sample": False, "eval_base": True},
+                   "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True},
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0},
     "execution": {"executor": "local", "parallel": 1,
                   # partition, account, and resources for every stage (below the per-stage ones)
@@ -67,13 +70,14 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "data_dir": (STR + (type(None),), "a path string or null"),
     "models.teacher": (STR, "a model id or directory"),
     "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
-    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR, "'paper' or 'response'"),
+    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "'paper', 'response' or null"),
     "kd.seqkd_max_new_tokens": (INT, "an integer"),
     "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
     "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
-    "evaluation.max_new_tokens.math": (INT, "an integer"), "evaluation.max_new_tokens.commonsense": (INT, "an integer"),
-    "evaluation.do_sample": (BOOL, "true or false"), "evaluation.eval_base": (BOOL, "true or false"),
+    "evaluation.max_new_tokens.math": (INT + (type(None),), "an integer or null (the protocol's)"),
+    "evaluation.max_new_tokens.commonsense": (INT + (type(None),), "an integer or null (the protocol's)"),
+    "evaluation.do_sample": (BOOL + (type(None),), "true, false or null (the protocol's)"), "evaluation.eval_base": (BOOL, "true or false"),
     "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
     "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
@@ -202,8 +206,13 @@ def validate(params: dict) -> list[str]:
     for key in ("kd_weight", "beta", "lmbda"):
         if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
             problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
-    if kd["distill_positions"] not in ("paper", "response"):
-        problems.append(f"kd.distill_positions: expected 'paper' or 'response', got {kd['distill_positions']!r}")
+    if kd["distill_positions"] not in (None, "paper", "response"):
+        problems.append(f"kd.distill_positions: expected 'paper', 'response' or null, got {kd['distill_positions']!r}")
+    if params["protocol"] not in PROTOCOLS:
+        problems.append(f"protocol: unknown protocol {params['protocol']!r}; expected one of {', '.join(PROTOCOLS)}")
+    elif params["protocol"] != DEFAULT_PROTOCOL and params["teacher_cache"]["enabled"]:
+        problems.append(f"teacher_cache.enabled: the teacher cache stores {DEFAULT_PROTOCOL}-protocol rows; "
+                        f"protocol {params['protocol']!r} trains from the online teacher (set enabled: false)")
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
     for key in params["execution"]["slurm"]:
@@ -224,6 +233,9 @@ def validate(params: dict) -> list[str]:
     for key in ("k", "num_samples"):
         if isinstance(cache[key], int) and cache[key] < 1:
             problems.append(f"teacher_cache.{key}: must be >= 1, got {cache[key]}")
+    if cache["enabled"] and params["training"]["student"]["val_examples"] is not None:
+        problems.append("training.student.val_examples: the teacher cache selects its rows by val_fraction; "
+                        "set val_examples: null or teacher_cache.enabled: false")
     for role in ("teacher", "student"):
         t = params["training"][role]
         if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (

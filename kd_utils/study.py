@@ -40,7 +40,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 STAGES = ("teacher", "cache", "student", "eval", "analysis")
 RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
-                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high"]
+                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high", "protocol"]
 STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
 
 
@@ -61,7 +61,7 @@ class Run:
 
 
 def _training_params(params: dict, role: str) -> dict:
-    return {k: v for k, v in params["training"][role].items()}
+    return {**params["training"][role], "protocol": params["protocol"]}
 
 
 def plan(params: dict) -> list[Run]:
@@ -72,7 +72,7 @@ def plan(params: dict) -> list[Run]:
     eval_common = {"tasks": task_ids, "n_per_task": ev["n_per_task"], "batch_size": ev["batch_size"],
                    "max_new_tokens_math": ev["max_new_tokens"]["math"],
                    "max_new_tokens_commonsense": ev["max_new_tokens"]["commonsense"], "do_sample": ev["do_sample"],
-                   "data_dir": params["data_dir"]}
+                   "data_dir": params["data_dir"], "protocol": params["protocol"]}
     seed0 = params["seeds"][0]
     cached_methods = params["teacher_cache"]["methods"] if params["teacher_cache"]["enabled"] else []
     runs: list[Run] = []
@@ -473,7 +473,7 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
         metrics = pd.read_csv(study_dir / "runs" / run.id / "metrics.csv")
         for rec in metrics.to_dict("records"):
             rows.append({"study": params["study"], "run_id": run.id, "temperature": None, "noise_sigma": 0.0,
-                         **run.meta, **rec})
+                         "protocol": run.parameters["protocol"], **run.meta, **rec})
         model_dir = resolve(run.parameters["model"], study_dir)
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
             sizes[run.meta["model"]] = count_model_parameters(model_dir)
@@ -511,7 +511,8 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     if dry_run:
         print(f"study {params['study']}: {len(runs)} runs (+ analysis) into {study_dir}")
         for r in runs:
-            print(f"  {statuses[r.id]['state']:8s} {r.id:22s} {r.label}" + (f"  <- {', '.join(r.deps)}" if r.deps else ""))
+            print(f"  {statuses[r.id]['state']:8s} {r.id:22s} {r.label} [protocol {r.parameters.get('protocol', params['protocol'])}]"
+                  + (f"  <- {', '.join(r.deps)}" if r.deps else ""))
         print(costs.format_estimate(params, runs, costs.load_table(), costs.default_table_path()))
         return 0
     study_dir.mkdir(parents=True, exist_ok=True)

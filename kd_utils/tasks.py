@@ -1,4 +1,4 @@
-"""Task registry, the paper's Alpaca prompt, answer extraction and scoring.
+"""Task registry, the Alpaca prompt templates (ours and the authors'), answer extraction and scoring.
 
 Extraction follows LLM-Adapters' evaluate.py / commonsense_evaluate.py, which the
 paper's code uses unchanged:
@@ -74,6 +74,8 @@ def tasks_for(selection: str | list[str]) -> list[Task]:
     return [get_task(t) for t in selection]
 
 
+_INDENT = " " * 16
+# Our clean Alpaca template (the `improved` protocol): one string for training and evaluation.
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides "
     "further context. Write a response that appropriately completes the request.\n\n"
@@ -84,13 +86,54 @@ PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
+# The authors' strings byte for byte (KD_generalization, generative/): indented, with trailing spaces.
+# finetune.py generate_prompt (training; the rationale follows the last indent directly):
+PAPER_TRAIN_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n\n"
+    f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
+    f"{_INDENT}### Input:\n{_INDENT}{{input}}\n{_INDENT}\n"
+    f"{_INDENT}### Response:\n{_INDENT}"
+)
+PAPER_TRAIN_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+    f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n{_INDENT}\n"
+    f"{_INDENT}### Response:\n{_INDENT}"
+)
+# evaluate.py and commonsense_evaluate.py generate_prompt (evaluation; identical in the two files):
+PAPER_EVAL_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
+    f"{_INDENT}### Input:\n{_INDENT}{{input}}\n\n"
+    f"{_INDENT}### Response:\n{_INDENT}"
+)
+PAPER_EVAL_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+    f"{_INDENT}### Instruction:\n{_INDENT}{{instruction}}\n\n"
+    f"{_INDENT}### Response:\n{_INDENT}"
+)
+# template id -> (with input, without input); kd_utils.protocols names these ids
+PROMPT_TEMPLATES: dict[str, tuple[str, str]] = {
+    "clean": (PROMPT_WITH_INPUT, PROMPT_NO_INPUT),
+    "paper_train": (PAPER_TRAIN_WITH_INPUT, PAPER_TRAIN_NO_INPUT),
+    "paper_eval": (PAPER_EVAL_WITH_INPUT, PAPER_EVAL_NO_INPUT),
+}
+RESPONSE_MARKER = "### Response:"
 
 
-def build_prompt(instruction: str, input: str = "") -> str:
-    """The paper's (LLM-Adapters') Alpaca prompt; the response follows directly."""
+def build_prompt(instruction: str, input: str = "", template: str = "clean") -> str:
+    """An Alpaca prompt in one of PROMPT_TEMPLATES; the response follows directly.
+
+    "clean" is our template, not the authors' (theirs are "paper_train" and "paper_eval").
+    """
+    try:
+        with_input, no_input = PROMPT_TEMPLATES[template]
+    except KeyError:
+        raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(PROMPT_TEMPLATES)}") from None
     if input:
-        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
-    return PROMPT_NO_INPUT.format(instruction=instruction)
+        return with_input.format(instruction=instruction, input=input)
+    return no_input.format(instruction=instruction)
 
 
 _NUMBER = re.compile(r"-?\d+\.?\d*")

@@ -14,6 +14,7 @@ import torch
 from kd_utils.batches import forward
 from kd_utils.data import Example
 from kd_utils.evaluation import generate
+from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
 from kd_utils.tasks import build_prompt
 
 
@@ -35,7 +36,9 @@ def teacher_signal(teacher_logits: torch.Tensor, noise_sigma: float, generator: 
     """The teacher's logits, with fresh Gaussian noise of std ``noise_sigma`` (the noise ablation)."""
     if noise_sigma == 0:
         return teacher_logits
-    noise = torch.randn(teacher_logits.shape, generator=generator, device="cpu").to(teacher_logits)
+    # drawn where the logits live: a [B, T, V] tensor from the CPU at every step would cost a copy each time
+    noise = torch.randn(teacher_logits.shape, generator=generator, device=teacher_logits.device,
+                        dtype=teacher_logits.dtype)
     return teacher_logits + noise_sigma * noise
 
 
@@ -45,7 +48,7 @@ class OnlineTeacher:
     def __init__(self, model, noise_sigma: float = 0.0, seed: int = 0, device=None):
         self.model = (model.to(device) if device is not None else model).eval()
         self.noise_sigma = noise_sigma
-        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed + 1)
 
     @torch.no_grad()
     def targets(self, batch: dict, device=None) -> torch.Tensor:
@@ -56,12 +59,19 @@ class OnlineTeacher:
         return {"noise_gen": self.generator.get_state().tolist()}
 
     def load_state(self, state: dict) -> None:
-        self.generator.set_state(torch.tensor(state["noise_gen"], dtype=torch.uint8))
+        self.generator.set_state(torch.tensor(state["noise_gen"], dtype=torch.uint8))  # a CPU ByteTensor on any device
 
 
 def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,
-                       batch_size: int = 16) -> list[Example]:
-    """seqkd's training set: the same prompts with the teacher's greedy generations as rationales."""
-    prompts = [build_prompt(e.instruction, e.input) for e in examples]
-    outputs = generate(teacher, tokenizer, prompts, max_new_tokens, batch_size, desc="teacher rationales")
-    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out) for e, out in zip(examples, outputs)]
+                       batch_size: int = 16, protocol: str = DEFAULT_PROTOCOL) -> list[Example]:
+    """seqkd's training set: the same prompts with the teacher's greedy generations as rationales.
+
+    A generation cut at ``max_new_tokens`` is marked incomplete, so its training row gets no EOS
+    (the student must not learn to stop mid-rationale).
+    """
+    template = get_protocol(protocol).train_template  # the prompt the teacher was fine-tuned on
+    prompts = [build_prompt(e.instruction, e.input, template) for e in examples]
+    outputs, finished = generate(teacher, tokenizer, prompts, max_new_tokens, batch_size, desc="teacher rationales",
+                                 return_finished=True)
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out, complete=done)
+            for e, out, done in zip(examples, outputs, finished)]

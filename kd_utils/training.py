@@ -1,8 +1,9 @@
 """Fine-tuning and distillation: one training loop for sft, fkl, rkl, gkd and seqkd.
 
-The loop follows the paper's protocol (LLM-Adapters fine-tuning + KD_generalization):
-Alpaca prompt, prompt tokens excluded from the cross-entropy, LoRA r=8 / alpha=16 on
-q,k,v,up,down, batch 16, lr 3e-4. accelerate handles devices, mixed precision, gradient
+``TrainConfig.protocol`` (kd_utils.protocols) decides the points where the authors' code and
+ours differ: the label mask (train_on_inputs), warmup, the held-out set, the best checkpoint,
+and GKD's temperature and positions. Shared by both: LoRA r=8 / alpha=16 on q,k,v,up,down,
+batch 16, lr 3e-4. accelerate handles devices, mixed precision, gradient
 accumulation and data parallelism; a checkpoint is written after every epoch
 (``accelerator.save_state``) and a run resumes from the last complete one.
 """
@@ -29,7 +30,8 @@ from kd_utils.batches import collate, epoch_batches, forward, split_train_val, t
 from kd_utils.data import Example, build_training_mix
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import run_from_params_file, write_atomic
-from kd_utils.models import build_student_dir, check_adapter_dir, load_model
+from kd_utils.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protocol
+from kd_utils.models import build_student_dir, check_adapter_dir, default_device, load_model
 from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
 
 METHODS = ("sft", "fkl", "rkl", "gkd", "seqkd")
@@ -46,6 +48,7 @@ class TrainConfig:
     lr: float = 3e-4
     lr_scheduler: str = "linear"
     warmup_ratio: float = 0.0
+    warmup_steps: int | None = None  # None: the protocol's (paper 100; improved: warmup_ratio)
     weight_decay: float = 0.0
     max_length: int = 256
     lora: bool = True
@@ -59,9 +62,11 @@ class TrainConfig:
     beta: float = 0.5  # gkd's JSD mixture weight
     lmbda: float = 0.5  # gkd's probability of an on-policy batch
     gkd_max_new_tokens: int = 128
-    distill_positions: str = "paper"  # "paper": every non-pad position for fkl/rkl, response for gkd; "response"
+    protocol: str = DEFAULT_PROTOCOL  # "paper" or "improved" (kd_utils.protocols)
+    distill_positions: str | None = None  # fkl / rkl: "paper" (every real token) or "response"; None: the protocol's
     loss_chunk_size: int | None = None  # positions per KD-loss chunk; None: ~64 MiB of fp32 per chunk buffer
     val_fraction: float = 0.1
+    val_examples: int | None = None  # None: the protocol's (paper 500; improved: val_fraction)
     max_steps: int | None = None  # cap on optimizer steps per epoch (smoke runs)
     mixed_precision: str = "auto"  # "auto": bf16 on GPUs that support it, else "no"
     seed: int = 0
@@ -78,7 +83,8 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
              f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"),
-            (self.distill_positions in ("paper", "response"),
+            (self.protocol in PROTOCOLS, f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
+            (self.distill_positions in (None, "paper", "response"),
              f"distill_positions must be 'paper' or 'response', got {self.distill_positions!r}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
@@ -88,41 +94,75 @@ class TrainConfig:
                 raise ValueError(message)
         return self
 
+    @property
+    def rules(self) -> Protocol:
+        return get_protocol(self.protocol)
+
 
 # ---- the loop -----------------------------------------------------------------------------
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over labelled positions (token mean)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                             ignore_index=-100)
+    """Next-token cross-entropy over labelled positions (token mean; 0 when none is labelled, not nan)."""
+    targets = labels[:, 1:].flatten()
+    summed = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets, ignore_index=-100,
+                                               reduction="sum")
+    return summed / (targets != -100).sum().clamp(min=1)
 
 
 def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
-    """Which next-token predictions are distilled: every real token (paper, fkl/rkl) or response only."""
-    response_only = config.distill_positions == "response" or config.method == "gkd"
-    target = batch["labels"][:, 1:] != -100 if response_only else batch["attention_mask"][:, 1:].bool()
-    return target & batch["attention_mask"][:, :-1].bool()
+    """Which positions' logits are distilled.
+
+    fkl / rkl: the predictions of every real next token ("paper") or of response tokens, [B, T-1].
+    gkd under ``paper``: every position whose *label* is set, unshifted, [B, T] (kd_trainer.py masks
+    the logits with labels != -100, the prompt included under train_on_inputs); otherwise the
+    predictions of response tokens, as Agarwal et al. and TRL.
+    """
+    rules = config.rules
+    real = batch["attention_mask"].bool()
+    if config.method == "gkd":
+        if rules.gkd_positions == "labels":
+            return batch["labels"] != -100
+        return batch["response_mask"][:, 1:] & real[:, :-1]
+    positions = config.distill_positions or rules.kd_positions
+    target = batch["response_mask"][:, 1:] if positions == "response" else real[:, 1:]
+    return target & real[:, :-1]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: torch.Tensor, config: TrainConfig,
             vocab_size: int) -> torch.Tensor:
-    """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse targets (a dict)."""
+    """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse targets (a dict).
+
+    The mask's width says which logits it covers: T-1 (the predictions of tokens 1..T-1) or T.
+    """
+    width = mask.shape[1]
     if isinstance(teacher, dict):
-        return losses.sparse_kd_loss(config.method, student_logits[:, :-1, :vocab_size], teacher, mask,
+        return losses.sparse_kd_loss(config.method, student_logits[:, :width, :vocab_size], teacher, mask,
                                      config.temperature, config.loss_chunk_size)
-    s, t = losses.align_vocab(student_logits[:, :-1], teacher[:, :-1], vocab_size)
+    s, t = losses.align_vocab(student_logits[:, :width], teacher[:, :width], vocab_size)
     if config.method == "fkl":
         return losses.forward_kl(s, t, mask, config.temperature, chunk_size=config.loss_chunk_size)
     if config.method == "rkl":
         return losses.reverse_kl(s, t, mask, config.temperature, chunk_size=config.loss_chunk_size)
-    return losses.generalized_jsd(s, t, mask, config.beta, config.temperature, chunk_size=config.loss_chunk_size)
+    tau = config.temperature if config.rules.gkd_uses_tau else 1.0  # the authors' GKD takes no temperature
+    return losses.generalized_jsd(s, t, mask, config.beta, tau, chunk_size=config.loss_chunk_size)
+
+
+def training_loss(logits: torch.Tensor, batch: dict, teacher: torch.Tensor | dict | None, config: TrainConfig,
+                  vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, ce, kd) of one micro-batch: CE alone for sft / seqkd, (1 - kd_weight) * CE + kd_weight * KD else."""
+    ce = lm_loss(logits, batch["labels"])
+    if config.method not in KD_METHODS:
+        return ce, ce, torch.zeros(())
+    kd = kd_loss(logits, teacher, distill_mask(batch, config), config, vocab_size)
+    loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
+    return loss, ce, kd
 
 
 @torch.no_grad()
 def on_policy_batch(student, tokenizer, prompts: list[str], config: TrainConfig, device) -> dict:
     """Replace the responses by the student's own samples (temperature 1, top_k 0), left-padded."""
     tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)  # special tokens as batches.prompt_ids
     was_training = student.training
     student.eval()
     out = student.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=config.gkd_max_new_tokens,
@@ -133,10 +173,15 @@ def on_policy_batch(student, tokenizer, prompts: list[str], config: TrainConfig,
     # keep tokens up to and including the first EOS
     after_eos = (generated == tokenizer.eos_token_id).long().cumsum(-1) - (generated == tokenizer.eos_token_id).long()
     gen_mask = after_eos == 0
-    attention = torch.cat([enc["attention_mask"].bool(), gen_mask], dim=1)
-    labels = torch.where(torch.cat([torch.zeros_like(enc["input_ids"], dtype=torch.bool), gen_mask], 1), out, -100)
-    return {"input_ids": out[:, :config.max_length], "attention_mask": attention[:, :config.max_length].long(),
-            "labels": labels[:, :config.max_length], "prompts": prompts}
+    prompt_mask = enc["attention_mask"].bool()
+    attention = torch.cat([prompt_mask, gen_mask], dim=1)
+    response = torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1)
+    # the authors label every non-pad token of an on-policy batch (kd_trainer.py); improved labels the samples only
+    labelled = attention if config.rules.train_on_inputs else response
+    labels = torch.where(labelled, out, -100)
+    cut = config.max_length
+    return {"input_ids": out[:, :cut], "attention_mask": attention[:, :cut].long(), "labels": labels[:, :cut],
+            "response_mask": response[:, :cut], "prompts": prompts}
 
 
 @torch.no_grad()
@@ -197,7 +242,9 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
             raise ValueError(f"method {config.method!r} needs a teacher or a teacher_cache")
         vocab_size = check_same_tokenizer(tokenizer, teacher_tokenizer or tokenizer)
     if val_examples is None:
-        train_examples, val_examples = split_train_val(train_examples, config.val_fraction, config.seed)
+        train_examples, val_examples = split_train_val(train_examples, config.val_fraction, config.seed,
+                                                       config.val_examples if config.val_examples is not None
+                                                       else config.rules.val_examples)
     if not train_examples:
         raise ValueError("no training examples")
     source = None  # the teacher source: the online model or the cache (kd_utils.teachers)
@@ -219,8 +266,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     if config.lora:
         model = wrap_lora(model, config)
     model.train()
-    train_rows = [tokenize_example(tokenizer, e, config.max_length) for e in train_examples]
-    val_rows = [tokenize_example(tokenizer, e, config.max_length) for e in val_examples]
+    train_rows = [tokenize_example(tokenizer, e, config.max_length, config.protocol) for e in train_examples]
+    val_rows = [tokenize_example(tokenizer, e, config.max_length, config.protocol) for e in val_examples]
     micro_batches = math.ceil(len(train_rows) / accelerator.num_processes / config.micro_batch_size)
     if micro_batches < accumulation:
         raise ValueError(f"{len(train_rows)} training examples do not fill one batch of {config.batch_size}")
@@ -231,8 +278,9 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                                   weight_decay=config.weight_decay)
     total_steps = steps_per_epoch * config.epochs
     # the prepared scheduler steps once per process at every optimizer step (accelerate's convention)
-    scheduler = get_scheduler(config.lr_scheduler, optimizer,
-                              num_warmup_steps=int(config.warmup_ratio * total_steps) * accelerator.num_processes,
+    warmup = config.warmup_steps if config.warmup_steps is not None else config.rules.warmup_steps
+    warmup = int(config.warmup_ratio * total_steps) if warmup is None else warmup
+    scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     if teacher is not None:
@@ -268,13 +316,11 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 batch = on_policy_batch(accelerator.unwrap_model(model), tokenizer, batch["prompts"], config, device)
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
-                ce = lm_loss(logits, batch["labels"])
-                loss, kd = ce, torch.zeros(())
+                target = None
                 if config.method in KD_METHODS:
                     with torch.no_grad():
                         target = source.targets(batch, device)
-                    kd = kd_loss(logits, target, distill_mask(batch, config), config, vocab_size)
-                    loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
+                loss, ce, kd = training_loss(logits, batch, target, config, vocab_size)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -292,11 +338,34 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     final = output_dir / ("adapter" if config.lora else "model")
+    kept = best_epoch(history) if config.rules.best_checkpoint else config.epochs
     if accelerator.is_main_process:
-        save_trained(accelerator.unwrap_model(model), tokenizer, final)
+        if kept == config.epochs:
+            save_trained(accelerator.unwrap_model(model), tokenizer, final)
+        else:  # the paper's load_best_model_at_end: the epoch with the lowest validation loss
+            copy_dir(output_dir / "checkpoints" / f"epoch-{kept}" / final.name, final)
         write_atomic(output_dir / "history.json", json.dumps(history, indent=1))
     accelerator.wait_for_everyone()
-    return {"history": history, "final_val_loss": history[-1]["val_loss"], "saved_to": str(final)}
+    val_loss = next(h["val_loss"] for h in history if h["epoch"] == kept)
+    return {"history": history, "final_val_loss": val_loss, "kept_epoch": kept, "saved_to": str(final)}
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The trained epoch with the lowest validation loss (the last one when none has a finite loss; ties: earliest).
+
+    The authors' Trainer evaluates every eval_steps and keeps the best of those; we evaluate once per epoch.
+    """
+    scored = [(h["val_loss"], h["epoch"]) for h in history if h["epoch"] > 0 and math.isfinite(h["val_loss"])]
+    return min(scored)[1] if scored else history[-1]["epoch"]
+
+
+def copy_dir(source: Path, target: Path) -> None:
+    """Copy a saved model directory into place via a temp dir and a rename."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
 
 
 def _as_tuple(value):
@@ -365,16 +434,18 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     cache_expect = ({**cache_store.teacher_identity(teacher, teacher_adapter, task_aware_teacher), "seed": config.seed}
                     if from_cache and teacher is not None else None)
     if needs_teacher:
+        # on the device the student trains on (a seqkd teacher generates before accelerate moves anything)
         teacher_model, teacher_tok = load_model(teacher, adapter=teacher_adapter if task_aware_teacher else None,
-                                                merge_adapter=True)
+                                                merge_adapter=True, device=default_device())
     if method == "seqkd":
         mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, cache_expect) if from_cache else
-               teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4))
+               teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4,
+                                  config.protocol))
         teacher_model = teacher_cache = None
     student, tokenizer = load_model(base)
     result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok,
                    teacher_cache=teacher_cache, teacher_cache_expect=cache_expect)
-    summary = {"base_model": base, "method": method, "domain": domain, "n_train": len(mix),
+    summary = {"base_model": base, "method": method, "domain": domain, "protocol": config.protocol, "n_train": len(mix),
                "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))
     return summary

@@ -105,14 +105,14 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir, tiny_corpus, mix, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_prompt_tokens_are_masked_from_the_labels(tiny_model_dir, mix):
+def test_prompt_tokens_are_masked_from_the_labels_under_improved(tiny_model_dir, mix):
     tok = models.load_tokenizer(tiny_model_dir)
     row = batches.tokenize_example(tok, mix[0], 256)
     n_prompt = len(tok(row["prompt"], add_special_tokens=False)["input_ids"])
     assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert row["input_ids"][-1] == tok.eos_token_id
     batch = batches.collate([row, batches.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
-    paper = training.distill_mask(batch, TrainConfig(method="fkl"))
+    paper = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="paper"))
     response = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
     assert paper.sum() > response.sum() > 0 and not (response & ~paper).any()
 

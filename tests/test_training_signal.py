@@ -1,9 +1,9 @@
-"""The training signal pinned by hand on a hand-built batch (the default protocol).
+"""The training signal pinned by hand on hand-built batches, for each method and each protocol.
 
-Position t of a row predicts token t + 1. The batch covers a full row, a right-padded row, a
+Position t of a row predicts token t + 1. The batches cover a full row, a right-padded row, a
 truncated row (no EOS), a prompt cut before its response, and a left-padded on-policy row; the
-expected cross-entropy and KD positions are written out literally, and the losses are computed
-here from their definitions in float64.
+expected labels, cross-entropy and KD positions are written out literally, and the losses are
+computed here from their definitions in float64.
 """
 
 import pytest
@@ -13,79 +13,123 @@ from kd_utils import training
 from kd_utils.training import TrainConfig
 
 P, R, E, PAD = 7, 3, 2, 0  # a prompt token, a response token, EOS, padding (their ids do not matter)
-BATCH = {
-    "input_ids": torch.tensor([
-        [P, P, P, R, R, E],  # prompt 3, response 2 + EOS
-        [P, P, R, E, PAD, PAD],  # right-padded
-        [P, P, P, P, R, R],  # truncated inside its response: no EOS
-        [P, P, P, P, P, PAD],  # a prompt cut before its response
-        [PAD, P, P, R, E, PAD],  # on-policy: left-padded prompt, nothing kept after EOS
+_ = -100
+INPUT_IDS = torch.tensor([
+    [P, P, P, R, R, E],  # prompt 3, response 2 + EOS
+    [P, P, R, E, PAD, PAD],  # right-padded
+    [P, P, P, P, R, R],  # truncated inside its response: no EOS
+    [P, P, P, P, P, PAD],  # a prompt cut before its response
+    [PAD, P, P, R, E, PAD],  # on-policy: left-padded prompt, nothing kept after EOS
+])
+ATTENTION = torch.tensor([
+    [1, 1, 1, 1, 1, 1],
+    [1, 1, 1, 1, 0, 0],
+    [1, 1, 1, 1, 1, 1],
+    [1, 1, 1, 1, 1, 0],
+    [0, 1, 1, 1, 1, 0],
+])
+RESPONSE = torch.tensor([
+    [0, 0, 0, 1, 1, 1],
+    [0, 0, 1, 1, 0, 0],
+    [0, 0, 0, 0, 1, 1],
+    [0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 1, 1, 0],
+]).bool()
+LABELS = {
+    "improved": torch.tensor([  # response only (train_on_inputs=False)
+        [_, _, _, R, R, E],
+        [_, _, R, E, _, _],
+        [_, _, _, _, R, R],
+        [_, _, _, _, _, _],
+        [_, _, _, R, E, _],
     ]),
-    "attention_mask": torch.tensor([
-        [1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1, 0],
-        [0, 1, 1, 1, 1, 0],
-    ]),
-    "labels": torch.tensor([
-        [-100, -100, -100, R, R, E],
-        [-100, -100, R, E, -100, -100],
-        [-100, -100, -100, -100, R, R],
-        [-100, -100, -100, -100, -100, -100],
-        [-100, -100, -100, R, E, -100],
+    "paper": torch.tensor([  # train_on_inputs=True: every real token, the prompt too (finetune.py)
+        [P, P, P, R, R, E],
+        [P, P, R, E, _, _],
+        [P, P, P, P, R, R],
+        [P, P, P, P, P, _],
+        [_, P, P, R, E, _],
     ]),
 }
-# (row, position) pairs whose next token is a labelled response token: the cross-entropy terms
-RESPONSE_POSITIONS = [(0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (2, 3), (2, 4), (4, 2), (4, 3)]
+BATCHES = {name: {"input_ids": INPUT_IDS, "attention_mask": ATTENTION, "labels": labels, "response_mask": RESPONSE}
+           for name, labels in LABELS.items()}
+# (row, position) pairs whose next token is labelled: the cross-entropy terms
+CE_POSITIONS = {
+    "improved": [(0, 2), (0, 3), (0, 4), (1, 1), (1, 2), (2, 3), (2, 4), (4, 2), (4, 3)],
+    # as in HF's shifted loss, the on-policy row's left pad (4, 0) predicts its first, labelled, prompt token
+    "paper": [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4),
+              (3, 0), (3, 1), (3, 2), (3, 3), (4, 0), (4, 1), (4, 2), (4, 3)],
+}
 # KD masks over the 5 next-token predictions of each row
-PAPER_MASK = [  # fkl / rkl by default: every real position followed by a real token
+PAPER_MASK = [  # fkl / rkl under paper: every real position followed by a real token
     [1, 1, 1, 1, 1],
     [1, 1, 1, 0, 0],
     [1, 1, 1, 1, 1],
     [1, 1, 1, 1, 0],
     [0, 1, 1, 1, 0],
 ]
-RESPONSE_MASK = [  # gkd, and distill_positions="response": the positions that predict a response token
+RESPONSE_MASK = [  # improved (and distill_positions="response"): the positions that predict a response token
     [0, 0, 1, 1, 1],
     [0, 1, 1, 0, 0],
     [0, 0, 0, 1, 1],
     [0, 0, 0, 0, 0],
     [0, 0, 1, 1, 0],
 ]
+PAPER_GKD_MASK = [  # gkd under paper: labels != -100 over all 6 positions, unshifted (kd_trainer.py)
+    [1, 1, 1, 1, 1, 1],
+    [1, 1, 1, 1, 0, 0],
+    [1, 1, 1, 1, 1, 1],
+    [1, 1, 1, 1, 1, 0],
+    [0, 1, 1, 1, 1, 0],
+]
+KD_MASKS = {("fkl", "paper"): PAPER_MASK, ("rkl", "paper"): PAPER_MASK, ("gkd", "paper"): PAPER_GKD_MASK,
+            ("fkl", "improved"): RESPONSE_MASK, ("rkl", "improved"): RESPONSE_MASK, ("gkd", "improved"): RESPONSE_MASK}
 
 
 def logits(seed: int, vocab: int = 11) -> torch.Tensor:
     return 3 * torch.randn(5, 6, vocab, generator=torch.Generator().manual_seed(seed))
 
 
-def test_lm_loss_is_the_next_token_cross_entropy_on_response_positions():
-    x = logits(0)
+def reference_ce(x: torch.Tensor, labels: torch.Tensor, positions: list[tuple[int, int]]) -> float:
     logp = torch.log_softmax(x.double(), -1)
-    targets = BATCH["labels"]
-    expected = -torch.stack([logp[b, t, targets[b, t + 1]] for b, t in RESPONSE_POSITIONS]).mean()
-    assert training.lm_loss(x, targets).double() == pytest.approx(expected.item(), rel=1e-6)
+    return -torch.stack([logp[b, t, labels[b, t + 1]] for b, t in positions]).mean().item()
+
+
+@pytest.mark.parametrize("protocol", ["improved", "paper"])
+def test_lm_loss_is_the_next_token_cross_entropy_on_the_literal_positions(protocol):
+    x = logits(0)
+    expected = reference_ce(x, LABELS[protocol], CE_POSITIONS[protocol])
+    assert training.lm_loss(x, LABELS[protocol]).double() == pytest.approx(expected, rel=1e-6)
+
+
+def test_lm_loss_without_any_labelled_token_is_zero_not_nan():
+    x = logits(0).requires_grad_()
+    loss = training.lm_loss(x, torch.full((5, 6), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(x.grad).all() and not x.grad.any()
+
+
+@pytest.mark.parametrize("method, protocol", sorted(KD_MASKS))
+def test_distill_mask_of_each_method_and_protocol(method, protocol):
+    mask = training.distill_mask(BATCHES[protocol], TrainConfig(method=method, protocol=protocol))
+    assert mask.tolist() == [[bool(v) for v in row] for row in KD_MASKS[method, protocol]]
 
 
 @pytest.mark.parametrize("method, positions, expected", [
-    ("fkl", "paper", PAPER_MASK),
-    ("rkl", "paper", PAPER_MASK),
-    ("fkl", "response", RESPONSE_MASK),
-    ("rkl", "response", RESPONSE_MASK),
-    ("gkd", "paper", RESPONSE_MASK),  # gkd distils the response whatever distill_positions says
-    ("gkd", "response", RESPONSE_MASK),
-])
-def test_distill_mask_positions(method, positions, expected):
-    mask = training.distill_mask(BATCH, TrainConfig(method=method, distill_positions=positions))
-    assert mask.tolist() == [[bool(v) for v in row] for row in expected]
+    ("fkl", "paper", PAPER_MASK), ("rkl", "response", RESPONSE_MASK)])
+def test_distill_positions_overrides_the_protocol_for_fkl_rkl(method, positions, expected):
+    for protocol in ("paper", "improved"):
+        config = TrainConfig(method=method, protocol=protocol, distill_positions=positions)
+        assert training.distill_mask(BATCHES[protocol], config).tolist() == [[bool(v) for v in r] for r in expected]
 
 
 def reference_kd(method: str, s: torch.Tensor, t: torch.Tensor, mask: list[list[int]], tau: float,
                  beta: float = 0.5) -> float:
-    """Losses from their definitions over the literal mask: per-sequence means (fkl, rkl, x tau^2)
-    or a pooled token mean (gkd's generalized JSD)."""
-    logq = torch.log_softmax(s[:, :-1].double() / tau, -1)
-    logp = torch.log_softmax(t[:, :-1].double() / tau, -1)
+    """Losses from their definitions over the literal mask (its width says which positions' logits):
+    per-sequence means (fkl, rkl, x tau^2) or a pooled token mean (gkd's generalized JSD)."""
+    width = len(mask[0])
+    logq = torch.log_softmax(s[:, :width].double() / tau, -1)
+    logp = torch.log_softmax(t[:, :width].double() / tau, -1)
     kl = lambda a, b: (a.exp() * (a - b)).sum(-1)  # noqa: E731
     if method == "gkd":
         logm = torch.log(beta * logq.exp() + (1 - beta) * logp.exp())
@@ -97,12 +141,55 @@ def reference_kd(method: str, s: torch.Tensor, t: torch.Tensor, mask: list[list[
     return tau**2 * torch.stack(rows).mean().item()
 
 
-@pytest.mark.parametrize("method, expected_mask", [("fkl", PAPER_MASK), ("rkl", PAPER_MASK), ("gkd", RESPONSE_MASK)])
-def test_kd_loss_on_the_hand_built_batch(method, expected_mask):
-    """The KD term of the training loss: the student's and teacher's next-token predictions at the
-    literal positions, dropping the vocabulary rows beyond the tokenizer's (padding of the output layer)."""
-    config = TrainConfig(method=method, temperature=2.0)
+# the tau each method's KD term uses at temperature 2: the paper's GKD takes none (kd_trainer.py)
+KD_TAU = {("fkl", "paper"): 2.0, ("rkl", "paper"): 2.0, ("gkd", "paper"): 1.0,
+          ("fkl", "improved"): 2.0, ("rkl", "improved"): 2.0, ("gkd", "improved"): 2.0}
+
+
+@pytest.mark.parametrize("method, protocol", sorted(KD_MASKS))
+def test_training_loss_is_ce_plus_kd_computed_by_hand(method, protocol):
+    """The training loss of a micro-batch: (1 - w) CE + w KD, the KD term at the literal positions,
+    dropping the vocabulary rows beyond the tokenizer's (padding of the output layer)."""
+    config = TrainConfig(method=method, protocol=protocol, temperature=2.0, kd_weight=0.25)
     s, t = logits(1, vocab=13), logits(2, vocab=13)
-    loss = training.kd_loss(s, t, training.distill_mask(BATCH, config), config, vocab_size=11)
-    expected = reference_kd(method, s[..., :11], t[..., :11], expected_mask, tau=2.0)
-    assert loss.double().item() == pytest.approx(expected, rel=1e-5)
+    loss, ce, kd = training.training_loss(s, BATCHES[protocol], t, config, vocab_size=11)
+    expected_kd = reference_kd(method, s[..., :11], t[..., :11], KD_MASKS[method, protocol], tau=KD_TAU[method, protocol])
+    expected_ce = reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol])
+    assert kd.double().item() == pytest.approx(expected_kd, rel=1e-5)
+    assert ce.double().item() == pytest.approx(expected_ce, rel=1e-6)
+    assert loss.double().item() == pytest.approx(0.75 * expected_ce + 0.25 * expected_kd, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["sft", "seqkd"])
+@pytest.mark.parametrize("protocol", ["improved", "paper"])
+def test_sft_and_seqkd_train_on_the_cross_entropy_alone(method, protocol):
+    s = logits(1)
+    loss, ce, kd = training.training_loss(s, BATCHES[protocol], None, TrainConfig(method=method, protocol=protocol),
+                                          vocab_size=11)
+    assert loss.item() == ce.item() == pytest.approx(reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol]), rel=1e-6)
+    assert kd.item() == 0.0
+
+
+def authors_generalized_jsd_loss(student_logits, teacher_logits, labels, beta=0.5, temperature=1.0):
+    """kd_trainer.py's generalized_jsd_loss (reduction "batchmean"), re-implemented here in float64."""
+    logq = torch.log_softmax(student_logits.double() / temperature, -1)
+    logp = torch.log_softmax(teacher_logits.double() / temperature, -1)
+    b = torch.tensor(beta, dtype=torch.float64)
+    logm = torch.logsumexp(torch.stack([logq + torch.log(b), logp + torch.log(1 - b)]), dim=0)
+    kl_teacher = torch.nn.functional.kl_div(logm, logp, reduction="none", log_target=True)  # sum: KL(p_T || M)
+    kl_student = torch.nn.functional.kl_div(logm, logq, reduction="none", log_target=True)
+    jsd = beta * kl_teacher + (1 - beta) * kl_student
+    mask = labels != -100
+    return jsd[mask].sum() / mask.sum()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_paper_gkd_equals_the_authors_generalized_jsd_loss_without_temperature(temperature):
+    """kd_trainer.py calls generalized_jsd_loss(student_logits, teacher_logits, labels, beta) with no
+    temperature, so every tau of the grid gives the same objective."""
+    for seed in range(3):
+        s, t = logits(10 + seed), logits(20 + seed)
+        config = TrainConfig(method="gkd", protocol="paper", temperature=temperature)
+        ours = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], config), config, vocab_size=11)
+        theirs = authors_generalized_jsd_loss(s, t, LABELS["paper"])
+        assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-5)

@@ -1,0 +1,240 @@
+"""The `paper` protocol pinned to the authors' code (KD_generalization, generative/), and the bugs fixed with it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from kd_utils import batches, evaluation, protocols, teachers, training
+from kd_utils.data import Example
+from kd_utils.params import DEFAULTS, validate
+from kd_utils.tasks import build_prompt
+
+SP = " " * 16  # the authors' f-strings are indented inside their functions
+
+
+def test_the_authors_training_prompt_byte_for_byte():
+    """finetune.py generate_prompt: a trailing space (two without input) and indented, whitespace-only lines."""
+    assert build_prompt("Add.", "2 and 3", "paper_train") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request. \n\n"
+        f"{SP}### Instruction:\n{SP}Add.\n{SP}\n{SP}### Input:\n{SP}2 and 3\n{SP}\n{SP}### Response:\n{SP}")
+    assert build_prompt("Add 2 and 3.", "", "paper_train") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+        f"{SP}### Instruction:\n{SP}Add 2 and 3.\n{SP}\n{SP}### Response:\n{SP}")
+
+
+def test_the_authors_evaluation_prompt_byte_for_byte():
+    """evaluate.py / commonsense_evaluate.py generate_prompt: empty blank lines, a trailing space only without input."""
+    assert build_prompt("Add.", "2 and 3", "paper_eval") == (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        f"{SP}### Instruction:\n{SP}Add.\n\n{SP}### Input:\n{SP}2 and 3\n\n{SP}### Response:\n{SP}")
+    assert build_prompt("Add 2 and 3.", "", "paper_eval") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n\n"
+        f"{SP}### Instruction:\n{SP}Add 2 and 3.\n\n{SP}### Response:\n{SP}")
+
+
+def test_improved_keeps_the_clean_template_and_protocols_name_their_templates():
+    assert build_prompt("Q?") == build_prompt("Q?", "", "clean") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\nQ?\n\n### Response:\n")
+    assert (protocols.PAPER.train_template, protocols.PAPER.eval_template) == ("paper_train", "paper_eval")
+    assert protocols.IMPROVED.train_template == protocols.IMPROVED.eval_template == "clean"
+    with pytest.raises(ValueError, match="unknown prompt template 'alpaca'"):
+        build_prompt("Q?", "", "alpaca")
+
+
+def test_unknown_protocol_is_named_with_the_allowed_values():
+    with pytest.raises(ValueError, match="unknown protocol 'papr'; expected one of paper, improved"):
+        protocols.get_protocol("papr")
+    params = {**DEFAULTS, "study": "s", "models": {"teacher": "smollm2-135m-instruct",
+                                                   "students": [{"name": "a", "layers": 2}]}, "protocol": "papr"}
+    assert any(p.startswith("protocol: unknown protocol 'papr'") and "paper, improved" in p for p in validate(params))
+    assert not validate({**params, "protocol": "paper"})
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+
+
+EXAMPLE = Example("x1", "gsm8k", "math", "Tom has 3 apples and buys 4 more. How many apples does he have now?", "",
+                  "7", "The answer is 7.")
+
+
+def test_paper_rows_train_on_inputs_and_tokenize_prompt_and_response_together(tok):
+    row = batches.tokenize_example(tok, EXAMPLE, 256, "paper")
+    prompt = build_prompt(EXAMPLE.instruction, "", "paper_train")
+    joint = tok(prompt + EXAMPLE.rationale)["input_ids"]
+    assert row["input_ids"] == joint + [tok.eos_token_id]
+    assert row["labels"] == row["input_ids"]  # train_on_inputs=True: the prompt is in the cross-entropy
+    assert row["prompt_len"] == len(tok(prompt)["input_ids"])
+    truncated = batches.tokenize_example(tok, EXAMPLE, 20, "paper")
+    assert truncated["input_ids"] == joint[:20] and truncated["labels"] == joint[:20]  # cut: no EOS
+
+
+def test_improved_rows_mask_the_prompt(tok):
+    row = batches.tokenize_example(tok, EXAMPLE, 256, "improved")
+    n = row["prompt_len"]
+    assert row["labels"] == [-100] * n + row["input_ids"][n:]
+    assert row["input_ids"][-1] == tok.eos_token_id and n == len(tok(row["prompt"])["input_ids"])
+
+
+@pytest.mark.parametrize("protocol", ["paper", "improved"])
+def test_an_incomplete_rationale_gets_no_eos(tok, protocol):
+    """seqkd: a teacher generation cut at its budget must not teach the student to stop there."""
+    cut = Example(*[getattr(EXAMPLE, f) for f in ("id", "task", "domain", "instruction", "input", "answer",
+                                                   "rationale")], complete=False)
+    assert batches.tokenize_example(tok, cut, 256, protocol)["input_ids"][-1] != tok.eos_token_id
+    assert batches.tokenize_example(tok, EXAMPLE, 256, protocol)["input_ids"][-1] == tok.eos_token_id
+
+
+def test_teacher_rationales_mark_generations_cut_at_the_budget(monkeypatch, tok):
+    monkeypatch.setattr(teachers, "generate", lambda *a, **k: (["done.", "cut mid"], [True, False]))
+    out = teachers.teacher_rationales(None, tok, [EXAMPLE, EXAMPLE], 8)
+    assert [(e.rationale, e.complete) for e in out] == [("done.", True), ("cut mid", False)]
+
+
+def test_held_out_size_is_fixed_under_paper_and_leaves_a_minimum_on_tiny_sets():
+    examples = [Example(str(i), "gsm8k", "math", f"q{i}", "", "1") for i in range(600)]
+    train, val = batches.split_train_val(examples, 0.1, 0, protocols.PAPER.val_examples)
+    assert (len(train), len(val)) == (100, 500)
+    train, val = batches.split_train_val(examples[:20], 0.1, 0, 500)
+    assert (len(train), len(val)) == (batches.MIN_TRAIN_EXAMPLES, 20 - batches.MIN_TRAIN_EXAMPLES)
+    assert len(batches.split_train_val(examples[:20], 0.1, 0)[1]) == 2  # improved: val_fraction
+
+
+def test_best_epoch_is_the_lowest_validation_loss():
+    history = [{"epoch": 0, "val_loss": 0.1}, {"epoch": 1, "val_loss": 2.0}, {"epoch": 2, "val_loss": 1.5},
+               {"epoch": 3, "val_loss": 1.7}]
+    assert training.best_epoch(history) == 2  # epoch 0 (before training) is not a candidate
+    assert training.best_epoch([{"epoch": 0, "val_loss": 1.0}, {"epoch": 1, "val_loss": math.nan}]) == 1
+
+
+def test_paper_protocol_settings_match_the_authors_files():
+    p = protocols.PAPER
+    assert (p.train_on_inputs, p.warmup_steps, p.val_examples, p.best_checkpoint) == (True, 100, 500, True)
+    assert (p.gkd_uses_tau, p.gkd_positions) == (False, "labels")
+    assert (p.do_sample, p.temperature, p.top_k, p.top_p) == (True, 1.0, 0, 1.0)
+    assert p.max_new_tokens == {"math": 256, "commonsense": 256} and p.cut_at_second_response
+    i = protocols.IMPROVED
+    assert (i.train_on_inputs, i.do_sample, i.gkd_positions, i.kd_positions) == (False, False, "response", "response")
+
+
+def test_the_output_is_cut_at_a_second_response_marker():
+    """evaluate.py keeps output.split("### Response:")[1].strip() of prompt + generation."""
+    generated = " The answer is 7.\n\n### Instruction:\nNext?\n\n### Response:\nThe answer is 9."
+    prompt = build_prompt("Q?", "", "paper_eval")
+    assert evaluation.cut_at_response(generated) == (prompt + generated).split("### Response:")[1].strip()
+    assert evaluation.cut_at_response(generated) == "The answer is 7.\n\n### Instruction:\nNext?"
+    assert evaluation.cut_at_response("no marker ") == "no marker"
+
+
+class FakeModel(torch.nn.Module):
+    """Records what generate receives and answers with a fixed continuation."""
+
+    def __init__(self, continuation: list[int]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.continuation, self.calls = continuation, []
+
+    def generate(self, input_ids, attention_mask, **kwargs):
+        self.calls.append({"input_ids": input_ids, **kwargs})
+        tail = torch.tensor([self.continuation] * len(input_ids))
+        return torch.cat([input_ids, tail], 1)
+
+
+@pytest.mark.parametrize("protocol, expected, correct", [
+    ("paper", {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}, 0),
+    ("improved", {"do_sample": False, "temperature": None, "top_k": None, "top_p": None, "max_new_tokens": 32}, 3),
+])
+def test_decoding_settings_passed_to_generate(monkeypatch, tok, data_dir, protocol, expected, correct):
+    seeds = []
+    monkeypatch.setattr(torch, "manual_seed", lambda s: seeds.append(s))
+    text = "the correct answer is\n\n### Response:\ntrue"
+    model = FakeModel(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+    metrics = evaluation.evaluate_tasks(model, tok, ["boolq"], data_dir=data_dir, seed=6, protocol=protocol)
+    call = model.calls[0]
+    assert {k: call[k] for k in expected} == expected and seeds == [6]
+    assert metrics["protocol"].tolist() == [protocol]
+    # boolq's fixture answers "true", which comes after the second marker: the paper cuts it away
+    assert metrics["correct"].tolist() == [correct]
+
+
+class BosTokenizer:
+    """A tiny tokenizer that adds a BOS (like Llama 3's) when asked for special tokens."""
+
+    BOS = 9
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, text, add_special_tokens=True, **kwargs):
+        if isinstance(text, list):
+            encoded = [self(t, add_special_tokens)["input_ids"] for t in text]
+            width = max(map(len, encoded))
+            return _Enc({"input_ids": torch.tensor([[self.pad_token_id] * (width - len(e)) + e for e in encoded]),
+                         "attention_mask": torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])})
+        ids = self.inner(text, add_special_tokens=False)["input_ids"]
+        return {"input_ids": ([self.BOS] if add_special_tokens else []) + ids}
+
+
+class _Enc(dict):
+    def to(self, device):
+        return self
+
+
+def test_bos_is_the_same_in_training_on_policy_sampling_and_evaluation(tok):
+    bos_tok = BosTokenizer(tok)
+    row = batches.tokenize_example(bos_tok, EXAMPLE, 256, "improved")
+    assert row["input_ids"][0] == BosTokenizer.BOS
+    model = FakeModel([tok.eos_token_id])
+    evaluation.generate(model, bos_tok, [row["prompt"]], 4)
+    assert model.calls[0]["input_ids"][0].tolist() == row["input_ids"][:row["prompt_len"]]
+    config = training.TrainConfig(method="gkd", max_length=256, gkd_max_new_tokens=1)
+    model.train()
+    batch = training.on_policy_batch(model, bos_tok, [row["prompt"]], config, "cpu")
+    assert batch["input_ids"][0, :row["prompt_len"]].tolist() == row["input_ids"][:row["prompt_len"]]
+
+
+def test_noise_is_drawn_on_the_logits_device(monkeypatch):
+    seen = []
+    real = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: seen.append(k["device"]) or real(*a, **k))
+    logits = torch.zeros(2, 3, 5)
+    noisy = teachers.teacher_signal(logits, 1.0, torch.Generator().manual_seed(0))
+    assert seen == [logits.device] and noisy.std() > 0
+
+
+def test_the_rationale_teacher_is_loaded_on_the_training_device(monkeypatch, tmp_path):
+    """run_training loads a seqkd teacher on models.default_device(), not wherever from_pretrained puts it."""
+    devices = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(name, adapter=None, merge_adapter=False, device=None, **kwargs):
+        devices.append(device)
+        raise Stop
+
+    monkeypatch.setattr(training, "load_model", fake_load)
+    monkeypatch.setattr(training, "build_training_mix", lambda *a, **k: ([EXAMPLE], type("R", (), {"removed": []})))
+    monkeypatch.setattr(training, "default_device", lambda: "cuda:7")
+    with pytest.raises(Stop):
+        training.run_training("m", tmp_path / "run", method="seqkd", teacher="t")
+    assert devices == ["cuda:7"]
+
+
+def test_paper_studies_cannot_train_from_the_improved_teacher_cache():
+    params = {**DEFAULTS, "study": "s", "protocol": "paper",
+              "models": {"teacher": "smollm2-135m-instruct", "students": [{"name": "a", "layers": 2}]},
+              "teacher_cache": {**DEFAULTS["teacher_cache"], "enabled": True}}
+    assert any(p.startswith("teacher_cache.enabled: the teacher cache stores improved-protocol rows")
+               for p in validate(params))
