@@ -36,7 +36,8 @@ import torch
 from benchmarks.eval_throughput import reference_generate
 from kd_utils import models
 from kd_utils.data import available_tasks, load_task
-from kd_utils.evaluation import DEFAULT_MAX_NEW_TOKENS, generate
+from kd_utils.evaluation import generate
+from kd_utils.protocols import IMPROVED
 from kd_utils.io import write_atomic
 from kd_utils.tasks import build_prompt, get_task, tasks_for
 
@@ -66,9 +67,10 @@ def timed(model, tokenizer, prompts: list[str], batch: int, new_tokens: int) -> 
 
 
 def full_test_set_tokens() -> dict[str, int]:
-    """Upper bound of generated tokens for the full test set of every available task of the study ('all')."""
+    """Upper bound of generated tokens for the full test set of every available task of the study ('all'),
+    at the improved protocol's budgets."""
     ready, _ = available_tasks([t.id for t in tasks_for("all")])
-    return {t: len(load_task(t, "test")) * DEFAULT_MAX_NEW_TOKENS[get_task(t).domain] for t in ready}
+    return {t: len(load_task(t, "test")) * IMPROVED.max_new_tokens[get_task(t).domain] for t in ready}
 
 
 def main() -> None:
