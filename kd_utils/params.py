@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from kd_utils.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
@@ -34,7 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "output_dir": "outputs",
     "data_dir": None,
     "seeds": [0],
-    "protocol": DEFAULT_PROTOCOL,  # "paper" or "improved" (kd_utils.protocols)
+    # "paper" or "improved" (kd_utils.protocols), or a mapping {name: improved, train_on_inputs: true, ...}
+    # that switches single fields; runs and results.csv record its canonical name, improved[train_on_inputs=true]
+    "protocol": DEFAULT_PROTOCOL,
     "models": {"teacher": "smollm2-135m-instruct", "students": []},
     "domains": ["math"],
     "methods": ["sft", "fkl", "rkl", "gkd"],
@@ -208,11 +210,14 @@ def validate(params: dict) -> list[str]:
             problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
     if kd["distill_positions"] not in (None, "paper", "response"):
         problems.append(f"kd.distill_positions: expected 'paper', 'response' or null, got {kd['distill_positions']!r}")
-    if params["protocol"] not in PROTOCOLS:
-        problems.append(f"protocol: unknown protocol {params['protocol']!r}; expected one of {', '.join(PROTOCOLS)}")
-    elif params["protocol"] != DEFAULT_PROTOCOL and params["teacher_cache"]["enabled"]:
-        problems.append(f"teacher_cache.enabled: the teacher cache stores {DEFAULT_PROTOCOL}-protocol rows; "
-                        f"protocol {params['protocol']!r} trains from the online teacher (set enabled: false)")
+    try:
+        protocol = get_protocol(params["protocol"]).name
+    except ValueError as err:
+        problems.append(str(err))
+    else:
+        if protocol != DEFAULT_PROTOCOL and params["teacher_cache"]["enabled"]:
+            problems.append(f"teacher_cache.enabled: the teacher cache stores {DEFAULT_PROTOCOL}-protocol rows; "
+                            f"protocol {protocol!r} trains from the online teacher (set enabled: false)")
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
     for key in params["execution"]["slurm"]:
@@ -263,4 +268,5 @@ def load_study(path: str | Path, overrides: dict | None = None) -> dict:
     problems += validate(params)
     if problems:
         raise ParamsError(str(path), problems)
+    params["protocol"] = get_protocol(params["protocol"]).name  # one canonical name: equal protocols, equal run ids
     return params

@@ -3,11 +3,17 @@
 Every point where the authors' code (LCS2-IIITD/KD_generalization, ``generative/``) and our
 considered choice differ is one field here; training and evaluation read these fields and
 nothing else decides them. The README's "Protocols" section argues each ``improved`` choice.
+
+Each field is switchable on its own: ``"improved[train_on_inputs=true]"`` is the improved protocol
+with the paper's train-on-inputs, and that string is the protocol's name wherever a run records it
+(params, results.csv). Study files may write it as a mapping, ``{name: improved, train_on_inputs: true}``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import re
+
+from dataclasses import asdict, dataclass, field, fields, replace
 
 
 @dataclass(frozen=True)
@@ -86,12 +92,78 @@ IMPROVED = Protocol(
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (PAPER, IMPROVED)}
 DEFAULT_PROTOCOL = "improved"
 
+# the values a switched field may take (max_new_tokens is switched per domain by evaluation.max_new_tokens)
+_CHOICES = {"kd_positions": ("paper", "response"), "gkd_positions": ("labels", "response"),
+            "train_template": ("clean", "paper_train", "paper_eval"), "eval_template": ("clean", "paper_train", "paper_eval")}
+_KINDS = {f.name: f.type for f in fields(Protocol) if f.name not in ("name", "max_new_tokens")}
+_SPEC = re.compile(r"^(?P<base>[a-z_]+)(?:\[(?P<overrides>[^\]]*)\])?$")
 
-def get_protocol(name: str | Protocol) -> Protocol:
-    """The protocol called ``name``; a clear error naming the allowed values otherwise."""
+
+def _parse_value(key: str, raw: object) -> object:
+    kind, text = _KINDS[key], str(raw).strip()
+    low = text.lower()
+    if kind == "bool":
+        if low not in ("true", "false"):
+            raise ValueError(f"protocol: {key} must be true or false, got {raw!r}")
+        return low == "true"
+    if "None" in kind and low in ("none", "null"):
+        return None
+    if kind.startswith("int"):
+        if isinstance(raw, bool) or not re.fullmatch(r"-?\d+", text):
+            raise ValueError(f"protocol: {key} must be an integer{' or null' if 'None' in kind else ''}, got {raw!r}")
+        return int(text)
+    if kind == "float":
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"protocol: {key} must be a number, got {raw!r}") from None
+    if text not in _CHOICES[key]:
+        raise ValueError(f"protocol: {key} must be one of {', '.join(_CHOICES[key])}, got {raw!r}")
+    return text
+
+
+def protocol_spec(base: str, overrides: dict | None = None) -> str:
+    """The canonical name of ``base`` with some fields switched: ``improved[gkd_uses_tau=false,...]``.
+
+    Fields are sorted and values normalised, so equal protocols get equal names (and equal run ids);
+    a field switched to the base's own value is dropped.
+    """
+    if base not in PROTOCOLS:
+        raise ValueError(f"protocol: unknown protocol {base!r}; expected one of {', '.join(PROTOCOLS)}")
+    parsed = {}
+    for key, raw in (overrides or {}).items():
+        if key not in _KINDS:
+            raise ValueError(f"protocol: {key!r} is not a switchable protocol field; expected one of {', '.join(_KINDS)}"
+                             + (" (token budgets: evaluation.max_new_tokens)" if key == "max_new_tokens" else ""))
+        value = _parse_value(key, raw)
+        if value != getattr(PROTOCOLS[base], key):
+            parsed[key] = value
+    if not parsed:
+        return base
+    text = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) or v is None else v}" for k, v in sorted(parsed.items()))
+    return f"{base}[{text}]"
+
+
+def get_protocol(name: str | dict | Protocol) -> Protocol:
+    """The protocol ``name`` (``paper``, ``improved``, or either with switched fields, see ``protocol_spec``).
+
+    A mapping ``{name: base, field: value, ...}`` is accepted too. Clear errors name the allowed values.
+    """
     if isinstance(name, Protocol):
         return name
-    try:
-        return PROTOCOLS[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"protocol: unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}") from None
+    if isinstance(name, dict):
+        rest = {k: v for k, v in name.items() if k != "name"}
+        name = protocol_spec(name.get("name", DEFAULT_PROTOCOL), rest)
+    match = _SPEC.match(name) if isinstance(name, str) else None
+    if match is None or match["base"] not in PROTOCOLS:
+        raise ValueError(f"protocol: unknown protocol {name!r}; expected one of {', '.join(PROTOCOLS)}, "
+                         f"optionally with switched fields, e.g. improved[train_on_inputs=true]")
+    overrides = {}
+    for item in filter(None, (match["overrides"] or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"protocol: {item!r} in {name!r} is not field=value")
+        overrides[key.strip()] = value.strip()
+    canonical = protocol_spec(match["base"], overrides)
+    return replace(PROTOCOLS[match["base"]], name=canonical, **{
+        k: _parse_value(k, v) for k, v in overrides.items()})

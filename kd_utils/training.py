@@ -30,7 +30,7 @@ from kd_utils.batches import collate, epoch_batches, forward, split_train_val, t
 from kd_utils.data import Example, build_training_mix
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import run_from_params_file, write_atomic
-from kd_utils.protocols import DEFAULT_PROTOCOL, PROTOCOLS, Protocol, get_protocol
+from kd_utils.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
 from kd_utils.models import build_student_dir, check_adapter_dir, default_device, load_model
 from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
 
@@ -83,7 +83,6 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
              f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"),
-            (self.protocol in PROTOCOLS, f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"),
             (self.distill_positions in (None, "paper", "response"),
              f"distill_positions must be 'paper' or 'response', got {self.distill_positions!r}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
@@ -92,6 +91,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        self.protocol = get_protocol(self.protocol).name  # raises naming the allowed protocols
         return self
 
     @property

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from kd_utils import batches, evaluation, protocols, teachers, training
+from kd_utils import batches, evaluation, protocols, study, teachers, training
 from kd_utils.data import Example
-from kd_utils.params import DEFAULTS, validate
+from kd_utils.params import DEFAULTS, ParamsError, load_study, validate
 from kd_utils.tasks import build_prompt
 
 SP = " " * 16  # the authors' f-strings are indented inside their functions
@@ -55,6 +56,52 @@ def test_unknown_protocol_is_named_with_the_allowed_values():
                                                    "students": [{"name": "a", "layers": 2}]}, "protocol": "papr"}
     assert any(p.startswith("protocol: unknown protocol 'papr'") and "paper, improved" in p for p in validate(params))
     assert not validate({**params, "protocol": "paper"})
+
+
+def test_single_fields_switch_under_one_canonical_name():
+    switched = protocols.get_protocol("improved[train_on_inputs=true,kd_positions=paper]")
+    assert switched.name == "improved[kd_positions=paper,train_on_inputs=true]"  # sorted: equal protocols, equal ids
+    assert (switched.train_on_inputs, switched.kd_positions, switched.gkd_uses_tau) == (True, "paper", True)
+    assert protocols.get_protocol({"name": "improved", "kd_positions": "paper", "train_on_inputs": True}) == switched
+    assert protocols.get_protocol(switched.name) == switched
+    # a field switched to the base's own value is no switch
+    assert protocols.protocol_spec("paper", {"do_sample": True, "warmup_steps": 100}) == "paper"
+    assert protocols.get_protocol("paper[warmup_steps=null,top_p=0.9]").name == "paper[top_p=0.9,warmup_steps=none]"
+    assert protocols.get_protocol("paper[warmup_steps=null]").warmup_steps is None
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("improved[foo=1]", "'foo' is not a switchable protocol field; expected one of train_on_inputs"),
+    ("improved[max_new_tokens=3]", "(token budgets: evaluation.max_new_tokens)"),
+    ("improved[train_on_inputs=maybe]", "train_on_inputs must be true or false, got 'maybe'"),
+    ("improved[top_k=1.5]", "top_k must be an integer, got '1.5'"),
+    ("improved[kd_positions=all]", "kd_positions must be one of paper, response, got 'all'"),
+    ("improved[train_on_inputs]", "'train_on_inputs' in 'improved[train_on_inputs]' is not field=value"),
+    ("greedy[do_sample=false]", "unknown protocol 'greedy[do_sample=false]'"),
+])
+def test_bad_switches_are_named(spec, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        protocols.get_protocol(spec)
+
+
+def test_a_study_file_switches_fields_and_records_the_canonical_name(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("study: s\nprotocol: {name: improved, train_on_inputs: true}\n"
+                    "models: {teacher: smollm2-135m-instruct, students: [{name: a, layers: 2}]}\n")
+    params = load_study(path)
+    assert params["protocol"] == "improved[train_on_inputs=true]"
+    assert all(r.parameters["protocol"] == "improved[train_on_inputs=true]"
+               for r in study.plan(params) if "protocol" in r.parameters)
+    path.write_text(path.read_text().replace("train_on_inputs: true", "train_on_input: true"))
+    with pytest.raises(ParamsError, match="'train_on_input' is not a switchable protocol field"):
+        load_study(path)
+
+
+def test_a_switched_field_changes_training_rows(tok):
+    """improved with the paper's train_on_inputs: the clean prompt, but its tokens are in the cross-entropy."""
+    row = batches.tokenize_example(tok, EXAMPLE, 256, "improved[train_on_inputs=true]")
+    assert row["labels"] == row["input_ids"]
+    assert row["input_ids"] == batches.tokenize_example(tok, EXAMPLE, 256, "improved")["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +198,9 @@ class FakeModel(torch.nn.Module):
 @pytest.mark.parametrize("protocol, expected, correct", [
     ("paper", {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256}, 0),
     ("improved", {"do_sample": False, "temperature": None, "top_k": None, "top_p": None, "max_new_tokens": 32}, 3),
+    # one field switched: the paper's budget and cut, greedy
+    ("paper[do_sample=false]", {"do_sample": False, "temperature": None, "top_k": None, "top_p": None,
+                                "max_new_tokens": 256}, 0),
 ])
 def test_decoding_settings_passed_to_generate(monkeypatch, tok, data_dir, protocol, expected, correct):
     seeds = []
