@@ -424,6 +424,19 @@ def test_mcnemar_known_values():
         st.mcnemar_test([True], [True, False])
 
 
+def test_paired_difference_known_values():
+    a = [True, True, False, False, True]
+    b = [False, True, False, True, False]
+    res = st.paired_difference(a, b)
+    # 2 examples only a gets right, 1 only b: d = 1/5; half-width 1.96 sqrt(2 + 1 - 5 d^2) / 5
+    half = 1.96 * math.sqrt(3 - 5 * 0.2**2) / 5
+    assert res == {"difference": pytest.approx(20.0), "ci_low": pytest.approx(100 * (0.2 - half)),
+                   "ci_high": pytest.approx(100 * (0.2 + half)), "n": 5, "a_only": 2, "b_only": 1,
+                   "pvalue": pytest.approx(1.0)}  # 2 P(Binom(3, 1/2) <= 1) = 1
+    same = st.paired_difference(a, a)
+    assert (same["difference"], same["ci_low"], same["ci_high"], same["pvalue"]) == (0.0, 0.0, 0.0, 1.0)
+
+
 def test_mcnemar_pvalues_match_statsmodels():
     from statsmodels.stats.contingency_tables import mcnemar
 

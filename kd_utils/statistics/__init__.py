@@ -66,6 +66,7 @@ from kd_utils.statistics.per_example import (
     mcnemar_pvalues,
     mcnemar_test,
     mcnemar_tests,
+    paired_difference,
     split_counts,
     split_estimates,
 )

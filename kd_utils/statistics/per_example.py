@@ -14,6 +14,7 @@ examples).
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 
@@ -245,6 +246,18 @@ def mcnemar_test(kd_correct: Sequence[bool], sft_correct: Sequence[bool]) -> dic
     kd_only, sft_only = int(np.sum(kd & ~sft)), int(np.sum(~kd & sft))
     return {"n": int(kd.size), "kd_only": kd_only, "sft_only": sft_only, "statistic": float(min(kd_only, sft_only)),
             "pvalue": float(mcnemar_pvalues(kd_only, sft_only))}
+
+
+def paired_difference(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, float]:
+    """Accuracy of a minus accuracy of b on the same examples, in points: the difference, its 95% Wald
+    interval for paired proportions, d +- 1.96 sqrt(b + c - n d^2) / n (b, c the discordant counts),
+    and the exact McNemar p-value."""
+    test = mcnemar_test(a_correct, b_correct)
+    n, only_a, only_b = test["n"], test["kd_only"], test["sft_only"]
+    d = (only_a - only_b) / n
+    half = 1.96 * math.sqrt(max(only_a + only_b - n * d * d, 0.0)) / n
+    return {"difference": 100 * d, "ci_low": 100 * (d - half), "ci_high": 100 * (d + half), "n": n,
+            "a_only": only_a, "b_only": only_b, "pvalue": test["pvalue"]}
 
 
 MCNEMAR_FAMILY = ("domain", "teacher", "student", "method")
