@@ -78,6 +78,7 @@ class CostTable:
     device: str
     entries: list[dict]  # {"kind", "n_params", "batch", "tokens_per_s"}
     run_overhead_s: float
+    derived: bool = False  # rates derived from other measurements, not calibrated on the device
 
     def rate(self, kind: str, n_params: int, batch: int) -> float:
         """tokens/s, interpolated in log size then log batch.
@@ -104,8 +105,14 @@ class CostTable:
         return tokens / self.rate(kind, n_params, batch) if tokens else 0.0
 
 
+def table_device() -> str:
+    """The device kind a dry-run prices: ``KD_COST_DEVICE`` (e.g. "NVIDIA H200", to price a GPU study from a
+    CPU machine) or this machine's."""
+    return os.environ.get("KD_COST_DEVICE") or device_kind()
+
+
 def load_table(path: str | Path | None = None, device: str | None = None) -> CostTable | None:
-    """This device kind's table from the JSON at ``path``; None when there is none yet."""
+    """The table of ``device`` (default :func:`table_device`) from the JSON at ``path``; None when there is none."""
     path = Path(path) if path is not None else default_table_path()
     if not path.is_file():
         return None
@@ -113,11 +120,11 @@ def load_table(path: str | Path | None = None, device: str | None = None) -> Cos
         tables = json.loads(path.read_text())["devices"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a cost table ({err}); remake it with python -m kd_utils.costs calibrate") from None
-    device = device or device_kind()
+    device = device or table_device()
     if device not in tables:
         return None
     t = tables[device]
-    return CostTable(device, t["entries"], t["run_overhead_s"])
+    return CostTable(device, t["entries"], t["run_overhead_s"], bool(t.get("derived")))
 
 
 def save_table(table: CostTable, path: str | Path | None = None, extra: dict | None = None) -> Path:
@@ -311,6 +318,18 @@ def estimate(work: list[Work], table: CostTable, n_runs: dict[str, int]) -> dict
     return out
 
 
+def longest_chain(work: list[Work], table: CostTable, runs: list) -> float:
+    """Seconds of the longest chain of dependent runs (each run's work plus its fixed cost), analysis included:
+    no number of parallel runs finishes a study sooner."""
+    seconds: dict[str, float] = defaultdict(float)
+    for w in work:
+        seconds[w.run_id] += table.seconds(w.kind, w.n_params, w.batch, w.tokens)
+    finish: dict[str, float] = {}
+    for run in runs:  # plan order: dependencies first
+        finish[run.id] = seconds[run.id] + table.run_overhead_s + max((finish[d] for d in run.deps), default=0.0)
+    return max(finish.values(), default=0.0) + table.run_overhead_s
+
+
 def format_estimate(params: dict, runs: list, table: CostTable | None, table_path: Path) -> str:
     """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
     from kd_utils.study import STAGES
@@ -325,7 +344,8 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     for w in work:
         tokens[w.stage][w.kind] += w.tokens
     est = estimate(work, table, n_runs) if table else {}
-    where = f"on {table.device}" if table else "no cost table for this device"
+    where = (f"on {table.device}" + (", a table DERIVED from other measurements, not calibrated there"
+                                     if table.derived else "")) if table else "no cost table for this device"
     lines = [f"estimated cost ({where}; generated tokens are upper bounds):",
              f"  {'stage':9s} {'runs':>5s} {'train tok':>12s} {'forward tok':>12s} {'generate tok':>12s} {'time':>10s}"]
     total = 0.0
@@ -336,10 +356,16 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
         lines.append(f"  {stage:9s} {n_runs[stage]:5d} {t['train']:12,.0f} {t['forward']:12,.0f} {t['generate']:12,.0f} "
                      f"{_duration(secs):>10s}")
     if table:
-        lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}")
+        lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}  (one run at a time)")
+        parallel = params["execution"]["parallel"]
+        if parallel > 1:
+            chain = longest_chain(work, table, runs)
+            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(max(total / parallel, chain))} "
+                         f"(if {parallel} runs share the device without slowing one another; longest chain of "
+                         f"dependent runs {_duration(chain)})")
         lines.append(f"  (cost table {table_path}; analysis counted as one run's fixed cost)")
     else:
-        lines.append(f"  no times: no cost table for {device_kind()!r} at {table_path}; make one with "
+        lines.append(f"  no times: no cost table for {table_device()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
     lines.append(design_power_lines(runs, params["models"]["teacher"]))
     return "\n".join(lines)
