@@ -73,6 +73,7 @@ study)
       --generate-batches 2 --seq-len 32 2>&1 | tee "$OUT/calibrate.log"
     timeout 600 $PY benchmarks/eval_gpu.py --tiny --rounds 1 --batches 2 --output "$OUT/eval_gpu.json"
     timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
+    timeout 300 $PY benchmarks/cost_check.py params/gpu_embedded.yaml --output "$OUT/cost_check.json"  # no run to check
   else
     # generate batches up to 512: the study evaluates in batches of 300
     timeout 60 $PY -m kd_utils.costs calibrate --rounds 2 --generate-batches 16 64 256 512 2>&1 | tee "$OUT/calibrate.log"
@@ -81,21 +82,13 @@ study)
     tail -14 "$OUT/plan.txt"
     start=$(date +%s)
     timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
-    echo "study wall seconds: $(( $(date +%s) - start ))" | tee "$OUT/study_seconds.txt"
+    wall=$(( $(date +%s) - start ))
+    echo "study wall seconds: $wall" | tee "$OUT/study_seconds.txt"
     [ -f "$OUT/study/gpu_embedded/results.csv" ] || \
       timeout 45 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" --only analysis || true
-    # per-run seconds by stage, for the estimate-vs-measured check (issue 15, point 3)
-    $PY - "$OUT" <<'EOF'
-import json, sys, collections
-from pathlib import Path
-out = Path(sys.argv[1])
-by = collections.defaultdict(float)
-for s in (out / "study").glob("*/runs/*/status.json"):
-    st = json.loads(s.read_text())
-    by[s.parent.name.split("-")[0]] += st.get("seconds", 0.0)
-(out / "stage_seconds.json").write_text(json.dumps(by, indent=1))
-print(dict(by))
-EOF
+    # the dry-run's estimate against the measured runs, per stage and in total (issue 15, point 3)
+    $PY benchmarks/cost_check.py params/gpu_embedded.yaml --study-dir "$OUT/study/gpu_embedded" \
+      --wall "$wall" --output "$OUT/cost_check.json" | tee "$OUT/cost_check.txt" || true
     tar czf "$OUT/study_results.tgz" -C "$OUT/study" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.npz' . || true
     rm -rf "$OUT/study"
   fi ;;

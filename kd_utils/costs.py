@@ -79,6 +79,7 @@ class CostTable:
     entries: list[dict]  # {"kind", "n_params", "batch", "tokens_per_s"}
     run_overhead_s: float
     derived: bool = False  # rates derived from other measurements, not calibrated on the device
+    loadavg: tuple[float, float] | None = None  # 1-minute load average when calibration started and ended
 
     def rate(self, kind: str, n_params: int, batch: int) -> float:
         """tokens/s, interpolated in log size then log batch.
@@ -124,7 +125,8 @@ def load_table(path: str | Path | None = None, device: str | None = None) -> Cos
     if device not in tables:
         return None
     t = tables[device]
-    return CostTable(device, t["entries"], t["run_overhead_s"], bool(t.get("derived")))
+    load = (t["loadavg_start"][0], t["loadavg_end"][0]) if "loadavg_start" in t and "loadavg_end" in t else None
+    return CostTable(device, t["entries"], t["run_overhead_s"], bool(t.get("derived")), load)
 
 
 def save_table(table: CostTable, path: str | Path | None = None, extra: dict | None = None) -> Path:
@@ -330,6 +332,12 @@ def longest_chain(work: list[Work], table: CostTable, runs: list) -> float:
     return max(finish.values(), default=0.0) + table.run_overhead_s
 
 
+def parallel_wall(serial_s: float, chain_s: float, parallel: int) -> float:
+    """Wall seconds of a study whose runs take ``serial_s`` one at a time, ``parallel`` at a time: the work spread
+    evenly over them, but never less than the longest chain of dependent runs (a lower bound)."""
+    return max(serial_s / parallel, chain_s)
+
+
 def format_estimate(params: dict, runs: list, table: CostTable | None, table_path: Path) -> str:
     """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
     from kd_utils.study import STAGES
@@ -360,10 +368,13 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
         parallel = params["execution"]["parallel"]
         if parallel > 1:
             chain = longest_chain(work, table, runs)
-            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(max(total / parallel, chain))} "
+            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(parallel_wall(total, chain, parallel))} "
                          f"(if {parallel} runs share the device without slowing one another; longest chain of "
                          f"dependent runs {_duration(chain)})")
         lines.append(f"  (cost table {table_path}; analysis counted as one run's fixed cost)")
+        if table.loadavg:  # rates measured on a loaded machine hold only at that load
+            lines.append(f"  (calibrated at load average {table.loadavg[0]:.1f} -> {table.loadavg[1]:.1f}; this machine "
+                         f"has {os.cpu_count()} cores and load {os.getloadavg()[0]:.1f} now)")
     else:
         lines.append(f"  no times: no cost table for {table_device()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
@@ -537,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     path = save_table(table, args.output, {**info, "loadavg_start": load, "loadavg_end": os.getloadavg(),
                                            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     print(f"run overhead {table.run_overhead_s:.1f} s; wrote {path}")
+    if max(load[0], os.getloadavg()[0]) > (os.cpu_count() or 1):
+        print(f"warning: load average above the {os.cpu_count()} cores during calibration: other work shared them, "
+              "so these rates hold only at a similar load; calibrate again on a quiet machine")
     return 0
 
 
