@@ -66,7 +66,8 @@ def main() -> None:
     costs.save_table(table, args.output, info)
     for e in table.entries:
         print(f"  {e['kind']:8s} {e['n_params'] / 1e6:5.0f}M batch {e['batch']:3d}: {e['tokens_per_s']:9,.0f} tokens/s")
-    print(f"  decode step {info['decode_step_s'] * 1e3:.1f} ms; run overhead {table.run_overhead_s:.1f} s; wrote {args.output}")
+    print(f"  decode step {info['decode_step_s'] * 1e3:.1f} ms; run overhead {table.run_overhead_s:.1f} s; "
+          f"wrote {args.output}")
 
 
 if __name__ == "__main__":

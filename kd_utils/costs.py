@@ -368,13 +368,14 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
         parallel = params["execution"]["parallel"]
         if parallel > 1:
             chain = longest_chain(work, table, runs)
-            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(parallel_wall(total, chain, parallel))} "
+            wall = parallel_wall(total, chain, parallel)
+            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(wall)} "
                          f"(if {parallel} runs share the device without slowing one another; longest chain of "
                          f"dependent runs {_duration(chain)})")
         lines.append(f"  (cost table {table_path}; analysis counted as one run's fixed cost)")
         if table.loadavg:  # rates measured on a loaded machine hold only at that load
-            lines.append(f"  (calibrated at load average {table.loadavg[0]:.1f} -> {table.loadavg[1]:.1f}; this machine "
-                         f"has {os.cpu_count()} cores and load {os.getloadavg()[0]:.1f} now)")
+            lines.append(f"  (calibrated at load average {table.loadavg[0]:.1f} -> {table.loadavg[1]:.1f}; "
+                         f"this machine has {os.cpu_count()} cores and load {os.getloadavg()[0]:.1f} now)")
     else:
         lines.append(f"  no times: no cost table for {table_device()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")

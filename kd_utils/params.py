@@ -277,7 +277,8 @@ def _validate_teachers(params: dict) -> list[str]:
         if not isinstance(name, str) or not re.match(r"^[\w.-]+$", name):
             problems.append(f"{where}.name: a name of letters, digits, '.', '_' or '-' is required")
         elif name in seen:
-            problems.append(f"{where}.name: {name!r} is already models.teachers[{seen[name]}].name; names must be unique")
+            problems.append(f"{where}.name: {name!r} is already models.teachers[{seen[name]}].name; "
+                            "names must be unique")
         else:
             seen[name] = i
         if "model" in teacher and not plausible_model(teacher["model"]):
@@ -298,7 +299,8 @@ def _validate_teachers(params: dict) -> list[str]:
         return problems
     specs = teacher_specs(params)
     for i, spec in enumerate(specs):  # the same model and budget would be the same run twice
-        twin = next((j for j in range(i) if (specs[j]["model"], specs[j]["training"]) == (spec["model"], spec["training"])), None)
+        twin = next((j for j in range(i)
+                     if (specs[j]["model"], specs[j]["training"]) == (spec["model"], spec["training"])), None)
         if twin is not None:
             problems.append(f"models.teachers[{i}]: same model and training as models.teachers[{twin}] "
                             f"({specs[twin]['name']!r}); give it a different budget")

@@ -65,7 +65,7 @@ def _training_params(params: dict, role: str) -> dict:
 
 
 @dataclass
-class _Teacher:
+class TeacherRun:
     """One fine-tuned teacher of a domain: its run, how students load it, its name in results and labels."""
 
     run: Run
@@ -75,7 +75,7 @@ class _Teacher:
     label: str  # how run labels name it ("" for a study's only teacher: labels as before)
 
 
-def _teachers(params: dict, domain: str, seed0: int) -> list[_Teacher]:
+def _teachers(params: dict, domain: str, seed0: int) -> list[TeacherRun]:
     """The domain's teacher runs: one per ``models.teachers`` entry (each with its own training budget), or
     the one ``models.teacher`` (whose run parameters and names are those of single-teacher studies)."""
     out = []
@@ -90,7 +90,7 @@ def _teachers(params: dict, domain: str, seed0: int) -> list[_Teacher]:
         run.label = f"fine-tune teacher {name}{detail} on {domain}"
         adapter = f"{STUDY_PREFIX}runs/{run.id}/adapter" if spec["training"]["lora"] else None
         model = f"{STUDY_PREFIX}runs/{run.id}/model" if adapter is None else spec["model"]
-        out.append(_Teacher(run, model, adapter, f"{name}:{domain}-expert", spec["name"] or ""))
+        out.append(TeacherRun(run, model, adapter, f"{name}:{domain}-expert", spec["name"] or ""))
     return out
 
 
@@ -166,7 +166,7 @@ def plan(params: dict) -> list[Run]:
     return runs
 
 
-def cache_run(params: dict, domain: str, teacher: _Teacher, aware: bool, seed: int) -> Run:
+def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed: int) -> Run:
     """Teacher logit generation over the students' training mix, for every temperature and sigma at once."""
     student = params["training"]["student"]
     cache = params["teacher_cache"]

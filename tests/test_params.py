@@ -115,7 +115,8 @@ def test_gpu_study_has_the_grid_issue_15_asks_for():
     assert p["evaluation"]["n_per_task"] is None or p["evaluation"]["n_per_task"] >= 300
     assert len([s for s in p["models"]["students"] if "layers" in s]) >= 3
     specs = params.teacher_specs(p)
-    assert len(specs) >= 3 and len({(t["model"], t["training"]["n_train"], t["training"]["epochs"]) for t in specs}) == len(specs)
+    budgets = {(t["model"], t["training"]["n_train"], t["training"]["epochs"]) for t in specs}
+    assert len(specs) >= 3 and len(budgets) == len(specs)
     assert set(p["methods"]) >= {"sft", "fkl", "rkl", "gkd"}
     assert len(p["seeds"]) >= 2
     kd = [r for r in study.plan(p) if r.stage == "student" and r.parameters["method"] != "sft"]
