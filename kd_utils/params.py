@@ -305,7 +305,7 @@ def _validate_teachers(params: dict) -> list[str]:
             problems.append(f"models.teachers[{i}]: same model and training as models.teachers[{twin}] "
                             f"({specs[twin]['name']!r}); give it a different budget")
         problems += _batch_problems(f"models.teachers[{i}].training", spec["training"])
-    if "task_unaware" in params["teacher_expertise"]:
+    if isinstance(params["teacher_expertise"], list) and "task_unaware" in params["teacher_expertise"]:
         # every teacher's task-unaware twin is the same base model: the ablation would repeat per teacher
         problems.append("teacher_expertise: task_unaware with models.teachers would repeat the base-teacher runs "
                         "once per teacher; run the expertise ablation with models.teacher")
