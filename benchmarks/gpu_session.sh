@@ -81,7 +81,8 @@ study)
     $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
     tail -14 "$OUT/plan.txt"
     start=$(date +%s)
-    timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
+    # 12 runs at once on 16 cores: one CPU thread each, so their CPU-side work does not oversubscribe the cores
+    OMP_NUM_THREADS=1 timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
     wall=$(( $(date +%s) - start ))
     echo "study wall seconds: $wall" | tee "$OUT/study_seconds.txt"
     [ -f "$OUT/study/gpu_embedded/results.csv" ] || \
