@@ -7,7 +7,11 @@
 #
 # Why two: a call carries at most 64 MiB and the embedded model's GGUF is 98 MB; ignored files carried by call 1 stay
 # on the warm machine, so call 2 brings the other half (and the data, compressed). Call 1 needs no model (random-initialised Qwen shapes).
-# Time (timeouts): grid 150 s; study: calibrate 100 s + eval_gpu 120 s + the study 420 s. Sum 790 s <= 12 min.
+# Time (timeouts), within issue 15's budget: grid 100 s + eval_gpu 80 s (the measurements, <= 3 min together);
+# calibrate 60 s; the study 420 s (its 7 minutes), then at most 45 s to collect the results of finished runs when it
+# was cut short. Sum 705 s = 11.75 min, leaving about 3 min of the session's 15 for two machine starts.
+# The study is params/gpu_embedded.yaml: 127 runs, 12 at a time; its dry-run (plan.txt, priced with the table
+# calibrate just measured) is the estimate that stage_seconds.json and study_seconds.txt check (issue 15, point 3).
 # Everything is written under $OUT (results JSON, cost table, the study's results.csv/report.html, logs).
 # TINY=1 runs the same steps on this CPU with tiny configurations and 600 s timeouts (a check, not a measurement).
 set -euo pipefail
@@ -52,7 +56,7 @@ grid)
     timeout 600 $PY benchmarks/paper_grid_cost.py --tiny --rounds 1 --output "$OUT/paper_grid_cost.json"
   else
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/nvidia_smi.csv" || true
-    timeout 150 $PY benchmarks/paper_grid_cost.py --output "$OUT/paper_grid_cost.json"
+    timeout 100 $PY benchmarks/paper_grid_cost.py --rounds 2 --output "$OUT/paper_grid_cost.json"
   fi ;;
 study)
   install_wheels
@@ -69,25 +73,23 @@ study)
       --generate-batches 2 --seq-len 32 2>&1 | tee "$OUT/calibrate.log"
     timeout 600 $PY benchmarks/eval_gpu.py --tiny --rounds 1 --batches 2 --output "$OUT/eval_gpu.json"
     timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
+    timeout 300 $PY benchmarks/cost_check.py params/gpu_embedded.yaml --output "$OUT/cost_check.json"  # no run to check
   else
-    timeout 100 $PY -m kd_utils.costs calibrate 2>&1 | tee "$OUT/calibrate.log"
-    timeout 120 $PY benchmarks/eval_gpu.py --output "$OUT/eval_gpu.json"
+    # generate batches up to 512: the study evaluates in batches of 300
+    timeout 60 $PY -m kd_utils.costs calibrate --rounds 2 --generate-batches 16 64 256 512 2>&1 | tee "$OUT/calibrate.log"
+    timeout 80 $PY benchmarks/eval_gpu.py --rounds 2 --output "$OUT/eval_gpu.json"
     $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
+    tail -14 "$OUT/plan.txt"
     start=$(date +%s)
-    timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
-    echo "study wall seconds: $(( $(date +%s) - start ))" | tee "$OUT/study_seconds.txt"
-    # per-run seconds by stage, for the estimate-vs-measured check (issue 15, point 3)
-    $PY - "$OUT" <<'EOF'
-import json, sys, collections
-from pathlib import Path
-out = Path(sys.argv[1])
-by = collections.defaultdict(float)
-for s in (out / "study").glob("*/runs/*/status.json"):
-    st = json.loads(s.read_text())
-    by[s.parent.name.split("-")[0]] += st.get("seconds", 0.0)
-(out / "stage_seconds.json").write_text(json.dumps(by, indent=1))
-print(dict(by))
-EOF
+    # 12 runs at once on 16 cores: one CPU thread each, so their CPU-side work does not oversubscribe the cores
+    OMP_NUM_THREADS=1 timeout 420 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" || true
+    wall=$(( $(date +%s) - start ))
+    echo "study wall seconds: $wall" | tee "$OUT/study_seconds.txt"
+    [ -f "$OUT/study/gpu_embedded/results.csv" ] || \
+      timeout 45 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" --only analysis || true
+    # the dry-run's estimate against the measured runs, per stage and in total (issue 15, point 3)
+    $PY benchmarks/cost_check.py params/gpu_embedded.yaml --study-dir "$OUT/study/gpu_embedded" \
+      --wall "$wall" --output "$OUT/cost_check.json" | tee "$OUT/cost_check.txt" || true
     tar czf "$OUT/study_results.tgz" -C "$OUT/study" --exclude='*.safetensors' --exclude='*.bin' --exclude='*.npz' . || true
     rm -rf "$OUT/study"
   fi ;;

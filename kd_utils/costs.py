@@ -78,6 +78,8 @@ class CostTable:
     device: str
     entries: list[dict]  # {"kind", "n_params", "batch", "tokens_per_s"}
     run_overhead_s: float
+    derived: bool = False  # rates derived from other measurements, not calibrated on the device
+    loadavg: tuple[float, float] | None = None  # 1-minute load average when calibration started and ended
 
     def rate(self, kind: str, n_params: int, batch: int) -> float:
         """tokens/s, interpolated in log size then log batch.
@@ -104,8 +106,14 @@ class CostTable:
         return tokens / self.rate(kind, n_params, batch) if tokens else 0.0
 
 
+def table_device() -> str:
+    """The device kind a dry-run prices: ``KD_COST_DEVICE`` (e.g. "NVIDIA H200", to price a GPU study from a
+    CPU machine) or this machine's."""
+    return os.environ.get("KD_COST_DEVICE") or device_kind()
+
+
 def load_table(path: str | Path | None = None, device: str | None = None) -> CostTable | None:
-    """This device kind's table from the JSON at ``path``; None when there is none yet."""
+    """The table of ``device`` (default :func:`table_device`) from the JSON at ``path``; None when there is none."""
     path = Path(path) if path is not None else default_table_path()
     if not path.is_file():
         return None
@@ -113,11 +121,12 @@ def load_table(path: str | Path | None = None, device: str | None = None) -> Cos
         tables = json.loads(path.read_text())["devices"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not a cost table ({err}); remake it with python -m kd_utils.costs calibrate") from None
-    device = device or device_kind()
+    device = device or table_device()
     if device not in tables:
         return None
     t = tables[device]
-    return CostTable(device, t["entries"], t["run_overhead_s"])
+    load = (t["loadavg_start"][0], t["loadavg_end"][0]) if "loadavg_start" in t and "loadavg_end" in t else None
+    return CostTable(device, t["entries"], t["run_overhead_s"], bool(t.get("derived")), load)
 
 
 def save_table(table: CostTable, path: str | Path | None = None, extra: dict | None = None) -> Path:
@@ -230,9 +239,12 @@ def _training_work(run, p: dict, student_model: str, student_params: int, teache
 def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
     p = run.parameters
     prompt_tokens = generated = 0
-    for _task, domain, n, prompts in _eval_prompts(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"],
-                                                     tokenizer_model):
+    from kd_utils.protocols import get_protocol
+
+    for _task, domain, n, prompts in _eval_prompts_of(run, tokenizer_model):
         budget = p["max_new_tokens_math"] if domain == "math" else p["max_new_tokens_commonsense"]
+        if budget is None:  # the protocol's, as evaluation.evaluate_tasks does
+            budget = get_protocol(p["protocol"]).max_new_tokens[domain]
         prompt_tokens += prompts
         generated += budget * n
     return [Work("eval", run.id, "forward", n_params, p["batch_size"], prompt_tokens),
@@ -263,32 +275,35 @@ def study_work(params: dict, runs: list, sizes_by_model: dict[str, int] | None =
 
     ``sizes_by_model`` gives parameters of models whose configs are not on this machine (e.g. the paper's hub
     ids offline); ``tokenizer_model`` counts every text with that model's tokenizer instead of each model's own.
+    A run's teacher is found through its dependencies, so each of several teachers counts with its own size.
     """
     known = sizes_by_model or {}
 
     def size(model: str, layers: int | None = None) -> int:
         return known[model] if model in known and layers is None else model_parameters(model, layers)
 
-    teacher = params["models"]["teacher"]
-    teacher_params = size(teacher)
-    text_model = tokenizer_model or teacher
+    text_model = tokenizer_model or params["models"]["teacher"]
     kd = params["kd"]
     work: list[Work] = []
-    sizes: dict[str, int] = {}  # training run id -> parameters of the model it trains (what its eval runs load)
+    sizes: dict[str, int] = {}  # teacher / student run id -> parameters of the model it trains
+    teacher_of: dict[str, str] = {}  # cache run id -> its teacher run id
     for run in runs:
         p = run.parameters
         if run.stage == "teacher":
-            sizes[run.id] = teacher_params
-            work += _training_work(run, p, text_model, teacher_params, None)
+            sizes[run.id] = size(p["model"])
+            work += _training_work(run, p, tokenizer_model or p["model"], sizes[run.id], None)
         elif run.stage == "cache":
+            teacher_of[run.id] = run.deps[0]
             train_rows, _ = _rows(text_model, p)
-            work.append(Work("cache", run.id, "forward", teacher_params, TEACHER_CACHE_BATCH,
+            work.append(Work("cache", run.id, "forward", sizes[run.deps[0]], TEACHER_CACHE_BATCH,
                              sum(map(len, train_rows))))
         elif run.stage == "student":
             sizes[run.id] = size(p["model"], p["student_layers"])
-            work += _training_work(run, {**kd, **p}, tokenizer_model or p["model"], sizes[run.id], teacher_params)
+            teacher = teacher_of.get(run.deps[0], run.deps[0]) if run.deps else None
+            work += _training_work(run, {**kd, **p}, tokenizer_model or p["model"], sizes[run.id],
+                                   sizes[teacher] if teacher else None)
         elif run.stage == "eval":
-            n = sizes[run.deps[0]] if run.deps else teacher_params  # no upstream: the base model
+            n = sizes[run.deps[0]] if run.deps else size(p["model"])  # no upstream: the base model
             work += _eval_work(run, n, text_model)
     return work
 
@@ -305,6 +320,24 @@ def estimate(work: list[Work], table: CostTable, n_runs: dict[str, int]) -> dict
     return out
 
 
+def longest_chain(work: list[Work], table: CostTable, runs: list) -> float:
+    """Seconds of the longest chain of dependent runs (each run's work plus its fixed cost), analysis included:
+    no number of parallel runs finishes a study sooner."""
+    seconds: dict[str, float] = defaultdict(float)
+    for w in work:
+        seconds[w.run_id] += table.seconds(w.kind, w.n_params, w.batch, w.tokens)
+    finish: dict[str, float] = {}
+    for run in runs:  # plan order: dependencies first
+        finish[run.id] = seconds[run.id] + table.run_overhead_s + max((finish[d] for d in run.deps), default=0.0)
+    return max(finish.values(), default=0.0) + table.run_overhead_s
+
+
+def parallel_wall(serial_s: float, chain_s: float, parallel: int) -> float:
+    """Wall seconds of a study whose runs take ``serial_s`` one at a time, ``parallel`` at a time: the work spread
+    evenly over them, but never less than the longest chain of dependent runs (a lower bound)."""
+    return max(serial_s / parallel, chain_s)
+
+
 def format_estimate(params: dict, runs: list, table: CostTable | None, table_path: Path) -> str:
     """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
     from kd_utils.study import STAGES
@@ -319,7 +352,8 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     for w in work:
         tokens[w.stage][w.kind] += w.tokens
     est = estimate(work, table, n_runs) if table else {}
-    where = f"on {table.device}" if table else "no cost table for this device"
+    where = (f"on {table.device}" + (", a table DERIVED from other measurements, not calibrated there"
+                                     if table.derived else "")) if table else "no cost table for this device"
     lines = [f"estimated cost ({where}; generated tokens are upper bounds):",
              f"  {'stage':9s} {'runs':>5s} {'train tok':>12s} {'forward tok':>12s} {'generate tok':>12s} {'time':>10s}"]
     total = 0.0
@@ -330,41 +364,77 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
         lines.append(f"  {stage:9s} {n_runs[stage]:5d} {t['train']:12,.0f} {t['forward']:12,.0f} {t['generate']:12,.0f} "
                      f"{_duration(secs):>10s}")
     if table:
-        lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}")
+        lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}  (one run at a time)")
+        parallel = params["execution"]["parallel"]
+        if parallel > 1:
+            chain = longest_chain(work, table, runs)
+            wall = parallel_wall(total, chain, parallel)
+            lines.append(f"  with execution.parallel = {parallel}: at least {_duration(wall)} "
+                         f"(if {parallel} runs share the device without slowing one another; longest chain of "
+                         f"dependent runs {_duration(chain)})")
         lines.append(f"  (cost table {table_path}; analysis counted as one run's fixed cost)")
+        if table.loadavg:  # rates measured on a loaded machine hold only at that load
+            lines.append(f"  (calibrated at load average {table.loadavg[0]:.1f} -> {table.loadavg[1]:.1f}; "
+                         f"this machine has {os.cpu_count()} cores and load {os.getloadavg()[0]:.1f} now)")
     else:
-        lines.append(f"  no times: no cost table for {device_kind()!r} at {table_path}; make one with "
+        lines.append(f"  no times: no cost table for {table_device()!r} at {table_path}; make one with "
                      "`python -m kd_utils.costs calibrate` (about 2-5 minutes on a CPU)")
-    lines.append(improvement_power_line(runs, params["models"]["teacher"]))
+    lines.append(design_power_lines(runs, params["models"]["teacher"]))
     return "\n".join(lines)
 
 
-def improvement_power_line(runs: list, tokenizer_model: str) -> str:
-    """H1's power for a 3-point mean improvement, with the improvement's sd from binomial sampling alone.
+def design_power_lines(runs: list, tokenizer_model: str, alpha: float = 0.05) -> str:
+    """What the valid procedure (``kd_utils.statistics.hypothesis_tests``) can detect with this design.
 
-    An improvement is a KD student's mean accuracy minus its SFT twin's; at p = 0.5 (the largest binomial variance)
-    over N evaluated examples per model its sd is 100 * sqrt(2 * 0.25 / N). Run-to-run (seed) variation adds to
-    that, so this is an upper bound on the power.
+    H1 tests students: each one's mean over its KD runs (expert teacher, no noise; every teacher, method,
+    temperature and seed) minus the mean of its SFT seeds, on a domain's task average. From binomial sampling
+    alone (p = 0.5, the largest variance) that difference has sd 100 * sqrt(v * (1/m + 1/s)), v = mean over the
+    domain's tasks of 0.25 / n_task divided by the number of tasks, m KD runs and s SFT runs per student.
+    Students' true gains also differ, so the printed power for a 3-point gain is an upper bound.
+    H2 ranks each student's teachers (pairs within students): T teachers and S students allow (T!)^S
+    orderings, so the smallest two-sided p is 2 / (T!)^S; the power is for Cohen's medium rho = 0.3 at
+    S * (T - 1) + 1 effective points (the Fisher-z approximation the analysis reports).
     """
-    from kd_utils.statistics.power import ttest_power
+    from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT, correlation_power, ttest_power
 
-    students = [r for r in runs if r.stage == "student"]
-    improvements = {(r.parameters["model"], r.parameters.get("student_layers"), r.parameters["method"],
-                     r.parameters["seed"], r.parameters["domain"]) for r in students if r.parameters["method"] != "sft"}
-    evals = [r for r in runs if r.stage == "eval"]
-    n_examples = _examples_per_eval(evals[0], tokenizer_model)
-    sd = 100 * math.sqrt(2 * 0.25 / n_examples)
-    n = len(improvements)
-    if n < 2:
-        return f"  power for a 3-point improvement (H1): {n} improvement(s), no test possible"
-    return (f"  power for a 3-point mean improvement (H1, one-sided t-test over {n} improvements, sd {sd:.2f} points "
-            f"from sampling {n_examples} examples per model; an upper bound): {ttest_power(n, 3.0, sd):.2f}")
+    def unit(p: dict) -> tuple:  # one student of the study (its SFT runs are shared by all its teachers)
+        return p["model"], p.get("student_layers"), p["domain"]
+
+    students = [r.parameters for r in runs if r.stage == "student"]
+    main = [p for p in students if p["method"] != "sft" and p.get("task_aware_teacher") and not p.get("noise_sigma")]
+    units = {unit(p) for p in students}
+    n_units = len(units)
+    kd_per_unit = len(main) / n_units
+    sft_per_unit = sum(p["method"] == "sft" for p in students) / n_units
+    teachers = {unit(p): set() for p in main}
+    for p in main:
+        teachers[unit(p)].add((p["teacher"], p["teacher_adapter"]))
+    lines = ["  design power (the analysis' valid procedure; sampling sd only, so upper bounds):"]
+    if not main or not sft_per_unit:
+        return "\n".join(lines + ["    H1: no KD run with an SFT baseline, nothing to test"])
+    by_domain: dict[str, list[int]] = defaultdict(list)
+    for _task, domain, n, _prompts in _eval_prompts_of(next(r for r in runs if r.stage == "eval"), tokenizer_model):
+        by_domain[domain].append(n)
+    for domain, ns in by_domain.items():
+        variance = sum(0.25 / n for n in ns) / len(ns) ** 2
+        sd = 100 * math.sqrt(variance * (1 / kd_per_unit + 1 / sft_per_unit))
+        lines.append(f"    H1 {domain}: {n_units} students (each {kd_per_unit:g} KD - {sft_per_unit:g} SFT runs), "
+                     f"{len(ns)} tasks, {sum(ns):,} examples: sd {sd:.2f} points, power "
+                     f"{ttest_power(n_units, GAIN_OF_INTEREST, sd, alpha):.2f} for a {GAIN_OF_INTEREST:g}-point gain")
+    per_student = min(map(len, teachers.values()))
+    orderings = math.factorial(per_student) ** len(teachers)
+    smallest = 2 / orderings if orderings > 1 else 1.0
+    testable = per_student >= 2 and len(teachers) * per_student >= 3 and smallest <= alpha
+    lines.append(f"    H2: {per_student} teacher(s) x {len(teachers)} students, pairs ranked within students: "
+                 + (f"smallest p {smallest:.3g}, power {correlation_power(len(teachers) * (per_student - 1) + 1):.2f} "
+                    f"for rho {MEDIUM_EFFECT['spearman']}" if testable else
+                    f"not testable (smallest attainable p {smallest:.3g} > {alpha})"))
+    return "\n".join(lines)
 
 
-def _examples_per_eval(run, tokenizer_model: str) -> int:
+def _eval_prompts_of(run, tokenizer_model: str) -> list[tuple[str, str, int, int]]:
     p = run.parameters
-    return sum(n for _, _, n, _ in _eval_prompts(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"],
-                                                tokenizer_model))
+    return _eval_prompts(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"], tokenizer_model)
 
 
 def _duration(seconds: float | None) -> str:
@@ -479,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     path = save_table(table, args.output, {**info, "loadavg_start": load, "loadavg_end": os.getloadavg(),
                                            "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     print(f"run overhead {table.run_overhead_s:.1f} s; wrote {path}")
+    if max(load[0], os.getloadavg()[0]) > (os.cpu_count() or 1):
+        print(f"warning: load average above the {os.cpu_count()} cores during calibration: other work shared them, "
+              "so these rates hold only at a similar load; calibrate again on a quiet machine")
     return 0
 
 

@@ -37,7 +37,8 @@ DEFAULTS: dict[str, Any] = {
     # "paper" or "improved" (kd_utils.protocols), or a mapping {name: improved, train_on_inputs: true, ...}
     # that switches single fields; runs and results.csv record its canonical name, improved[train_on_inputs=true]
     "protocol": DEFAULT_PROTOCOL,
-    "models": {"teacher": "smollm2-135m-instruct", "students": []},
+    # teachers: null (one teacher, models.teacher) or a list of teachers of different fine-tuning budgets
+    "models": {"teacher": "smollm2-135m-instruct", "teachers": None, "students": []},
     "domains": ["math"],
     "methods": ["sft", "fkl", "rkl", "gkd"],
     "temperatures": [1.0],
@@ -63,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
 }
 SLURM_RESOURCE_KEYS = ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min")
 STUDENT_KEYS = {"name", "model", "layers"}
+TEACHER_KEYS = {"name", "model", "training"}
 EXPERTISE = ("task_aware", "task_unaware")
 
 # leaf type checks: key path pattern -> (python types, description)
@@ -157,6 +159,7 @@ def validate(params: dict) -> list[str]:
     if isinstance(params["models"]["teacher"], str) and not plausible_model(params["models"]["teacher"]):
         problems.append(f"models.teacher: {params['models']['teacher']!r} is neither a local model directory nor a "
                         "plausible hub id like 'org/name'")
+    problems += _validate_teachers(params)
     students = params["models"]["students"]
     if not isinstance(students, list) or not students:
         problems.append("models.students: expected a non-empty list of students")
@@ -167,9 +170,7 @@ def validate(params: dict) -> list[str]:
         if not isinstance(student, dict):
             problems.append(f"{where}: expected a mapping with name and model or layers")
             continue
-        for key in student.keys() - STUDENT_KEYS:
-            close = difflib.get_close_matches(str(key), STUDENT_KEYS, n=1)
-            problems.append(f"{where}.{key}: unknown key" + (f" (did you mean '{where}.{close[0]}'?)" if close else ""))
+        problems += _unknown_keys(where, student, STUDENT_KEYS)
         if not isinstance(student.get("name"), str) or not re.match(r"^[\w.-]+$", student.get("name") or ""):
             problems.append(f"{where}.name: a name of letters, digits, '.', '_' or '-' is required")
         names.append(student.get("name"))
@@ -242,12 +243,90 @@ def validate(params: dict) -> list[str]:
         problems.append("training.student.val_examples: the teacher cache selects its rows by val_fraction; "
                         "set val_examples: null or teacher_cache.enabled: false")
     for role in ("teacher", "student"):
-        t = params["training"][role]
-        if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (
-                t["micro_batch_size"] < 1 or t["batch_size"] % t["micro_batch_size"]):
-            problems.append(f"training.{role}.batch_size: {t['batch_size']} must be a multiple of "
-                            f"micro_batch_size {t['micro_batch_size']}")
+        problems += _batch_problems(f"training.{role}", params["training"][role])
     return problems
+
+
+def _batch_problems(where: str, t: dict) -> list[str]:
+    if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (
+            t["micro_batch_size"] < 1 or t["batch_size"] % t["micro_batch_size"]):
+        return [f"{where}.batch_size: {t['batch_size']} must be a multiple of micro_batch_size {t['micro_batch_size']}"]
+    return []
+
+
+def _unknown_keys(where: str, given, allowed) -> list[str]:
+    out = []
+    for key in sorted(set(given) - set(allowed), key=str):
+        close = difflib.get_close_matches(str(key), list(allowed), n=1)
+        out.append(f"{where}.{key}: unknown key" + (f" (did you mean '{where}.{close[0]}'?)" if close else ""))
+    return out
+
+
+def _validate_teachers(params: dict) -> list[str]:
+    """models.teachers: null, or a non-empty list of {name, model?, training?} with distinct names and runs."""
+    teachers = params["models"]["teachers"]
+    if teachers is None:
+        return []
+    if not isinstance(teachers, list) or not teachers:
+        return ["models.teachers: expected null (one teacher, models.teacher) or a non-empty list of teachers "
+                "({name, model, training})"]
+    problems: list[str] = []
+    seen: dict[str, int] = {}
+    for i, teacher in enumerate(teachers):
+        where = f"models.teachers[{i}]"
+        if not isinstance(teacher, dict):
+            problems.append(f"{where}: expected a mapping with name, and optionally model and training")
+            continue
+        problems += _unknown_keys(where, teacher, TEACHER_KEYS)
+        name = teacher.get("name")
+        if not isinstance(name, str) or not re.match(r"^[\w.-]+$", name):
+            problems.append(f"{where}.name: a name of letters, digits, '.', '_' or '-' is required")
+        elif name in seen:
+            problems.append(f"{where}.name: {name!r} is already models.teachers[{seen[name]}].name; "
+                            "names must be unique")
+        else:
+            seen[name] = i
+        if "model" in teacher and not plausible_model(teacher["model"]):
+            problems.append(f"{where}.model: {teacher['model']!r} is neither a local model directory nor a plausible "
+                            "hub id")
+        training = teacher.get("training", {})
+        if not isinstance(training, dict):
+            problems.append(f"{where}.training: expected a mapping of training.teacher keys, got "
+                            f"{type(training).__name__}")
+            continue
+        problems += _unknown_keys(f"{where}.training", training, TRAINING_DEFAULTS)
+        for key, value in training.items():
+            if key in TRAINING_DEFAULTS:
+                types, what = TYPES[f"training.teacher.{key}"]
+                if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+                    problems.append(f"{where}.training.{key}: expected {what}, got {value!r}")
+    if problems:
+        return problems
+    specs = teacher_specs(params)
+    for i, spec in enumerate(specs):  # the same model and budget would be the same run twice
+        twin = next((j for j in range(i)
+                     if (specs[j]["model"], specs[j]["training"]) == (spec["model"], spec["training"])), None)
+        if twin is not None:
+            problems.append(f"models.teachers[{i}]: same model and training as models.teachers[{twin}] "
+                            f"({specs[twin]['name']!r}); give it a different budget")
+        problems += _batch_problems(f"models.teachers[{i}].training", spec["training"])
+    if isinstance(params["teacher_expertise"], list) and "task_unaware" in params["teacher_expertise"]:
+        # every teacher's task-unaware twin is the same base model: the ablation would repeat per teacher
+        problems.append("teacher_expertise: task_unaware with models.teachers would repeat the base-teacher runs "
+                        "once per teacher; run the expertise ablation with models.teacher")
+    return problems
+
+
+def teacher_specs(params: dict) -> list[dict]:
+    """The study's teachers as {name, model, training}: ``models.teachers`` with each teacher's training over
+    ``training.teacher`` and its model defaulting to ``models.teacher``; or, without it, the one
+    ``models.teacher`` (name None: its results and labels keep the model's name)."""
+    base = params["models"]["teacher"]
+    if params["models"]["teachers"] is None:
+        return [{"name": None, "model": base, "training": params["training"]["teacher"]}]
+    return [{"name": t["name"], "model": t.get("model", base),
+             "training": {**params["training"]["teacher"], **t.get("training", {})}}
+            for t in params["models"]["teachers"]]
 
 
 def load_study(path: str | Path, overrides: dict | None = None) -> dict:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from kd_utils import costs
 from kd_utils.io import write_atomic
-from kd_utils.params import ParamsError, load_study
+from kd_utils.params import ParamsError, load_study, teacher_specs
 from kd_utils.tasks import tasks_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +64,42 @@ def _training_params(params: dict, role: str) -> dict:
     return {**params["training"][role], "protocol": params["protocol"]}
 
 
+@dataclass
+class TeacherRun:
+    """One fine-tuned teacher of a domain: its run, how students load it, its name in results and labels."""
+
+    run: Run
+    model: str
+    adapter: str | None
+    name: str  # results.csv's teacher column of its students, and its own eval's model
+    label: str  # how run labels name it ("" for a study's only teacher: labels as before)
+
+
+def _teachers(params: dict, domain: str, seed0: int) -> list[TeacherRun]:
+    """The domain's teacher runs: one per ``models.teachers`` entry (each with its own training budget), or
+    the one ``models.teacher`` (whose run parameters and names are those of single-teacher studies)."""
+    out = []
+    for spec in teacher_specs(params):
+        run = Run("teacher", "finetune.ipynb", {"model": spec["model"], "domain": domain, "seed": seed0,
+                                                "data_dir": params["data_dir"], **spec["training"],
+                                                "protocol": params["protocol"]})
+        name, detail = spec["name"] or spec["model"], ""
+        if spec["name"]:  # the label says what sets this teacher apart: its model and budget
+            budget = [f"{k}={v}" for k, v in spec["training"].items() if params["training"]["teacher"][k] != v]
+            detail = f" ({', '.join([spec['model']] + budget)})"
+        run.label = f"fine-tune teacher {name}{detail} on {domain}"
+        adapter = f"{STUDY_PREFIX}runs/{run.id}/adapter" if spec["training"]["lora"] else None
+        model = f"{STUDY_PREFIX}runs/{run.id}/model" if adapter is None else spec["model"]
+        out.append(TeacherRun(run, model, adapter, f"{name}:{domain}-expert", spec["name"] or ""))
+    return out
+
+
 def plan(params: dict) -> list[Run]:
-    """Expand a validated study into runs, in dependency order."""
-    teacher_base = params["models"]["teacher"]
+    """Expand a validated study into runs, in dependency order.
+
+    Every student is distilled from every teacher; its SFT runs (no teacher) are shared by all of them.
+    """
+    teacher_base = params["models"]["teacher"]  # also the base that layer-subset students are cut from
     ev = params["evaluation"]
     task_ids = [t.id for t in tasks_for(ev["tasks"])]
     eval_common = {"tasks": task_ids, "n_per_task": ev["n_per_task"], "batch_size": ev["batch_size"],
@@ -86,16 +119,12 @@ def plan(params: dict) -> list[Run]:
                                             "seed": seed0}, teacher_base)
     multi_domain = len(params["domains"]) > 1
     for domain in params["domains"]:
-        teacher = Run("teacher", "finetune.ipynb", {"model": teacher_base, "domain": domain, "seed": seed0,
-                                                    "data_dir": params["data_dir"], **_training_params(params, "teacher")},
-                      label=f"fine-tune teacher {teacher_base} on {domain}")
-        runs.append(teacher)
-        adapter = f"{STUDY_PREFIX}runs/{teacher.id}/adapter" if params["training"]["teacher"]["lora"] else None
-        teacher_model = f"{STUDY_PREFIX}runs/{teacher.id}/model" if adapter is None else teacher_base
-        teacher_name = f"{teacher_base}:{domain}-expert"
-        evaluate(teacher_model, adapter, teacher, {"role": "teacher", "model": teacher_name, "teacher": "",
-                                                   "method": "sft", "seed": seed0}, teacher_name)
-        caches: dict[tuple, Run] = {}  # (seed, task-aware) -> the cache run students of that seed share
+        teachers = _teachers(params, domain, seed0)
+        for t in teachers:
+            runs.append(t.run)
+            evaluate(t.model, t.adapter, t.run, {"role": "teacher", "model": t.name, "teacher": "",
+                                                 "method": "sft", "seed": seed0}, t.name)
+        caches: dict[tuple, Run] = {}  # (teacher, seed, task-aware) -> the cache run students of that seed share
         for student in params["models"]["students"]:
             name = f"{student['name']}@{domain}" if multi_domain else student["name"]
             if "layers" in student:
@@ -106,48 +135,49 @@ def plan(params: dict) -> list[Run]:
             for seed in params["seeds"]:
                 for method, tau, sigma, expertise in _grid(params):
                     aware = expertise == "task_aware"
-                    run_params = {**base_args, "method": method, "domain": domain, "seed": seed,
-                                  "data_dir": params["data_dir"], **_training_params(params, "student")}
-                    deps, source = [], ""
-                    if method != "sft":
-                        run_params.update({"teacher": teacher_model, "teacher_adapter": adapter,
-                                           "task_aware_teacher": aware, "temperature": tau, "noise_sigma": sigma,
-                                           **params["kd"]})
-                        deps = [teacher.id]
-                    if method in cached_methods:
-                        key = (seed, aware)
-                        if key not in caches:
-                            caches[key] = cache_run(params, domain, teacher, teacher_model, adapter, aware, seed)
-                            runs.append(caches[key])
-                        run_params["teacher_cache"] = f"{STUDY_PREFIX}runs/{caches[key].id}"
-                        deps, source = [caches[key].id], " (teacher cache)"
-                    train = Run("student", "distill.ipynb", run_params, deps,
-                                label=f"{method}{source} {name} tau={tau} sigma={sigma} {expertise} seed={seed}")
-                    runs.append(train)
-                    student_adapter = f"{STUDY_PREFIX}runs/{train.id}/adapter" if run_params["lora"] else None
-                    student_model = student_base if student_adapter else f"{STUDY_PREFIX}runs/{train.id}/model"
-                    t_name = "" if method == "sft" else (teacher_name if aware else f"{teacher_base}:base")
-                    evaluate(student_model, student_adapter, train,
-                             {"role": "student", "model": name, "teacher": t_name, "method": method,
-                              "temperature": tau if method != "sft" else None,
-                              "noise_sigma": sigma if method != "sft" else 0.0, "seed": seed},
-                             f"{method} {name} tau={tau} sigma={sigma} {expertise}")
+                    for t in teachers[:1] if method == "sft" else teachers:  # sft has no teacher: one run
+                        run_params = {**base_args, "method": method, "domain": domain, "seed": seed,
+                                      "data_dir": params["data_dir"], **_training_params(params, "student")}
+                        deps, source = [], ""
+                        if method != "sft":
+                            run_params.update({"teacher": t.model, "teacher_adapter": t.adapter,
+                                               "task_aware_teacher": aware, "temperature": tau, "noise_sigma": sigma,
+                                               **params["kd"]})
+                            deps = [t.run.id]
+                        if method in cached_methods:
+                            key = (t.run.id, seed, aware)
+                            if key not in caches:
+                                caches[key] = cache_run(params, domain, t, aware, seed)
+                                runs.append(caches[key])
+                            run_params["teacher_cache"] = f"{STUDY_PREFIX}runs/{caches[key].id}"
+                            deps, source = [caches[key].id], " (teacher cache)"
+                        who = f"{name} from {t.label}" if t.label and method != "sft" else name
+                        train = Run("student", "distill.ipynb", run_params, deps,
+                                    label=f"{method}{source} {who} tau={tau} sigma={sigma} {expertise} seed={seed}")
+                        runs.append(train)
+                        student_adapter = f"{STUDY_PREFIX}runs/{train.id}/adapter" if run_params["lora"] else None
+                        student_model = student_base if student_adapter else f"{STUDY_PREFIX}runs/{train.id}/model"
+                        t_name = "" if method == "sft" else (t.name if aware else f"{teacher_base}:base")
+                        evaluate(student_model, student_adapter, train,
+                                 {"role": "student", "model": name, "teacher": t_name, "method": method,
+                                  "temperature": tau if method != "sft" else None,
+                                  "noise_sigma": sigma if method != "sft" else 0.0, "seed": seed},
+                                 f"{method} {who} tau={tau} sigma={sigma} {expertise}")
     return runs
 
 
-def cache_run(params: dict, domain: str, teacher: Run, teacher_model: str, adapter: str | None, aware: bool,
-              seed: int) -> Run:
+def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed: int) -> Run:
     """Teacher logit generation over the students' training mix, for every temperature and sigma at once."""
     student = params["training"]["student"]
     cache = params["teacher_cache"]
     return Run("cache", "teacher_cache.ipynb", {
-        "teacher": teacher_model, "teacher_adapter": adapter, "task_aware_teacher": aware, "domain": domain,
+        "teacher": teacher.model, "teacher_adapter": teacher.adapter, "task_aware_teacher": aware, "domain": domain,
         "n_train": student["n_train"], "include_mawps": student["include_mawps"], "data_dir": params["data_dir"],
         "seed": seed, "max_length": student["max_length"], "val_fraction": student["val_fraction"],
         "representation": cache["representation"], "k": cache["k"], "num_samples": cache["num_samples"],
         "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"])},
-        [teacher.id], label=f"teacher cache {teacher_model} on {domain} ({cache['representation']}) seed={seed}"
-                            + ("" if aware else " task-unaware"))
+        [teacher.run.id], label=f"teacher cache {teacher.label or teacher.model} on {domain} "
+                                f"({cache['representation']}) seed={seed}" + ("" if aware else " task-unaware"))
 
 
 def _grid(params: dict):

@@ -145,3 +145,15 @@ def test_dry_run_prints_stage_times_or_how_to_make_a_table(tmp_path, monkeypatch
     total = sum(v["seconds"] for v in costs.estimate(costs.study_work(params, runs), table, n_runs).values())
     assert f"{costs._duration(total)}" in out.split("total")[1].splitlines()[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_longest_chain_follows_dependencies():
+    """teacher -> student -> eval is the longest chain; the analysis' fixed cost comes after it."""
+    table = fake_table()  # 5 s fixed cost per run
+    runs = [study.Run("teacher", "n", {}, id="t"), study.Run("student", "n", {}, ["t"], id="s1"),
+            study.Run("student", "n", {}, ["t"], id="s2"), study.Run("eval", "n", {}, ["s1"], id="e1")]
+    work = [costs.Work("teacher", "t", "train", int(1e6), 2, 2000.0),   # 10 s
+            costs.Work("student", "s1", "train", int(1e6), 2, 400.0),   # 2 s
+            costs.Work("student", "s2", "train", int(1e6), 2, 4000.0),  # 20 s, but nothing waits for it
+            costs.Work("eval", "e1", "generate", int(4e6), 8, 1000.0)]  # 5 s
+    assert costs.longest_chain(work, table, runs) == pytest.approx(max(10 + 2 + 5 + 3 * 5, 10 + 20 + 2 * 5) + 5)
