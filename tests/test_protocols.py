@@ -52,7 +52,7 @@ def test_improved_keeps_the_clean_template_and_protocols_name_their_templates():
 def test_unknown_protocol_is_named_with_the_allowed_values():
     with pytest.raises(ValueError, match="unknown protocol 'papr'; expected one of paper, improved"):
         protocols.get_protocol("papr")
-    params = {**DEFAULTS, "study": "s", "models": {"teacher": "smollm2-135m-instruct",
+    params = {**DEFAULTS, "study": "s", "models": {**DEFAULTS["models"], "teacher": "smollm2-135m-instruct",
                                                    "students": [{"name": "a", "layers": 2}]}, "protocol": "papr"}
     assert any(p.startswith("protocol: unknown protocol 'papr'") and "paper, improved" in p for p in validate(params))
     assert not validate({**params, "protocol": "paper"})
@@ -284,7 +284,8 @@ def test_the_rationale_teacher_is_loaded_on_the_training_device(monkeypatch, tmp
 
 def test_paper_studies_cannot_train_from_the_improved_teacher_cache():
     params = {**DEFAULTS, "study": "s", "protocol": "paper",
-              "models": {"teacher": "smollm2-135m-instruct", "students": [{"name": "a", "layers": 2}]},
+              "models": {**DEFAULTS["models"], "teacher": "smollm2-135m-instruct",
+                         "students": [{"name": "a", "layers": 2}]},
               "teacher_cache": {**DEFAULTS["teacher_cache"], "enabled": True}}
     assert any(p.startswith("teacher_cache.enabled: the teacher cache stores improved-protocol rows")
                for p in validate(params))
