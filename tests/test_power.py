@@ -85,6 +85,7 @@ def test_ttest_power_is_in_units_of_the_spread():
     assert ttest_power(12, 3.0, 6.0, alternative="two-sided") == pytest.approx(
         one_sample_t_power(12, 0.5, 0.05, two_sided=True), rel=1e-6)
     assert ttest_power(2, 3.0, 6.0) == pytest.approx(one_sample_t_power(2, 0.5, 0.05), rel=1e-6)
+    assert ttest_power(12, 0.3, 0.6) == pytest.approx(one_sample_t_power(12, 0.5, 0.05), rel=1e-6)  # sd below 1
     assert math.isnan(ttest_power(1, 3.0, 6.0))
     assert math.isnan(ttest_power(12, 3.0, 0.0))
     assert math.isnan(ttest_power(12, 3.0, math.nan))

@@ -48,7 +48,7 @@ def tests() -> pd.DataFrame:
 
 def test_verdict_table_holm_within_the_domain_and_every_verdict(tests):
     table = verdict_table(tests)
-    assert list(table.columns) == VERDICT_COLUMNS
+    assert list(table.columns) == VERDICT_COLUMNS and table.index.tolist() == list(range(16))
     assert table["domain"].tolist() == ["math"] * 8 + ["commonsense"] * 8
     assert table["hypothesis"].tolist() == HYPOTHESES * 2
     assert table["claim"].tolist() == CLAIM_WORDS * 2
@@ -88,17 +88,21 @@ def test_verdict_table_alpha_and_domains(tests):
     strict = verdict_table(tests, alpha=0.01).set_index(["domain", "hypothesis"])
     # Holm 0.04 >= 0.01; the interval 1..7 holds the 3-point gain and the power is 0.9
     assert strict.loc[("math", "H1_improvement_ttest"), "verdict"] == "inconclusive"
-    assert strict.loc[("commonsense", "H1_improvement_ttest"), "reason"] == "the interval lies below 0 (p (Holm) = 0.02)"
+    assert strict.loc[("commonsense", "H1_improvement_ttest"), "reason"] == (
+        "the interval lies below 0 (p (Holm) = 0.02)")
     only = verdict_table(tests, domains=["commonsense", "code"])
     assert only["domain"].tolist() == ["commonsense"] * 8 + ["code"] * 8
     code = only[only.domain == "code"]
     assert (code["verdict"] == "not testable").all() and code["pvalue_holm"].isna().all()
     assert code["n"].isna().all()
+    assert only["pvalue_holm"].dtype == float  # NaN, not None, where a domain has no p-value at all
+    untested = verdict_table(tests, domains=["code"])
+    assert all(untested[c].dtype == float for c in ("pvalue_holm", "estimate", "ci_low", "ci_high", "power"))
 
 
 def test_verdict_table_of_no_tests_is_empty_with_the_columns(tests):
     empty = verdict_table(tests.iloc[:0])
-    assert list(empty.columns) == VERDICT_COLUMNS and len(empty) == 0
+    assert list(empty.columns) == VERDICT_COLUMNS and len(empty) == 0 and str(empty["n"].dtype) == "Int64"
 
 
 def row(hypothesis="H2_teacher_performance", pvalue=0.2, holm=0.2, estimate=0.1, ci=(-0.5, 0.5), power=0.9,
@@ -128,6 +132,7 @@ def test_direction_only_for_one_sided_claims():
     assert verdict(row("H9_unknown", holm=0.01, estimate=-0.4, effect=None))[0] == "supported"
     h1 = dict(hypothesis="H1_improvement_ttest", effect=GAIN, ci=(0.5, 6.0))
     assert verdict(row(holm=0.01, estimate=2.0, **h1))[0] == "supported"
+    assert verdict(row(holm=0.01, estimate=0.5, **h1))[0] == "supported"  # any gain above 0
     assert verdict(row(holm=0.01, estimate=0.0, **h1)) == (
         "not supported", "significant in the opposite direction (p (Holm) = 0.01)")  # a zero gain is no gain
     kd = dict(hypothesis="H4_kd_vs_sft", effect=None, ci=(-1.0, 0.5))
