@@ -85,6 +85,8 @@ def test_load_results_reads_cells_verbatim(tmp_path):
     table(run_id={0: "007"}, model={1: "NA"}).to_csv(path, index=False)
     out = load_results(path)
     assert out["run_id"].iloc[0] == "007" and out["model"].iloc[1] == "NA"
+    table(run_id={0: "01", 1: "02", 2: "03", 3: "04"}).to_csv(path, index=False)  # digits only: still ids
+    assert load_results(path)["run_id"].tolist() == ["01", "02", "03", "04"]
     missing = tmp_path / "no.csv"
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(f'results file not found: {missing}')}$"):
         load_results(missing)
@@ -97,6 +99,11 @@ def test_model_sizes_in_billions_with_names_verbatim(tmp_path):
     path.write_text("model\nstu\n")
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path} is missing required column(s): n_params')}$"):
         load_model_sizes(path)
+    path.write_text("name,size\nstu,1\n")
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{path} is missing required column(s): model, n_params')}$"):
+        load_model_sizes(path)
+    path.write_text("model,n_params\n007,500000000\n")  # a column of digits only stays text too
+    assert load_model_sizes(path) == {"007": 0.5}
     path.write_text("model,n_params\nstu,\n")
     with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: column ')}'n_params' is missing in row 1 "):
         load_model_sizes(path)
@@ -124,5 +131,9 @@ def test_sort_rows_in_the_canonical_order_and_stable():
     out = sort_rows(many, ["task"])
     assert out["task"].tolist() == ["gsm8k"] * 100 + ["svamp"] * 100 + ["boolq"] * 100
     assert out["x"].tolist() == list(range(1, 300, 3)) + list(range(0, 300, 3)) + list(range(2, 300, 3))
+    # numbers go through numpy's argsort, where the sort kind matters
+    numeric = pd.DataFrame({"temperature": [2.0, 1.0, 5.0] * 100, "x": range(300)})
+    assert sort_rows(numeric, ["temperature"])["x"].tolist() == (
+        list(range(1, 300, 3)) + list(range(0, 300, 3)) + list(range(2, 300, 3)))
     plain = pd.DataFrame({"model": ["b", "a", "c"]})  # no canonical order: as it sorts
     assert sort_rows(plain, ["model"])["model"].tolist() == ["a", "b", "c"]
