@@ -106,6 +106,39 @@ def smoke_params(tmp_path_factory, tiny_model_dir) -> Path:
     return path
 
 
+# The smoke study cut to one chain, teacher -> its evaluation, teacher -> fkl student -> its evaluation, then the
+# analysis: the runner tests that run a study more than once (kill and resume, other executors, Slurm) use it.
+MINI = {"study": "mini", "methods": ["fkl"], "teacher_cache": {"enabled": False}}
+MINI_EVALUATION = {"tasks": ["gsm8k"], "eval_base": False}
+
+
+def mini_content(smoke_params: Path) -> dict:
+    import yaml
+
+    content = {**yaml.safe_load(smoke_params.read_text()), **MINI}
+    content["evaluation"] = {**content["evaluation"], **MINI_EVALUATION}
+    return content
+
+
+@pytest.fixture(scope="session")
+def mini_params(smoke_params, tmp_path_factory) -> Path:
+    import yaml
+
+    path = tmp_path_factory.mktemp("mini") / "mini.yaml"
+    path.write_text(yaml.safe_dump(mini_content(smoke_params)))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_finished(mini_params, tmp_path_factory) -> Path:
+    """The mini study run once with the local executor, the reference of the other executors: its directory."""
+    from kd_utils import study
+
+    out = tmp_path_factory.mktemp("out-mini")
+    assert study.run_study(mini_params, output_root=out) == 0
+    return out / "mini"
+
+
 @pytest.fixture(scope="session")
 def finished(smoke_params, tmp_path_factory) -> tuple[int, Path]:
     """The smoke study run once, uninterrupted, with the local executor: (exit code, study directory)."""
@@ -114,3 +147,27 @@ def finished(smoke_params, tmp_path_factory) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("out-local")
     code = study.run_study(smoke_params, output_root=out)
     return code, out / "smoke"
+
+
+@pytest.fixture(scope="session")
+def study_report(tmp_path_factory) -> tuple[Path, str]:
+    """The analysis notebook on the synthetic study (study_fixtures.py), its runs given runner status files,
+    rendered as a study's report: (report.html, its text). The report and analysis-notebook tests share this
+    one execution; the analysis files are in ``analysis/`` beside the report."""
+    import pandas as pd
+
+    from kd_utils import report
+    from study_fixtures import write_run_status, write_study
+
+    root = tmp_path_factory.mktemp("report")
+    results = write_study(root / "study")
+    (root / "study" / "params.resolved.json").write_text(json.dumps(
+        {"study": "synth", "description": "A synthetic study.", "domains": ["math", "commonsense"], "data_dir": None,
+         "training": {"student": {"include_mawps": False}}}))
+    for run_id in pd.read_csv(results)["run_id"].unique():
+        write_run_status(root / "study" / "runs", run_id, "eval", [], 2.0)
+    html_path = report.render_report(
+        Path(__file__).resolve().parents[1] / "notebooks" / "analysis.ipynb", root / "study" / "report.html",
+        {"results_source": "study", "results_path": str(results), "output_dir": str(root / "study" / "analysis"),
+         "n_bootstrap": 200, "embeddings": False, "report_dir": str(root / "study")})
+    return html_path, html_path.read_text()

@@ -90,3 +90,11 @@ def write_study(root: Path, seed: int = 0) -> Path:
                   "n_params": [int(s * 1e9) for s in STUDENTS.values()] + [int(1.7e9)]}).to_csv(
         root / "models.csv", index=False)
     return results
+
+
+def write_run_status(runs: Path, run_id: str, stage: str, deps: list[str], seconds: float,
+                     state: str = "done") -> None:
+    """A run directory as the runner leaves it: params.json with the stage and dependencies, status.json."""
+    (runs / run_id).mkdir(parents=True, exist_ok=True)
+    (runs / run_id / "params.json").write_text(json.dumps({"run": {"stage": stage, "deps": deps}, "resolved": {}}))
+    (runs / run_id / "status.json").write_text(json.dumps({"state": state, "seconds": seconds}))

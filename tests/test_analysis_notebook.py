@@ -70,13 +70,11 @@ def test_paper_mode_notebook(tmp_path):
     assert "H1_improvement_ttest" in html.read_text() and "SVAMP" in html.read_text()  # paper layout table
 
 
-def test_study_mode_notebook(tmp_path):
-    results = write_study(tmp_path / "study")
-    out = tmp_path / "analysis"
-    # MiniLM is exercised in test_fidelity; on CPU it would dominate this test's time
-    html = render_report(NOTEBOOK, out / "report.html",
-                         {"results_source": "study", "results_path": str(results), "output_dir": str(out),
-                          "n_bootstrap": 500, "embeddings": False})
+def test_study_mode_notebook(study_report):
+    # the synthetic study's report (tests/conftest.py), without MiniLM: test_fidelity exercises it, and on CPU
+    # it would dominate this test's time
+    html, _ = study_report
+    results, out = html.parent / "results.csv", html.parent / "analysis"
     tests = pd.read_csv(out / "hypothesis_tests.csv")
     assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
     testable = tests[tests["pvalue"].notna()]

@@ -14,7 +14,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from kd_utils import data, report
-from study_fixtures import write_study
+from study_fixtures import write_run_status
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,19 +101,13 @@ def test_banner_from_low_power_alone_and_none_for_a_large_well_powered_study():
 
 # ---- provenance ---------------------------------------------------------------------------------
 
-def _run(runs: Path, run_id: str, stage: str, deps: list[str], seconds: float, state: str = "done") -> None:
-    (runs / run_id).mkdir(parents=True, exist_ok=True)
-    (runs / run_id / "params.json").write_text(json.dumps({"run": {"stage": stage, "deps": deps}, "resolved": {}}))
-    (runs / run_id / "status.json").write_text(json.dumps({"state": state, "seconds": seconds}))
-
-
 def test_stage_times_follow_the_dependencies_of_the_results(tmp_path):
-    _run(tmp_path, "teacher-1", "teacher", [], 50.0)
-    _run(tmp_path, "student-1", "student", ["teacher-1"], 30.0)
-    _run(tmp_path, "student-2", "student", ["teacher-1"], 10.0, state="failed")
-    _run(tmp_path, "eval-1", "eval", ["student-1"], 20.0)
-    _run(tmp_path, "eval-2", "eval", ["student-2", "teacher-1"], 5.0)
-    _run(tmp_path, "eval-stale", "eval", [], 999.0)  # an old run no result comes from
+    write_run_status(tmp_path, "teacher-1", "teacher", [], 50.0)
+    write_run_status(tmp_path, "student-1", "student", ["teacher-1"], 30.0)
+    write_run_status(tmp_path, "student-2", "student", ["teacher-1"], 10.0, state="failed")
+    write_run_status(tmp_path, "eval-1", "eval", ["student-1"], 20.0)
+    write_run_status(tmp_path, "eval-2", "eval", ["student-2", "teacher-1"], 5.0)
+    write_run_status(tmp_path, "eval-stale", "eval", [], 999.0)  # an old run no result comes from
     rows = report.stage_times(tmp_path, ["eval-1", "eval-2"])
     assert rows == [{"stage": "teacher", "runs": 1, "done": 1, "seconds_total": 50.0, "seconds_max": 50.0},
                     {"stage": "student", "runs": 2, "done": 1, "seconds_total": 40.0, "seconds_max": 30.0},
@@ -245,24 +239,6 @@ class _VisibleTables(HTMLParser):
         elif tag == "table" and self.rows is not None:
             self.tables.append(self.rows - 1)  # less the header row
             self.rows = None
-
-
-@pytest.fixture(scope="module")
-def study_report(tmp_path_factory):
-    """The analysis notebook on the synthetic study, its runs given runner status files, read from the study dir."""
-    root = tmp_path_factory.mktemp("report")
-    results = write_study(root / "study")
-    (root / "study" / "params.resolved.json").write_text(json.dumps(
-        {"study": "synth", "description": "A synthetic study.", "domains": ["math", "commonsense"], "data_dir": None,
-         "training": {"student": {"include_mawps": False}}}))
-    run_ids = pd.read_csv(results)["run_id"].unique()
-    for run_id in run_ids:
-        _run(root / "study" / "runs", run_id, "eval", [], 2.0)
-    html_path = report.render_report(
-        REPO / "notebooks" / "analysis.ipynb", root / "study" / "report.html",
-        {"results_source": "study", "results_path": str(results), "output_dir": str(root / "study" / "analysis"),
-         "n_bootstrap": 200, "embeddings": False, "report_dir": str(root / "study")})
-    return html_path, html_path.read_text()
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """The study runner against a real one-node Slurm cluster (start one with tests/slurm/cluster.sh start).
 
-One smoke study is submitted while the partition is down, so its jobs stay queued: the test reads
+One mini study (tests/conftest.py) is submitted while the partition is down, so its jobs stay queued: the test reads
 their dependencies from Slurm, submits the study a second time (refused), kills the first submission
 and resumes it (the queued jobs are waited for, not resubmitted), then lets the jobs run. A second,
 smaller study has a job scancelled while it runs and a run that fails.
@@ -22,6 +22,7 @@ import yaml
 
 from kd_utils import study
 from kd_utils.params import load_study
+from conftest import mini_content
 from test_study import comparable
 
 CONF = Path(__file__).resolve().parent / "slurm" / "logs" / "slurm.conf"
@@ -44,8 +45,8 @@ TINY = {"gpus_per_node": 0, "cpus_per_task": 1, "mem_gb": 3, "timeout_min": 30} 
 TIMEOUT = 900  # seconds for a whole study on a loaded 2-core machine
 
 
-def slurm_study(source: Path, path: Path, **changes) -> Path:
-    content = yaml.safe_load(source.read_text())
+def slurm_study(content: dict, path: Path, **changes) -> Path:
+    content = dict(content)
     content["execution"] = {"slurm_resources": {stage: dict(TINY) for stage in study.STAGES}}
     content.update(changes)
     path.write_text(yaml.safe_dump(content))
@@ -93,12 +94,12 @@ def set_partition(state: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def resumed_on_slurm(smoke_params, tmp_path_factory):
+def resumed_on_slurm(mini_params, tmp_path_factory):
     """Submit with the partition down, check the queue, submit again, kill, resume, let it run."""
-    root = tmp_path_factory.mktemp("slurm-smoke")
-    params = slurm_study(smoke_params, root / "smoke.yaml")
+    root = tmp_path_factory.mktemp("slurm-mini")
+    params = slurm_study(yaml.safe_load(mini_params.read_text()), root / "mini.yaml")
     runs = study.plan(load_study(params))
-    study_dir = root / "out" / "smoke"
+    study_dir = root / "out" / "mini"
     set_partition("DOWN")
     try:
         first = submit(params, root / "out")
@@ -143,27 +144,26 @@ def test_a_killed_submission_resumes_by_waiting_for_its_queued_jobs(resumed_on_s
     assert resumed_on_slurm["output"].count("of an earlier submission") == len(resumed_on_slurm["runs"])
 
 
-def test_slurm_gives_the_results_and_report_of_the_local_executor(resumed_on_slurm, finished):
-    _, reference = finished
+def test_slurm_gives_the_results_and_report_of_the_local_executor(resumed_on_slurm, mini_finished):
     study_dir = resumed_on_slurm["study_dir"]
     pd.testing.assert_frame_equal(comparable(pd.read_csv(study_dir / "results.csv")),
-                                  comparable(pd.read_csv(reference / "results.csv")))
+                                  comparable(pd.read_csv(mini_finished / "results.csv")))
     assert (study_dir / "report.html").stat().st_size > 10_000
 
 
 @pytest.fixture(scope="module")
 def cancelled_and_failing(smoke_params, tmp_path_factory):
-    """sft only, with a broken student; the teacher's job is scancelled while it runs, then a rerun."""
+    """The mini study, sft only, with a broken student; the teacher's job is scancelled while it runs, then a rerun."""
     root = tmp_path_factory.mktemp("slurm-cancel")
     broken = root / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
-    content = yaml.safe_load(smoke_params.read_text())
+    content = mini_content(smoke_params)
     students = content["models"]["students"] + [{"name": "broken", "model": str(broken)}]
-    params = slurm_study(smoke_params, root / "study.yaml", methods=["sft"],
+    params = slurm_study(content, root / "study.yaml", methods=["sft"],
                          models={**content["models"], "students": students})
     runs = study.plan(load_study(params))
-    study_dir = root / "out" / "smoke"
+    study_dir = root / "out" / "mini"
     teacher = next(r for r in runs if r.stage == "teacher")
     first = submit(params, root / "out")
     running = wait_for(lambda: all_in_state({teacher.id: study.read_status(study_dir / "runs" / teacher.id)},
@@ -197,8 +197,8 @@ def test_a_failing_run_is_named_and_independent_runs_complete(cancelled_and_fail
     broken = next(r for r in c["runs"] if r.stage == "student" and "broken" in r.label)
     assert c["first"][broken.id]["state"] == "failed"
     assert f"failed: {broken.label} ({broken.id})" in c["output"]
-    independent = [r for r in c["runs"] if r.stage == "student" and r is not broken] + [
-        r for r in c["runs"] if r.stage == "eval" and not r.deps]
+    independent = [r for r in c["runs"] if r.stage == "student" and r is not broken]
+    independent += [r for r in c["runs"] if r.deps and set(r.deps) <= {i.id for i in independent}]  # their evals
     assert independent and all(c["first"][r.id]["state"] == "done" for r in independent)
 
 

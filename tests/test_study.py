@@ -9,6 +9,7 @@ import yaml
 
 from kd_utils import study
 from kd_utils.params import load_study
+from conftest import mini_content
 
 pytestmark = pytest.mark.slow
 
@@ -44,28 +45,27 @@ def test_rerun_skips_finished_runs(finished, smoke_params, capsys):
     assert before == after  # nothing recomputed
 
 
-def test_a_failing_run_is_recorded_and_the_rest_complete(smoke_params, tmp_path, tiny_model_dir):
+def test_a_failing_run_is_recorded_and_the_rest_complete(smoke_params, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "llama"}')
-    content = yaml.safe_load(smoke_params.read_text())
+    content = mini_content(smoke_params)
     content["models"]["students"].append({"name": "broken", "model": str(broken)})
     content["methods"] = ["sft"]
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(content))
     assert study.run_study(path, output_root=tmp_path / "out") == 1
-    statuses = [json.loads(p.read_text()) for p in (tmp_path / "out" / "smoke" / "runs").glob("*/status.json")]
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "out" / "mini" / "runs").glob("*/status.json")]
     failed = [s for s in statuses if s["state"] == "failed"]
     assert len(failed) == 1 and "broken" in failed[0]["label"] and failed[0]["error"]
-    results = pd.read_csv(tmp_path / "out" / "smoke" / "results.csv")
+    results = pd.read_csv(tmp_path / "out" / "mini" / "results.csv")
     assert "tiny-L1" in set(results["model"]) and "broken" not in set(results["model"])
 
 
-def test_submitit_local_executor_gives_the_same_results(finished, smoke_params, tmp_path):
-    _, reference = finished
-    assert study.run_study(smoke_params, executor_name="submitit-local", output_root=tmp_path) == 0
-    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "smoke" / "results.csv")),
-                                  comparable(pd.read_csv(reference / "results.csv")))
+def test_submitit_local_executor_gives_the_same_results(mini_finished, mini_params, tmp_path):
+    assert study.run_study(mini_params, executor_name="submitit-local", output_root=tmp_path) == 0
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "mini" / "results.csv")),
+                                  comparable(pd.read_csv(mini_finished / "results.csv")))
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(smoke_params, tmp_path, capsys):

@@ -61,11 +61,10 @@ def wait_for(condition, what: str, timeout: float = 900):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_a_study_killed_with_sigkill_resumes_to_the_uninterrupted_results(smoke_params, finished, tmp_path):
-    _, reference = finished
-    runs = study.plan(load_study(smoke_params))
-    run_dirs = {r.id: tmp_path / "smoke" / "runs" / r.id for r in runs}
-    runner = subprocess.Popen([sys.executable, "-m", "kd_utils.study", "run", str(smoke_params), "--output-root",
+def test_a_study_killed_with_sigkill_resumes_to_the_uninterrupted_results(mini_params, mini_finished, tmp_path):
+    runs = study.plan(load_study(mini_params))
+    run_dirs = {r.id: tmp_path / "mini" / "runs" / r.id for r in runs}
+    runner = subprocess.Popen([sys.executable, "-m", "kd_utils.study", "run", str(mini_params), "--output-root",
                                str(tmp_path)], cwd=study.PROJECT_ROOT, start_new_session=True,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -92,10 +91,10 @@ def test_a_study_killed_with_sigkill_resumes_to_the_uninterrupted_results(smoke_
     assert len(interrupted) == 1 and len(done) >= 2
     before = {rid: snapshot(run_dirs[rid]) for rid in done}
 
-    assert study.run_study(smoke_params, output_root=tmp_path) == 0
+    assert study.run_study(mini_params, output_root=tmp_path) == 0
     for rid in done:
         assert snapshot(run_dirs[rid]) == before[rid], rid  # bytes and mtimes: not touched
     redone = study.read_status(run_dirs[interrupted[0]])
     assert redone["state"] == "done" and redone["started"] > killed_at
-    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "smoke" / "results.csv")),
-                                  comparable(pd.read_csv(reference / "results.csv")))
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(tmp_path / "mini" / "results.csv")),
+                                  comparable(pd.read_csv(mini_finished / "results.csv")))

@@ -117,7 +117,7 @@ def verdict_table(tests: pd.DataFrame, alpha: float = 0.05, domains: list[str] |
         block["reason"] = [r for _, r in outcome]
         rows.append(block[VERDICT_COLUMNS])
     table = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=VERDICT_COLUMNS)
-    table["n"] = table["n"].astype("Int64") if len(table) else table["n"]
+    table["n"] = table["n"].astype("Int64")
     return table
 
 
