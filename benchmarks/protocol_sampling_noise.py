@@ -10,8 +10,8 @@ the *same* model differ only by the seed, so every difference between them is no
   n examples is sqrt(2 * mean(q_i (1 - q_i)) / n) (unbiased over seeds), evaluated at the paper's test-set sizes;
 - binomial bound: sqrt(2 p (1 - p) / n) at accuracy p (the case q_i = p for every example).
 
-    PYTHONPATH=. nice .venv/bin/python benchmarks/protocol_sampling_noise.py --tasks svamp multiarith \\
-        --n 40 --seeds 0 1 2 3 --max-new-tokens 64 --output benchmarks/results/protocol_sampling_noise.json
+    PYTHONPATH=. nice .venv/bin/python benchmarks/protocol_sampling_noise.py --adapter ADAPTER --template clean \\
+        --tasks svamp multiarith addsub singleeq --n 40 --seeds 0 1 2 3 --max-new-tokens 64
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kd_utils import evaluation, models
 from kd_utils.data import load_task
 from kd_utils.io import write_atomic
 from kd_utils.protocols import PAPER
-from kd_utils.tasks import build_prompt, get_task, is_correct
+from kd_utils.tasks import PROMPT_TEMPLATES, build_prompt, get_task, is_correct
 
 # full test-set sizes of the paper's tasks (LLM-Adapters test files)
 PAPER_TEST_SIZES = {"gsm8k": 1319, "svamp": 1000, "multiarith": 600, "singleeq": 508, "addsub": 395, "aqua": 254,
@@ -58,6 +58,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=40, help="examples per task (a fixed-seed sample)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--max-new-tokens", type=int, default=PAPER.max_new_tokens["math"])
+    parser.add_argument("--template", default=PAPER.eval_template, choices=sorted(PROMPT_TEMPLATES),
+                        help="the prompt template (use the one the model was fine-tuned on)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--output", default="benchmarks/results/protocol_sampling_noise.json")
@@ -68,7 +70,7 @@ def main() -> None:
     model, tokenizer = models.load_model(args.model, adapter=args.adapter)
     examples = [e for task in args.tasks for e in evaluation.sample_examples(load_task(task, "test", args.data_dir),
                                                                           args.n, 0)]
-    prompts = [build_prompt(e.instruction, e.input, PAPER.eval_template) for e in examples]
+    prompts = [build_prompt(e.instruction, e.input, args.template) for e in examples]
 
     def run(**decoding) -> list[bool]:
         outputs = evaluation.generate(model, tokenizer, prompts, args.max_new_tokens, args.batch_size, **decoding)
@@ -93,7 +95,7 @@ def main() -> None:
                 for task, size in PAPER_TEST_SIZES.items() if get_task(task).domain == domain}
     result = {
         "model": args.model, "adapter": args.adapter, "tasks": args.tasks, "n": n, "seeds": args.seeds,
-        "max_new_tokens": args.max_new_tokens, "decoding": {"temperature": PAPER.temperature, "top_k": PAPER.top_k,
+        "max_new_tokens": args.max_new_tokens, "template": args.template, "decoding": {"temperature": PAPER.temperature, "top_k": PAPER.top_k,
                                                             "top_p": PAPER.top_p},
         "accuracy_greedy": 100 * sum(greedy) / n,
         "accuracy_per_task_greedy": {t: 100 * statistics.fmean(g for e, g in zip(examples, greedy) if e.task == t)
