@@ -19,11 +19,18 @@ What is stored, per training example and per next-token position of its tokenize
   tail mass / num_samples, and the entropy. Still unbiased for forward KL
   (``forward_kl_sampled`` with the weights as counts), with only the tail's variance.
 
-Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
-sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
-per stored position from a generator seeded by (seed, example id): the cache holds one fixed
-noisy teacher, while online training draws fresh noise at every step. The draws are fixed the same
-way, so every epoch reads the same sample of the objective (not measured against fresh draws).
+Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise.
+
+Per epoch: a cache is made for the students' number of epochs E (``epochs``, in the key) and
+stores E draw sets; epoch e (from 1) reads set (e - 1) mod E, so no epoch refits the sample an
+earlier one saw, and a resumed run reads the set an uninterrupted one reads. Each set has its
+own tail draws (``sampled``, ``topk_sampled``) and, with sigma > 0, its own Gaussian noise on
+the teacher logits (added before tempering), from generators seeded by (seed, example id, set):
+each set is on its own an unbiased sample of the objective. Within an epoch the noise is fixed
+per position, where the online teacher draws it afresh at every step (the same within one pass
+over the data). A cache with nothing random (``topk``, sigma = 0) stores one set. Every set
+costs its full bytes (only the input ids are shared): the manifest gives bytes per distilled
+token in all and per set.
 
 Layout: ``<output_dir>/<key>/`` with ``shard-NNNNN.safetensors`` (flat arrays + per-example
 lengths + the cached input ids, example ids in the metadata), a ``shard-NNNNN.json``
@@ -80,7 +87,7 @@ from kd_utils.evaluation import sample_examples
 from kd_utils.io import read_json, run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
-CACHE_FORMAT_VERSION = 3  # 3: task-awareness in the fields; every field checked against the run and the key
+CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch
 REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
 # unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "topk_sampled"
@@ -151,7 +158,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher: bool, tokenizer_fp: str,
                  mix_fp: str, max_length: int, representation: str, k: int, num_samples: int, temperature: float,
-                 noise_sigma: float, seed: int) -> dict:
+                 noise_sigma: float, seed: int, epochs: int) -> dict:
     """Every input that changes the cache's content (the manifest's ``fields``)."""
     return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
             "task_aware_teacher": bool(task_aware_teacher),
@@ -159,8 +166,14 @@ def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher
             "representation": representation, "k": int(k) if representation != "sampled" else None,
             "num_samples": int(num_samples) if representation != "topk" else None,
             "temperature": float(temperature), "noise_sigma": float(noise_sigma),
-            # seed fixes the noise and sample draws
-            "seed": int(seed), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
+            # seed fixes the noise and sample draws; epochs, how many sets of them (``stored_sets``)
+            "seed": int(seed), "epochs": int(epochs), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
+
+
+def stored_sets(fields: dict) -> int:
+    """Draw sets a cache stores: one per epoch it is made for; one when nothing in it is random (topk, no noise)."""
+    random = fields["representation"] != "topk" or fields["noise_sigma"] > 0
+    return fields["epochs"] if random else 1
 
 
 def cache_key(fields: dict) -> str:
@@ -180,7 +193,8 @@ def teacher_identity(teacher: str | Path, teacher_adapter: str | Path | None = N
             "task_aware_teacher": bool(task_aware_teacher)}
 
 
-def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas) -> None:
+def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas,
+                      epochs: int = 1) -> None:
     """Raise ValueError naming the first bad argument, before any work."""
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation={representation!r} is not one of {', '.join(REPRESENTATIONS)}")
@@ -188,6 +202,8 @@ def validate_settings(representation: str, k: int, num_samples: int, temperature
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not list(temperatures) or not list(noise_sigmas):
         raise ValueError("temperatures and noise_sigmas must each hold at least one value")
     for tau in temperatures:
@@ -300,6 +316,23 @@ def example_generator(seed: int, example_id: str, purpose: str) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def encode_sets(logits: torch.Tensor, fields: dict, example_id: str) -> dict[str, torch.Tensor]:
+    """Storage tensors [n, S, ...] of one example's n positions (teacher ``logits`` [n, V], no noise yet).
+
+    Set s (S = ``stored_sets(fields)``) adds its own Gaussian noise and makes its own draws, from
+    generators fixed by (seed, example, s): every set is an independent sample of the objective,
+    the same whichever sigma, batch or shard it is written with.
+    """
+    sets = []
+    for s in range(stored_sets(fields)):
+        noisy = logits
+        if fields["noise_sigma"]:
+            noise = torch.randn(logits.shape, generator=example_generator(fields["seed"], example_id, f"noise-{s}"))
+            noisy = logits + fields["noise_sigma"] * noise
+        sets.append(encode(noisy, fields, example_generator(fields["seed"], example_id, f"samples-{s}")))
+    return {name: torch.stack([encoded[name] for encoded in sets], 1) for name in sets[0]}
+
+
 # ---- generation ---------------------------------------------------------------------------------
 
 def _shard_name(index: int) -> str:
@@ -343,25 +376,24 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
                    batch_size: int = 8, shard_size: int = 256, info: dict | None = None) -> dict[Path, dict]:
     """Write (or complete) one cache per target directory; returns each one's manifest.
 
-    ``targets`` maps a directory to its ``cache_fields``; all must share max_length and seed
-    (one teacher forward pass serves every setting). Rows are ``tokenize_example`` of
+    ``targets`` maps a directory to its ``cache_fields``; all must share max_length (one teacher
+    forward pass serves every setting). Rows are ``tokenize_example`` of
     ``examples`` with that max_length, in order; shard i holds rows [i*shard_size, (i+1)*shard_size).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     targets = {Path(d): f for d, f in targets.items()}
-    shared = {(f["max_length"], f["seed"]) for f in targets.values()}
+    shared = {f["max_length"] for f in targets.values()}
     if len(shared) != 1:
-        raise ValueError(f"targets must share max_length and seed, got {sorted(shared)}")
-    (max_length, seed), = shared
+        raise ValueError(f"targets must share max_length, got {sorted(shared)}")
+    (max_length,) = shared
     # PartialState, not Accelerator: no mixed-precision setting to clash with a later train() in this process.
     # It reads `accelerate launch --cpu` (ACCELERATE_USE_CPU) only when told, as Accelerator does itself.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     teacher = teacher.to(state.device).eval()
     vocab_size = len(tokenizer.get_vocab())
     rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
-    noisy_settings = any(f["noise_sigma"] for f in targets.values())
     n_shards = math.ceil(len(rows) / shard_size)
     for cache in targets:
         cache.mkdir(parents=True, exist_ok=True)
@@ -380,14 +412,8 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
             logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
             for b, row in enumerate(micro):
                 n = len(row["input_ids"]) - 1  # next-token positions of this row
-                # one standard-normal draw per position, scaled by each sigma
-                z = (torch.randn(n, vocab_size, generator=example_generator(seed, row["id"], "noise"))
-                     if noisy_settings else None)
                 for cache in todo:
-                    fields = targets[cache]
-                    noisy = logits[b, :n] + fields["noise_sigma"] * z if fields["noise_sigma"] else logits[b, :n]
-                    gen = example_generator(seed, row["id"], "samples")
-                    parts[cache].append(encode(noisy, fields, gen))
+                    parts[cache].append(encode_sets(logits[b, :n], targets[cache], row["id"]))
         input_ids = torch.tensor([t for r in shard_rows for t in r["input_ids"]]).to(id_dtype(vocab_size))
         lengths = torch.tensor([len(r["input_ids"]) for r in shard_rows], dtype=torch.int32)
         for cache in todo:
@@ -398,8 +424,10 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
         records = [read_json(cache / f"shard-{i:05d}.json") for i in range(n_shards)]
         positions = sum(r["positions"] for r in records)
         total = sum(r["bytes"] for r in records)
+        sets = stored_sets(fields)
         manifest = {"key": cache.name, "fields": fields, "info": info or {}, "examples": len(rows),
                     "positions": positions, "bytes": total, "bytes_per_position": total / max(positions, 1),
+                    "epoch_sets": sets, "bytes_per_position_per_set": total / max(positions, 1) / sets,
                     "shards": records}
         try:  # keep rationales written by an earlier run
             manifest["rationales"] = _read_manifest(cache).get("rationales")
@@ -440,8 +468,13 @@ class TeacherCache:
                 self._index[example_id] = (s, token, position, length)
                 token, position = token + length, position + length - 1
 
+    @property
+    def sets(self) -> int:
+        """The draw sets stored (``stored_sets``): epoch e (from 1) reads set (e - 1) mod sets."""
+        return int(self._shards[0]["ids"].shape[1])
+
     def example(self, example_id: str) -> dict[str, torch.Tensor]:
-        """``input_ids`` [L] and the storage tensors of the L - 1 next-token positions."""
+        """``input_ids`` [L] and the storage tensors [L - 1, sets, ...] of the L - 1 next-token positions."""
         if example_id not in self._index:
             raise ValueError(f"example {example_id!r} is not in the teacher cache {self.path}")
         s, token, position, length = self._index[example_id]
@@ -450,16 +483,18 @@ class TeacherCache:
                if name not in ("input_ids", "lengths")}
         return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **out}
 
-    def batch(self, batch: dict, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch.
+    def batch(self, batch: dict, device: torch.device | str | None = None, epoch: int = 1) -> dict[str, torch.Tensor]:
+        """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch,
+        from the draw set of ``epoch`` (counted from 1).
 
         Position t predicts token t + 1, as ``student_logits[:, :-1]``. Padding positions hold a
         valid dummy distribution (they are outside every distill mask). Raises ValueError when a
         row's input ids differ from the cached ones.
         """
+        chosen = (epoch - 1) % self.sets
         input_ids, attention = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         B, T = input_ids.shape
-        out = {name: torch.zeros((B, max(T - 1, 0), *t.shape[1:]), dtype=t.dtype)
+        out = {name: torch.zeros((B, max(T - 1, 0), *t.shape[2:]), dtype=t.dtype)
                for name, t in self._shards[0].items() if name not in ("input_ids", "lengths")}
         out["ids"] = out["ids"].long()
         if "logprobs" in out:  # distinct top ids, uniform over them
@@ -473,12 +508,12 @@ class TeacherCache:
                 raise ValueError(f"example {example_id!r}: the batch's input ids differ from those in the teacher "
                                  f"cache {self.path} (another tokenizer, max_length, prompt or rationale?)")
             for name in out:
-                out[name][b, :L - 1] = cached[name].to(out[name].dtype)
+                out[name][b, :L - 1] = cached[name][:, chosen].to(out[name].dtype)
         return {name: t.to(device) if device is not None else t for name, t in decode(out).items()}
 
-    def targets(self, batch: dict, device=None) -> dict[str, torch.Tensor]:
-        """The teacher-source interface (``kd_utils.teachers``): this batch's sparse targets."""
-        return self.batch(batch, device)
+    def targets(self, batch: dict, device=None, epoch: int = 1) -> dict[str, torch.Tensor]:
+        """The teacher-source interface (``kd_utils.teachers``): this batch's sparse targets in ``epoch``."""
+        return self.batch(batch, device, epoch)
 
     def state(self) -> dict:
         return {}
@@ -605,8 +640,10 @@ def _safetensors_metadata(data: bytes) -> dict:
 
 
 def open_for_training(path: str | Path, tokenizer, train_examples: list[Example], method: str, temperature: float,
-                      noise_sigma: float, max_length: int, expect: dict | None = None) -> TeacherCache:
+                      noise_sigma: float, max_length: int, epochs: int, expect: dict | None = None) -> TeacherCache:
     """The cache at ``path`` after checking that it fits this training run (ValueError naming each differing field).
+
+    The cache must be made for the run's ``epochs``: one draw set per epoch, none read twice.
 
     ``expect`` adds the fields the run knows beyond the data and the temperature: ``teacher_identity``
     and the seed from ``run_training``; representation, k or num_samples when the caller names them.
@@ -617,7 +654,8 @@ def open_for_training(path: str | Path, tokenizer, train_examples: list[Example]
         raise ValueError(f"method {method!r} cannot train from teacher_cache: {why}")
     cache = open_cache(path, expect={
         "tokenizer": tokenizer_fingerprint(tokenizer), "temperature": temperature, "noise_sigma": noise_sigma,
-        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length, **(expect or {})})
+        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length, "epochs": epochs,
+        **(expect or {})})
     if method not in cacheable_methods(cache.representation):
         raise ValueError(f"method {method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
                          f"{path} holds representation {cache.representation!r}")
@@ -666,16 +704,17 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
                       seed: int = 0, max_length: int = 256, val_fraction: float = 0.1,
                       representation: str = DEFAULT_REPRESENTATION, k: int = DEFAULT_K,
                       num_samples: int = DEFAULT_NUM_SAMPLES, temperatures=(1.0,), noise_sigmas=(0.0,),
-                      rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
+                      epochs: int = 1, rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
                       shard_size: int = 256) -> dict:
     """The teacher-logit stage from plain parameters: one cache per (temperature, sigma) under output_dir.
 
     Selects the training rows exactly as ``training.run_training`` with the same domain, n_train,
     include_mawps, data_dir, seed, max_length and val_fraction; complete caches are reused
-    without loading the teacher. Returns a summary with ``caches``: {(temperature, sigma): dir}.
+    without loading the teacher. ``epochs``: the students' epochs (``TrainConfig.epochs``, 1 by
+    default); each gets its own set of draws and noise. Returns a summary with ``caches``: {(temperature, sigma): dir}.
     """
     temperatures, noise_sigmas = [float(t) for t in temperatures], [float(s) for s in noise_sigmas]
-    validate_settings(representation, k, num_samples, temperatures, noise_sigmas)
+    validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs)
     if not (isinstance(shard_size, int) and shard_size >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"shard_size and batch_size must be ints >= 1, got {shard_size!r}, {batch_size!r}")
     if max_length < 8:
@@ -691,7 +730,8 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     identity = teacher_identity(teacher, teacher_adapter, task_aware_teacher)
     base = dict(teacher_hash=identity["teacher"], adapter_hash=identity["adapter"],
                 task_aware_teacher=identity["task_aware_teacher"], tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
-                max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed)
+                max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed,
+                epochs=epochs)
     settings = [(t, s) for t in temperatures for s in noise_sigmas]
     targets = {}
     for t, s in settings:
@@ -716,12 +756,15 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     manifests = {d: _read_manifest(d) for d in targets}
     first_fields = next(iter(targets.values()))
     per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],
-                  "shards": len(m["shards"]), "bytes": m["bytes"], "bytes_per_token": round(m["bytes_per_position"], 2)}
+                  "shards": len(m["shards"]), "bytes": m["bytes"], "epoch_sets": m["epoch_sets"],
+                  "bytes_per_token": round(m["bytes_per_position"], 2),
+                  "bytes_per_token_per_set": round(m["bytes_per_position_per_set"], 2)}
                  for (t, s), (d, m) in zip(settings, manifests.items())]
     return {"caches": {setting: str(d) for setting, d in zip(settings, targets)}, "per_cache": per_cache,
             "representation": representation, "k": first_fields["k"], "num_samples": first_fields["num_samples"],
             "train_examples": len(selected.train), "positions": per_cache[0]["positions"],
-            "bytes_per_token": per_cache[0]["bytes_per_token"], "generated": [str(d) for d in todo],
+            "bytes_per_token": per_cache[0]["bytes_per_token"],
+            "bytes_per_token_per_set": per_cache[0]["bytes_per_token_per_set"], "generated": [str(d) for d in todo],
             "rationales": bool(rationales), "seconds": round(time.perf_counter() - started, 2)}
 
 
