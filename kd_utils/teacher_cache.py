@@ -87,7 +87,7 @@ from kd_utils.evaluation import sample_examples
 from kd_utils.io import read_json, run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
-CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch
+CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch; rationales record whether each generation finished
 REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
 # unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "topk_sampled"
@@ -440,12 +440,16 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     return manifests
 
 
-def write_rationales(caches: list[Path], examples: list[Example], rationales: list[str], max_new_tokens: int) -> None:
-    """The teacher's generations as JSONL in each cache, recorded in its manifest."""
-    text = "".join(json.dumps({"id": e.id, "rationale": r}, ensure_ascii=False) + "\n"
-                   for e, r in zip(examples, rationales))
+def write_rationales(caches: list[Path], mix: list[Example], generated: list[Example], max_new_tokens: int) -> None:
+    """The teacher's generations on ``mix`` (``teachers.teacher_rationales``) as JSONL in each cache, recorded in
+    its manifest.
+
+    Each line keeps whether the generation finished (ended at EOS): a cut one must get no EOS in training.
+    """
+    text = "".join(json.dumps({"id": e.id, "rationale": e.rationale, "complete": e.complete}, ensure_ascii=False)
+                   + "\n" for e in generated)
     record = {"file": RATIONALES, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-              "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples), "examples": len(examples)}
+              "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(mix), "examples": len(generated)}
     for cache in caches:
         write_atomic(cache / RATIONALES, text)
         manifest = _read_manifest(cache)
@@ -521,15 +525,16 @@ class TeacherCache:
     def load_state(self, state: dict) -> None:
         pass
 
-    def rationales(self) -> dict[str, str]:
-        """The teacher's generations by example id (ValueError when the cache has none)."""
+    def rationales(self) -> dict[str, dict]:
+        """The teacher's generations by example id: {"rationale": text, "complete": ended at EOS}
+        (ValueError when the cache has none)."""
         record = self.manifest.get("rationales")
         if not record:
             raise ValueError(f"teacher cache {self.path} holds no rationales (run_teacher_cache(rationales=True))")
         path = self.path / record["file"]
         if _sha256(path) != record["sha256"]:
             raise ValueError(f"{path}: sha256 differs from the manifest's (corrupt file); regenerate the cache")
-        return {r["id"]: r["rationale"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
 def field_differences(fields: dict, expect: dict) -> list[str]:
@@ -676,8 +681,9 @@ def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens:
         {"max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples)})
     if differences:
         raise ValueError(f"the rationales in teacher cache {path} do not fit this run: " + "; ".join(differences))
-    texts = cache.rationales()
-    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, texts[e.id]) for e in examples]
+    generated = cache.rationales()
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, generated[e.id]["rationale"],
+                    complete=generated[e.id]["complete"]) for e in examples]
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -750,9 +756,8 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
         if need_rationales:
             from kd_utils.teachers import teacher_rationales
 
-            texts = [e.rationale for e in teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens,
-                                                             batch_size)]
-            write_rationales(list(targets), selected.mix, texts, rationale_max_new_tokens)
+            generated = teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens, batch_size)
+            write_rationales(list(targets), selected.mix, generated, rationale_max_new_tokens)
     manifests = {d: _read_manifest(d) for d in targets}
     first_fields = next(iter(targets.values()))
     per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],

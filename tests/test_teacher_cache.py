@@ -638,3 +638,23 @@ def test_a_resumed_run_reads_the_draw_set_an_uninterrupted_one_reads(tiny_model_
     assert uninterrupted == [0] * half + [1] * half and before_kill == [0] * half and read == [1] * half
     assert resumed["history"] == full["history"]
 
+
+def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_dir, data_dir, tmp_path,
+                                                                     monkeypatch):
+    """As online (``teachers.teacher_rationales``): a generation cut at max_new_tokens ends its row without EOS."""
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished):
+        assert return_finished
+        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], [i % 2 == 0 for i in range(len(prompts))]
+
+    monkeypatch.setattr(teachers, "generate", generate)
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, rationales=True,
+                                 rationale_max_new_tokens=4))
+    mix = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    cached = teacher_cache.cached_rationales(path, mix, 4)
+    teacher, tok = models.load_model(tiny_model_dir)
+    online = teachers.teacher_rationales(teacher, tok, mix, max_new_tokens=4)
+    assert [(e.rationale, e.complete) for e in cached] == [(e.rationale, e.complete) for e in online]
+    assert [e.complete for e in cached] == [i % 2 == 0 for i in range(len(mix))]
+    for example in cached:
+        row = batches.tokenize_example(tok, example, 10_000)  # long enough that nothing is truncated
+        assert (row["input_ids"][-1] == tok.eos_token_id) == example.complete, example.id
