@@ -19,7 +19,9 @@ What is stored, per training example and per next-token position of its tokenize
   tail mass / num_samples, and the entropy. Still unbiased for forward KL
   (``forward_kl_sampled`` with the weights as counts), with only the tail's variance.
 
-Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise.
+Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise; with
+``id_coding="elias_fano"`` the draws' ids are stored sorted and Elias-Fano coded
+(``kd_utils.id_codes``, exact, ~2 + log2(V / n) bits each), so more draws fit the same bytes.
 
 Per epoch: a cache is made for the students' number of epochs E (``epochs``, in the key) and
 stores E draw sets; epoch e (from 1) reads set (e - 1) mod E, so no epoch refits the sample an
@@ -80,7 +82,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from kd_utils import losses
+from kd_utils import id_codes, losses
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
@@ -89,6 +91,7 @@ from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resol
 
 CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch; rationales record whether each generation finished
 REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
+ID_CODINGS = ("fixed", "elias_fano")  # the draws' ids as uint16 / int32, or sorted and Elias-Fano coded
 # unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "topk_sampled"
 DEFAULT_K = 4
@@ -158,7 +161,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher: bool, tokenizer_fp: str,
                  mix_fp: str, max_length: int, representation: str, k: int, num_samples: int, temperature: float,
-                 noise_sigma: float, seed: int, epochs: int) -> dict:
+                 noise_sigma: float, seed: int, epochs: int, id_coding: str, vocab_size: int) -> dict:
     """Every input that changes the cache's content (the manifest's ``fields``)."""
     return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
             "task_aware_teacher": bool(task_aware_teacher),
@@ -167,7 +170,8 @@ def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher
             "num_samples": int(num_samples) if representation != "topk" else None,
             "temperature": float(temperature), "noise_sigma": float(noise_sigma),
             # seed fixes the noise and sample draws; epochs, how many sets of them (``stored_sets``)
-            "seed": int(seed), "epochs": int(epochs), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
+            "seed": int(seed), "epochs": int(epochs), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch."),
+            "id_coding": id_coding if representation != "topk" else "fixed", "vocab_size": int(vocab_size)}
 
 
 def stored_sets(fields: dict) -> int:
@@ -194,7 +198,7 @@ def teacher_identity(teacher: str | Path, teacher_adapter: str | Path | None = N
 
 
 def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas,
-                      epochs: int = 1) -> None:
+                      epochs: int = 1, id_coding: str = "fixed") -> None:
     """Raise ValueError naming the first bad argument, before any work."""
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation={representation!r} is not one of {', '.join(REPRESENTATIONS)}")
@@ -202,6 +206,8 @@ def validate_settings(representation: str, k: int, num_samples: int, temperature
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if id_coding not in ID_CODINGS:
+        raise ValueError(f"id_coding={id_coding!r} is not one of {', '.join(ID_CODINGS)}")
     if not (isinstance(epochs, int) and epochs >= 1):
         raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not list(temperatures) or not list(noise_sigmas):
@@ -316,6 +322,29 @@ def example_generator(seed: int, example_id: str, purpose: str) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def pack_ids(stored: dict[str, torch.Tensor], fields: dict) -> dict[str, torch.Tensor]:
+    """Storage tensors with the draws' ids Elias-Fano coded into ``draw_codes`` when ``fields["id_coding"]`` says
+    so (``kd_utils.id_codes``; the draws come sorted); ``ids`` keeps the top-k ids, if any. Exact: ``unpack_ids``."""
+    if fields["id_coding"] == "fixed":
+        return stored
+    n = fields["num_samples"]
+    packed = {name: t for name, t in stored.items() if name != "ids"}
+    if stored["ids"].shape[-1] > n:
+        packed["ids"] = stored["ids"][..., :-n]
+    return {**packed, "draw_codes": id_codes.encode(stored["ids"][..., -n:].long(), fields["vocab_size"])}
+
+
+def unpack_ids(stored: dict[str, torch.Tensor], fields: dict) -> dict[str, torch.Tensor]:
+    """``pack_ids`` undone: storage tensors [..., width] with the draws' ids back in ``ids``."""
+    if "draw_codes" not in stored:
+        return stored
+    codes = stored["draw_codes"]
+    draws = id_codes.decode(codes.reshape(-1, codes.shape[-1]), fields["num_samples"], fields["vocab_size"])
+    draws = draws.view(*codes.shape[:-1], -1).to(id_dtype(fields["vocab_size"]))
+    head = [stored["ids"]] if "ids" in stored else []
+    return {**{name: t for name, t in stored.items() if name != "draw_codes"}, "ids": torch.cat([*head, draws], -1)}
+
+
 def encode_sets(logits: torch.Tensor, fields: dict, example_id: str) -> dict[str, torch.Tensor]:
     """Storage tensors [n, S, ...] of one example's n positions (teacher ``logits`` [n, V], no noise yet).
 
@@ -329,7 +358,8 @@ def encode_sets(logits: torch.Tensor, fields: dict, example_id: str) -> dict[str
         if fields["noise_sigma"]:
             noise = torch.randn(logits.shape, generator=example_generator(fields["seed"], example_id, f"noise-{s}"))
             noisy = logits + fields["noise_sigma"] * noise
-        sets.append(encode(noisy, fields, example_generator(fields["seed"], example_id, f"samples-{s}")))
+        sets.append(pack_ids(encode(noisy, fields, example_generator(fields["seed"], example_id, f"samples-{s}")),
+                             fields))
     return {name: torch.stack([encoded[name] for encoded in sets], 1) for name in sets[0]}
 
 
@@ -348,7 +378,7 @@ def _write_shard(cache: Path, index: int, tensors: dict[str, torch.Tensor], exam
     data = st_save(tensors, metadata={"example_ids": json.dumps(example_ids)})
     write_atomic(cache / _shard_name(index), data)
     record = {"file": _shard_name(index), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-              "examples": len(example_ids), "positions": int(tensors["ids"].shape[0]),
+              "examples": len(example_ids), "positions": int((tensors["lengths"] - 1).sum()),
               "example_ids_sha256": _ids_hash(example_ids)}
     write_atomic(cache / f"shard-{index:05d}.json", json.dumps(record))
     return record
@@ -393,6 +423,9 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     teacher = teacher.to(state.device).eval()
     vocab_size = len(tokenizer.get_vocab())
+    if any(f["vocab_size"] != vocab_size for f in targets.values()):
+        raise ValueError(f"targets' vocab_size must be the tokenizer's ({vocab_size}), got "
+                         f"{sorted({f['vocab_size'] for f in targets.values()})}")
     rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
     n_shards = math.ceil(len(rows) / shard_size)
     for cache in targets:
@@ -475,7 +508,7 @@ class TeacherCache:
     @property
     def sets(self) -> int:
         """The draw sets stored (``stored_sets``): epoch e (from 1) reads set (e - 1) mod sets."""
-        return int(self._shards[0]["ids"].shape[1])
+        return int(next(t for name, t in self._shards[0].items() if name not in ("input_ids", "lengths")).shape[1])
 
     def example(self, example_id: str) -> dict[str, torch.Tensor]:
         """``input_ids`` [L] and the storage tensors [L - 1, sets, ...] of the L - 1 next-token positions."""
@@ -485,7 +518,7 @@ class TeacherCache:
         tensors = self._shards[s]
         out = {name: t[position:position + length - 1] for name, t in tensors.items()
                if name not in ("input_ids", "lengths")}
-        return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **out}
+        return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **unpack_ids(out, self.fields)}
 
     def batch(self, batch: dict, device: torch.device | str | None = None, epoch: int = 1) -> dict[str, torch.Tensor]:
         """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch,
@@ -498,15 +531,15 @@ class TeacherCache:
         chosen = (epoch - 1) % self.sets
         input_ids, attention = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         B, T = input_ids.shape
+        rows = [self.example(example_id) for example_id in batch["ids"]]
         out = {name: torch.zeros((B, max(T - 1, 0), *t.shape[2:]), dtype=t.dtype)
-               for name, t in self._shards[0].items() if name not in ("input_ids", "lengths")}
+               for name, t in rows[0].items() if name != "input_ids"}
         out["ids"] = out["ids"].long()
         if "logprobs" in out:  # distinct top ids, uniform over them
             k = out["logprobs"].shape[-1]
             out["ids"][..., :k] = torch.arange(k)
             out["logprobs"].fill_(-math.log(k))
-        for b, example_id in enumerate(batch["ids"]):
-            cached = self.example(example_id)
+        for b, (example_id, cached) in enumerate(zip(batch["ids"], rows)):
             L = len(cached["input_ids"])
             if int(attention[b].sum()) != L or not torch.equal(input_ids[b, :L], cached["input_ids"]):
                 raise ValueError(f"example {example_id!r}: the batch's input ids differ from those in the teacher "
@@ -710,17 +743,18 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
                       seed: int = 0, max_length: int = 256, val_fraction: float = 0.1,
                       representation: str = DEFAULT_REPRESENTATION, k: int = DEFAULT_K,
                       num_samples: int = DEFAULT_NUM_SAMPLES, temperatures=(1.0,), noise_sigmas=(0.0,),
-                      epochs: int = 1, rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
+                      epochs: int = 1, id_coding: str = "fixed", rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
                       shard_size: int = 256) -> dict:
     """The teacher-logit stage from plain parameters: one cache per (temperature, sigma) under output_dir.
 
     Selects the training rows exactly as ``training.run_training`` with the same domain, n_train,
     include_mawps, data_dir, seed, max_length and val_fraction; complete caches are reused
     without loading the teacher. ``epochs``: the students' epochs (``TrainConfig.epochs``, 1 by
-    default); each gets its own set of draws and noise. Returns a summary with ``caches``: {(temperature, sigma): dir}.
+    default); each gets its own set of draws and noise. ``id_coding="elias_fano"`` stores the draws'
+    ids sorted and Elias-Fano coded (``kd_utils.id_codes``: ~13 bits each for SmolLM2, exact). Returns a summary with ``caches``: {(temperature, sigma): dir}.
     """
     temperatures, noise_sigmas = [float(t) for t in temperatures], [float(s) for s in noise_sigmas]
-    validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs)
+    validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs, id_coding)
     if not (isinstance(shard_size, int) and shard_size >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"shard_size and batch_size must be ints >= 1, got {shard_size!r}, {batch_size!r}")
     if max_length < 8:
@@ -737,7 +771,7 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     base = dict(teacher_hash=identity["teacher"], adapter_hash=identity["adapter"],
                 task_aware_teacher=identity["task_aware_teacher"], tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
                 max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed,
-                epochs=epochs)
+                epochs=epochs, id_coding=id_coding, vocab_size=len(tokenizer.get_vocab()))
     settings = [(t, s) for t in temperatures for s in noise_sigmas]
     targets = {}
     for t, s in settings:

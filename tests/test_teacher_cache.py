@@ -106,7 +106,8 @@ def test_sampled_estimator_is_unbiased(fields):
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
     base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m", max_length=256,
-                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0, epochs=1)
+                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0, epochs=1,
+                id_coding="fixed", vocab_size=512)
     key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
@@ -236,6 +237,7 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     (dict(noise_sigmas=(-1.0,)), "noise sigma must be >= 0"),
     (dict(representation="sampled", num_samples=0), "num_samples must be an int >= 1"),
     (dict(epochs=0), "epochs must be an int >= 1"),
+    (dict(id_coding="varint"), "id_coding='varint' is not one of fixed, elias_fano"),
 ])
 def test_bad_input_fails_before_any_work(tiny_model_dir, data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -578,7 +580,8 @@ def test_every_draw_set_is_unbiased(fields):
     gen = torch.Generator().manual_seed(1)
     teacher = torch.randn(6, 50, generator=gen) * 2
     student = torch.randn(1, 6, 50, generator=gen, requires_grad=True)
-    fields = {**fields, "temperature": 1.5, "noise_sigma": 0.0, "seed": 0, "epochs": 3}
+    fields = {**fields, "temperature": 1.5, "noise_sigma": 0.0, "seed": 0, "epochs": 3, "id_coding": "fixed",
+              "vocab_size": 50}
     dense = losses.forward_kl(student, teacher[None], torch.ones(1, 6, dtype=torch.bool), 1.5)
     (g_dense,) = torch.autograd.grad(dense, student)
     draws, grads = 150, []  # 12 "examples" of 150 copies of the 6 positions, each a batch of 150 sequences
@@ -658,3 +661,24 @@ def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_
     for example in cached:
         row = batches.tokenize_example(tok, example, 10_000)  # long enough that nothing is truncated
         assert (row["input_ids"][-1] == tok.eos_token_id) == example.complete, example.id
+
+
+@pytest.mark.parametrize("overrides", [dict(representation="sampled", num_samples=12),
+                                       dict(representation="topk_sampled", k=4, num_samples=12, noise_sigmas=(1.0,))],
+                         ids=["sampled", "topk_sampled-noise"])
+def test_elias_fano_coded_ids_give_the_same_targets_in_fewer_bytes(tiny_model_dir, data_dir, tmp_path, overrides):
+    fixed = make_cache(tiny_model_dir, data_dir, tmp_path / "fixed", epochs=2, **overrides)
+    coded = make_cache(tiny_model_dir, data_dir, tmp_path / "coded", epochs=2, id_coding="elias_fano", **overrides)
+    a, b = (teacher_cache.open_cache(only_cache(summary)) for summary in (fixed, coded))
+    assert "draw_codes" in b._shards[0] and "draw_codes" not in a._shards[0]
+    tok = models.load_tokenizer(tiny_model_dir)
+    vocab = len(tok.get_vocab())
+    # per position and set: 12 ids of 2 bytes, or their Elias-Fano code
+    saved = 12 * 2 - teacher_cache.id_codes.code_bytes(12, vocab)
+    # (within a byte: the shard headers name other tensors)
+    assert saved > 0 and fixed["bytes_per_token"] - coded["bytes_per_token"] == pytest.approx(2 * saved, abs=1.0)
+    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    batch = batches.collate([batches.tokenize_example(tok, e, 96) for e in selection.train[:3]], tok.pad_token_id)
+    for epoch in (1, 2):
+        x, y = a.batch(batch, epoch=epoch), b.batch(batch, epoch=epoch)
+        assert x.keys() == y.keys() and all(torch.equal(x[name], y[name]) for name in x)
