@@ -31,8 +31,10 @@ Prints markdown tables and writes benchmarks/results/teacher_cache_tradeoff.json
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -226,21 +228,41 @@ def summarize(distilled: list[dict], generation: list[dict]) -> tuple[list[dict]
     return parity, timing
 
 
+def from_log(args) -> None:
+    """Results from the records an interrupted run printed: its generations and completed rounds (no error table)."""
+    records = [ast.literal_eval(re.sub(r"\bnan\b", "None", line)) for line in args.from_log.read_text().splitlines()
+               if line.startswith(("{'spec'", "{'source'", "{'round'"))]
+    rounds = [r for r in records if "order" in r]
+    done = {r["round"] for r in rounds}
+    generation = [r for r in records if "spec" in r]
+    distilled = [r for r in records if "source" in r and r["round"] in done]
+    parity, timings = summarize(distilled, generation)
+    result = {"model": models.EMBEDDED_MODEL, "complete": False, "rounds_completed": len(done),
+              "stopped": "before its remaining rounds and the error table", "student_layers": args.student_layers,
+              "n_rows_selected": args.n_train, "val_fraction": args.val_fraction, "max_length": args.max_length,
+              "batch_size": args.batch_size, "lr": args.lr, "train_epochs": args.train_epochs,
+              "seeds": sorted({d["seed"] for d in distilled}), "torch_threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "errors": [], "unbiased_floors": [], "generation": generation,
+              "rounds": rounds, "distilled": distilled, "parity": parity, "timings": timings}
+    write_atomic(RESULTS, json.dumps(result, indent=1))
+    print(markdown(result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n-train", type=int, default=48, help="rows selected; --val-fraction of them held out")
-    parser.add_argument("--val-fraction", type=float, default=1 / 3)
-    parser.add_argument("--max-length", type=int, default=96)
+    parser.add_argument("--n-train", type=int, default=16, help="rows selected; --val-fraction of them held out")
+    parser.add_argument("--val-fraction", type=float, default=0.5)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--student-layers", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="as in the default study")
     parser.add_argument("--train-epochs", type=int, default=2, help="also the epochs (draw sets) the caches are made for")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds (LoRA init, batch order, dropout); one timing round each")
     parser.add_argument("--error-rows", type=int, default=4)
-    parser.add_argument("--ks", type=int, nargs="+", default=[4, 8, 14, 32])
-    parser.add_argument("--sample-counts", type=int, nargs="+", default=[12, 28])
-    parser.add_argument("--hybrids", nargs="+", default=["4+20", "6+16", "8+12", "8+6"],
+    parser.add_argument("--ks", type=int, nargs="+", default=[14])
+    parser.add_argument("--sample-counts", type=int, nargs="+", default=[28])
+    parser.add_argument("--hybrids", nargs="+", default=["4+20", "8+12", "8+6"],
                         help="topk_sampled sizes, k+draws")
     parser.add_argument("--temperatures", type=float, nargs="+", default=[1.0, 2.0])
     parser.add_argument("--draws", type=int, default=6)
@@ -251,7 +273,11 @@ def main() -> None:
                         help="caches a student is distilled from (and timed), against the online teacher "
                              "(the biased topk:14 is in the error table; add it here to train from it too)")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--from-log", type=Path, default=None,
+                        help="summarize the records a run stopped early printed (its completed rounds) instead")
     args = parser.parse_args()
+    if args.from_log:
+        return from_log(args)
     torch.manual_seed(0)
     started = time.perf_counter()
     teacher, tokenizer = models.load_model(models.EMBEDDED_MODEL)
