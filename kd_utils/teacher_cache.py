@@ -46,26 +46,26 @@ PARAMS`` (``--cpu`` on CPUs), shard i is written by rank i % world_size and the 
 writes the manifest.
 
 Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
-10-layer LoRA student cut from it, the math mix, max_length 128; tables in benchmarks/README.md and
-benchmarks/results/teacher_cache_tradeoff.json):
+10-layer LoRA student cut from it, the math mix, max_length 128; tables, with each figure's
+scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun on a shared 2-core
+machine (load 5.6-8.1) finished one round, so its parity and speed rest on one seed, 8 training
+and 8 held-out rows (students within 0.03% of the online one; the speeds were noise); the
+error figures below come from the earlier format-3 run (64 rows), whose per-set encoding is the
+one each epoch set uses now.
 
-- ``topk_sampled`` with k = 4 and 20 tail draws: 62 bytes per distilled token (uint16 ids,
-  float16 log-probs, float32 entropy, the input id). The fkl loss is within 0.5% of the
-  full-logit value. A student distilled from it for 2 epochs ends within 0.1% of the online
-  student's held-out KL, at tau = 1 and 2 (one seed, 16 held-out rows). One epoch took 2.25x less
-  time than with the online teacher (best of 2 rounds in one order, tau = 1, generation not counted);
-  these figures predate the last encoder change and await a rerun.
-- Its per-position logit gradient errs by ~8% at tau = 1 and ~105% at tau = 2. That is close
-  to the floor of any unbiased form holding 29 ids, what 64 bytes hold at 2 bytes per id
-  (``unbiased_variance_floor``: 6% and 91%). The
-  error is independent between positions, so it shrinks where positions add up: ~2-3% at the
-  output layer at tau = 1.
-- ``sampled`` (28 draws, 62 bytes): also unbiased; 1.5x the default's error at tau = 1, about
-  the same at tau = 2.
+- ``topk_sampled`` with k = 4 and 20 tail draws per epoch set: 62 bytes per distilled token and
+  set (uint16 ids, float16 log-probs, float32 entropy, the input id). Kept as the default at
+  tau = 1 and 2: unbiased, its per-position gradient error is the lowest measured at tau = 1
+  (~8%, near the floor of 6% for 29 stored ids, ``unbiased_variance_floor``), and at tau = 2
+  ``sampled`` (28 draws) is lower by a few points (97-100% against 105-108%; the floor is
+  91%; 50.9% against 52.1% in the rerun), too little to carry a per-temperature default.
+  The error is independent between positions and shrinks where they add up: ~2-3% at the
+  output layer at tau = 1. Elias-Fano coded ids (``id_coding``) fit 4 + 26 draws in 64 bytes,
+  with 13-17% less gradient error (rerun, one batch; no student distilled from it yet).
 - ``topk`` fits 64 bytes up to k = 14 (58 bytes). It is biased: fkl is 9-13% low at tau = 1
   and 55-59% low at tau = 2, and top-k + tail reverse KL misses most of the loss of a student
-  far from the teacher. Its student ends 20% above the online student's held-out KL at
-  tau = 2. rkl needs it.
+  far from the teacher (format-3 run: its student ended 20% above the online student's
+  held-out KL at tau = 2). rkl needs it.
 """
 
 from __future__ import annotations
