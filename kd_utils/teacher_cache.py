@@ -48,8 +48,8 @@ writes the manifest.
 Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
 10-layer LoRA student cut from it, the math mix, max_length 128; tables, with each figure's
 scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun on a shared 2-core
-machine (load 5.6-8.1) finished one round, so its parity and speed rest on one seed, 8 training
-and 8 held-out rows (students within 0.03% of the online one; the speeds were noise); the
+machine (load 4.8-8.1) finished two rounds, so its parity and speed rest on two seeds, 8 training
+and 8 held-out rows (students within 0.07% of the online one; the speeds were noise); the
 error figures below come from the earlier format-3 run (64 rows), whose per-set encoding is the
 one each epoch set uses now.
 
