@@ -175,7 +175,8 @@ def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed:
         "n_train": student["n_train"], "include_mawps": student["include_mawps"], "data_dir": params["data_dir"],
         "seed": seed, "max_length": student["max_length"], "val_fraction": student["val_fraction"],
         "representation": cache["representation"], "k": cache["k"], "num_samples": cache["num_samples"],
-        "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"])},
+        "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"]),
+        "epochs": student["epochs"]},
         [teacher.run.id], label=f"teacher cache {teacher.label or teacher.model} on {domain} "
                                 f"({cache['representation']}) seed={seed}" + ("" if aware else " task-unaware"))
 

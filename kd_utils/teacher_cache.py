@@ -19,11 +19,20 @@ What is stored, per training example and per next-token position of its tokenize
   tail mass / num_samples, and the entropy. Still unbiased for forward KL
   (``forward_kl_sampled`` with the weights as counts), with only the tail's variance.
 
-Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise. Noise (the
-sigma ablation) is Gaussian, added to the teacher logits before tempering, and drawn once
-per stored position from a generator seeded by (seed, example id): the cache holds one fixed
-noisy teacher, while online training draws fresh noise at every step. The draws are fixed the same
-way, so every epoch reads the same sample of the objective (not measured against fresh draws).
+Ids are uint16 when the vocabulary fits (SmolLM2, Llama), int32 otherwise; with
+``id_coding="elias_fano"`` the draws' ids are stored sorted and Elias-Fano coded
+(``kd_utils.id_codes``, exact, ~2 + log2(V / n) bits each), so more draws fit the same bytes.
+
+Per epoch: a cache is made for the students' number of epochs E (``epochs``, in the key) and
+stores E draw sets; epoch e (from 1) reads set (e - 1) mod E, so no epoch refits the sample an
+earlier one saw, and a resumed run reads the set an uninterrupted one reads. Each set has its
+own tail draws (``sampled``, ``topk_sampled``) and, with sigma > 0, its own Gaussian noise on
+the teacher logits (added before tempering), from generators seeded by (seed, example id, set):
+each set is on its own an unbiased sample of the objective. Within an epoch the noise is fixed
+per position, where the online teacher draws it afresh at every step (the same within one pass
+over the data). A cache with nothing random (``topk``, sigma = 0) stores one set. Every set
+costs its full bytes (only the input ids are shared): the manifest gives bytes per distilled
+token in all and per set.
 
 Layout: ``<output_dir>/<key>/`` with ``shard-NNNNN.safetensors`` (flat arrays + per-example
 lengths + the cached input ids, example ids in the metadata), a ``shard-NNNNN.json``
@@ -37,26 +46,26 @@ PARAMS`` (``--cpu`` on CPUs), shard i is written by rank i % world_size and the 
 writes the manifest.
 
 Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
-10-layer LoRA student cut from it, the math mix, max_length 128; tables in benchmarks/README.md and
-benchmarks/results/teacher_cache_tradeoff.json):
+10-layer LoRA student cut from it, the math mix, max_length 128; tables, with each figure's
+scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun on a shared 2-core
+machine (load 4.8-8.1) finished two rounds, so its parity and speed rest on two seeds, 8 training
+and 8 held-out rows (students within 0.07% of the online one; the speeds were noise); the
+error figures below come from the earlier format-3 run (64 rows), whose per-set encoding is the
+one each epoch set uses now.
 
-- ``topk_sampled`` with k = 4 and 20 tail draws: 62 bytes per distilled token (uint16 ids,
-  float16 log-probs, float32 entropy, the input id). The fkl loss is within 0.5% of the
-  full-logit value. A student distilled from it for 2 epochs ends within 0.1% of the online
-  student's held-out KL, at tau = 1 and 2 (one seed, 16 held-out rows). One epoch took 2.25x less
-  time than with the online teacher (best of 2 rounds in one order, tau = 1, generation not counted);
-  these figures predate the last encoder change and await a rerun.
-- Its per-position logit gradient errs by ~8% at tau = 1 and ~105% at tau = 2. That is close
-  to the floor of any unbiased form holding 29 ids, what 64 bytes hold at 2 bytes per id
-  (``unbiased_variance_floor``: 6% and 91%). The
-  error is independent between positions, so it shrinks where positions add up: ~2-3% at the
-  output layer at tau = 1.
-- ``sampled`` (28 draws, 62 bytes): also unbiased; 1.5x the default's error at tau = 1, about
-  the same at tau = 2.
+- ``topk_sampled`` with k = 4 and 20 tail draws per epoch set: 62 bytes per distilled token and
+  set (uint16 ids, float16 log-probs, float32 entropy, the input id). Kept as the default at
+  tau = 1 and 2: unbiased, its per-position gradient error is the lowest measured at tau = 1
+  (~8%, near the floor of 6% for 29 stored ids, ``unbiased_variance_floor``), and at tau = 2
+  ``sampled`` (28 draws) is lower by a few points (97-100% against 105-108%; the floor is
+  91%; 50.9% against 52.1% in the rerun), too little to carry a per-temperature default.
+  The error is independent between positions and shrinks where they add up: ~2-3% at the
+  output layer at tau = 1. Elias-Fano coded ids (``id_coding``) fit 4 + 26 draws in 64 bytes,
+  with 13-17% less gradient error (rerun, one batch; no student distilled from it yet).
 - ``topk`` fits 64 bytes up to k = 14 (58 bytes). It is biased: fkl is 9-13% low at tau = 1
   and 55-59% low at tau = 2, and top-k + tail reverse KL misses most of the loss of a student
-  far from the teacher. Its student ends 20% above the online student's held-out KL at
-  tau = 2. rkl needs it.
+  far from the teacher (format-3 run: its student ended 20% above the online student's
+  held-out KL at tau = 2). rkl needs it.
 """
 
 from __future__ import annotations
@@ -73,15 +82,16 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from kd_utils import losses
+from kd_utils import id_codes, losses
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import read_json, run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
-CACHE_FORMAT_VERSION = 3  # 3: task-awareness in the fields; every field checked against the run and the key
+CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch; rationales record whether each generation finished
 REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
+ID_CODINGS = ("fixed", "elias_fano")  # the draws' ids as uint16 / int32, or sorted and Elias-Fano coded
 # unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
 DEFAULT_REPRESENTATION = "topk_sampled"
 DEFAULT_K = 4
@@ -151,7 +161,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher: bool, tokenizer_fp: str,
                  mix_fp: str, max_length: int, representation: str, k: int, num_samples: int, temperature: float,
-                 noise_sigma: float, seed: int) -> dict:
+                 noise_sigma: float, seed: int, epochs: int, id_coding: str, vocab_size: int) -> dict:
     """Every input that changes the cache's content (the manifest's ``fields``)."""
     return {"format_version": CACHE_FORMAT_VERSION, "teacher": teacher_hash, "adapter": adapter_hash,
             "task_aware_teacher": bool(task_aware_teacher),
@@ -159,8 +169,15 @@ def cache_fields(teacher_hash: str, adapter_hash: str | None, task_aware_teacher
             "representation": representation, "k": int(k) if representation != "sampled" else None,
             "num_samples": int(num_samples) if representation != "topk" else None,
             "temperature": float(temperature), "noise_sigma": float(noise_sigma),
-            # seed fixes the noise and sample draws
-            "seed": int(seed), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch.")}
+            # seed fixes the noise and sample draws; epochs, how many sets of them (``stored_sets``)
+            "seed": int(seed), "epochs": int(epochs), "logprob_dtype": str(LOGPROB_DTYPE).removeprefix("torch."),
+            "id_coding": id_coding if representation != "topk" else "fixed", "vocab_size": int(vocab_size)}
+
+
+def stored_sets(fields: dict) -> int:
+    """Draw sets a cache stores: one per epoch it is made for; one when nothing in it is random (topk, no noise)."""
+    random = fields["representation"] != "topk" or fields["noise_sigma"] > 0
+    return fields["epochs"] if random else 1
 
 
 def cache_key(fields: dict) -> str:
@@ -180,7 +197,8 @@ def teacher_identity(teacher: str | Path, teacher_adapter: str | Path | None = N
             "task_aware_teacher": bool(task_aware_teacher)}
 
 
-def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas) -> None:
+def validate_settings(representation: str, k: int, num_samples: int, temperatures, noise_sigmas,
+                      epochs: int = 1, id_coding: str = "fixed") -> None:
     """Raise ValueError naming the first bad argument, before any work."""
     if representation not in REPRESENTATIONS:
         raise ValueError(f"representation={representation!r} is not one of {', '.join(REPRESENTATIONS)}")
@@ -188,6 +206,10 @@ def validate_settings(representation: str, k: int, num_samples: int, temperature
         raise ValueError(f"k must be an int >= 1, got {k!r}")
     if not (isinstance(num_samples, int) and num_samples >= 1):
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+    if id_coding not in ID_CODINGS:
+        raise ValueError(f"id_coding={id_coding!r} is not one of {', '.join(ID_CODINGS)}")
+    if not (isinstance(epochs, int) and epochs >= 1):
+        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
     if not list(temperatures) or not list(noise_sigmas):
         raise ValueError("temperatures and noise_sigmas must each hold at least one value")
     for tau in temperatures:
@@ -300,6 +322,47 @@ def example_generator(seed: int, example_id: str, purpose: str) -> torch.Generat
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
+def pack_ids(stored: dict[str, torch.Tensor], fields: dict) -> dict[str, torch.Tensor]:
+    """Storage tensors with the draws' ids Elias-Fano coded into ``draw_codes`` when ``fields["id_coding"]`` says
+    so (``kd_utils.id_codes``; the draws come sorted); ``ids`` keeps the top-k ids, if any. Exact: ``unpack_ids``."""
+    if fields["id_coding"] == "fixed":
+        return stored
+    n = fields["num_samples"]
+    packed = {name: t for name, t in stored.items() if name != "ids"}
+    if stored["ids"].shape[-1] > n:
+        packed["ids"] = stored["ids"][..., :-n]
+    return {**packed, "draw_codes": id_codes.encode(stored["ids"][..., -n:].long(), fields["vocab_size"])}
+
+
+def unpack_ids(stored: dict[str, torch.Tensor], fields: dict) -> dict[str, torch.Tensor]:
+    """``pack_ids`` undone: storage tensors [..., width] with the draws' ids back in ``ids``."""
+    if "draw_codes" not in stored:
+        return stored
+    codes = stored["draw_codes"]
+    draws = id_codes.decode(codes.reshape(-1, codes.shape[-1]), fields["num_samples"], fields["vocab_size"])
+    draws = draws.view(*codes.shape[:-1], -1).to(id_dtype(fields["vocab_size"]))
+    head = [stored["ids"]] if "ids" in stored else []
+    return {**{name: t for name, t in stored.items() if name != "draw_codes"}, "ids": torch.cat([*head, draws], -1)}
+
+
+def encode_sets(logits: torch.Tensor, fields: dict, example_id: str) -> dict[str, torch.Tensor]:
+    """Storage tensors [n, S, ...] of one example's n positions (teacher ``logits`` [n, V], no noise yet).
+
+    Set s (S = ``stored_sets(fields)``) adds its own Gaussian noise and makes its own draws, from
+    generators fixed by (seed, example, s): every set is an independent sample of the objective,
+    the same whichever sigma, batch or shard it is written with.
+    """
+    sets = []
+    for s in range(stored_sets(fields)):
+        noisy = logits
+        if fields["noise_sigma"]:
+            noise = torch.randn(logits.shape, generator=example_generator(fields["seed"], example_id, f"noise-{s}"))
+            noisy = logits + fields["noise_sigma"] * noise
+        sets.append(pack_ids(encode(noisy, fields, example_generator(fields["seed"], example_id, f"samples-{s}")),
+                             fields))
+    return {name: torch.stack([encoded[name] for encoded in sets], 1) for name in sets[0]}
+
+
 # ---- generation ---------------------------------------------------------------------------------
 
 def _shard_name(index: int) -> str:
@@ -315,7 +378,7 @@ def _write_shard(cache: Path, index: int, tensors: dict[str, torch.Tensor], exam
     data = st_save(tensors, metadata={"example_ids": json.dumps(example_ids)})
     write_atomic(cache / _shard_name(index), data)
     record = {"file": _shard_name(index), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-              "examples": len(example_ids), "positions": int(tensors["ids"].shape[0]),
+              "examples": len(example_ids), "positions": int((tensors["lengths"] - 1).sum()),
               "example_ids_sha256": _ids_hash(example_ids)}
     write_atomic(cache / f"shard-{index:05d}.json", json.dumps(record))
     return record
@@ -343,25 +406,27 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
                    batch_size: int = 8, shard_size: int = 256, info: dict | None = None) -> dict[Path, dict]:
     """Write (or complete) one cache per target directory; returns each one's manifest.
 
-    ``targets`` maps a directory to its ``cache_fields``; all must share max_length and seed
-    (one teacher forward pass serves every setting). Rows are ``tokenize_example`` of
+    ``targets`` maps a directory to its ``cache_fields``; all must share max_length (one teacher
+    forward pass serves every setting). Rows are ``tokenize_example`` of
     ``examples`` with that max_length, in order; shard i holds rows [i*shard_size, (i+1)*shard_size).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     targets = {Path(d): f for d, f in targets.items()}
-    shared = {(f["max_length"], f["seed"]) for f in targets.values()}
+    shared = {f["max_length"] for f in targets.values()}
     if len(shared) != 1:
-        raise ValueError(f"targets must share max_length and seed, got {sorted(shared)}")
-    (max_length, seed), = shared
+        raise ValueError(f"targets must share max_length, got {sorted(shared)}")
+    (max_length,) = shared
     # PartialState, not Accelerator: no mixed-precision setting to clash with a later train() in this process.
     # It reads `accelerate launch --cpu` (ACCELERATE_USE_CPU) only when told, as Accelerator does itself.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     teacher = teacher.to(state.device).eval()
     vocab_size = len(tokenizer.get_vocab())
+    if any(f["vocab_size"] != vocab_size for f in targets.values()):
+        raise ValueError(f"targets' vocab_size must be the tokenizer's ({vocab_size}), got "
+                         f"{sorted({f['vocab_size'] for f in targets.values()})}")
     rows = [tokenize_example(tokenizer, e, max_length) for e in examples]
-    noisy_settings = any(f["noise_sigma"] for f in targets.values())
     n_shards = math.ceil(len(rows) / shard_size)
     for cache in targets:
         cache.mkdir(parents=True, exist_ok=True)
@@ -380,14 +445,8 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
             logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
             for b, row in enumerate(micro):
                 n = len(row["input_ids"]) - 1  # next-token positions of this row
-                # one standard-normal draw per position, scaled by each sigma
-                z = (torch.randn(n, vocab_size, generator=example_generator(seed, row["id"], "noise"))
-                     if noisy_settings else None)
                 for cache in todo:
-                    fields = targets[cache]
-                    noisy = logits[b, :n] + fields["noise_sigma"] * z if fields["noise_sigma"] else logits[b, :n]
-                    gen = example_generator(seed, row["id"], "samples")
-                    parts[cache].append(encode(noisy, fields, gen))
+                    parts[cache].append(encode_sets(logits[b, :n], targets[cache], row["id"]))
         input_ids = torch.tensor([t for r in shard_rows for t in r["input_ids"]]).to(id_dtype(vocab_size))
         lengths = torch.tensor([len(r["input_ids"]) for r in shard_rows], dtype=torch.int32)
         for cache in todo:
@@ -398,8 +457,10 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
         records = [read_json(cache / f"shard-{i:05d}.json") for i in range(n_shards)]
         positions = sum(r["positions"] for r in records)
         total = sum(r["bytes"] for r in records)
+        sets = stored_sets(fields)
         manifest = {"key": cache.name, "fields": fields, "info": info or {}, "examples": len(rows),
                     "positions": positions, "bytes": total, "bytes_per_position": total / max(positions, 1),
+                    "epoch_sets": sets, "bytes_per_position_per_set": total / max(positions, 1) / sets,
                     "shards": records}
         try:  # keep rationales written by an earlier run
             manifest["rationales"] = _read_manifest(cache).get("rationales")
@@ -412,12 +473,16 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
     return manifests
 
 
-def write_rationales(caches: list[Path], examples: list[Example], rationales: list[str], max_new_tokens: int) -> None:
-    """The teacher's generations as JSONL in each cache, recorded in its manifest."""
-    text = "".join(json.dumps({"id": e.id, "rationale": r}, ensure_ascii=False) + "\n"
-                   for e, r in zip(examples, rationales))
+def write_rationales(caches: list[Path], mix: list[Example], generated: list[Example], max_new_tokens: int) -> None:
+    """The teacher's generations on ``mix`` (``teachers.teacher_rationales``) as JSONL in each cache, recorded in
+    its manifest.
+
+    Each line keeps whether the generation finished (ended at EOS): a cut one must get no EOS in training.
+    """
+    text = "".join(json.dumps({"id": e.id, "rationale": e.rationale, "complete": e.complete}, ensure_ascii=False)
+                   + "\n" for e in generated)
     record = {"file": RATIONALES, "sha256": hashlib.sha256(text.encode()).hexdigest(),
-              "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples), "examples": len(examples)}
+              "max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(mix), "examples": len(generated)}
     for cache in caches:
         write_atomic(cache / RATIONALES, text)
         manifest = _read_manifest(cache)
@@ -440,45 +505,52 @@ class TeacherCache:
                 self._index[example_id] = (s, token, position, length)
                 token, position = token + length, position + length - 1
 
+    @property
+    def sets(self) -> int:
+        """The draw sets stored (``stored_sets``): epoch e (from 1) reads set (e - 1) mod sets."""
+        return int(next(t for name, t in self._shards[0].items() if name not in ("input_ids", "lengths")).shape[1])
+
     def example(self, example_id: str) -> dict[str, torch.Tensor]:
-        """``input_ids`` [L] and the storage tensors of the L - 1 next-token positions."""
+        """``input_ids`` [L] and the storage tensors [L - 1, sets, ...] of the L - 1 next-token positions."""
         if example_id not in self._index:
             raise ValueError(f"example {example_id!r} is not in the teacher cache {self.path}")
         s, token, position, length = self._index[example_id]
         tensors = self._shards[s]
         out = {name: t[position:position + length - 1] for name, t in tensors.items()
                if name not in ("input_ids", "lengths")}
-        return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **out}
+        return {"input_ids": tensors["input_ids"][token:token + length].to(torch.int64), **unpack_ids(out, self.fields)}
 
-    def batch(self, batch: dict, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-        """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch.
+    def batch(self, batch: dict, device: torch.device | str | None = None, epoch: int = 1) -> dict[str, torch.Tensor]:
+        """The sparse losses' teacher arguments, [B, T - 1, width], for a right-padded collated batch,
+        from the draw set of ``epoch`` (counted from 1).
 
         Position t predicts token t + 1, as ``student_logits[:, :-1]``. Padding positions hold a
         valid dummy distribution (they are outside every distill mask). Raises ValueError when a
         row's input ids differ from the cached ones.
         """
+        chosen = (epoch - 1) % self.sets
         input_ids, attention = batch["input_ids"].cpu(), batch["attention_mask"].cpu()
         B, T = input_ids.shape
-        out = {name: torch.zeros((B, max(T - 1, 0), *t.shape[1:]), dtype=t.dtype)
-               for name, t in self._shards[0].items() if name not in ("input_ids", "lengths")}
+        rows = [self.example(example_id) for example_id in batch["ids"]]
+        out = {name: torch.zeros((B, max(T - 1, 0), *t.shape[2:]), dtype=t.dtype)
+               for name, t in rows[0].items() if name != "input_ids"}
         out["ids"] = out["ids"].long()
         if "logprobs" in out:  # distinct top ids, uniform over them
             k = out["logprobs"].shape[-1]
             out["ids"][..., :k] = torch.arange(k)
             out["logprobs"].fill_(-math.log(k))
-        for b, example_id in enumerate(batch["ids"]):
-            cached = self.example(example_id)
+        for b, (example_id, cached) in enumerate(zip(batch["ids"], rows)):
             L = len(cached["input_ids"])
             if int(attention[b].sum()) != L or not torch.equal(input_ids[b, :L], cached["input_ids"]):
                 raise ValueError(f"example {example_id!r}: the batch's input ids differ from those in the teacher "
                                  f"cache {self.path} (another tokenizer, max_length, prompt or rationale?)")
             for name in out:
-                out[name][b, :L - 1] = cached[name].to(out[name].dtype)
+                out[name][b, :L - 1] = cached[name][:, chosen].to(out[name].dtype)
         return {name: t.to(device) if device is not None else t for name, t in decode(out).items()}
 
-    def targets(self, batch: dict, device=None) -> dict[str, torch.Tensor]:
-        """The teacher-source interface (``kd_utils.teachers``): this batch's sparse targets."""
-        return self.batch(batch, device)
+    def targets(self, batch: dict, device=None, epoch: int = 1) -> dict[str, torch.Tensor]:
+        """The teacher-source interface (``kd_utils.teachers``): this batch's sparse targets in ``epoch``."""
+        return self.batch(batch, device, epoch)
 
     def state(self) -> dict:
         return {}
@@ -486,15 +558,16 @@ class TeacherCache:
     def load_state(self, state: dict) -> None:
         pass
 
-    def rationales(self) -> dict[str, str]:
-        """The teacher's generations by example id (ValueError when the cache has none)."""
+    def rationales(self) -> dict[str, dict]:
+        """The teacher's generations by example id: {"rationale": text, "complete": ended at EOS}
+        (ValueError when the cache has none)."""
         record = self.manifest.get("rationales")
         if not record:
             raise ValueError(f"teacher cache {self.path} holds no rationales (run_teacher_cache(rationales=True))")
         path = self.path / record["file"]
         if _sha256(path) != record["sha256"]:
             raise ValueError(f"{path}: sha256 differs from the manifest's (corrupt file); regenerate the cache")
-        return {r["id"]: r["rationale"] for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
 
 def field_differences(fields: dict, expect: dict) -> list[str]:
@@ -605,8 +678,10 @@ def _safetensors_metadata(data: bytes) -> dict:
 
 
 def open_for_training(path: str | Path, tokenizer, train_examples: list[Example], method: str, temperature: float,
-                      noise_sigma: float, max_length: int, expect: dict | None = None) -> TeacherCache:
+                      noise_sigma: float, max_length: int, epochs: int, expect: dict | None = None) -> TeacherCache:
     """The cache at ``path`` after checking that it fits this training run (ValueError naming each differing field).
+
+    The cache must be made for the run's ``epochs``: one draw set per epoch, none read twice.
 
     ``expect`` adds the fields the run knows beyond the data and the temperature: ``teacher_identity``
     and the seed from ``run_training``; representation, k or num_samples when the caller names them.
@@ -617,7 +692,8 @@ def open_for_training(path: str | Path, tokenizer, train_examples: list[Example]
         raise ValueError(f"method {method!r} cannot train from teacher_cache: {why}")
     cache = open_cache(path, expect={
         "tokenizer": tokenizer_fingerprint(tokenizer), "temperature": temperature, "noise_sigma": noise_sigma,
-        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length, **(expect or {})})
+        "mix_fingerprint": mix_fingerprint(train_examples), "max_length": max_length, "epochs": epochs,
+        **(expect or {})})
     if method not in cacheable_methods(cache.representation):
         raise ValueError(f"method {method!r} needs a 'topk' teacher cache (the top-k + tail partition); "
                          f"{path} holds representation {cache.representation!r}")
@@ -638,8 +714,9 @@ def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens:
         {"max_new_tokens": max_new_tokens, "mix_fingerprint": mix_fingerprint(examples)})
     if differences:
         raise ValueError(f"the rationales in teacher cache {path} do not fit this run: " + "; ".join(differences))
-    texts = cache.rationales()
-    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, texts[e.id]) for e in examples]
+    generated = cache.rationales()
+    return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, generated[e.id]["rationale"],
+                    complete=generated[e.id]["complete"]) for e in examples]
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -666,16 +743,18 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
                       seed: int = 0, max_length: int = 256, val_fraction: float = 0.1,
                       representation: str = DEFAULT_REPRESENTATION, k: int = DEFAULT_K,
                       num_samples: int = DEFAULT_NUM_SAMPLES, temperatures=(1.0,), noise_sigmas=(0.0,),
-                      rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
+                      epochs: int = 1, id_coding: str = "fixed", rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
                       shard_size: int = 256) -> dict:
     """The teacher-logit stage from plain parameters: one cache per (temperature, sigma) under output_dir.
 
     Selects the training rows exactly as ``training.run_training`` with the same domain, n_train,
     include_mawps, data_dir, seed, max_length and val_fraction; complete caches are reused
-    without loading the teacher. Returns a summary with ``caches``: {(temperature, sigma): dir}.
+    without loading the teacher. ``epochs``: the students' epochs (``TrainConfig.epochs``, 1 by
+    default); each gets its own set of draws and noise. ``id_coding="elias_fano"`` stores the draws'
+    ids sorted and Elias-Fano coded (``kd_utils.id_codes``: ~13 bits each for SmolLM2, exact). Returns a summary with ``caches``: {(temperature, sigma): dir}.
     """
     temperatures, noise_sigmas = [float(t) for t in temperatures], [float(s) for s in noise_sigmas]
-    validate_settings(representation, k, num_samples, temperatures, noise_sigmas)
+    validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs, id_coding)
     if not (isinstance(shard_size, int) and shard_size >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"shard_size and batch_size must be ints >= 1, got {shard_size!r}, {batch_size!r}")
     if max_length < 8:
@@ -691,7 +770,8 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     identity = teacher_identity(teacher, teacher_adapter, task_aware_teacher)
     base = dict(teacher_hash=identity["teacher"], adapter_hash=identity["adapter"],
                 task_aware_teacher=identity["task_aware_teacher"], tokenizer_fp=tokenizer_fingerprint(tokenizer), mix_fp=mix_fingerprint(selected.train),
-                max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed)
+                max_length=max_length, representation=representation, k=k, num_samples=num_samples, seed=seed,
+                epochs=epochs, id_coding=id_coding, vocab_size=len(tokenizer.get_vocab()))
     settings = [(t, s) for t in temperatures for s in noise_sigmas]
     targets = {}
     for t, s in settings:
@@ -710,18 +790,20 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
         if need_rationales:
             from kd_utils.teachers import teacher_rationales
 
-            texts = [e.rationale for e in teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens,
-                                                             batch_size)]
-            write_rationales(list(targets), selected.mix, texts, rationale_max_new_tokens)
+            generated = teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens, batch_size)
+            write_rationales(list(targets), selected.mix, generated, rationale_max_new_tokens)
     manifests = {d: _read_manifest(d) for d in targets}
     first_fields = next(iter(targets.values()))
     per_cache = [{"temperature": t, "noise_sigma": s, "cache_dir": str(d), "positions": m["positions"],
-                  "shards": len(m["shards"]), "bytes": m["bytes"], "bytes_per_token": round(m["bytes_per_position"], 2)}
+                  "shards": len(m["shards"]), "bytes": m["bytes"], "epoch_sets": m["epoch_sets"],
+                  "bytes_per_token": round(m["bytes_per_position"], 2),
+                  "bytes_per_token_per_set": round(m["bytes_per_position_per_set"], 2)}
                  for (t, s), (d, m) in zip(settings, manifests.items())]
     return {"caches": {setting: str(d) for setting, d in zip(settings, targets)}, "per_cache": per_cache,
             "representation": representation, "k": first_fields["k"], "num_samples": first_fields["num_samples"],
             "train_examples": len(selected.train), "positions": per_cache[0]["positions"],
-            "bytes_per_token": per_cache[0]["bytes_per_token"], "generated": [str(d) for d in todo],
+            "bytes_per_token": per_cache[0]["bytes_per_token"],
+            "bytes_per_token_per_set": per_cache[0]["bytes_per_token_per_set"], "generated": [str(d) for d in todo],
             "rationales": bool(rationales), "seconds": round(time.perf_counter() - started, 2)}
 
 

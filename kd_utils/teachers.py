@@ -1,7 +1,7 @@
 """The teacher side of distillation: tokenizer checks, the online teacher, teacher generations.
 
-Training consumes a *teacher source*, an object with ``targets(batch, device)`` (the teacher's
-output for a batch, in the form ``training.kd_loss`` takes) and ``state()`` /
+Training consumes a *teacher source*, an object with ``targets(batch, device, epoch)`` (the teacher's
+output for a batch of epoch ``epoch``, counted from 1, in the form ``training.kd_loss`` takes) and ``state()`` /
 ``load_state(state)`` (what a resumed run must restore). Two exist: :class:`OnlineTeacher`
 here (dense logits from the model on every batch) and ``teacher_cache.TeacherCache`` (sparse
 targets read from disk).
@@ -51,8 +51,8 @@ class OnlineTeacher:
         self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed + 1)
 
     @torch.no_grad()
-    def targets(self, batch: dict, device=None) -> torch.Tensor:
-        """Dense teacher logits [B, T, V] for the batch (noise added)."""
+    def targets(self, batch: dict, device=None, epoch: int = 1) -> torch.Tensor:
+        """Dense teacher logits [B, T, V] for the batch (noise added; fresh at every step, so ``epoch`` plays no part)."""
         return teacher_signal(forward(self.model, batch), self.noise_sigma, self.generator)
 
     def state(self) -> dict:

@@ -228,7 +228,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     rationales, see ``teacher_rationales``); fkl / rkl / gkd add the KD loss against ``teacher``
     as (1 - kd_weight) * CE + kd_weight * KD. fkl / rkl may instead read the teacher from
     ``teacher_cache`` (a cache directory written by ``teacher_cache.run_teacher_cache`` for these
-    training examples, temperature and noise sigma; ``teacher_cache_expect``: further cache fields
+    training examples, temperature, noise sigma and epochs; ``teacher_cache_expect``: further cache fields
     it must match, see ``teacher_cache.open_for_training``); the teacher is then not needed.
     Returns the history and final validation loss. Resumes from the last epoch checkpoint in ``output_dir``.
     """
@@ -251,7 +251,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     if teacher_cache is not None:
         source = cache_store.open_for_training(teacher_cache, tokenizer, train_examples, config.method,
                                                config.temperature, config.noise_sigma, config.max_length,
-                                               teacher_cache_expect)
+                                               config.epochs, teacher_cache_expect)
     mixed = config.mixed_precision
     if mixed == "auto":
         mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
@@ -319,7 +319,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 target = None
                 if config.method in KD_METHODS:
                     with torch.no_grad():
-                        target = source.targets(batch, device)
+                        target = source.targets(batch, device, epoch)
                 loss, ce, kd = training_loss(logits, batch, target, config, vocab_size)
                 accelerator.backward(loss)
                 optimizer.step()
@@ -410,7 +410,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     run). The teacher is ``teacher`` plus ``teacher_adapter`` (merged), or the bare base model
     when ``task_aware_teacher`` is False (the expertise ablation). ``teacher_cache`` (a directory
     from ``teacher_cache.run_teacher_cache`` with the same data parameters, seed, max_length,
-    val_fraction, temperature and noise sigma) replaces the teacher for fkl / rkl, and for seqkd
+    val_fraction, temperature, noise sigma and epochs) replaces the teacher for fkl / rkl, and for seqkd
     when it holds rationales made with ``seqkd_max_new_tokens``.
     """
     config = TrainConfig(method=method, **config).validate()

@@ -106,11 +106,12 @@ def test_sampled_estimator_is_unbiased(fields):
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
     base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m", max_length=256,
-                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0)
+                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0, epochs=1,
+                id_coding="fixed", vocab_size=512)
     key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
-                   temperature=2.0, noise_sigma=1.0, seed=1)
+                   temperature=2.0, noise_sigma=1.0, seed=1, epochs=2)
     keys = {teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, name: value}))
             for name, value in changes.items()}
     sampled = dict(base, representation="sampled")
@@ -183,7 +184,7 @@ def test_corrupt_shard_is_refused_then_regenerated(tiny_model_dir, data_dir, tmp
 @pytest.mark.parametrize("representation", ["topk", "topk_sampled"])
 def test_student_from_cache_matches_online_student(tiny_model_dir, data_dir, tmp_path, representation):
     caches = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,), num_samples=4,
-                        representation=representation)["caches"]
+                        representation=representation, epochs=2)["caches"]
     common = dict(method="fkl", student_layers=1, teacher=str(tiny_model_dir), data_dir=data_dir, epochs=2,
                   batch_size=2, micro_batch_size=2, lr=3e-3, lora=False, temperature=2.0, loss_chunk_size=64,
                   **COMMON)
@@ -216,6 +217,7 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     assert "tokenizer: cache has" in refused(config, tokenizer=other_tok)
     both = refused(training.TrainConfig(**{**vars(config), "noise_sigma": 1.0, "max_length": 64}))
     assert "noise_sigma: cache has 0.0, run expects 1.0" in both and "max_length: cache has 96, run expects 64" in both
+    assert "epochs: cache has 1, run expects 2" in refused(training.TrainConfig(**{**vars(config), "epochs": 2}))
     assert "needs a 'topk' teacher cache" in refused(training.TrainConfig(**{**vars(config), "method": "rkl"}))
     assert "need the online teacher" in refused(training.TrainConfig(**{**vars(config), "method": "gkd"}))
     with pytest.raises(ValueError, match="representation: cache has 'sampled', run expects 'topk'"):
@@ -234,6 +236,8 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     (dict(temperatures=(1.0, 0.0)), "temperature must be > 0"),
     (dict(noise_sigmas=(-1.0,)), "noise sigma must be >= 0"),
     (dict(representation="sampled", num_samples=0), "num_samples must be an int >= 1"),
+    (dict(epochs=0), "epochs must be an int >= 1"),
+    (dict(id_coding="varint"), "id_coding='varint' is not one of fixed, elias_fano"),
 ])
 def test_bad_input_fails_before_any_work(tiny_model_dir, data_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -395,7 +399,8 @@ def fake_adapter(path: Path, content: bytes) -> Path:
 def training_expect(tiny_model_dir, data_dir) -> dict:
     examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
     tok = models.load_tokenizer(tiny_model_dir)
-    return dict(tokenizer=tok, train_examples=examples, method="fkl", temperature=1.0, noise_sigma=0.0, max_length=96)
+    return dict(tokenizer=tok, train_examples=examples, method="fkl", temperature=1.0, noise_sigma=0.0, max_length=96,
+                epochs=1)
 
 
 def test_a_cache_of_another_teacher_adapter_or_awareness_is_refused(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
@@ -533,3 +538,147 @@ def test_float16_log_probs_keep_a_small_tail(representation):
         counts = teacher_cache.decode(stored)["sample_counts"].double()
         assert torch.allclose(counts[:, 2:].sum(-1), kept_tail, rtol=1e-5)
         assert torch.allclose(counts.sum(-1), torch.ones(64, dtype=torch.float64), atol=1e-3)
+
+
+@pytest.mark.parametrize("overrides, sets", [
+    (dict(representation="sampled", num_samples=4), 2),
+    (dict(representation="topk_sampled", k=4, num_samples=4), 2),
+    (dict(representation="topk", k=4, noise_sigmas=(1.0,)), 2),  # the noise is drawn again for each epoch
+    (dict(representation="topk", k=4), 1),  # nothing random: one set serves every epoch
+], ids=["sampled", "topk_sampled", "topk-noise", "topk"])
+def test_each_epoch_reads_its_own_draw_set(tiny_model_dir, data_dir, tmp_path, overrides, sets):
+    summary = make_cache(tiny_model_dir, data_dir, tmp_path / "c", epochs=2, **overrides)
+    one_epoch = make_cache(tiny_model_dir, data_dir, tmp_path / "c1", epochs=1, **overrides)
+    cache = teacher_cache.open_cache(only_cache(summary))
+    assert cache.sets == sets and summary["per_cache"][0]["epoch_sets"] == sets
+    assert summary["bytes_per_token_per_set"] == pytest.approx(summary["bytes_per_token"] / sets, abs=0.01)
+    # byte-honest: each further set costs its stored tensors per position (ids, log-probs, entropy), nothing more
+    payload = sum(t.element_size() * t[0, 0].numel() for name, t in cache._shards[0].items()
+                  if name not in ("input_ids", "lengths"))
+    extra = summary["bytes_per_token"] - one_epoch["bytes_per_token"]
+    assert extra == pytest.approx((sets - 1) * payload, abs=0.2)
+    tok = models.load_tokenizer(tiny_model_dir)
+    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    batch = batches.collate([batches.tokenize_example(tok, e, 96) for e in selection.train[:3]], tok.pad_token_id)
+    real = batch["attention_mask"][:, 1:].bool()
+    first, second, third = (cache.batch(batch, epoch=epoch) for epoch in (1, 2, 3))
+    if sets == 1:
+        assert all(torch.equal(first[name], second[name]) for name in first)
+    else:
+        ids = "topk_ids" if "topk_ids" in first else "sample_ids"
+        assert not torch.equal(first[ids][real], second[ids][real])
+    assert all(torch.equal(first[name], third[name]) for name in first)  # epoch 3 of a 2-epoch cache: set 1 again
+    # the first set is the one a 1-epoch cache stores
+    alone = teacher_cache.open_cache(only_cache(one_epoch)).batch(batch)
+    assert all(torch.equal(first[name], alone[name]) for name in first)
+
+
+@pytest.mark.parametrize("fields", [{"representation": "sampled", "num_samples": 12},
+                                    {"representation": "topk_sampled", "k": 4, "num_samples": 6}])
+def test_every_draw_set_is_unbiased(fields):
+    """Each epoch's set on its own is an unbiased sample of forward KL and its gradient."""
+    gen = torch.Generator().manual_seed(1)
+    teacher = torch.randn(6, 50, generator=gen) * 2
+    student = torch.randn(1, 6, 50, generator=gen, requires_grad=True)
+    fields = {**fields, "temperature": 1.5, "noise_sigma": 0.0, "seed": 0, "epochs": 3, "id_coding": "fixed",
+              "vocab_size": 50}
+    dense = losses.forward_kl(student, teacher[None], torch.ones(1, 6, dtype=torch.bool), 1.5)
+    (g_dense,) = torch.autograd.grad(dense, student)
+    draws, grads = 150, []  # 12 "examples" of 150 copies of the 6 positions, each a batch of 150 sequences
+    for example in range(12):
+        stored = teacher_cache.encode_sets(teacher.repeat(draws, 1), fields, f"example-{example}")
+        assert stored["ids"].shape[:2] == (draws * 6, 3)
+        per_set = []
+        for s in range(3):
+            args = {k: v.view(draws, 6, *v.shape[1:])
+                    for k, v in teacher_cache.decode({name: t[:, s] for name, t in stored.items()}).items()}
+            loss = losses.forward_kl_sampled(student.expand(draws, 6, 50), **args,
+                                             mask=torch.ones(draws, 6, dtype=torch.bool), temperature=1.5)
+            per_set.append(torch.autograd.grad(loss, student)[0])
+        assert not torch.equal(stored["ids"][:, 0], stored["ids"][:, 1])  # the sets are drawn apart
+        grads.append(torch.stack(per_set))
+    grads = torch.stack(grads)  # [example, set, 1, 6, 50]
+    for s in range(3):
+        standard_error = (grads[:, s].std(0) / len(grads) ** 0.5).norm()
+        assert (grads[:, s].mean(0) - g_dense).norm() < 2.5 * standard_error < 0.1 * g_dense.norm()
+
+
+class KilledAfterEpochOne(Exception):
+    pass
+
+
+def test_a_resumed_run_reads_the_draw_set_an_uninterrupted_one_reads(tiny_model_dir, data_dir, tmp_path,
+                                                                       monkeypatch):
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", representation="sampled",
+                                 num_samples=4, epochs=2))
+    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    config = training.TrainConfig(method="fkl", epochs=2, batch_size=2, micro_batch_size=2, lr=3e-3, lora=False,
+                                  loss_chunk_size=64, max_length=96, seed=0)
+    read = []  # the set each batch was read from
+    batch_of = teacher_cache.TeacherCache.batch
+
+    def spy(self, batch, device=None, epoch=1):
+        read.append((epoch - 1) % self.sets)
+        return batch_of(self, batch, device, epoch)
+
+    monkeypatch.setattr(teacher_cache.TeacherCache, "batch", spy)
+
+    def run(name: str, **kwargs) -> dict:
+        student, tok = models.load_model(tiny_model_dir)
+        return training.train(student, tok, selection.train, config, tmp_path / name, val_examples=selection.val,
+                              teacher_cache=path, **kwargs)
+
+    def kill(epoch: int) -> None:
+        raise KilledAfterEpochOne()
+
+    full = run("full")
+    uninterrupted, read[:] = list(read), []
+    with pytest.raises(KilledAfterEpochOne):
+        run("resumed", on_epoch_end=kill)
+    before_kill, read[:] = list(read), []
+    resumed = run("resumed")
+    half = len(uninterrupted) // 2
+    assert uninterrupted == [0] * half + [1] * half and before_kill == [0] * half and read == [1] * half
+    assert resumed["history"] == full["history"]
+
+
+def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_dir, data_dir, tmp_path,
+                                                                     monkeypatch):
+    """As online (``teachers.teacher_rationales``): a generation cut at max_new_tokens ends its row without EOS."""
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished):
+        assert return_finished
+        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], [i % 2 == 0 for i in range(len(prompts))]
+
+    monkeypatch.setattr(teachers, "generate", generate)
+    path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, rationales=True,
+                                 rationale_max_new_tokens=4))
+    mix = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    cached = teacher_cache.cached_rationales(path, mix, 4)
+    teacher, tok = models.load_model(tiny_model_dir)
+    online = teachers.teacher_rationales(teacher, tok, mix, max_new_tokens=4)
+    assert [(e.rationale, e.complete) for e in cached] == [(e.rationale, e.complete) for e in online]
+    assert [e.complete for e in cached] == [i % 2 == 0 for i in range(len(mix))]
+    for example in cached:
+        row = batches.tokenize_example(tok, example, 10_000)  # long enough that nothing is truncated
+        assert (row["input_ids"][-1] == tok.eos_token_id) == example.complete, example.id
+
+
+@pytest.mark.parametrize("overrides", [dict(representation="sampled", num_samples=12),
+                                       dict(representation="topk_sampled", k=4, num_samples=12, noise_sigmas=(1.0,))],
+                         ids=["sampled", "topk_sampled-noise"])
+def test_elias_fano_coded_ids_give_the_same_targets_in_fewer_bytes(tiny_model_dir, data_dir, tmp_path, overrides):
+    fixed = make_cache(tiny_model_dir, data_dir, tmp_path / "fixed", epochs=2, **overrides)
+    coded = make_cache(tiny_model_dir, data_dir, tmp_path / "coded", epochs=2, id_coding="elias_fano", **overrides)
+    a, b = (teacher_cache.open_cache(only_cache(summary)) for summary in (fixed, coded))
+    assert "draw_codes" in b._shards[0] and "draw_codes" not in a._shards[0]
+    tok = models.load_tokenizer(tiny_model_dir)
+    vocab = len(tok.get_vocab())
+    # per position and set: 12 ids of 2 bytes, or their Elias-Fano code
+    saved = 12 * 2 - teacher_cache.id_codes.code_bytes(12, vocab)
+    # (within a byte: the shard headers name other tensors)
+    assert saved > 0 and fixed["bytes_per_token"] - coded["bytes_per_token"] == pytest.approx(2 * saved, abs=1.0)
+    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    batch = batches.collate([batches.tokenize_example(tok, e, 96) for e in selection.train[:3]], tok.pad_token_id)
+    for epoch in (1, 2):
+        x, y = a.batch(batch, epoch=epoch), b.batch(batch, epoch=epoch)
+        assert x.keys() == y.keys() and all(torch.equal(x[name], y[name]) for name in x)

@@ -184,7 +184,7 @@ def test_two_processes_keep_the_effective_batch_and_the_schedule(tiny_model_dir,
 
     common = dict(max_length=64, val_fraction=0.0, seed=0, temperature=2.0)  # 8 rows: 2 batches of 4
     cache = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "cache", data_dir=str(data_dir),
-                                            temperatures=(2.0,), **{k: v for k, v in common.items()
+                                            temperatures=(2.0,), epochs=2, **{k: v for k, v in common.items()
                                                                     if k != "temperature"})["caches"][2.0, 0.0]
     resolved = {"model": str(tiny_model_dir), "teacher": str(tiny_model_dir), "student_layers": 1,
                 "data_dir": str(data_dir), "method": "fkl", "teacher_cache": cache, "epochs": 2, "batch_size": 4,
