@@ -17,13 +17,14 @@ from kd_utils.tasks import accuracy_summary
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
-# params/default.yaml's plan before models.teachers existed (commit 1ec95bc): run ids must never change,
-# or every finished study would redo its runs
+# params/default.yaml's plan: models.teachers left every id as at commit 1ec95bc; cache format 4 (a cache made
+# for the students' epochs, one draw set each) changed only the cache run and the fkl students trained from it
+# (a format-3 cache is refused anyway). Run ids must not change otherwise, or every finished study redoes its runs.
 DEFAULT_PLAN = [
     "eval-1ac03c84a1ad", "teacher-1e07b800e2d7", "eval-2d5a3906389f", "student-ced88a4def2d", "eval-b0c8cf40b5d0",
-    "cache-41f8f648ba1c", "student-efac844a7542", "eval-f6660ea78a52", "student-7e9abcc26b6e", "eval-95da489862e9",
-    "student-b00cf4f4634b", "eval-da82a53dfd44", "student-0e03c60273c1", "eval-61b386522548", "student-866ce7ef2b75",
-    "eval-4b0a014d7b60", "student-33264e7975f9", "eval-f164f53f1ad4", "student-5d8dc2110ddc", "eval-b30d31f2547d",
+    "cache-36d4c0fa9b24", "student-3caeef52b000", "eval-951b25d4bd23", "student-7e9abcc26b6e", "eval-95da489862e9",
+    "student-b00cf4f4634b", "eval-da82a53dfd44", "student-0e03c60273c1", "eval-61b386522548", "student-1a7e06011175",
+    "eval-1df3dd3a1a2a", "student-33264e7975f9", "eval-f164f53f1ad4", "student-5d8dc2110ddc", "eval-b30d31f2547d",
 ]
 
 
