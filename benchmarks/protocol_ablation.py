@@ -3,7 +3,9 @@
 Reads ``outputs/ablation_protocol_{improved,train_on_inputs,paper}/results.csv`` and the runs' predictions
 (every study evaluates the same fixed-seed sample of each task) and reports, pooled over the tasks:
 
-- every student run's accuracy and its KD-minus-SFT within its study (exact McNemar against that SFT run);
+- every student run's accuracy and its KD-minus-SFT within its study (exact McNemar against that SFT run), and
+  its held-out cross-entropy after training (the labelled tokens of 16 held-out rows: response tokens under
+  ``improved``, so comparable across its runs; every token under train-on-inputs, so not across halves);
 - train-on-inputs: SFT under ``improved[kd_positions=paper,train_on_inputs=true]`` minus SFT under ``improved``,
   and the same for KD-minus-SFT (paired on the examples);
 - GKD with tau (``improved``, tau = 2) minus without (tau = 1: the JSD carries no tau**2 factor, so tau = 1 is
@@ -44,6 +46,16 @@ def paired(a: pd.DataFrame, b: pd.DataFrame) -> dict:
     return paired_difference(a["correct"].to_numpy(), b["correct"].to_numpy())
 
 
+def held_out_losses(study_dir: Path) -> dict[tuple[str, float], float]:
+    """Final held-out cross-entropy of every student training run, by (method, temperature)."""
+    losses = {}
+    for summary in (study_dir / "runs").glob("student-*/train_summary.json"):
+        run = json.loads((summary.parent / "params.json").read_text())["run"]["parameters"]
+        tau = 0.0 if run["method"] == "sft" else float(run["temperature"])
+        losses[(run["method"], tau)] = json.loads(summary.read_text())["final_val_loss"]
+    return losses
+
+
 def student_runs(study_dir: Path) -> tuple[dict[tuple[str, float], pd.DataFrame], dict]:
     results = pd.read_csv(study_dir / "results.csv")
     tasks = sorted(results["task"].unique())
@@ -69,27 +81,33 @@ def main() -> None:
     report: dict = {"studies": {h: info for h, (_, info) in studies.items()}, "runs": [], "contrasts": {}}
     for half, (runs, info) in studies.items():
         sft = runs[("sft", 0.0)]
+        losses = held_out_losses(Path(args.outputs) / f"ablation_protocol_{half}")
         for (method, tau), run in sorted(runs.items()):
             row = {"half": half, "protocol": info["protocol"], "method": method, "temperature": tau or None,
-                   "accuracy": 100 * run["correct"].mean()}
+                   "accuracy": 100 * run["correct"].mean(), "held_out_ce": losses.get((method, tau))}
             if method != "sft":
                 row["kd_minus_sft"] = paired(run, sft)
             report["runs"].append(row)
 
-    def kd_minus_sft(half: str, method: str) -> pd.DataFrame:
-        """Per example, the mean over temperatures of KD correct minus SFT correct (in [-1, 1])."""
+    def kd_minus_sft(half: str, method: str, temperatures: set[float]) -> pd.Series:
+        """Per example, the mean over ``temperatures`` of KD correct minus SFT correct (in [-1, 1])."""
         runs = studies[half][0]
-        kd = np.mean([r["correct"].astype(float) for (m, _), r in runs.items() if m == method], axis=0)
+        kd = np.mean([r["correct"].astype(float) for (m, t), r in runs.items() if m == method and t in temperatures],
+                     axis=0)
         return pd.Series(kd - runs[("sft", 0.0)]["correct"].astype(float), index=runs[("sft", 0.0)].index)
+
+    def taus(runs: dict, method: str) -> set[float]:
+        return {t for m, t in runs if m == method}
 
     contrasts = report["contrasts"]
     improved = studies["improved"][0]
     if "train_on_inputs" in studies:
         tio = studies["train_on_inputs"][0]
         contrasts["sft: train on inputs minus response only"] = paired(tio[("sft", 0.0)], improved[("sft", 0.0)])
-        delta = kd_minus_sft("train_on_inputs", "fkl") - kd_minus_sft("improved", "fkl")
+        shared = taus(tio, "fkl") & taus(improved, "fkl")  # the temperatures both halves ran
+        delta = kd_minus_sft("train_on_inputs", "fkl", shared) - kd_minus_sft("improved", "fkl", shared)
         se = delta.std(ddof=1) / math.sqrt(len(delta))
-        contrasts["fkl KD-minus-SFT (mean over tau): train on inputs minus response only"] = {
+        contrasts[f"fkl KD-minus-SFT (tau {sorted(shared)}): train on inputs minus response only"] = {
             "difference": 100 * delta.mean(), "ci_low": 100 * (delta.mean() - 1.96 * se),
             "ci_high": 100 * (delta.mean() + 1.96 * se),
             "n": int(len(delta))}
@@ -101,7 +119,7 @@ def main() -> None:
         contrasts["gkd under paper: share of identical outputs, tau=1 vs tau=2"] = {"share": float(same)}
         contrasts["sft: paper protocol minus improved"] = paired(paper[("sft", 0.0)], improved[("sft", 0.0)])
     write_atomic(Path(args.output), json.dumps(report, indent=1))
-    print(pd.DataFrame([{**{k: r[k] for k in ("half", "method", "temperature", "accuracy")},
+    print(pd.DataFrame([{**{k: r[k] for k in ("half", "method", "temperature", "accuracy", "held_out_ce")},
                          "kd_minus_sft": r.get("kd_minus_sft", {}).get("difference"),
                          "p": r.get("kd_minus_sft", {}).get("pvalue")} for r in report["runs"]]).round(3).to_string())
     for name, c in contrasts.items():
