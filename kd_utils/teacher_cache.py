@@ -47,23 +47,23 @@ writes the manifest.
 
 Defaults, from ``benchmarks/teacher_cache_tradeoff.py`` (embedded SmolLM2-135M teacher, a
 10-layer LoRA student cut from it, the math mix, max_length 128; tables, with each figure's
-scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun on a shared 2-core
-machine (load 4.8-8.1) finished two rounds, so its parity and speed rest on two seeds, 8 training
-and 8 held-out rows (students within 0.07% of the online one; the speeds were noise); the
-error figures below come from the earlier format-3 run (64 rows), whose per-set encoding is the
-one each epoch set uses now.
+scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun (2-core CPU, load
+0.3-1.9) rests on 3 seeds and 3 timing rounds of 8 training and 8 held-out rows, 2 epochs.
 
 - ``topk_sampled`` with k = 4 and 20 tail draws per epoch set: 62 bytes per distilled token and
   set (uint16 ids, float16 log-probs, float32 entropy, the input id). Kept as the default at
-  tau = 1 and 2: unbiased, its per-position gradient error is the lowest measured at tau = 1
-  (~8%, near the floor of 6% for 29 stored ids, ``unbiased_variance_floor``), and at tau = 2
-  ``sampled`` (28 draws) is lower by a few points (97-100% against 105-108%; the floor is
-  91%; 50.9% against 52.1% in the rerun), too little to carry a per-temperature default.
-  The error is independent between positions and shrinks where they add up: ~2-3% at the
-  output layer at tau = 1. Elias-Fano coded ids (``id_coding``) fit 4 + 26 draws in 64 bytes,
-  with 13-17% less gradient error (rerun, one batch; no student distilled from it yet).
+  tau = 1 and 2: unbiased; its students ended within 0.07% of the online student's held-out KL
+  on every seed at both temperatures; its per-position gradient error is the lowest measured at
+  tau = 1 (3.5%, ``sampled`` 28 draws 7.1%; the floor for 29 stored ids,
+  ``unbiased_variance_floor``, is 2.5%), and at tau = 2 ``sampled`` is lower by about a point
+  (50.9% against 52.1%; floor 45.5%), too little to carry a per-temperature default. The error
+  is independent between positions and shrinks where they add up (1.1% at the output layer at
+  tau = 1). An epoch from it ran 1.43-1.47x as fast as online at this tiny size; with generation
+  counted it paid off after 2.5-2.9 epochs. Elias-Fano coded ids (``id_coding``) fit 4 + 26
+  draws in 64 bytes, with 13-17% less gradient error (one batch; no student distilled from it yet).
 - ``topk`` fits 64 bytes up to k = 14 (58 bytes). It is biased: fkl is 9-13% low at tau = 1
-  and 55-59% low at tau = 2, and top-k + tail reverse KL misses most of the loss of a student
+  and 55-59% low at tau = 2 in the format-3 run (3-4% and 39-43% in the rerun's smaller batch), and
+  top-k + tail reverse KL misses most of the loss of a student
   far from the teacher (format-3 run: its student ended 20% above the online student's
   held-out KL at tau = 2). rkl needs it.
 """
