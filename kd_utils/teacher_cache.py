@@ -62,7 +62,7 @@ scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun (2-c
   counted it paid off after 2.5-2.9 epochs. Elias-Fano coded ids (``id_coding``) fit 4 + 26
   draws in 64 bytes, with 13-17% less gradient error (one batch; no student distilled from it yet).
 - ``topk`` fits 64 bytes up to k = 14 (58 bytes). It is biased: fkl is 9-13% low at tau = 1
-  and 55-59% low at tau = 2 in the format-3 run (3-4% and 39-43% in the rerun's smaller batch), and
+  and 55-59% low at tau = 2 in the format-3 run (3-4% and 39-43% in the rerun), and
   top-k + tail reverse KL misses most of the loss of a student
   far from the teacher (format-3 run: its student ended 20% above the online student's
   held-out KL at tau = 2). rkl needs it.
