@@ -15,6 +15,8 @@ import re
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from kd_utils.tasks import PROMPT_TEMPLATES
+
 
 @dataclass(frozen=True)
 class Protocol:
@@ -94,7 +96,7 @@ DEFAULT_PROTOCOL = "improved"
 
 # the values a switched field may take (max_new_tokens is switched per domain by evaluation.max_new_tokens)
 _CHOICES = {"kd_positions": ("paper", "response"), "gkd_positions": ("labels", "response"),
-            "train_template": ("clean", "paper_train", "paper_eval"), "eval_template": ("clean", "paper_train", "paper_eval")}
+            "train_template": tuple(PROMPT_TEMPLATES), "eval_template": tuple(PROMPT_TEMPLATES)}
 _KINDS = {f.name: f.type for f in fields(Protocol) if f.name not in ("name", "max_new_tokens")}
 _SPEC = re.compile(r"^(?P<base>[a-z_]+)(?:\[(?P<overrides>[^\]]*)\])?$")
 
