@@ -426,6 +426,7 @@ def test_errors_before_training(tiny_model_dir, mix, tmp_path):
     ("max_length", 7, "max_length must be >= 8, got 7"),
     ("temperature", 0.0, "temperature must be > 0, got 0.0"),
     ("noise_sigma", -1.0, "noise_sigma must be >= 0, got -1.0"),
+    ("loss_chunk_size", 0, "loss_chunk_size must be >= 1 or None (automatic), got 0"),
 ])
 def test_validate_names_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=exactly(message)):
@@ -435,7 +436,7 @@ def test_validate_names_the_bad_value(field, value, message):
 @pytest.mark.parametrize("field, values", [
     ("beta", [0.0, 1.0]), ("lmbda", [0.0, 1.0]), ("kd_weight", [0.0, 1.0]), ("val_fraction", [0.0, 0.999]),
     ("max_length", [8]), ("distill_positions", [None, "paper", "response"]), ("epochs", [1]),
-    ("micro_batch_size", [1, 16]),
+    ("micro_batch_size", [1, 16]), ("loss_chunk_size", [None, 1]),
 ])
 def test_validate_accepts_the_boundaries(field, values):
     for value in values:
