@@ -126,10 +126,8 @@ KD_CONFIG = dict(method="fkl", epochs=2, batch_size=4, micro_batch_size=2, lr=2e
                  val_examples=3, max_steps=2, loss_chunk_size=64, seed=0)
 
 
-@pytest.fixture(scope="module")
-def kd_run(tiny_model_dir, mix, tmp_path_factory):
+def fkl_run_from_a_cache(tiny_model_dir: Path, mix: list, out: Path, patch: pytest.MonkeyPatch) -> dict:
     """16 examples, 3 held out: 13 rows = 7 micro-batches of 2 = 3 steps of 4, capped at max_steps=2 per epoch."""
-    out = tmp_path_factory.mktemp("kd-run") / "out"
     stale = out / "checkpoints" / "epoch-2" / "stale.txt"  # no done marker: an interrupted save, to be cleared
     stale.parent.mkdir(parents=True)
     stale.write_text("old")
@@ -144,18 +142,27 @@ def kd_run(tiny_model_dir, mix, tmp_path_factory):
     config = TrainConfig(**KD_CONFIG)
     expect = {"seed": 0, "teacher": "fake"}
     err, stdout = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as patch:
-        rec = Recorders(patch, SCRIPTED_VAL)
-        patch.setattr(training.cache_store, "open_for_training", open_for_training)
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
-            result = training.train(model, tok, mix[:16], config, out, teacher_cache="the-cache",
-                                    teacher_cache_expect=expect)
+    rec = Recorders(patch, SCRIPTED_VAL)
+    patch.setattr(training.cache_store, "open_for_training", open_for_training)
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
+        result = training.train(model, tok, mix[:16], config, out, teacher_cache="the-cache",
+                                teacher_cache_expect=expect)
     return {"result": result, "rec": rec, "source": source, "opened": opened, "out": out, "tok": tok, "config": config,
             "expect": expect, "stderr": err.getvalue(), "stdout": stdout.getvalue()}
 
 
-def test_history_steps_learning_rates_and_loss_means(kd_run):
-    history, rec = kd_run["result"]["history"], kd_run["rec"]
+def test_fkl_run_from_a_teacher_cache(tiny_model_dir, mix, tmp_path, monkeypatch):
+    """One run, checked in parts (one run per test, no shared fixture: mutmut maps a test to the code that
+    the test itself calls, so a module fixture's run would count for the first of its tests only)."""
+    run = fkl_run_from_a_cache(tiny_model_dir, mix, tmp_path / "out", monkeypatch)
+    for check in (check_history_steps_learning_rates_and_loss_means, check_optimizer_lr_and_weight_decay,
+                  check_cache_source_arguments_and_devices, check_returned_summary_and_history_file,
+                  check_checkpoint_holds_what_a_resume_needs, check_progress_bar):
+        check(run, mix)
+
+
+def check_history_steps_learning_rates_and_loss_means(run: dict, mix: list) -> None:
+    history, rec = run["result"]["history"], run["rec"]
     assert len(rec.losses) == 8  # 2 steps x 2 micro-batches per epoch, 2 epochs
     assert history[0] == {"epoch": 0, "step": 0, "val_loss": 3.0}
     for epoch in (1, 2):
@@ -171,28 +178,30 @@ def test_history_steps_learning_rates_and_loss_means(kd_run):
     assert rec.schedulers == [{"warmup": 1, "total": 4}]
 
 
-def test_optimizer_gets_the_configured_lr_and_weight_decay(kd_run):
-    (optimizer,) = kd_run["rec"].optimizers
+def check_optimizer_lr_and_weight_decay(run: dict, mix: list) -> None:
+    (optimizer,) = run["rec"].optimizers
     assert optimizer.defaults["lr"] == 2e-3 and optimizer.defaults["weight_decay"] == 0.1
 
 
-def test_cache_source_gets_the_run_arguments_and_every_step_asks_it_on_the_training_device(kd_run, mix):
-    rec, tok, expect = kd_run["rec"], kd_run["tok"], kd_run["expect"]
+def check_cache_source_arguments_and_devices(run: dict, mix: list) -> None:
+    """The cache is opened for this run's data, temperature, noise, length and epochs; every step asks it for
+    targets on the training device and with the current epoch (each epoch its own draws)."""
+    rec, tok, expect = run["rec"], run["tok"], run["expect"]
     (val_rows, _), *_ = rec.val_calls
     held_out = {r["id"] for r in val_rows}
     assert len(held_out) == 3  # val_examples=3, not the improved protocol's val_fraction (0.1 x 16 -> 2)
     train_examples = [e for e in mix[:16] if e.id not in held_out]
-    (args,) = kd_run["opened"]
+    (args,) = run["opened"]
     assert args == ("the-cache", tok, train_examples, "fkl", 2.0, 0.5, 64, 2, expect)
-    assert kd_run["source"].calls == [(CPU, 1)] * 4 + [(CPU, 2)] * 4
+    assert run["source"].calls == [(CPU, 1)] * 4 + [(CPU, 2)] * 4
     assert {i for b in rec.batches for i in b["ids"]} <= {e.id for e in train_examples}
     assert rec.to_device and set(rec.to_device) == {CPU}
     assert [device for _, device in rec.val_calls] == [CPU] * 3
     assert rec.on_policy == []  # lmbda=1 draws on-policy batches for gkd only
 
 
-def test_returned_summary_and_history_file(kd_run):
-    result, out = kd_run["result"], kd_run["out"]
+def check_returned_summary_and_history_file(run: dict, mix: list) -> None:
+    result, out = run["result"], run["out"]
     assert set(result) == {"history", "final_val_loss", "kept_epoch", "saved_to"}
     # improved keeps the last epoch even though epoch 1 had the lower validation loss
     assert result["kept_epoch"] == 2 and result["final_val_loss"] == 2.0
@@ -200,12 +209,12 @@ def test_returned_summary_and_history_file(kd_run):
     assert (out / "history.json").read_text() == json.dumps(result["history"], indent=1)
 
 
-def test_checkpoint_holds_what_a_resume_needs(kd_run):
-    out, config = kd_run["out"], kd_run["config"]
+def check_checkpoint_holds_what_a_resume_needs(run: dict, mix: list) -> None:
+    out, config = run["out"], run["config"]
     path = out / "checkpoints" / "epoch-1"
     assert (path / "done").is_file() and (path / "state").is_dir() and (path / "model" / "config.json").is_file()
     trainer = json.loads((path / "trainer.json").read_text())
-    assert trainer["history"] == kd_run["result"]["history"][:2]
+    assert trainer["history"] == run["result"]["history"][:2]
     assert trainer["teacher_source"] == {"calls": 4}
     assert trainer["config"] == json.loads(json.dumps(asdict(config)))
     assert trainer["config"]["method"] == "fkl" and trainer["config"]["kd_weight"] == 0.25
@@ -216,33 +225,35 @@ def test_checkpoint_holds_what_a_resume_needs(kd_run):
     assert (out / "checkpoints" / "epoch-2" / "done").is_file()
 
 
-def test_progress_bar_names_the_epoch_shows_the_loss_and_is_cleared(kd_run):
-    err, rec = kd_run["stderr"], kd_run["rec"]
+def check_progress_bar(run: dict, mix: list) -> None:
+    """The bar names the method and epoch, shows the micro-batch loss, and is wiped when the epoch ends."""
+    err, rec = run["stderr"], run["rec"]
     assert "fkl epoch 1/2" in err and "fkl epoch 2/2" in err
     assert f"loss={rec.losses[0][0]:.4f}" in err and f"loss={rec.losses[-1][0]:.4f}" in err
     # leave=False: the bar is wiped at the end of each epoch, no finished bar stays behind on its own line
     assert not [line for line in err.splitlines(keepends=True) if "epoch" in line and line.endswith("\n")]
-    assert "resuming" not in kd_run["stdout"]
+    assert "resuming" not in run["stdout"]
 
 
 # ---- sft under the paper protocol with LoRA: the best epoch is kept ------------------------
 
-@pytest.fixture(scope="module")
-def paper_run(tiny_model_dir, mix, tmp_path_factory):
+def test_sft_run_under_the_paper_protocol_with_lora(tiny_model_dir, mix, tmp_path, monkeypatch):
     """12 examples: the paper's 500 held out shrinks to 12 - 8 = 4; 8 rows, 4 steps of 2 per epoch."""
-    out = tmp_path_factory.mktemp("paper-run") / "out"
+    out = tmp_path / "out"
     model, tok = models.load_model(tiny_model_dir)
     config = TrainConfig(method="sft", protocol="paper", epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2,
                          max_length=24, lora=True, lora_r=2, seed=0)
-    with pytest.MonkeyPatch.context() as patch:
-        rec = Recorders(patch, SCRIPTED_VAL)
-        with contextlib.redirect_stderr(io.StringIO()):
-            result = training.train(model, tok, mix[:12], config, out)
-    return {"result": result, "rec": rec, "out": out, "tok": tok}
+    rec = Recorders(monkeypatch, SCRIPTED_VAL)
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = training.train(model, tok, mix[:12], config, out)
+    run = {"result": result, "rec": rec, "out": out}
+    for check in (check_paper_keeps_the_best_epochs_adapter, check_paper_warmup_and_held_out_rows,
+                  check_paper_rows_are_cut_at_max_length_and_label_the_prompt):
+        check(run)
 
 
-def test_paper_keeps_the_best_epochs_adapter(paper_run):
-    result, out = paper_run["result"], paper_run["out"]
+def check_paper_keeps_the_best_epochs_adapter(run: dict) -> None:
+    result, out = run["result"], run["out"]
     assert result["kept_epoch"] == 1 and result["final_val_loss"] == 1.0
     assert result["saved_to"] == str(out / "adapter")
     read = lambda d: (d / "adapter_model.safetensors").read_bytes()  # noqa: E731
@@ -252,8 +263,8 @@ def test_paper_keeps_the_best_epochs_adapter(paper_run):
     assert json.loads((out / "history.json").read_text()) == result["history"]
 
 
-def test_paper_warmup_and_held_out_rows(paper_run):
-    history, rec = paper_run["result"]["history"], paper_run["rec"]
+def check_paper_warmup_and_held_out_rows(run: dict) -> None:
+    history, rec = run["result"]["history"], run["rec"]
     assert [h["step"] for h in history] == [0, 4, 8]
     # the paper's 100 warmup steps: still warming up after 8 steps
     assert [h["lr"] for h in history[1:]] == pytest.approx([1e-2 * 4 / 100, 1e-2 * 8 / 100])
@@ -262,8 +273,8 @@ def test_paper_warmup_and_held_out_rows(paper_run):
     assert len(val_rows) == 4 and len(rec.losses) == 8
 
 
-def test_paper_rows_are_cut_at_max_length_and_label_the_prompt(paper_run):
-    rec = paper_run["rec"]
+def check_paper_rows_are_cut_at_max_length_and_label_the_prompt(run: dict) -> None:
+    rec = run["rec"]
     (val_rows, _), *_ = rec.val_calls
     widths = [b["input_ids"].shape[1] for b in rec.batches]
     assert max(widths) == 24 and max(len(r["input_ids"]) for r in val_rows) == 24  # every example is longer
