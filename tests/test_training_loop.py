@@ -4,7 +4,8 @@ source, the cache, tokenization and accelerate, and the errors raised before any
 
 Collaborators are wrapped by recorders that call the real function (or, for the validation loss,
 return scripted values so that the best epoch is known in advance); every expected value is
-computed here by hand from the documented rules.
+computed here by hand from the documented rules, the epoch means from the micro-batch losses the
+recorder saw.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Killed(Exception):
     pass
 
 
+def exactly(message: str) -> str:
+    """A pytest.raises match for the whole message."""
+    return "^" + re.escape(message) + "$"
+
+
 class FakeCacheSource:
     """Stands in for a teacher cache: dense random teacher logits, and a record of each targets() call."""
 
@@ -51,9 +57,6 @@ class FakeCacheSource:
 
     def state(self) -> dict:
         return {"calls": len(self.calls)}
-
-    def load_state(self, state: dict) -> None:
-        raise AssertionError("not resumed in these tests")
 
 
 class Recorders:
@@ -374,15 +377,16 @@ def test_batch_must_split_over_the_processes(tiny_model_dir, mix, tmp_path, monk
     monkeypatch.setattr(training, "Accelerator", SecondOfTwo)
     tok = models.load_tokenizer(tiny_model_dir)
     config = TrainConfig(batch_size=2, micro_batch_size=2, lora=False)
-    with pytest.raises(ValueError, match="^" + re.escape(
-            "batch_size=2 must be a multiple of micro_batch_size x processes = 2 x 2") + "$"):
+    message = "batch_size=2 must be a multiple of micro_batch_size x processes = 2 x 2"
+    with pytest.raises(ValueError, match=exactly(message)):
         training.train(None, tok, mix, config, tmp_path / "out")
 
 
 # ---- checks before any work ----------------------------------------------------------------
 
 @pytest.mark.parametrize("cuda, bf16, asked, expected", [
-    (True, True, "auto", "bf16"), (True, False, "auto", "no"), (False, True, "auto", "no"), (True, True, "fp16", "fp16"),
+    (True, True, "auto", "bf16"), (True, False, "auto", "no"), (False, True, "auto", "no"),
+    (True, True, "fp16", "fp16"),
 ])
 def test_mixed_precision_auto_is_bf16_where_the_gpu_supports_it(tiny_model_dir, mix, tmp_path, monkeypatch, cuda,
                                                                 bf16, asked, expected):
@@ -399,10 +403,6 @@ def test_mixed_precision_auto_is_bf16_where_the_gpu_supports_it(tiny_model_dir, 
         training.train(None, models.load_tokenizer(tiny_model_dir), mix, TrainConfig(mixed_precision=asked),
                        tmp_path / "out")
     assert seen == [{"mixed_precision": expected}]
-
-
-def exactly(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def test_errors_before_training(tiny_model_dir, mix, tmp_path):
