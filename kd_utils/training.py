@@ -87,6 +87,9 @@ class TrainConfig:
              f"distill_positions must be 'paper' or 'response', got {self.distill_positions!r}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
+            # the KD losses would refuse it only at the first step, after loading and the epoch-0 validation
+            (self.loss_chunk_size is None or self.loss_chunk_size >= 1,
+             f"loss_chunk_size must be >= 1 or None (automatic), got {self.loss_chunk_size}"),
         ]
         for ok, message in checks:
             if not ok:

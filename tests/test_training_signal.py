@@ -193,3 +193,36 @@ def test_paper_gkd_equals_the_authors_generalized_jsd_loss_without_temperature(t
         ours = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], config), config, vocab_size=11)
         theirs = authors_generalized_jsd_loss(s, t, LABELS["paper"])
         assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_lm_loss_with_one_labelled_token_is_that_tokens_cross_entropy():
+    x = logits(0)
+    labels = torch.full((5, 6), -100)
+    labels[1, 3] = R  # predicted at position 2
+    expected = -torch.log_softmax(x[1, 2].double(), -1)[R].item()
+    assert training.lm_loss(x, labels).double().item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl"])
+def test_kd_loss_against_a_cache_covering_the_whole_vocabulary_is_the_dense_loss(method):
+    """A cache's top-k targets with k = V leave no tail: the KD value is the dense loss's, over the tokenizer's
+    11 entries of the student's 13 logits, at the literal positions, at temperature 2."""
+    config = TrainConfig(method=method, protocol="paper", temperature=2.0, loss_chunk_size=3)
+    s, t = logits(1, vocab=13), logits(2, vocab=11)
+    logprobs, ids = torch.log_softmax(t[:, :5].double() / 2.0, -1).sort(-1, descending=True)
+    teacher = {"topk_ids": ids, "topk_logprobs": logprobs.float()}
+    loss = training.kd_loss(s, teacher, torch.tensor(PAPER_MASK).bool(), config, vocab_size=11)
+    expected = reference_kd(method, s[..., :11], t, PAPER_MASK, tau=2.0)
+    assert loss.double().item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("method, sparse", [("fkl", False), ("rkl", False), ("gkd", False), ("fkl", True),
+                                            ("rkl", True)])  # a cache serves fkl and rkl only
+def test_kd_loss_passes_the_configured_chunk_size_to_the_loss(method, sparse):
+    """The loss sees loss_chunk_size: one it cannot use is refused there (an unvalidated config), not replaced."""
+    config = TrainConfig(method=method, loss_chunk_size=0)
+    s, t = logits(1), logits(2)
+    logprobs, ids = torch.log_softmax(t[:, :5], -1).topk(3, -1)
+    teacher = {"topk_ids": ids, "topk_logprobs": logprobs} if sparse else t
+    with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+        training.kd_loss(s, teacher, torch.tensor(PAPER_MASK).bool(), config, vocab_size=11)
