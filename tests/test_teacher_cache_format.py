@@ -638,3 +638,169 @@ def test_teacher_identity_hashes_the_adapter_only_for_a_task_aware_teacher(tiny_
         "teacher": teacher, "adapter": None, "task_aware_teacher": False}
     assert teacher_cache.teacher_identity(tiny_model_dir) == {"teacher": teacher, "adapter": None,
                                                               "task_aware_teacher": True}
+
+
+# ---- the stage, on the tiny model ---------------------------------------------------------------------
+
+
+def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """Plain parameters, every default: what is selected, generated, recorded and summarised."""
+    calls = []
+    generate = teacher_cache.generate_cache
+
+    def spy(model, tokenizer, examples, targets, batch_size, shard_size, info):
+        calls.append((batch_size, shard_size))
+        return generate(model, tokenizer, examples, targets, batch_size, shard_size, info)
+
+    clock = iter([100.0, 102.345678])
+    monkeypatch.setattr(teacher_cache, "generate_cache", spy)
+    monkeypatch.setattr(teacher_cache.time, "perf_counter", lambda: next(clock))
+    summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", data_dir=data_dir)
+    # the rows run_training selects with the same defaults: the math mix, all of it, 10% held out with seed 0
+    mix, _ = build_training_mix("math", data_dir, include_mawps=False)
+    train, _ = batches.split_train_val(sample_examples(mix, None, 0), 0.1, 0)
+    tok = models.load_tokenizer(tiny_model_dir)
+    fields = {"format_version": 4, "teacher": teacher_cache.weights_hash(tiny_model_dir), "adapter": None,
+              "task_aware_teacher": True, "tokenizer": teacher_cache.tokenizer_fingerprint(tok),
+              "mix_fingerprint": mix_fingerprint(train), "max_length": 256, "representation": "topk_sampled", "k": 4,
+              "num_samples": 20, "temperature": 1.0, "noise_sigma": 0.0, "seed": 0, "epochs": 1,
+              "logprob_dtype": "float16", "id_coding": "fixed", "vocab_size": len(tok.get_vocab())}
+    path = tmp_path / "c" / teacher_cache.cache_key(fields)
+    positions = sum(len(batches.tokenize_example(tok, e, 256)["input_ids"]) - 1 for e in train)
+    size = (path / "shard-00000.safetensors").stat().st_size
+    manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
+    assert manifest["fields"] == fields and "rationales" not in manifest and len(manifest["shards"]) == 1
+    assert manifest["info"] == {"teacher": str(tiny_model_dir), "teacher_adapter": None, "domain": "math",
+                                "n_train": None, "include_mawps": False, "val_fraction": 0.1,
+                                "train_examples": len(train)}
+    assert calls == [(8, 256)]
+    per_token = round(size / positions, 2)
+    assert summary == {
+        "caches": {(1.0, 0.0): str(path)},
+        "per_cache": [{"temperature": 1.0, "noise_sigma": 0.0, "cache_dir": str(path), "positions": positions,
+                       "shards": 1, "bytes": size, "epoch_sets": 1, "bytes_per_token": per_token,
+                       "bytes_per_token_per_set": per_token}],
+        "representation": "topk_sampled", "k": 4, "num_samples": 20, "train_examples": len(train),
+        "positions": positions, "bytes_per_token": per_token, "bytes_per_token_per_set": per_token,
+        "generated": [str(path)], "rationales": False, "seconds": 2.35}
+    assert not (path / teacher_cache.RATIONALES).exists()
+
+
+def test_the_stage_writes_one_cache_per_setting_and_reuses_complete_ones(tiny_model_dir, data_dir, tmp_path,
+                                                                         monkeypatch):
+    params = dict(data_dir=data_dir, representation="topk", k=3, temperatures=(1, 2), noise_sigmas=(0, 0.5), epochs=2,
+                  max_length=8, shard_size=1, batch_size=1, val_fraction=0.25, n_train=3,
+                  teacher_adapter=str(tmp_path / "ignored"), task_aware_teacher=False)  # the base: no adapter
+    summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **params)
+    settings = [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)]
+    assert list(summary["caches"]) == settings and summary["generated"] == list(summary["caches"].values())
+    assert summary["train_examples"] == 2 and summary["k"] == 3 and summary["num_samples"] is None
+    for (tau, sigma), row in zip(settings, summary["per_cache"]):
+        path = Path(summary["caches"][tau, sigma])
+        manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
+        assert (manifest["fields"]["temperature"], manifest["fields"]["noise_sigma"]) == (tau, sigma)
+        assert manifest["fields"]["adapter"] is None and manifest["info"]["teacher_adapter"] is None
+        size = sum((path / r["file"]).stat().st_size for r in manifest["shards"])
+        sets = 2 if sigma else 1  # topk: only noise makes a set per epoch
+        assert row == {"temperature": tau, "noise_sigma": sigma, "cache_dir": str(path),
+                       "positions": manifest["positions"], "shards": 2, "bytes": size, "epoch_sets": sets,
+                       "bytes_per_token": round(size / manifest["positions"], 2),
+                       "bytes_per_token_per_set": round(size / manifest["positions"] / sets, 2)}
+    # the summary's own figures are the first setting's (one set; the noisy ones store two)
+    first = summary["per_cache"][0]
+    assert summary["bytes_per_token"] == first["bytes_per_token"] != summary["per_cache"][1]["bytes_per_token"]
+    assert summary["bytes_per_token_per_set"] == first["bytes_per_token_per_set"]
+    assert summary["positions"] == first["positions"]
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a complete cache needs no teacher")
+
+    monkeypatch.setattr(teacher_cache, "load_model", no_teacher)
+    again = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **params)
+    assert again["generated"] == [] and again["caches"] == summary["caches"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(shard_size=0), r"^shard_size and batch_size must be ints >= 1, got 0, 8$"),
+    (dict(batch_size=0), r"^shard_size and batch_size must be ints >= 1, got 256, 0$"),
+    (dict(shard_size=2.0), r"^shard_size and batch_size must be ints >= 1, got 2\.0, 8$"),
+    (dict(batch_size=2.0), r"^shard_size and batch_size must be ints >= 1, got 256, 2\.0$"),
+    (dict(max_length=7), r"^max_length must be >= 8, got 7$"),
+    (dict(k=0), r"^k must be an int >= 1, got 0$"),
+    (dict(num_samples=0), r"^num_samples must be an int >= 1, got 0$"),
+    (dict(temperatures=[]), r"^temperatures and noise_sigmas must each hold at least one value$"),
+    (dict(noise_sigmas=[]), r"^temperatures and noise_sigmas must each hold at least one value$"),
+    (dict(epochs=0), r"^epochs must be an int >= 1, got 0$"),
+    (dict(id_coding="varint"), r"^id_coding='varint' is not one of fixed, elias_fano$"),
+    (dict(representation="dense"), r"^representation='dense' is not one of topk, sampled, topk_sampled$"),
+    (dict(n_train=0), r"^the selection holds no training examples$"),
+])
+def test_the_stage_refuses_bad_parameters_before_any_work(tiny_model_dir, data_dir, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", data_dir=data_dir, **overrides)
+    assert not (tmp_path / "c").exists()
+
+
+def test_the_stage_stores_the_teachers_rationales_once(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from kd_utils import teachers
+
+    calls = []
+
+    def rationales(model, tokenizer, examples, max_new_tokens, batch_size):
+        calls.append((len(examples), max_new_tokens, batch_size))
+        return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, f"r{e.id}", True) for e in examples]
+
+    monkeypatch.setattr(teachers, "teacher_rationales", rationales)
+    params = dict(data_dir=data_dir, representation="topk", k=2, max_length=16, val_fraction=0.25, batch_size=3)
+    teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **params)
+    assert calls == []  # not asked for
+    summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", rationales=True, **params)
+    mix = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    assert calls == [(len(mix), 128, 3)] and summary["generated"] == [] and summary["rationales"] is True
+    path = only_cache(summary)
+    record = json.loads((path / teacher_cache.MANIFEST).read_text())["rationales"]
+    assert record["max_new_tokens"] == 128 and record["mix_fingerprint"] == mix_fingerprint(mix)
+    teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", rationales=True, **params)
+    assert len(calls) == 1  # stored and intact: not generated again
+    teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", rationales=True,
+                                    rationale_max_new_tokens=4, **params)
+    assert calls[-1] == (len(mix), 4, 3)
+
+
+def only_cache(summary: dict) -> Path:
+    (path,) = summary["caches"].values()
+    return Path(path)
+
+
+def test_training_refuses_a_method_a_cache_cannot_serve(tiny_model_dir, data_dir, tmp_path):
+    path = only_cache(teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", data_dir=data_dir,
+                                                      representation="sampled", num_samples=2, max_length=16,
+                                                      val_fraction=0.25))
+    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    run = dict(tokenizer=models.load_tokenizer(tiny_model_dir), train_examples=examples, temperature=1.0,
+               noise_sigma=0.0, max_length=16, epochs=1)
+    assert teacher_cache.open_for_training(path, method="fkl", **run).path == path
+    with pytest.raises(ValueError, match=rf"^method 'rkl' needs a 'topk' teacher cache \(the top-k \+ tail "
+                                         rf"partition\); {path} holds representation 'sampled'$"):
+        teacher_cache.open_for_training(path, method="rkl", **run)
+    with pytest.raises(ValueError, match=r"^method 'gkd' cannot train from teacher_cache: gkd's on-policy batches "
+                                         r"need the online teacher: pass teacher instead of teacher_cache$"):
+        teacher_cache.open_for_training(path, method="gkd", **run)
+    with pytest.raises(ValueError, match=r"^method 'seqkd' cannot train from teacher_cache: a teacher cache serves "
+                                         r"fkl and rkl only$"):
+        teacher_cache.open_for_training(path, method="seqkd", **run)
+    with pytest.raises(ValueError, match=r"does not fit this run: max_length: cache has 16, run expects 8; "
+                                         r"epochs: cache has 1, run expects 2; seed: cache has 0, run expects 1$"):
+        teacher_cache.open_for_training(path, method="fkl", **{**run, "max_length": 8, "epochs": 2},
+                                        expect={"seed": 1})
+
+
+def test_the_script_entry_point_runs_the_stage_from_a_params_file(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(teacher_cache, "run_teacher_cache", lambda **params: calls.append(params))
+    (tmp_path / "params.json").write_text(json.dumps({"resolved": {"teacher": "t", "output_dir": "o", "k": 2}}))
+    teacher_cache.main([str(tmp_path / "params.json"), "--output-dir", str(tmp_path / "out")])
+    assert calls == [{"teacher": "t", "output_dir": str(tmp_path / "out"), "k": 2}]
+    with pytest.raises(SystemExit):
+        teacher_cache.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m kd_utils.teacher_cache [-h]")
