@@ -408,6 +408,7 @@ def test_a_batch_reads_the_epochs_set_and_pads_with_a_valid_distribution(tmp_pat
         assert torch.equal(got["topk_logprobs"][0, 1:], torch.full((2, 2), -math.log(2), dtype=torch.float16).float())
     assert cache.targets(batch, epoch=2)["topk_ids"][0, 0].tolist() == [1100, 1101]
     assert cache.targets(batch)["topk_ids"][0, 0].tolist() == [1000, 1001]  # epoch 1 by default
+    assert cache.targets(batch, "meta")["topk_ids"].device.type == "meta"
     assert cache.batch(batch, device="meta")["topk_ids"].device.type == "meta"
     assert cache.state() == {} and cache.load_state({"anything": 1}) is None
 
@@ -515,6 +516,7 @@ def test_a_stage_directory_finds_the_one_cache_that_fits(tmp_path):
     lines = str(err.value).split("\n")
     assert lines[0] == f"no teacher cache under {tmp_path} fits this run (2 found)" and len(lines) == 3
     assert lines[1].startswith(f"  {first.name}: unreadable ({first / 'manifest.json'}: not valid JSON")
+    assert lines[1].endswith(")")
     assert lines[2] == f"  {second.name}: temperature: cache has {tau}, run expects 5; k: cache has 2, run expects 3"
 
 
@@ -544,8 +546,14 @@ def test_rationales_are_stored_as_jsonl_and_recorded_in_the_manifest(tmp_path):
             "ex-0": {"id": "ex-0", "rationale": "2 + 2 é 4", "complete": True},
             "ex-1": {"id": "ex-1", "rationale": "cut", "complete": False}}
     cached = teacher_cache.cached_rationales(tmp_path, mix, 16, {"temperature": 2.0})
-    assert [(e.id, e.rationale, e.complete, e.instruction) for e in cached] == [
-        ("ex-0", "2 + 2 é 4", True, "question 0"), ("ex-1", "cut", False, "question 1")]
+    assert cached == [Example("ex-0", "gsm8k", "math", "question 0", "", "0", "2 + 2 é 4", True),
+                      Example("ex-1", "gsm8k", "math", "question 1", "", "1", "cut", False)]
+    with pytest.raises(ValueError, match=rf"^no teacher cache under {tmp_path} fits this run \(2 found\)"):
+        teacher_cache.cached_rationales(tmp_path, mix, 16, {"temperature": 3.0})
+    # a cache directory named directly is checked against expect too
+    with pytest.raises(ValueError, match=rf"^teacher cache {paths[0]} does not fit this run: temperature: cache has "
+                                         r"1\.0, run expects 3\.0$"):
+        teacher_cache.cached_rationales(paths[0], mix, 16, {"temperature": 3.0})
     # a stage's caches hold the same rationales: with no fields to tell them apart, the first is read
     assert [e.rationale for e in teacher_cache.cached_rationales(tmp_path, mix, 16)] == ["2 + 2 é 4", "cut"]
 
@@ -565,9 +573,12 @@ def test_missing_stale_or_corrupt_rationales_are_detected(tmp_path):
     with pytest.raises(ValueError, match=rf"^the rationales in teacher cache {path} do not fit this run: "
                                          r"max_new_tokens: cache has 16, run expects 8$"):
         teacher_cache.cached_rationales(path, mix, 8)
-    with pytest.raises(ValueError, match=r"do not fit this run: mix_fingerprint: cache has '[0-9a-f]{16}', "
-                                         r"run expects '[0-9a-f]{16}'$"):
+    with pytest.raises(ValueError, match=rf"do not fit this run: mix_fingerprint: cache has '{mix_fingerprint(mix)}', "
+                                         rf"run expects '{mix_fingerprint([example(1)])}'$"):
         teacher_cache.cached_rationales(path, [example(1)], 16)
+    with pytest.raises(ValueError, match=r"do not fit this run: max_new_tokens: cache has 16, run expects 8; "
+                                         r"mix_fingerprint: cache has '[0-9a-f]{16}', run expects '[0-9a-f]{16}'$"):
+        teacher_cache.cached_rationales(path, [example(1)], 8)
     (path / "rationales.jsonl").write_text('{"id": "ex-0", "rationale": "R", "complete": true}\n')
     assert teacher_cache._rationales_missing(path, 16, mix)
     with pytest.raises(ValueError, match=rf"^{path / 'rationales.jsonl'}: sha256 differs from the manifest's "
@@ -780,6 +791,9 @@ def test_training_refuses_a_method_a_cache_cannot_serve(tiny_model_dir, data_dir
     run = dict(tokenizer=models.load_tokenizer(tiny_model_dir), train_examples=examples, temperature=1.0,
                noise_sigma=0.0, max_length=16, epochs=1)
     assert teacher_cache.open_for_training(path, method="fkl", **run).path == path
+    topk = only_cache(teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", data_dir=data_dir,
+                                                      representation="topk", k=2, max_length=16, val_fraction=0.25))
+    assert teacher_cache.open_for_training(topk, method="rkl", **run).path == topk
     with pytest.raises(ValueError, match=rf"^method 'rkl' needs a 'topk' teacher cache \(the top-k \+ tail "
                                          rf"partition\); {path} holds representation 'sampled'$"):
         teacher_cache.open_for_training(path, method="rkl", **run)
@@ -804,3 +818,25 @@ def test_the_script_entry_point_runs_the_stage_from_a_params_file(tmp_path, monk
     with pytest.raises(SystemExit):
         teacher_cache.main(["--help"])
     assert capsys.readouterr().out.startswith("usage: python -m kd_utils.teacher_cache [-h]")
+
+
+def test_unbiased_variance_floor_by_hand():
+    """Threshold t with sum_v min(1, p_v / t) = n; floor = sum over p_v < t of p_v (t - p_v)."""
+    p = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.1],  # t = 1/2: nothing kept exactly; 0.5 - 0.28
+                      [0.7, 0.1, 0.1, 0.05, 0.05],  # 0.7 kept, t = 0.3 for the rest: 0.09 - 0.025
+                      [0.05, 0.1, 0.7, 0.05, 0.1],  # the same, unsorted
+                      [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=torch.float64)  # 0.5 - 0.2
+    floor = teacher_cache.unbiased_variance_floor(p, 2)
+    assert floor.dtype == torch.float64 and floor.tolist() == pytest.approx([0.22, 0.065, 0.065, 0.3], abs=1e-12)
+    # n = 3: 0.6 and 0.25 kept exactly, t = 0.15 for the rest: 0.15 * 0.15 - (0.01 + 0.0025)
+    three = teacher_cache.unbiased_variance_floor(torch.tensor([[0.6, 0.25, 0.1, 0.05, 0.0]], dtype=torch.float64), 3)
+    assert three.tolist() == pytest.approx([0.01], abs=1e-12)
+    # n >= V: every id is kept exactly
+    assert teacher_cache.unbiased_variance_floor(p, 5).tolist() == [0.0] * 4
+    uniform = torch.full((1, 50), 1 / 50, dtype=torch.float64)
+    assert teacher_cache.unbiased_variance_floor(uniform, 50).tolist() == [0.0]  # exactly: no rounding of sums
+    assert teacher_cache.unbiased_variance_floor(p, 9).dtype == torch.float64
+    # on p's device (meta: shapes only), whichever branch
+    for n in (2, 5):
+        on_meta = teacher_cache.unbiased_variance_floor(p.to("meta"), n)
+        assert on_meta.device.type == "meta" and on_meta.shape == (4,)
