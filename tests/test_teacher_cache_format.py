@@ -392,11 +392,11 @@ def test_a_cache_reads_back_each_example(tmp_path):
 
 
 def test_a_batch_reads_the_epochs_set_and_pads_with_a_valid_distribution(tmp_path):
-    path = write_cache(tmp_path, SHARDS, fields_of("topk", noise_sigma=0.5, epochs=2))
+    path = write_cache(tmp_path, SHARDS, fields_of("topk", noise_sigma=0.5, epochs=3))
     cache = teacher_cache.open_cache(path)
     batch = {"ids": ["c", "b"], "input_ids": torch.tensor([[1000, 1001, 0, 0], [3, 4, 5, 6]]),
              "attention_mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])}
-    for epoch, s in ((1, 0), (2, 1), (3, 0), (4, 1)):
+    for epoch, s in ((1, 0), (2, 1), (3, 2), (4, 0), (5, 1)):  # epoch e reads set (e - 1) mod 3
         got = cache.batch(batch, epoch=epoch)
         assert got.keys() == {"topk_ids", "topk_logprobs"}
         ids = got["topk_ids"]
@@ -406,11 +406,19 @@ def test_a_batch_reads_the_epochs_set_and_pads_with_a_valid_distribution(tmp_pat
         assert torch.equal(got["topk_logprobs"][1], torch.full((3, 2), -math.log(3), dtype=torch.float16).float())
         # padding: distinct ids 0..k-1, uniform
         assert torch.equal(got["topk_logprobs"][0, 1:], torch.full((2, 2), -math.log(2), dtype=torch.float16).float())
+    assert cache.batch(batch)["topk_ids"][0, 0].tolist() == [1000, 1001]  # epoch 1 by default
     assert cache.targets(batch, epoch=2)["topk_ids"][0, 0].tolist() == [1100, 1101]
-    assert cache.targets(batch)["topk_ids"][0, 0].tolist() == [1000, 1001]  # epoch 1 by default
+    assert cache.targets(batch)["topk_ids"][0, 0].tolist() == [1000, 1001]
     assert cache.targets(batch, "meta")["topk_ids"].device.type == "meta"
     assert cache.batch(batch, device="meta")["topk_ids"].device.type == "meta"
     assert cache.state() == {} and cache.load_state({"anything": 1}) is None
+
+
+def test_a_batch_of_single_tokens_has_no_positions(tmp_path):
+    cache = teacher_cache.open_cache(write_cache(tmp_path, [(["a", "b"], [1, 3])], fields_of("topk")))
+    assert cache.example("a")["ids"].shape == (0, 1, 2) and cache.example("b")["input_ids"].tolist() == [1, 2, 3]
+    got = cache.batch({"ids": ["a"], "input_ids": torch.tensor([[0]]), "attention_mask": torch.tensor([[1]])})
+    assert got["topk_ids"].shape == (1, 0, 2) and got["topk_logprobs"].shape == (1, 0, 2)
 
 
 def test_a_batch_whose_tokens_differ_from_the_cache_is_refused(tmp_path):
