@@ -708,9 +708,13 @@ def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_p
 def test_the_stage_writes_one_cache_per_setting_and_reuses_complete_ones(tiny_model_dir, data_dir, tmp_path,
                                                                          monkeypatch):
     params = dict(data_dir=data_dir, representation="topk", k=3, temperatures=(1, 2), noise_sigmas=(0, 0.5), epochs=2,
-                  max_length=8, shard_size=1, batch_size=1, val_fraction=0.25, n_train=3,
+                  max_length=8, shard_size=1, batch_size=1, val_fraction=0.25, n_train=3, seed=1, include_mawps=True,
                   teacher_adapter=str(tmp_path / "ignored"), task_aware_teacher=False)  # the base: no adapter
     summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **params)
+    # 3 of the mix with MAWPS drawn with seed 1, a quarter of them held out
+    mix, _ = build_training_mix("math", data_dir, include_mawps=True)
+    train, _ = batches.split_train_val(sample_examples(mix, 3, 1), 0.25, 1)
+    assert [e.id for e in train] == ["gsm8k-train-1", "mawps-train-0"]
     settings = [(1.0, 0.0), (1.0, 0.5), (2.0, 0.0), (2.0, 0.5)]
     assert list(summary["caches"]) == settings and summary["generated"] == list(summary["caches"].values())
     assert summary["train_examples"] == 2 and summary["k"] == 3 and summary["num_samples"] is None
@@ -718,6 +722,9 @@ def test_the_stage_writes_one_cache_per_setting_and_reuses_complete_ones(tiny_mo
         path = Path(summary["caches"][tau, sigma])
         manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
         assert (manifest["fields"]["temperature"], manifest["fields"]["noise_sigma"]) == (tau, sigma)
+        assert manifest["fields"]["mix_fingerprint"] == mix_fingerprint(train) and manifest["fields"]["seed"] == 1
+        assert manifest["info"]["include_mawps"] is True and manifest["info"]["n_train"] == 3
+        assert teacher_cache.open_cache(path)._index.keys() == {"gsm8k-train-1", "mawps-train-0"}
         assert manifest["fields"]["adapter"] is None and manifest["info"]["teacher_adapter"] is None
         size = sum((path / r["file"]).stat().st_size for r in manifest["shards"])
         sets = 2 if sigma else 1  # topk: only noise makes a set per epoch
@@ -848,3 +855,24 @@ def test_unbiased_variance_floor_by_hand():
     for n in (2, 5):
         on_meta = teacher_cache.unbiased_variance_floor(p.to("meta"), n)
         assert on_meta.device.type == "meta" and on_meta.shape == (4,)
+
+
+def test_select_examples_is_run_trainings_selection(data_dir):
+    mix, _ = build_training_mix("math", data_dir, include_mawps=True)
+    sampled = sample_examples(mix, 4, 2)
+    train, val = batches.split_train_val(sampled, 0.25, 2)
+    selection = teacher_cache.select_examples("math", 4, True, data_dir, 2, 0.25)
+    assert (selection.mix, selection.train, selection.val) == (sampled, train, val)
+    assert [e.id for e in selection.val] == ["gsm8k-train-1"]
+
+
+class FakeTokenizer:
+    eos_token_id, pad_token_id = 2, 0
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"b": 1, "a": 0, "é": 2}
+
+
+def test_the_tokenizer_fingerprint_covers_vocabulary_and_special_ids():
+    content = '{"vocab": [["a", 0], ["b", 1], ["é", 2]], "eos": 2, "pad": 0}'
+    assert teacher_cache.tokenizer_fingerprint(FakeTokenizer()) == hashlib.sha256(content.encode()).hexdigest()[:20]
