@@ -771,8 +771,11 @@ def test_the_stage_stores_the_teachers_rationales_once(tiny_model_dir, data_dir,
     from kd_utils import teachers
 
     calls = []
+    vocab = models.load_tokenizer(tiny_model_dir).get_vocab()
 
     def rationales(model, tokenizer, examples, max_new_tokens, batch_size):
+        # the teacher and its tokenizer generate
+        assert model.config.vocab_size >= len(vocab) and tokenizer.get_vocab() == vocab
         calls.append((len(examples), max_new_tokens, batch_size))
         return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, f"r{e.id}", True) for e in examples]
 
@@ -876,3 +879,29 @@ class FakeTokenizer:
 def test_the_tokenizer_fingerprint_covers_vocabulary_and_special_ids():
     content = '{"vocab": [["a", 0], ["b", 1], ["é", 2]], "eos": 2, "pad": 0}'
     assert teacher_cache.tokenizer_fingerprint(FakeTokenizer()) == hashlib.sha256(content.encode()).hexdigest()[:20]
+
+
+def test_a_task_aware_cache_holds_the_adapted_teachers_distributions(tiny_model_dir, data_dir, tmp_path):
+    """The teacher's LoRA adapter is merged before the forward passes: the stored log-probs are the adapted model's."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = models.load_model(tiny_model_dir)
+    torch.manual_seed(0)
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapted.save_pretrained(tmp_path / "adapter")
+    vocab = len(tok.get_vocab())
+    params = dict(data_dir=data_dir, representation="topk", k=vocab, max_length=16, val_fraction=0.25, n_train=2)
+    path = only_cache(teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c",
+                                                      teacher_adapter=str(tmp_path / "adapter"), **params))
+    cache = teacher_cache.open_cache(path)
+    stored = cache.example(next(iter(cache._index)))
+    with torch.no_grad():
+        logits = adapted(input_ids=stored["input_ids"][None]).logits[0, :-1, :vocab]
+    expected = logits.double().log_softmax(-1).gather(1, stored["ids"][:, 0].long())
+    assert torch.allclose(stored["logprobs"][:, 0].double(), expected, atol=2e-3)
+    with torch.no_grad():
+        plain = adapted.get_base_model()  # the adapter's effect is large enough to tell the two apart
+        with adapted.disable_adapter():
+            unadapted = plain(input_ids=stored["input_ids"][None]).logits[0, :-1, :vocab]
+    assert not torch.allclose(unadapted.double().log_softmax(-1).gather(1, stored["ids"][:, 0].long()), expected,
+                              atol=2e-2)
