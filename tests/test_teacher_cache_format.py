@@ -894,6 +894,8 @@ def test_a_task_aware_cache_holds_the_adapted_teachers_distributions(tiny_model_
     path = only_cache(teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c",
                                                       teacher_adapter=str(tmp_path / "adapter"), **params))
     cache = teacher_cache.open_cache(path)
+    assert cache.fields["adapter"] == teacher_cache.weights_hash(tmp_path / "adapter")
+    assert cache.manifest["info"]["teacher_adapter"] == str(tmp_path / "adapter")
     stored = cache.example(next(iter(cache._index)))
     with torch.no_grad():
         logits = adapted(input_ids=stored["input_ids"][None]).logits[0, :-1, :vocab]
