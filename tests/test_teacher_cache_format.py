@@ -907,3 +907,14 @@ def test_a_task_aware_cache_holds_the_adapted_teachers_distributions(tiny_model_
             unadapted = plain(input_ids=stored["input_ids"][None]).logits[0, :-1, :vocab]
     assert not torch.allclose(unadapted.double().log_softmax(-1).gather(1, stored["ids"][:, 0].long()), expected,
                               atol=2e-2)
+
+
+def test_a_hub_model_is_hashed_in_its_local_snapshot(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", {"org/model": str(snapshot)}.__getitem__)
+    assert teacher_cache.model_dir("org/model") == snapshot
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "config.json").write_text("{}")
+    assert teacher_cache.model_dir(tmp_path / "local") == tmp_path / "local"
