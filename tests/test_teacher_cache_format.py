@@ -98,8 +98,8 @@ def test_bad_settings_are_refused_naming_the_value(overrides, message):
         teacher_cache.validate_settings(**kwargs)
 
 
-def test_validate_settings_defaults_are_one_epoch_and_fixed_ids():
-    teacher_cache.validate_settings("topk", 1, 1, [1.0], [0.0])  # no epochs / id_coding given: valid defaults
+def test_validate_settings_defaults_are_valid():
+    assert teacher_cache.validate_settings("topk", 1, 1, [1.0], [0.0]) is None  # no epochs / id_coding given
 
 
 @pytest.mark.parametrize("vocab, dtype", [(10, torch.uint16), (65536, torch.uint16), (65537, torch.int32),
@@ -289,10 +289,11 @@ def test_encode_sets_seed_each_set_by_seed_example_and_set():
 
 
 def shard_tensors(lengths: list[int], width: int = 2, sets: int = 1, offset: int = 0) -> dict[str, torch.Tensor]:
-    """Storage tensors of examples with these token counts: position p of the shard holds ids p + offset, p + offset + 1..."""
+    """Storage tensors of examples with these token counts: at position p, set s holds ids p + offset + 100 s + i
+    (i < width); token t of the shard is t + offset."""
     positions = sum(n - 1 for n in lengths)
     ids = (torch.arange(positions)[:, None, None] + offset + torch.arange(sets)[None, :, None] * 100
-           + torch.arange(width)).to(torch.uint16)  # (uint16 has no addition: built in int64)
+           + torch.arange(width)).to(torch.uint16)  # built in int64: uint16 tensors have no addition
     logprobs = torch.full((positions, sets, width), -math.log(width + 1), dtype=torch.float16)
     tokens = (torch.arange(sum(lengths)) + offset).to(torch.uint16)
     return {"ids": ids, "logprobs": logprobs, "input_ids": tokens, "lengths": torch.tensor(lengths, dtype=torch.int32)}
@@ -336,7 +337,7 @@ def test_a_damaged_shard_is_not_done(tmp_path, damage):
     assert not teacher_cache._shard_done(tmp_path, 0, ["a", "b"])
 
 
-def test_a_shard_whose_size_matches_but_bytes_differ_is_not_done(tmp_path):
+def test_a_shard_whose_record_names_another_digest_is_not_done(tmp_path):
     teacher_cache._write_shard(tmp_path, 0, shard_tensors([3, 5]), ["a", "b"])
     record = json.loads((tmp_path / "shard-00000.json").read_text())
     (tmp_path / "shard-00000.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
