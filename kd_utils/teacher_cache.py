@@ -575,14 +575,10 @@ def field_differences(fields: dict, expect: dict) -> list[str]:
     unknown = sorted(set(expect) - set(fields))
     if unknown:
         raise ValueError(f"unknown cache fields {unknown}; known: {sorted(fields)}")
+    # Python's == already takes 2 and 2.0 as equal (temperatures come as ints from YAML / papermill) and, unlike
+    # float(), keeps ints above 2**53 apart (a seed)
     return [f"{name}: cache has {fields[name]!r}, run expects {value!r}"
-            for name, value in expect.items() if not _same(fields[name], value)]
-
-
-def _same(a, b) -> bool:
-    """Equal, with 2 and 2.0 equal (temperatures come as ints from YAML / papermill)."""
-    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
-    return float(a) == float(b) if numbers else a == b
+            for name, value in expect.items() if fields[name] != value]
 
 
 def find_cache(root: str | Path, expect: dict) -> Path:
