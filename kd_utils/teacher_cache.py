@@ -608,6 +608,10 @@ def _matching_caches(root: Path, expect: dict) -> tuple[list[Path], list[str]]:
         except ValueError as err:
             report.append(f"{cache.name}: unreadable ({err})")
             continue
+        if fields.get("format_version") != CACHE_FORMAT_VERSION:  # an older cache lacks newer fields: say why
+            report.append(f"{cache.name}: cache format {fields.get('format_version')}, this version reads "
+                          f"{CACHE_FORMAT_VERSION} (regenerate it)")
+            continue
         differences = field_differences(fields, expect)
         if differences:
             report.append(f"{cache.name}: " + "; ".join(differences))

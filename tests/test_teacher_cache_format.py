@@ -8,6 +8,7 @@ its mutation run, beside tests/test_teacher_cache.py.
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -527,6 +528,18 @@ def test_a_stage_directory_finds_the_one_cache_that_fits(tmp_path):
     assert lines[1].startswith(f"  {first.name}: unreadable ({first / 'manifest.json'}: not valid JSON")
     assert lines[1].endswith(")")
     assert lines[2] == f"  {second.name}: temperature: cache has {tau}, run expects 5; k: cache has 2, run expects 3"
+
+
+def test_a_cache_of_an_older_format_beside_a_fitting_one_is_skipped_and_named(tmp_path):
+    fits = write_cache(tmp_path, SHARDS, fields_of("topk", temperature=2.0))
+    old_fields = {name: value for name, value in fields_of("topk", seed=1).items() if name != "epochs"}
+    old = write_cache(tmp_path, SHARDS, {**old_fields, "format_version": 3})
+    assert teacher_cache.find_cache(tmp_path, {"temperature": 2.0, "epochs": 1}) == fits
+    shutil.rmtree(fits)
+    with pytest.raises(ValueError) as err:
+        teacher_cache.find_cache(tmp_path, {"temperature": 2.0, "epochs": 1})
+    assert str(err.value).split("\n") == [f"no teacher cache under {tmp_path} fits this run (1 found)",
+                                          f"  {old.name}: cache format 3, this version reads 4 (regenerate it)"]
 
 
 # ---- rationales -------------------------------------------------------------------------------------
