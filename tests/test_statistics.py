@@ -261,6 +261,7 @@ def test_study_best_temperature_seed_mean_and_baseline():
     imp = st.improvement_table(small_study()).set_index(["method", "task"])
     # gsm8k: t1 seed mean 56 < t2 60 -> t2, improvement 60 - 50 (same-seed SFT)
     assert imp.loc[("fkl", "gsm8k"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [2.0, 60, 10, 1]
+    assert set(imp["n_temperatures"]) == {1}  # one temperature chosen per row
     # svamp: t1 mean 67 > t2 61 -> t1, improvement mean of (70 - 60, 64 - 62) = 6
     assert imp.loc[("fkl", "svamp"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [1.0, 67, 6, 2]
     # average per run: t1 runs 62.5 / 60.5 vs SFT 55 / 57 -> 5.5
@@ -282,6 +283,7 @@ def test_study_mean_and_fixed_temperature_rules():
     assert row["improvement"] == pytest.approx(((55 - 50 + 57 - 52) / 2 + (60 - 50)) / 2)
     fixed = st.improvement_table(small_study(), temperature=2.0).set_index(["method", "task"])
     assert fixed.loc[("fkl", "svamp"), ["temperature", "improvement"]].tolist() == [2.0, 1.0]
+    assert set(fixed["n_temperatures"]) == {1}
     assert ("rkl", "gsm8k") not in fixed.index  # rkl ran at temperature 1 only
     with pytest.raises(ValueError, match="temperature must be 'best', 'mean' or a number, got 'max'"):
         st.improvement_table(small_study(), temperature="max")
@@ -313,8 +315,94 @@ def test_study_ablation_tables():
     expertise = st.ablation_table(results, "expertise")
     assert expertise.loc[expertise["task"] == "gsm8k", ["expertise", "accuracy"]].values.tolist() == [
         [st.EXPERT, 56], [st.TASK_UNAWARE, 98]]
-    with pytest.raises(ValueError, match="unknown ablation factor 'lr'"):
+    with pytest.raises(ValueError, match="^unknown ablation factor 'lr'; expected one of temperature, noise_sigma, expertise$"):
         st.ablation_table(results, "lr")
+
+
+def test_task_average_rows_follow_run_order_with_nan_counts():
+    # run z comes before run a: the averages keep the table's order; run 'part' lacks svamp, so it gets none
+    table = results_table([
+        ("z", "student", "S-1B", "sft", "gsm8k", 50, dict(correct=50, ci_low=40, ci_high=60)),
+        ("z", "student", "S-1B", "sft", "svamp", 70, dict(correct=70, ci_low=60, ci_high=80)),
+        ("a", "student", "S-1B", "sft", "gsm8k", 40, dict(seed=1, correct=40, ci_low=30, ci_high=50)),
+        ("a", "student", "S-1B", "sft", "svamp", 60, dict(seed=1, correct=60, ci_low=50, ci_high=70)),
+        ("part", "student", "S-1B", "sft", "gsm8k", 30, dict(seed=2, correct=30, ci_low=20, ci_high=40)),
+    ])
+    out = st.with_task_average(table)
+    assert out.index.equals(pd.RangeIndex(len(table) + 2))  # a fresh index: row labels stay unique
+    pd.testing.assert_frame_equal(out.iloc[:len(table)], table)
+    average = out.iloc[len(table):]
+    assert average["run_id"].tolist() == ["z", "a"] and set(average["task"]) == {"average"}
+    assert average["accuracy"].tolist() == [60, 50]
+    # an average has no count or interval of its own: NaN floats, as a blank cell of results.csv reads
+    for col in ("n", "correct", "ci_low", "ci_high"):
+        assert out[col].dtype == np.float64 and average[col].isna().all()
+
+
+def test_two_sft_runs_of_one_seed_named():
+    extra = results_table([("sft0-again", "student", "S-1B", "sft", "gsm8k", 51, {})])
+    with pytest.raises(ValueError, match=r"^more than one SFT run for model 'S-1B', task 'gsm8k', seed 0\.0$"):
+        st.kd_pairs(pd.concat([small_study(), extra], ignore_index=True))
+
+
+def test_kd_run_without_any_sft_run_keeps_a_nan_improvement():
+    extra = results_table([("u-fkl", "student", "U-2B", "fkl", "gsm8k", 40, dict(teacher="T-3B", temperature=1.0))])
+    pairs = st.kd_pairs(pd.concat([small_study(), extra], ignore_index=True))
+    row = pairs[pairs["run_id"] == "u-fkl"]
+    assert row["accuracy"].tolist() == [40]
+    assert row[["sft_run_id", "sft_accuracy", "improvement"]].isna().all(axis=None)
+
+
+def test_kd_runs_without_a_temperature_are_kept():
+    # seqkd with a blank temperature (the schema allows it) next to fkl at temperature 1; SFT 50 / 60
+    kd = dict(teacher="T-3B")
+    rows = []
+    for task, sft, fkl, seqkd, noisy in (("gsm8k", 50, 55, 58, 52), ("svamp", 60, 66, 61, 59)):
+        rows += [("sft0", "student", "S-1B", "sft", task, sft, {}),
+                 ("fkl", "student", "S-1B", "fkl", task, fkl, kd | dict(temperature=1.0)),
+                 ("seqkd", "student", "S-1B", "seqkd", task, seqkd, kd),
+                 ("seqkd-noise", "student", "S-1B", "seqkd", task, noisy, kd | dict(noise_sigma=1.0))]
+    results = results_table(rows)
+    imp = st.improvement_table(results)
+    by = imp.set_index(["method", "task"])
+    assert math.isnan(by.loc[("seqkd", "gsm8k"), "temperature"])
+    assert by.loc[("seqkd", "gsm8k"), ["accuracy", "improvement"]].tolist() == [58, 8]
+    assert by.loc[("seqkd", "average"), ["accuracy", "improvement"]].tolist() == [59.5, 4.5]
+    noise = st.ablation_table(results, "noise_sigma")
+    assert set(noise["method"]) == {"seqkd"}  # fkl ran without noise only
+    assert noise.loc[noise["task"] == "gsm8k", ["noise_sigma", "accuracy"]].values.tolist() == [[0.0, 58], [1.0, 52]]
+
+    fidelity = pd.DataFrame(
+        [("fkl", 1.0, 0.0, "gsm8k", 0.6), ("fkl", 1.0, math.nan, "gsm8k", 0.8),  # a blank sigma is no noise
+         ("fkl", 1.0, 1.0, "gsm8k", 0.1),  # a noisy teacher's run never matches
+         ("fkl", 1.0, 0.0, "svamp", 0.5),
+         ("seqkd", math.nan, 0.0, "gsm8k", 0.4), ("seqkd", math.nan, 0.0, "svamp", 0.2),
+         # SFT rows (even one for 'average') neither match nor stop the KD averages being computed
+         ("sft", math.nan, 0.0, "gsm8k", 0.9), ("sft", math.nan, 0.0, "average", 0.9)],
+        columns=["method", "temperature", "noise_sigma", "task", "agreement"],
+    ).assign(domain="math", teacher="T-3B", student="S-1B")
+    joined = st.attach_fidelity(imp, fidelity)
+    assert len(joined) == len(imp) == 6
+    assert joined.set_index(["method", "task"])["agreement"].to_dict() == pytest.approx({
+        ("fkl", "gsm8k"): 0.7, ("fkl", "svamp"): 0.5, ("fkl", "average"): 0.6,
+        ("seqkd", "gsm8k"): 0.4, ("seqkd", "svamp"): 0.2, ("seqkd", "average"): 0.3})
+
+
+def test_fidelity_given_average_is_used_and_rows_without_fidelity_stay():
+    imp = st.improvement_table(small_study())
+    # the paper's shape: per (teacher, student, task), with an 'average' of its own; nothing for svamp
+    fidelity = pd.DataFrame({"domain": "math", "teacher": "T-3B", "student": "S-1B",
+                             "task": ["gsm8k", "average"], "agreement": [0.4, 0.9]})
+    joined = st.attach_fidelity(imp, fidelity)
+    keys = ["domain", "teacher", "student", "method", "task"]
+    assert joined[keys].equals(imp[keys])  # every improvement row once, in order
+    agreement = joined.set_index(["method", "task"])["agreement"]
+    assert agreement[("fkl", "gsm8k")] == agreement[("rkl", "gsm8k")] == 0.4  # every method's row
+    assert agreement[("fkl", "average")] == 0.9  # as given, not the mean of the rows given
+    assert math.isnan(agreement[("fkl", "svamp")])
+    # a fidelity key the improvements lack is an error, not a looser join copying values across domains
+    with pytest.raises(KeyError, match="domain"):
+        st.attach_fidelity(imp.drop(columns="domain"), fidelity)
 
 
 def test_study_missing_column_named(tmp_path):
