@@ -89,9 +89,11 @@ def write_paper_fixture(directory: Path, skip: tuple[str, ...] = ()) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def paper_tests(tmp_path_factory) -> pd.DataFrame:
-    return st.paper_hypothesis_tests(write_paper_fixture(tmp_path_factory.mktemp("paper")))
+@pytest.fixture
+def paper_tests(tmp_path) -> pd.DataFrame:
+    # per test, not per module (0.1 s each): mutmut runs for a mutant only the tests that called the
+    # mutated function, and a shared fixture's calls are recorded for the first test that used it
+    return st.paper_hypothesis_tests(write_paper_fixture(tmp_path / "paper"))
 
 
 def pick(tests: pd.DataFrame, domain: str, hypothesis: str, method: str, task: str) -> pd.Series:

@@ -3,6 +3,7 @@ verdicts, and the paper re-analysis."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -211,6 +212,119 @@ def test_h1_units_are_students():
     assert (tests["pvalue_holm"].dropna() >= tests["pvalue"].dropna().loc[tests["pvalue_holm"].dropna().index]).all()
 
 
+def holm_by_hand(pvalues: pd.Series) -> list[float]:
+    """Holm's step-down: the i-th smallest p times (m - i), running maximum, capped at 1 (statsmodels runs
+    gc.collect() on every call, 0.07 s each)."""
+    p = pvalues.to_numpy(float)
+    order = np.argsort(p)
+    stepped = np.minimum(1.0, np.maximum.accumulate(p[order] * (p.size - np.arange(p.size))))
+    return stepped[np.argsort(order)].tolist()
+
+
+def exact_friedman_pvalue(wide: pd.DataFrame) -> float:
+    """P(permuted rank sums' squares >= observed) over every within-block order of the ranks."""
+    ranks = stats.rankdata(wide.to_numpy(float), axis=1)
+    orders = np.array(list(itertools.permutations(range(ranks.shape[1]))))
+    sums = ranks[0][orders]
+    for block in ranks[1:]:
+        sums = (sums[:, None, :] + block[orders][None, :, :]).reshape(-1, ranks.shape[1])
+    return float(np.mean(np.square(sums).sum(axis=1) >= np.square(ranks.sum(axis=0)).sum() - 1e-9))
+
+
+def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    # 3 students x 2 teachers x 3 methods; commonsense has no split (sft_accuracy_a blank, no selected
+    # temperature) and a task without any improvement (piqa)
+    rng = np.random.default_rng(5)
+    rows = []
+    for domain, tasks in (("math", ("gsm8k", "average")), ("commonsense", ("boolq", "piqa", "average"))):
+        for j in range(3):
+            for i in range(2):
+                for method in ("fkl", "rkl", "gkd"):
+                    for task in tasks:
+                        rows.append(dict(
+                            domain=domain, teacher=f"T{i}", student=f"S{j}", method=method, task=task,
+                            temperature=math.nan, improvement=math.nan if task == "piqa" else 2.0 * j + rng.normal(0, 2),
+                            improvement_selected=rng.normal(4, 2) if domain == "math" else math.nan,
+                            sft_accuracy_a=50.0 + 5 * j if domain == "math" else math.nan,
+                            improvement_b=rng.normal(3, 1), teacher_accuracy=60.0 + 10 * i, student_size=j + 1.0,
+                            error_consistency=rng.normal(0.3, 0.1), agreement=rng.normal(0.7, 0.1),
+                            bleu=rng.normal(20, 5)))
+    imp = pd.DataFrame(rows)
+    tests = st.study_hypothesis_tests(imp)
+    assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
+    # math first; H3 against SFT accuracy needs the split, H5 (BLEU) is tested in math only
+    assert tests["domain"].tolist() == sorted(tests["domain"], key=["math", "commonsense"].index)
+    h2_to_h4 = ["H2_teacher_performance", "H3_student_size"]
+    assert tests.groupby("domain", sort=False)["hypothesis"].unique().map(list).to_dict() == {
+        "math": ["H1_improvement_ttest", "H1_method_friedman", *h2_to_h4, "H3_student_sft", "H4_agreement",
+                 "H5_fidelity"],
+        "commonsense": ["H1_improvement_ttest", "H1_method_friedman", *h2_to_h4, "H4_agreement"]}
+
+    h1 = tests[tests["hypothesis"] == "H1_improvement_ttest"]
+    assert (h1["unit"] == "students").all() and (h1["test"] == "one-sided one-sample t-test").all()
+    assert (h1["effect_of_interest"] == "a 3-point gain").all()
+    assert len(h1) == 4 * 2 + 4 * 3  # methods all, fkl, rkl, gkd x tasks
+    for row in h1.to_dict("records"):
+        part = imp[(imp["domain"] == row["domain"]) & (imp["task"] == row["task"])
+                   & ((imp["method"] == row["method"]) | (row["method"] == "all"))]
+        if row["task"] == "piqa":
+            assert row["n"] == 0 and row["note"] == "not testable: 0 unit(s) < 3" and math.isnan(row["pvalue"])
+            continue
+        units = part.groupby("student")["improvement"].mean()
+        ref = stats.ttest_1samp(units, 0.0, alternative="greater")
+        power = TTestPower().power(3 / units.std(ddof=1), nobs=3, alpha=0.05, alternative="larger")
+        assert row["n"] == 3 and row["estimate"] == pytest.approx(units.mean())
+        assert (row["statistic"], row["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+        assert row["power"] == pytest.approx(power)
+        assert row["note"] == ("" if power >= 0.8 else f"underpowered: 3 students, power {power:.2f} for a 3-point gain")
+        if row["domain"] == "math":  # H1 on the selected-temperature estimate, students as units
+            selected = part.groupby("student")["improvement_selected"].mean()
+            assert row["pvalue_selected"] == pytest.approx(
+                stats.ttest_1samp(selected, 0.0, alternative="greater").pvalue)
+        else:
+            assert math.isnan(row["pvalue_selected"])
+    for _, family in tests.groupby(["domain", "hypothesis", "method"]):  # Holm across the tasks
+        tested = family.dropna(subset=["pvalue"])
+        if len(tested):
+            assert tested["pvalue_holm"].tolist() == pytest.approx(holm_by_hand(tested["pvalue"]))
+
+    friedman = tests[tests["hypothesis"] == "H1_method_friedman"]
+    assert (friedman["method"] == "all").all() and (friedman["unit"] == "teacher-student pairs (blocks)").all()
+    assert (friedman["test"] == "Friedman test, permutation p (estimate: Kendall's W)").all()
+    assert (friedman["effect_of_interest"] == "Cohen's medium f = 0.25").all()
+    # repeated-measures F power for f = 0.25 with 6 blocks of 3: df 2 and 10, noncentrality 6 * 3 * f^2
+    power = stats.ncf.sf(stats.f.ppf(0.95, 2, 10), 2, 10, 6 * 3 * 0.25**2)
+    for row in friedman.to_dict("records"):
+        if row["task"] == "piqa":
+            assert row["n"] == 0 and row["note"] == "not testable: 0 method(s), 0 complete block(s) (needs 2 and 3)"
+            continue
+        part = imp[(imp["domain"] == row["domain"]) & (imp["task"] == row["task"])]
+        wide = part.pivot(index=["teacher", "student"], columns="method", values="improvement")
+        ref = stats.friedmanchisquare(*wide.to_numpy().T)
+        assert row["n"] == 6 and row["statistic"] == pytest.approx(ref.statistic)
+        assert row["pvalue_asymptotic"] == pytest.approx(ref.pvalue) and row["power"] == pytest.approx(power)
+        assert row["pvalue"] == pytest.approx(exact_friedman_pvalue(wide), abs=0.02)  # 9999 resamples: 4 SE
+
+    h4 = tests[tests["hypothesis"] == "H4_agreement"]
+    assert (h4["test"] == "Spearman of improvement with error_consistency, permutation p").all()
+    # 6 pairs compared within 3 students: 2^3 orders, the smallest p 0.25
+    assert (h4.loc[h4["task"] != "piqa", "note"]
+            == "not testable: 6 points allow 8 permutations, the smallest attainable p-value is 0.25 > 0.05").all()
+    assert (h4.loc[h4["task"] == "piqa", "note"]
+            == "not testable: 0 point(s) in blocks of 2 or more (compared within students) < 3").all()
+    # another agreement measure and alpha: H4 reads that column, the powers use that alpha
+    other = st.study_hypothesis_tests(imp[imp["domain"] == "math"], agreement="agreement", alpha=0.1, n_resamples=99)
+    assert (other.loc[other["hypothesis"] == "H4_agreement", "test"]
+            == "Spearman of improvement with agreement, permutation p").all()
+    row = other[(other["hypothesis"] == "H1_improvement_ttest") & (other["method"] == "all")
+                & (other["task"] == "gsm8k")].iloc[0]
+    units = imp[(imp["domain"] == "math") & (imp["task"] == "gsm8k")].groupby("student")["improvement"].mean()
+    assert row["power"] == pytest.approx(TTestPower().power(3 / units.std(ddof=1), nobs=3, alpha=0.1,
+                                                            alternative="larger"))
+
+
 def verdict_of(tests: pd.DataFrame, hypothesis: str) -> str:
     verdicts = st.verdict_table(tests)
     return verdicts.set_index("hypothesis").loc[hypothesis, "verdict"]
@@ -259,6 +373,56 @@ def test_agreement_gain_tests_units_are_students():
     tests = st.agreement_gain_tests(pd.DataFrame(rows), measure="agreement").set_index("task")
     assert tests.loc["average", "n"] == 4 and tests.loc["average", "estimate"] == pytest.approx(5.5)
     assert tests.loc["average", "pvalue"] == pytest.approx(stats.ttest_1samp([5, 7, 6, 4], 0).pvalue)
+
+
+def test_agreement_gain_tests_rows_match_scipy_and_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    # KD minus SFT error consistency per (teacher, student, task) is gains[student][task] by construction:
+    # teacher offsets are shared by SFT and KD, fkl and rkl sit at +1 and -1 around the gain
+    gains = {"math": {"S0": (2.0, 4.0), "S1": (3.0, 1.0), "S2": (7.0, 2.0), "S3": (-1.0, 5.0)},
+             "commonsense": {"S0": (4.0,), "S1": (6.0,)}}
+    tasks = {"math": ("gsm8k", "svamp"), "commonsense": ("boolq",)}
+    rows = []
+    for domain, by_student in gains.items():
+        for student, per_task in by_student.items():
+            for teacher, offset in (("T0", 0.0), ("T1", 10.0)):
+                for task, gain in zip(tasks[domain], per_task):
+                    base = dict(domain=domain, teacher=teacher, student=student, task=task, bleu=math.nan)
+                    rows += [base | dict(method="sft", noise_sigma=0.0, error_consistency=50 + offset),
+                             base | dict(method="fkl", noise_sigma=0.0, error_consistency=50 + offset + gain + 1),
+                             # a blank sigma is no noise
+                             base | dict(method="rkl", noise_sigma=math.nan, error_consistency=50 + offset + gain - 1),
+                             # a noisy teacher's run and a missing measure never enter
+                             base | dict(method="fkl", noise_sigma=1.0, error_consistency=0.0),
+                             base | dict(method="gkd", noise_sigma=0.0, error_consistency=math.nan)]
+    tests = st.agreement_gain_tests(pd.DataFrame(rows))  # error consistency is the default measure
+    assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
+    # the study's order: math before commonsense, the tasks in their canonical order, average last
+    assert tests[["domain", "task"]].values.tolist() == [
+        ["math", "gsm8k"], ["math", "svamp"], ["math", "average"], ["commonsense", "boolq"],
+        ["commonsense", "average"]]
+    assert (tests["hypothesis"] == "H4_kd_vs_sft").all() and (tests["method"] == "all").all()
+    assert (tests["unit"] == "students").all()
+    assert (tests["test"] == "two-sided t-test of KD minus SFT error_consistency").all()
+    assert (tests["effect_of_interest"] == "Cohen's medium d = 0.5").all()
+    for (domain, task), row in tests.set_index(["domain", "task"]).iterrows():
+        per_task = np.array(list(gains[domain].values()))
+        units = per_task.mean(axis=1) if task == "average" else per_task[:, tasks[domain].index(task)]
+        power = TTestPower().power(0.5, nobs=units.size, alpha=0.05, alternative="two-sided")
+        assert row["n"] == units.size and row["estimate"] == pytest.approx(units.mean())
+        assert row["power"] == pytest.approx(power)
+        if units.size < 3:
+            assert math.isnan(row["statistic"]) and math.isnan(row["pvalue"]) and math.isnan(row["pvalue_holm"])
+            assert row["note"] == "not testable: 2 unit(s) < 3"
+            continue
+        ref = stats.ttest_1samp(units, 0.0)
+        ci = ref.confidence_interval(0.95)
+        assert (row["statistic"], row["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        assert row["note"] == f"underpowered: 4 students, power {power:.2f} for Cohen's medium d = 0.5"
+    math_rows = tests[tests["domain"] == "math"]
+    assert math_rows["pvalue_holm"].tolist() == pytest.approx(holm_by_hand(math_rows["pvalue"]))
 
 
 # ----------------------------------------------------------------------------- the paper re-analysed
