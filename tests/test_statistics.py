@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -297,6 +298,106 @@ def test_study_pairs_fallback_run_and_expertise():
     assert rkl["sft_run_id"] == "sft0"
     base = pairs[pairs["run_id"] == "fkl-base"]
     assert set(base["expertise"]) == {st.TASK_UNAWARE} and set(base["teacher"]) == {"T-3B"}
+
+
+def test_published_building_blocks_at_their_edges():
+    # a spread of exactly 1 is tested; only zero spread is not
+    y = [1.0, 2.0, 2.0]
+    ref = stats.ttest_1samp(y, 0.0, alternative="greater")
+    assert st.improvement_ttest(y) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), "")
+    t, p, note = st.improvement_ttest([2.0, 2.0, 2.0])
+    assert math.isnan(t) and math.isnan(p) and note == "not testable: constant improvement (zero variance)"
+    for groups in ([[1.0, 2.0], [2.0, 4.0]], [[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 3.0], [0.0, 5.0]]):
+        ref = stats.f_oneway(*groups)
+        assert st.method_anova(groups) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), ""), groups
+    for groups, note in (([[1.0, 2.0, 3.0]], "not testable: 1 method(s), 3 point(s)"),
+                         ([[1.0], [2.0], [3.0]], "not testable: 3 method(s), 3 point(s)"),
+                         ([[1.0, 1.0], [2.0, 2.0]], "not testable: no variance within methods")):
+        assert st.method_anova(groups)[2] == note
+    for x, y in (([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]), ([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [1.0, 2.0, 2.0])):
+        ref = stats.spearmanr(x, y)
+        assert st.spearman(x, y) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), "")
+        # the permutation p-value, exact over the 6 orders of y
+        rhos = [stats.spearmanr(x, order).statistic for order in itertools.permutations(y)]
+        exact = np.mean(np.abs(rhos) >= abs(ref.statistic) - 1e-12)
+        assert st.spearman_permutation_pvalue(x, y) == pytest.approx(exact)
+    for x, y in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [2.0, 2.0, 2.0])):
+        rho, p, note = st.spearman(x, y)
+        assert math.isnan(rho) and math.isnan(p) and note == "not testable: constant input, Spearman rho undefined"
+    # n_resamples reaches the permutation: 99 resamples of 720 orders give a Monte Carlo (hits + 1) / 100
+    x, y = [0.5, 1.5, 3.0, 7.0, 1.0, 3.5], [5.0, 4.0, 3.5, -1.0, 6.0, 2.0]
+    rho = stats.spearmanr(x, y).statistic
+    exact = np.mean(np.abs([stats.spearmanr(x, order).statistic for order in itertools.permutations(y)])
+                    >= abs(rho) - 1e-12)
+    assert exact * 100 != pytest.approx(round(exact * 100))  # 46/720: not a Monte Carlo value
+    monte_carlo = st.spearman_permutation_pvalue(x, y, n_resamples=99)
+    assert monte_carlo * 100 == pytest.approx(round(monte_carlo * 100)) and monte_carlo == pytest.approx(exact, abs=0.2)
+
+
+def test_published_procedure_power_and_notes():
+    from statsmodels.stats.power import FTestAnovaPower, TTestPower
+
+    rng = np.random.default_rng(3)
+    rows = [dict(domain="math", method=method, task="gsm8k", improvement=rng.normal(1, 2),
+                 teacher_accuracy=rng.normal(60, 5), student_size=1.0 + i, sft_accuracy=rng.normal(40, 5),
+                 agreement=rng.normal(50, 5), bleu=rng.normal(20, 3)) for method in ("fkl", "rkl") for i in range(20)]
+    rows[0]["teacher_accuracy"] = math.nan  # left out of H2 only
+    other = dict(teacher_accuracy=60.0, student_size=1.0, sft_accuracy=40.0, agreement=50.0, bleu=20.0)
+    rows += [dict(domain="math", method="fkl", task="svamp", improvement=2.0) | other for _ in range(3)]
+    rows += [dict(domain="math", method="rkl", task="svamp", improvement=v) | other for v in (1.0, 3.0)]
+    # average rows carry no agreement (H4 and H5 leave the average out); a task outside the study's list
+    # sorts after average and is still tested
+    rows += [dict(domain="math", method="fkl", task="average", improvement=v, teacher_accuracy=60.0 + v,
+                  student_size=1.0, sft_accuracy=40.0, agreement=math.nan, bleu=math.nan) for v in (1.0, 2.0, 4.0)]
+    rows += [dict(domain="math", method="fkl", task="extra", improvement=v) | other | dict(agreement=50.0 + v)
+             for v in (1.0, 2.0, 4.0)]
+    rows += [dict(domain="commonsense", method="fkl", task="boolq", improvement=v) | other for v in (1.0, 2.0, 4.0)]
+    imp = pd.DataFrame(rows).assign(teacher="T", student="S")
+    tests = st.hypothesis_tests(imp)
+    assert tests["domain"].tolist() == sorted(tests["domain"], key=["math", "commonsense"].index)  # math first
+    by = tests.set_index(["domain", "hypothesis", "method", "task"])
+    gsm8k = imp[imp["task"] == "gsm8k"]
+
+    def ttest_row(method: str) -> pd.Series:
+        return by.loc[("math", "H1_improvement_ttest", method, "gsm8k")]
+
+    for method, part in (("all", gsm8k), ("fkl", gsm8k[gsm8k["method"] == "fkl"]),
+                         ("rkl", gsm8k[gsm8k["method"] == "rkl"])):
+        ref = stats.ttest_1samp(part["improvement"], 0.0, alternative="greater")
+        power = TTestPower().power(0.5, nobs=len(part), alpha=0.05, alternative="larger")
+        row = ttest_row(method)
+        assert (row["statistic"], row["pvalue"], row["n"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue),
+                                                               len(part))
+        assert row["power"] == pytest.approx(power)
+        assert row["note"] == ("" if power >= 0.8 else  # 40 points are enough, 20 are not
+                               f"underpowered: 20 points, power {power:.2f} for a medium effect (ttest 0.5)")
+    assert ttest_row("all")["note"] == "" and ttest_row("fkl")["note"].startswith("underpowered")
+    anova = by.loc[("math", "H1_method_anova", "all", "gsm8k")]
+    ref = stats.f_oneway(*[g["improvement"] for _, g in gsm8k.groupby("method")])
+    power = FTestAnovaPower().power(0.25, nobs=40, alpha=0.05, k_groups=2)  # two methods
+    assert (anova["statistic"], anova["pvalue"], anova["power"]) == (
+        pytest.approx(ref.statistic), pytest.approx(ref.pvalue), pytest.approx(power))
+    assert anova["note"] == f"underpowered: 40 points, power {power:.2f} for a medium effect (anova 0.25)"
+    h2 = by.loc[("math", "H2_teacher_performance", "all", "gsm8k")]
+    known = gsm8k.dropna(subset=["teacher_accuracy"])
+    ref = stats.spearmanr(known["teacher_accuracy"], known["improvement"])
+    z = math.atanh(0.3) * math.sqrt(39 - 3)  # Fisher z power for rho 0.3, two-sided
+    power = stats.norm.sf(stats.norm.ppf(0.975) - z) + stats.norm.cdf(-stats.norm.ppf(0.975) - z)
+    assert (h2["statistic"], h2["pvalue"], h2["n"], h2["power"]) == (
+        pytest.approx(ref.statistic), pytest.approx(ref.pvalue), 39, pytest.approx(power))
+    assert h2["note"] == f"underpowered: 39 points, power {power:.2f} for a medium effect (spearman 0.3)"
+    assert by.loc[("math", "H1_improvement_ttest", "fkl", "svamp"), "note"] == (
+        "not testable: constant improvement (zero variance)")
+    assert by.loc[("math", "H1_improvement_ttest", "rkl", "svamp"), "note"] == "not testable: 2 point(s) < 3"
+    assert by.loc[("math", "H1_improvement_ttest", "all", "average"), "n"] == 3
+    assert by.loc[("math", "H1_improvement_ttest", "fkl", "average"), "statistic"] == pytest.approx(
+        stats.ttest_1samp([1.0, 2.0, 4.0], 0.0).statistic)  # 3 points are enough
+    assert by.loc[("math", "H4_agreement", "all", "extra"), "statistic"] == pytest.approx(1.0)
+    assert ("math", "H4_agreement", "all", "average") not in by.index
+    # without one x column the other hypotheses are still tested
+    without = st.hypothesis_tests(imp.drop(columns="teacher_accuracy"))
+    assert set(without["hypothesis"]) == {h for h, *_ in st.HYPOTHESES} - {"H2_teacher_performance"}
+    assert list(st.hypothesis_tests(imp.iloc[:0]).columns) == list(st.TEST_COLUMNS) + ["note", "power"]
 
 
 def test_study_not_testable_below_three_points():
