@@ -39,6 +39,51 @@ def test_unit_ttest_matches_scipy():
     assert st.unit_ttest([2.0, 2.0, 2.0])["note"].startswith("not testable: constant")
 
 
+def test_unit_ttest_defaults_edges_and_not_testable_rows():
+    from statsmodels.stats.power import TTestPower
+
+    y = np.array([1.0, 4.0, 2.5, -0.5, 3.0])
+    # one-sided by default; two-sided power for the 3-point gain
+    assert st.unit_ttest(y)["pvalue"] == pytest.approx(stats.ttest_1samp(y, 0.0, alternative="greater").pvalue)
+    two = st.unit_ttest(y, "two-sided", alpha=0.1)
+    assert two["power"] == pytest.approx(TTestPower().power(3 / y.std(ddof=1), nobs=5, alpha=0.1,
+                                                            alternative="two-sided"))
+    # a not-testable result still has every key, NaN where undefined, so table columns never go missing
+    short = st.unit_ttest([1.0, 2.0, math.nan])
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note"}
+    assert (short["n"], short["estimate"], short["note"]) == (2, 1.5, "not testable: 2 unit(s) < 3")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "ci_low", "ci_high", "power"))
+    # zero variance means within 1e-9 of the first unit, whatever the size of the values
+    assert st.unit_ttest([2.0, 2.0 + 5e-10, 2.0 + 0.9e-9])["note"] == "not testable: constant values (zero variance)"
+    for values in ([1000.0, 1000.001, 1000.003], [2.0, 2.0 + 5e-9, 2.0 + 9e-9], [0.0, 0.8e-9, 1.6e-9]):
+        res = st.unit_ttest(values)
+        ref = stats.ttest_1samp(values, 0.0, alternative="greater")
+        assert res["note"] == "" and res["statistic"] == pytest.approx(ref.statistic, rel=1e-6), values
+
+
+def test_friedman_defaults_and_not_testable_rows():
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0], "rkl": [2.0, 1.0, 5.0, 6.0], "gkd": [3.0, 4.0, 4.0, 5.0]})
+    res = st.friedman_test(table)
+    # repeated-measures F power for Cohen's f = 0.25: 4 blocks of 3, df 2 and 6, noncentrality 4 * 3 * f^2
+    for alpha in (0.05, 0.1):
+        power = stats.ncf.sf(stats.f.ppf(1 - alpha, 2, 6), 2, 6, 4 * 3 * 0.25**2)
+        assert st.friedman_test(table, alpha=alpha)["power"] == pytest.approx(power)
+    assert res["note"] == "" and res["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
+    short = st.friedman_test(table.iloc[:2])
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
+                            "pvalue_asymptotic"}
+    assert (short["n"], short["note"]) == (2, "not testable: 3 method(s), 2 complete block(s) (needs 2 and 3)")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "estimate", "ci_low", "ci_high",
+                                              "pvalue_asymptotic"))
+
+
+def test_aligned_ranks_treat_differences_below_1e9_as_ties():
+    # block centring leaves rounding noise: x values 4e-10 apart are the same value
+    y = [2.0, 1.0, 3.0, 4.0]
+    res = st.permutation_spearman([1.0, 1.0 + 4e-10, 2.0, 3.0], y, alpha=1.0)
+    assert res["statistic"] == pytest.approx(stats.spearmanr([1.0, 1.0, 2.0, 3.0], y).statistic)
+
+
 def test_friedman_matches_scipy_with_ties():
     table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0, 2.0], "rkl": [2.0, 2.0, 5.0, 1.0, 3.0],
                           "gkd": [3.0, 1.0, 4.0, 4.0, 2.0]})
@@ -306,6 +351,9 @@ def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
         assert row["n"] == 6 and row["statistic"] == pytest.approx(ref.statistic)
         assert row["pvalue_asymptotic"] == pytest.approx(ref.pvalue) and row["power"] == pytest.approx(power)
         assert row["pvalue"] == pytest.approx(exact_friedman_pvalue(wide), abs=0.02)  # 9999 resamples: 4 SE
+        # the unit's first word names what n counts
+        assert row["note"] == ("" if power >= 0.8 else
+                               f"underpowered: 6 teacher-student, power {power:.2f} for Cohen's medium f = 0.25")
 
     h4 = tests[tests["hypothesis"] == "H4_agreement"]
     assert (h4["test"] == "Spearman of improvement with error_consistency, permutation p").all()
