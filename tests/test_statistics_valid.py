@@ -133,6 +133,70 @@ def test_permutation_spearman_within_blocks_ignores_block_shifts():
     assert single["note"].startswith("not testable: 0 point(s) in blocks of 2 or more")
 
 
+def aligned_rank_rho(x: np.ndarray, y: np.ndarray, blocks: np.ndarray) -> float:
+    """The docstring's statistic, written out: values minus block means, midranks over all points (to 1e-9),
+    centred within blocks, correlated."""
+    frame = pd.DataFrame({"x": x, "y": y, "block": blocks})
+    centred = []
+    for col in ("x", "y"):
+        aligned = frame[col] - frame.groupby("block")[col].transform("mean")
+        ranks = pd.Series(stats.rankdata(aligned.round(9)), index=frame.index)
+        centred.append((ranks - ranks.groupby(frame["block"]).transform("mean")).to_numpy())
+    rx, ry = centred
+    return float(rx @ ry / math.sqrt((rx @ rx) * (ry @ ry)))
+
+
+def test_permutation_spearman_pairs_as_blocks():
+    rng = np.random.default_rng(7)
+    blocks = np.repeat([f"s{i}" for i in range(6)], 2)
+    x, y = rng.normal(0, 1, 12), rng.normal(0, 1, 12) + np.repeat(rng.normal(0, 5, 6), 2)
+    # points without x or y (None reads as missing) and a block of one point are left out
+    res = st.permutation_spearman(list(x) + [1.0, None, 2.0], list(y) + [None, 1.0, 3.0],
+                                  list(blocks) + ["s0", "s1", "lone"])
+    rho = aligned_rank_rho(x, y, blocks)
+    swaps = itertools.product([False, True], repeat=6)  # every within-pair order of x: 2^6
+    permuted = [aligned_rank_rho(np.where(np.repeat(swap, 2), x.reshape(6, 2)[:, ::-1].ravel(), x), y, blocks)
+                for swap in swaps]
+    n_eff = 6 * (2 - 1) + 1
+    half = stats.norm.ppf(0.975) * math.sqrt((1 + rho**2 / 2) / (n_eff - 3))
+    shift, z = math.atanh(0.3) * math.sqrt(n_eff - 3), stats.norm.ppf(0.975)
+    assert res["n"] == 12 and res["note"] == ""
+    assert res["statistic"] == pytest.approx(rho) and res["estimate"] == pytest.approx(rho)
+    assert res["pvalue"] == pytest.approx(np.mean(np.abs(permuted) >= abs(rho) - 1e-12))
+    assert (res["ci_low"], res["ci_high"]) == (pytest.approx(math.tanh(math.atanh(rho) - half)),
+                                               pytest.approx(math.tanh(math.atanh(rho) + half)))
+    assert res["power"] == pytest.approx(stats.norm.sf(z - shift) + stats.norm.cdf(-z - shift))
+    assert res["pvalue_asymptotic"] == pytest.approx(stats.spearmanr(x, y).pvalue)  # pooled, for reference
+    # alpha reaches the power
+    z10 = stats.norm.ppf(0.95)
+    assert st.permutation_spearman(x, y, blocks, alpha=0.1)["power"] == pytest.approx(
+        stats.norm.sf(z10 - shift) + stats.norm.cdf(-z10 - shift))
+
+
+def test_permutation_spearman_exact_up_to_n_resamples_and_its_gate():
+    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 3.0]
+    rho = stats.spearmanr(x, y).statistic
+    exact = np.mean([abs(stats.spearmanr(x, order).statistic) >= abs(rho) - 1e-12
+                     for order in itertools.permutations(y)])
+    # 4! = 24 permutations: exact with 24 resamples; the smallest p 2/24 is not above alpha = 2/24
+    res = st.permutation_spearman(x, y, n_resamples=24, alpha=2 / 24)
+    assert res["note"] == "" and res["pvalue"] == pytest.approx(exact)
+    gated = st.permutation_spearman(x, y, alpha=0.05)
+    assert gated["power"] == 0.0 and math.isnan(gated["statistic"])
+    assert gated["note"] == "not testable: 4 points allow 24 permutations, the smallest attainable p-value is 0.08 > 0.05"
+    # not-testable results keep every key, NaN where undefined
+    short = st.permutation_spearman([1.0, 2.0], [2.0, 1.0])
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
+                            "pvalue_asymptotic"}
+    assert (short["n"], short["note"]) == (2, "not testable: 2 point(s) < 3")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "estimate", "ci_low", "ci_high", "power",
+                                              "pvalue_asymptotic"))
+    flat = st.permutation_spearman([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], ["a", "a", "b", "b", "c", "c"],
+                                   alpha=1.0)
+    assert flat["note"] == "not testable: constant input within every block, rho undefined"
+    assert math.isnan(flat["statistic"])
+
+
 def test_permutation_spearman_within_blocks_size_by_simulation():
     """Under the null with shared per-block noise (the SFT run) the test rejects about 5%."""
     rng = np.random.default_rng(1)

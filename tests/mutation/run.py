@@ -6,7 +6,10 @@ MODULE is a file named in ``[tool.kd_study.mutation.modules]`` of pyproject.toml
 (``tasks``, ``losses``); default: all of them. Each runs mutmut (``[tool.mutmut]``) in a scratch
 copy of the project, ``outputs/mutation/<stem>/``, with ``only_mutate`` set to the module and the
 test selection set to its tests. ``--survivors`` reuses the last run there and re-tests only the
-mutants it did not detect (after adding tests); without it every mutant is tested afresh.
+mutants it did not detect (after adding tests); without it every mutant is tested afresh. When the
+module's test list grew since that run, mutmut forgets every verdict; the mutants the last run
+detected keep their verdict (more tests cannot let a detected mutant through), and a list that
+lost a test is refused: run afresh then.
 ``--estimate`` stops after mutmut has mapped the tests to the functions they call and prints
 how long testing every mutant would take at most (each one running all the tests that call its
 function, as if it survived; killed mutants stop at their first failing test).
@@ -110,6 +113,21 @@ def mutant_results(scratch: Path, module: str) -> dict[str, int | None]:
     return json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
 
 
+def keep_detected_verdicts(scratch: Path, module: str, previous: dict[str, int | None]) -> None:
+    """Restore the verdicts of mutants the last run detected where mutmut reset them (a longer test list)."""
+    from mutmut.stats import status_by_exit_code
+
+    meta = scratch / "mutants" / f"{module}.meta"
+    if not previous or not meta.is_file():
+        return
+    data = json.loads(meta.read_text())
+    codes = data["exit_code_by_key"]
+    for name, code in previous.items():
+        if codes.get(name) is None and status_by_exit_code[code] in DETECTED:
+            codes[name] = code
+    meta.write_text(json.dumps(data))
+
+
 def mutated_line(scratch: Path, module: str, name: str) -> str:
     """The first line the mutant changes, as ``mutmut show`` prints it (without the '+')."""
     from mutmut.mutation.diff_apply import get_diff_for_mutant
@@ -134,7 +152,14 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
     rerun = [name for name, code in previous.items() if status_by_exit_code[code] not in DETECTED]
     if survivors_only and previous and not rerun:
         print(f"{module}: no undetected mutants from the last run to re-test")
+    tests_file = scratch / "tests.json"  # the test list each verdict was reached with
+    if survivors_only and tests_file.is_file():
+        dropped = sorted(set(json.loads(tests_file.read_text())) - set(tests))
+        if dropped:
+            raise SystemExit(f"{module}: the test list lost {', '.join(dropped)} since the last run; "
+                             "its verdicts may not hold: run without --survivors")
     prepare_scratch(module, tests, settings["mutmut"], scratch, fresh=not survivors_only)
+    tests_file.write_text(json.dumps(tests))
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *rerun]
     print(f"{module}: mutmut against {' '.join(tests)} in {scratch.relative_to(ROOT)}", flush=True)
     log = scratch / "mutmut-run.log"  # mutmut's progress, written as it runs
@@ -145,6 +170,7 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
     if done.returncode != 0:
         raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); its output is in {log}:\n"
                          + log.read_text(errors="replace")[-3000:])
+    keep_detected_verdicts(scratch, module, previous)
     result = ModuleScore(module, seconds)
     for name, code in sorted(mutant_results(scratch, module).items()):
         status = status_by_exit_code[code]
