@@ -324,6 +324,12 @@ def test_published_building_blocks_at_their_edges():
     for x, y in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [2.0, 2.0, 2.0])):
         rho, p, note = st.spearman(x, y)
         assert math.isnan(rho) and math.isnan(p) and note == "not testable: constant input, Spearman rho undefined"
+    # None reads as a missing value: the paper's scipy tests propagate it, the permutation p leaves it out
+    for result in (st.improvement_ttest([1.0, None, 3.0]), st.method_anova([[1.0, None], [2.0, 3.0]]),
+                   st.spearman([1.0, None, 3.0], [1.0, 2.0, 3.0]), st.spearman([1.0, 2.0, 3.0], [1.0, None, 3.0])):
+        assert math.isnan(result[0]) and math.isnan(result[1]) and result[2] == ""
+    for x, y in (([1.0, None, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]), ([1.0, 3.0, 2.0, 4.0], [1.0, None, 3.0, 4.0])):
+        assert st.spearman_permutation_pvalue(x, y) == pytest.approx(2 / 6)  # 3 points, rho 1: 2 of 6 orders
     # n_resamples reaches the permutation: 99 resamples of 720 orders give a Monte Carlo (hits + 1) / 100
     x, y = [0.5, 1.5, 3.0, 7.0, 1.0, 3.5], [5.0, 4.0, 3.5, -1.0, 6.0, 2.0]
     rho = stats.spearmanr(x, y).statistic

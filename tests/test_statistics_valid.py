@@ -49,7 +49,7 @@ def test_unit_ttest_defaults_edges_and_not_testable_rows():
     assert two["power"] == pytest.approx(TTestPower().power(3 / y.std(ddof=1), nobs=5, alpha=0.1,
                                                             alternative="two-sided"))
     # a not-testable result still has every key, NaN where undefined, so table columns never go missing
-    short = st.unit_ttest([1.0, 2.0, math.nan])
+    short = st.unit_ttest([1.0, 2.0, None])  # None reads as a missing unit
     assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note"}
     assert (short["n"], short["estimate"], short["note"]) == (2, 1.5, "not testable: 2 unit(s) < 3")
     assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "ci_low", "ci_high", "power"))
