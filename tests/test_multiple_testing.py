@@ -7,7 +7,7 @@ family (values worked out by hand in the comments).
 import pandas as pd
 import pytest
 
-from kd_utils.statistics import holm_adjust
+from kd_utils.statistics import holm, holm_adjust
 
 TESTS = pd.DataFrame([
     # domain, hypothesis, method, task, pvalue, Holm within (domain, hypothesis, method)
@@ -51,3 +51,8 @@ def test_rows_without_a_pvalue_or_with_a_blank_family_key():
     assert out["pvalue_holm"].tolist()[:2] == pytest.approx([0.02, 0.04], abs=1e-15)  # {0.01, 0.04}
     assert pd.isna(out["pvalue_holm"].iloc[2]) and out["pvalue_holm"].iloc[3] == pytest.approx(0.03, abs=1e-15)
     assert list(holm_adjust(tests.iloc[2:3]).columns) == list(tests.columns) + ["pvalue_holm"]
+
+
+def test_holm_caps_at_one():
+    # 0.6 * 2 and max(1.2, 0.7): both capped at 1
+    assert holm([0.6, 0.7]).tolist() == [1.0, 1.0]

@@ -77,6 +77,38 @@ def test_friedman_defaults_and_not_testable_rows():
                                               "pvalue_asymptotic"))
 
 
+def test_friedman_small_designs_and_monte_carlo_p():
+    # two methods are enough: ranks 2,2,2,1 vs 1,1,1,2, chi2 = 12 / (4 * 2 * 3) * (7^2 + 5^2) - 3 * 4 * 3 = 1
+    two = st.friedman_test(pd.DataFrame({"fkl": [2.0, 3.0, 4.0, 1.0], "rkl": [1.0, 2.0, 3.0, 5.0]}))
+    assert two["note"] == "" and two["statistic"] == pytest.approx(1.0)
+    # three blocks are enough
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [2.0, 1.0, 5.0], "gkd": [3.0, 4.0, 4.0]})
+    assert st.friedman_test(table)["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
+    tied = st.friedman_test(pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [1.0, 2.0, 3.0]}))
+    assert tied["note"] == "not testable: every block ties all methods" and math.isnan(tied["statistic"])
+    # equal rank sums: chi2 = 0, every resample reaches it, so p = (9 + 1) / (9 + 1) exactly
+    balanced = pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [2.0, 3.0, 1.0], "gkd": [3.0, 1.0, 2.0]})
+    res = st.friedman_test(balanced, n_resamples=9)
+    assert res["statistic"] == pytest.approx(0.0, abs=1e-12) and res["pvalue"] == 1.0
+
+
+def test_permutation_spearman_interval_edges_and_monte_carlo_p():
+    # 4 points, n_eff 4: the smallest design with an interval; values spread less than 1
+    x, y = [0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.4, 0.3]
+    res = st.permutation_spearman(x, y, alpha=1.0)
+    rho = stats.spearmanr(x, y).statistic  # 0.6
+    half = stats.norm.ppf(0.975) * math.sqrt((1 + rho**2 / 2) / (4 - 3))
+    assert (res["ci_low"], res["ci_high"]) == (pytest.approx(math.tanh(math.atanh(rho) - half)),
+                                               pytest.approx(math.tanh(math.atanh(rho) + half)))
+    assert res["pvalue_asymptotic"] == pytest.approx(stats.spearmanr(x, y).pvalue)
+    perfect = st.permutation_spearman([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 6.0, 8.0, 10.0])
+    assert perfect["statistic"] == pytest.approx(1.0) and perfect["pvalue"] == pytest.approx(2 / 120)
+    assert math.isnan(perfect["ci_low"]) and math.isnan(perfect["ci_high"])  # atanh(1) is infinite
+    # rho = 0 exactly: every resample reaches it, so the Monte Carlo p is (10 + 1) / (10 + 1)
+    zero = st.permutation_spearman([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 1.0, 3.0], n_resamples=10, alpha=1.0)
+    assert zero["statistic"] == pytest.approx(0.0, abs=1e-12) and zero["pvalue"] == 1.0
+
+
 def test_aligned_ranks_treat_differences_below_1e9_as_ties():
     # block centring leaves rounding noise: x values 4e-10 apart are the same value
     y = [2.0, 1.0, 3.0, 4.0]
