@@ -12,6 +12,7 @@ import pytest
 from scipy import stats
 
 from kd_utils import statistics as st
+from kd_utils.predictions import Predictions
 from study_fixtures import write_study
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
@@ -681,6 +682,46 @@ def test_bootstrap_intervals_from_counts_known_values():
         15 + 1.96 * se, abs=0.25)
     none = st.improvement_intervals(results.assign(n=math.nan), st.improvement_table(results, temperature="mean"))
     assert none["ci_low"].isna().all() and set(none["ci_basis"]) == {"no per-example data"}
+
+
+def outcome_tables(correct: dict[tuple[str, str], list[bool]]) -> Predictions:
+    """In-memory predictions: per (run, task) the correctness of examples e0, e1, ..."""
+    return Predictions(tables={key: pd.DataFrame({"id": [f"e{i}" for i in range(len(flags))], "correct": flags})
+                                  for key, flags in correct.items()})
+
+
+def test_mcnemar_tests_by_hand():
+    results = results_table([
+        (run, "student", "S-1B", method, task, 50.0, extra)
+        for run, method, extra in (("sft0", "sft", {}), ("kd1", "fkl", dict(teacher="T-3B", temperature=1.0)),
+                                   ("kd2", "fkl", dict(teacher="T-3B", temperature=2.0)))
+        for task in ("gsm8k", "svamp")])
+    t, f = True, False
+    # kd1 has no gsm8k file: that row is skipped and the rows after it are still tested
+    predictions = outcome_tables({
+        ("sft0", "gsm8k"): [t, f, f, t, f, f], ("kd2", "gsm8k"): [t, t, t, t, t, f],
+        ("sft0", "svamp"): [t, t, f, f], ("kd1", "svamp"): [f, t, t, f], ("kd2", "svamp"): [f, f, t, t]})
+    out = st.mcnemar_tests(results, predictions)
+    # (run, task): n, KD right only, SFT right only
+    expected = {("kd1", "svamp"): (4, 1, 1), ("kd2", "gsm8k"): (6, 3, 0), ("kd2", "svamp"): (4, 2, 2)}
+    assert {(r, task): (n, a, b) for r, task, n, a, b in out[["run_id", "task", "n", "kd_only", "sft_only"]].values
+            } == expected
+    pvalues = {key: stats.binomtest(min(a, b), a + b, 0.5).pvalue for key, (_, a, b) in expected.items()}
+    got = out.set_index(["run_id", "task"])
+    for key, (_, a, b) in expected.items():
+        assert got.loc[key, "statistic"] == min(a, b) and got.loc[key, "pvalue"] == pytest.approx(pvalues[key])
+    # one Holm family (domain, teacher, student, method): p 0.25, 1, 1 -> 0.75, 1, 1
+    assert pvalues[("kd2", "gsm8k")] == pytest.approx(0.25)
+    assert got["pvalue_holm"].to_dict() == pytest.approx({("kd1", "svamp"): 1.0, ("kd2", "gsm8k"): 0.75,
+                                                          ("kd2", "svamp"): 1.0})
+    assert got.loc[("kd2", "gsm8k"), ["sft_run_id", "temperature", "seed"]].tolist() == ["sft0", 2.0, 0.0]
+    empty = st.mcnemar_tests(results, outcome_tables({}))
+    assert empty.empty and list(empty.columns) == [
+        "domain", "teacher", "student", "method", "task", "temperature", "seed", "run_id", "sft_run_id", "n",
+        "kd_only", "sft_only", "statistic", "pvalue", "pvalue_holm"]
+    # outcomes as 0/1 floats (as the prediction files are read for the bootstrap) count the same
+    assert st.mcnemar_test([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]) == {
+        "n": 4, "kd_only": 2, "sft_only": 1, "statistic": 1.0, "pvalue": pytest.approx(1.0)}
 
 
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
