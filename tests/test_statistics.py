@@ -724,6 +724,36 @@ def test_mcnemar_tests_by_hand():
         "n": 4, "kd_only": 2, "sft_only": 1, "statistic": 1.0, "pvalue": pytest.approx(1.0)}
 
 
+def test_split_estimates_by_hand():
+    kd = dict(teacher="T-3B")
+    results = results_table([
+        (f"{student}-{run}", "student", student, method, task, accuracy, extra)
+        for student in ("S-1B", "U-2B")
+        for run, method, extra, accuracies in (
+            ("sft0", "sft", {}, (40.0, 50.0)), ("kd1", "fkl", kd | dict(temperature=1.0), (55.0, 62.0)),
+            ("kd2", "fkl", kd | dict(temperature=2.0), (60.0, 64.0)))
+        for task, accuracy in zip(("gsm8k", "svamp"), accuracies)])
+    # correct of 10 on halves A and B; kd1's svamp split is of counts, all else of examples; U-2B has none
+    split = pd.DataFrame([
+        ("S-1B-kd1", "gsm8k", 8, 5, "examples"), ("S-1B-kd2", "gsm8k", 8, 4, "examples"),
+        ("S-1B-sft0", "gsm8k", 5, 3, "examples"), ("S-1B-kd1", "svamp", 7, 6, "counts"),
+        ("S-1B-kd2", "svamp", 7, 9, "examples"), ("S-1B-sft0", "svamp", 4, 5, "examples"),
+    ], columns=["run_id", "task", "correct_a", "correct_b", "split"]).assign(n_a=10, n_b=10)
+    out = st.split_estimates(results, st.improvement_table(results, temperature="mean"), split)
+    got = out[out["student"] == "S-1B"].set_index("task")
+    # SFT on A: 50 and 40, average 45
+    assert got["sft_accuracy_a"].to_dict() == pytest.approx({"gsm8k": 50.0, "svamp": 40.0, "average": 45.0})
+    # KD on B (on all examples where the split is of counts: kd1 svamp 62) minus SFT on B, mean over temperatures:
+    # gsm8k (50 - 30 + 40 - 30) / 2, svamp (62 - 50 + 90 - 50) / 2, average over the tasks per temperature
+    assert got["improvement_b"].to_dict() == pytest.approx({"gsm8k": 15.0, "svamp": 26.0, "average": 20.5})
+    # gsm8k: A ties at 80, the lower temperature wins, its B difference 50 - 30; svamp and average read a
+    # counts split, so nothing is selected there
+    assert got.loc["gsm8k", ["selected_temperature", "improvement_selected"]].tolist() == [1.0, 20.0]
+    assert got.loc[["svamp", "average"], ["selected_temperature", "improvement_selected"]].isna().all(axis=None)
+    other = out[out["student"] == "U-2B"]
+    assert len(other) == 3 and other[["sft_accuracy_a", "improvement_b"]].isna().all(axis=None)
+
+
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
     path = write_study(tmp_path)
     results = st.load_results(path)
