@@ -755,6 +755,22 @@ def test_split_estimates_by_hand():
     assert len(other) == 3 and other[["sft_accuracy_a", "improvement_b"]].isna().all(axis=None)
 
 
+def test_bootstrap_intervals_weigh_seeds_and_need_a_matching_run():
+    # two seeds, KD all right and SFT all wrong in both: every resample gives exactly +100 if each seed's
+    # difference weighs 1/2
+    kd = dict(teacher="T-3B", temperature=1.0)
+    results = results_table([("sft0", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=7, correct=0)),
+                             ("sft1", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=7, correct=0, seed=1)),
+                             ("kd0", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=7, correct=7)),
+                             ("kd1", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=7, correct=7, seed=1))])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 50)
+    assert imp[["task", "ci_low", "ci_high"]].values.tolist() == [["gsm8k", 100.0, 100.0], ["average", 100.0, 100.0]]
+    # rows at a temperature no run of these results has: no cell, no interval
+    moved = results.assign(temperature=results["temperature"].replace(1.0, 2.0))
+    none = st.improvement_intervals(moved, st.improvement_table(results, temperature=1.0), None, 50)
+    assert none[["ci_low", "ci_high"]].isna().all(axis=None) and set(none["ci_basis"]) == {"no per-example data"}
+
+
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
     path = write_study(tmp_path)
     results = st.load_results(path)
