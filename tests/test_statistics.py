@@ -771,6 +771,30 @@ def test_bootstrap_intervals_weigh_seeds_and_need_a_matching_run():
     assert none[["ci_low", "ci_high"]].isna().all(axis=None) and set(none["ci_basis"]) == {"no per-example data"}
 
 
+def test_bootstrap_cells_known_and_unknown():
+    kd = dict(teacher="T-3B", temperature=1.0)
+    results = results_table([
+        ("s-sft", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=6, correct=0)),
+        ("s-kd", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+        ("u-sft", "student", "U-2B", "sft", "gsm8k", 50.0, dict(n=6)),  # no count of correct answers
+        ("u-kd", "student", "U-2B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+        ("v-sft", "student", "V-3B", "sft", "gsm8k", 0.0, dict(n=0, correct=0)),  # no examples
+        ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6))])
+    imp = st.improvement_table(results, temperature="mean")
+    gsm8k = st.improvement_intervals(results, imp, None, 50).set_index(["student", "task"]).xs("gsm8k", level="task")
+    # all right minus all wrong: every resample +100; a cell without a usable count leaves its row unknown
+    assert gsm8k.loc["S-1B", ["ci_low", "ci_high", "ci_basis"]].tolist() == [100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
+    for student in ("U-2B", "V-3B"):
+        assert gsm8k.loc[student, ["ci_low", "ci_high"]].isna().all() and gsm8k.loc[student, "ci_basis"] == "no per-example data"
+    # with predictions the examples are resampled, n of them each time, shared by both runs
+    t, f = True, False
+    predictions = outcome_tables({("s-sft", "gsm8k"): [f] * 6, ("s-kd", "gsm8k"): [t] * 6})
+    paired = st.improvement_intervals(results[results["model"] == "S-1B"], imp[imp["student"] == "S-1B"],
+                                      predictions, 50)
+    assert paired[["ci_low", "ci_high"]].values.tolist() == [[100.0, 100.0], [100.0, 100.0]]
+    assert set(paired["ci_basis"]) == {"paired bootstrap over examples"}
+
+
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):
     path = write_study(tmp_path)
     results = st.load_results(path)
