@@ -248,6 +248,8 @@ def test_example_split_halves_ids_whatever_their_order():
     ids = [f"gsm8k-{i}" for i in range(11)]
     a = st.example_split(ids, "gsm8k", seed=3)
     assert a.sum() == 5
+    # every task has its own halves, even where two tasks' ids coincide (1 in C(11, 5) = 462 by chance)
+    assert not np.array_equal(a, st.example_split(ids, "svamp", seed=3))
     shuffled = ids[::-1]
     assert set(np.array(ids)[a]) == set(np.array(shuffled)[st.example_split(shuffled, "gsm8k", seed=3)])
     assert not np.array_equal(a, st.example_split(ids, "gsm8k", seed=4))
