@@ -773,26 +773,47 @@ def test_bootstrap_intervals_weigh_seeds_and_need_a_matching_run():
 
 def test_bootstrap_cells_known_and_unknown():
     kd = dict(teacher="T-3B", temperature=1.0)
-    results = results_table([
-        ("s-sft", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=6, correct=0)),
-        ("s-kd", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
-        ("u-sft", "student", "U-2B", "sft", "gsm8k", 50.0, dict(n=6)),  # no count of correct answers
-        ("u-kd", "student", "U-2B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
-        ("v-sft", "student", "V-3B", "sft", "gsm8k", 0.0, dict(n=0, correct=0)),  # no examples
-        ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6))])
+    both = ("gsm8k", "svamp")
+    results = results_table(
+        [("s-sft", "student", "S-1B", "sft", task, 0.0, dict(n=6, correct=0)) for task in both]
+        + [("s-kd", "student", "S-1B", "fkl", task, 100.0, kd | dict(n=6, correct=6)) for task in both]
+        + [("u-sft", "student", "U-2B", "sft", "gsm8k", 50.0, dict(n=6)),  # no count of correct answers
+           ("u-kd", "student", "U-2B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+           ("v-sft", "student", "V-3B", "sft", "gsm8k", 0.0, dict(n=0, correct=0)),  # no examples
+           ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6))])
     imp = st.improvement_table(results, temperature="mean")
     gsm8k = st.improvement_intervals(results, imp, None, 50).set_index(["student", "task"]).xs("gsm8k", level="task")
     # all right minus all wrong: every resample +100; a cell without a usable count leaves its row unknown
-    assert gsm8k.loc["S-1B", ["ci_low", "ci_high", "ci_basis"]].tolist() == [100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
+    assert gsm8k.loc["S-1B", ["ci_low", "ci_high", "ci_basis"]].tolist() == [
+        100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
     for student in ("U-2B", "V-3B"):
-        assert gsm8k.loc[student, ["ci_low", "ci_high"]].isna().all() and gsm8k.loc[student, "ci_basis"] == "no per-example data"
-    # with predictions the examples are resampled, n of them each time, shared by both runs
+        assert gsm8k.loc[student, ["ci_low", "ci_high"]].isna().all()
+        assert gsm8k.loc[student, "ci_basis"] == "no per-example data"
+    # with predictions (gsm8k only) the examples are resampled, n of them each time, shared by both runs;
+    # svamp and the average (which reads svamp) fall back to the counts
     t, f = True, False
     predictions = outcome_tables({("s-sft", "gsm8k"): [f] * 6, ("s-kd", "gsm8k"): [t] * 6})
-    paired = st.improvement_intervals(results[results["model"] == "S-1B"], imp[imp["student"] == "S-1B"],
-                                      predictions, 50)
-    assert paired[["ci_low", "ci_high"]].values.tolist() == [[100.0, 100.0], [100.0, 100.0]]
-    assert set(paired["ci_basis"]) == {"paired bootstrap over examples"}
+    s_rows = imp[imp["student"] == "S-1B"]
+    paired = st.improvement_intervals(results[results["model"] == "S-1B"], s_rows, predictions, 50)
+    assert paired[["task", "ci_low", "ci_high", "ci_basis"]].values.tolist() == [
+        ["gsm8k", 100.0, 100.0, "paired bootstrap over examples"],
+        ["svamp", 100.0, 100.0, "bootstrap of per-run counts (unpaired)"],
+        ["average", 100.0, 100.0, "bootstrap of per-run counts (unpaired)"]]
+    # a row no run belongs to gets no interval, whatever the other rows get
+    lone = pd.concat([s_rows, s_rows.head(1).assign(student="Z-9B")], ignore_index=True)
+    with_lone = st.improvement_intervals(results, lone, None, 50)
+    assert with_lone["ci_low"].tolist()[:3] == [100.0, 100.0, 100.0] and math.isnan(with_lone["ci_low"].iloc[3])
+    assert with_lone["ci_low"].dtype == np.float64 and with_lone["ci_basis"].iloc[3] == "no per-example data"
+
+
+def test_bootstrap_interval_level():
+    # SFT all wrong, KD 5 of 10: a replicate is 100 * Binom(10, 1/2) / 10, whose quartiles are 4 and 6 of 10
+    # (P(X <= 3) = 0.17, P(X <= 4) = 0.38, P(X <= 5) = 0.62, P(X <= 6) = 0.83)
+    results = results_table([("sft", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=10, correct=0)),
+                             ("kd", "student", "S-1B", "fkl", "gsm8k", 50.0,
+                              dict(n=10, correct=5, teacher="T-3B", temperature=1.0))])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 2000, level=0.5)
+    assert imp[["ci_low", "ci_high"]].values.tolist() == [[40.0, 60.0], [40.0, 60.0]]
 
 
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):

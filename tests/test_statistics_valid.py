@@ -13,6 +13,7 @@ import pytest
 from scipy import stats
 
 from kd_utils import statistics as st
+from kd_utils.predictions import Predictions
 from study_fixtures import write_study
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
@@ -267,6 +268,25 @@ def test_split_counts_examples_and_thinning(tmp_path):
     merged = by_counts.merge(results, on=["run_id", "task"])
     assert ((merged["correct_a"] + merged["correct_b"]) == merged["correct"]).all()
     assert ((merged["correct_a"] <= merged["n_a"]) & (merged["correct_b"] <= merged["n_b"])).all()
+
+
+def test_split_counts_from_predictions_by_hand():
+    # svamp (5 examples) comes first in the results and keeps its place; gsm8k has 7: halves of 3 and 4
+    correct = {("r1", "svamp"): [1, 0, 1, 1, 0], ("r2", "svamp"): [0, 0, 1, 1, 1],
+               ("r1", "gsm8k"): [1, 1, 1, 0, 0, 0, 1], ("r2", "gsm8k"): [0, 1, 0, 1, 0, 1, 1]}
+    ids = {"svamp": [f"s{i}" for i in range(5)], "gsm8k": [f"g{i}" for i in range(7)]}
+    predictions = Predictions(tables={(run, task): pd.DataFrame({"id": ids[task], "correct": np.array(flags, bool)})
+                                      for (run, task), flags in correct.items()})
+    results = pd.DataFrame({"run_id": ["r1", "r2", "r1", "r2"], "task": ["svamp", "svamp", "gsm8k", "gsm8k"],
+                            "n": [5.0, 5.0, 7.0, 7.0], "correct": [3.0, 3.0, 4.0, 4.0]})
+    split = st.split_counts(results, predictions, seed=3)
+    expected = []
+    for (run, task), flags in correct.items():
+        in_a = st.example_split(ids[task], task, seed=3)  # the halves every run of the task shares
+        flags = np.array(flags)
+        expected.append([run, task, in_a.sum(), flags[in_a].sum(), (~in_a).sum(), flags[~in_a].sum(), "examples"])
+    assert split.values.tolist() == expected
+    assert split[["n_a", "n_b"]].values.tolist() == [[2, 3], [2, 3], [3, 4], [3, 4]]
 
 
 def test_split_removes_regression_to_the_mean():
