@@ -289,6 +289,23 @@ def test_split_counts_from_predictions_by_hand():
     assert split[["n_a", "n_b"]].values.tolist() == [[2, 3], [2, 3], [3, 4], [3, 4]]
 
 
+def test_split_counts_without_predictions():
+    nan = math.nan
+    results = pd.DataFrame([("a", "gsm8k", nan, 3.0),  # no n: left out
+                            ("b", "gsm8k", 6.0, nan),  # no count: left out
+                            ("c", "gsm8k", 2.0, 1.0),  # two examples are enough for halves of one
+                            ("d", "gsm8k", 7.0, 4.0)] + [("e", task, 1000.0, 500.0) for task in ("t1", "t2", "t3", "t4")],
+                           columns=["run_id", "task", "n", "correct"])
+    split = st.split_counts(results, None, seed=0)
+    assert split[["run_id", "task", "n_a", "n_b", "split"]].values.tolist() == [
+        ["c", "gsm8k", 1, 1, "counts"], ["d", "gsm8k", 3, 4, "counts"]] + [
+        ["e", task, 500, 500, "counts"] for task in ("t1", "t2", "t3", "t4")]
+    assert (split["correct_a"] + split["correct_b"]).tolist() == [1, 4, 500, 500, 500, 500]
+    assert ((split["correct_a"] <= split["n_a"]) & (split["correct_b"] <= split["n_b"])).all()
+    # each task of a run gets its own draw (sd about 8 of 500: four equal draws would be a coincidence)
+    assert split.loc[split["run_id"] == "e", "correct_a"].nunique() > 1
+
+
 def test_split_removes_regression_to_the_mean():
     """Under the null (KD = SFT), Spearman(improvement, SFT accuracy) over 6 students is negative on
     average from SFT's own noise; with SFT accuracy on half A and the improvement on half B it is not.
