@@ -315,7 +315,8 @@ def test_published_building_blocks_at_their_edges():
                          ([[1.0], [2.0], [3.0]], "not testable: 3 method(s), 3 point(s)"),
                          ([[1.0, 1.0], [2.0, 2.0]], "not testable: no variance within methods")):
         assert st.method_anova(groups)[2] == note
-    for x, y in (([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]), ([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [1.0, 2.0, 2.0])):
+    for x, y in (([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]), ([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]),
+                 ([1.0, 2.0, 3.0], [1.0, 2.0, 2.0])):
         ref = stats.spearmanr(x, y)
         assert st.spearman(x, y) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), "")
         # the permutation p-value, exact over the 6 orders of y
@@ -425,7 +426,8 @@ def test_study_ablation_tables():
     expertise = st.ablation_table(results, "expertise")
     assert expertise.loc[expertise["task"] == "gsm8k", ["expertise", "accuracy"]].values.tolist() == [
         [st.EXPERT, 56], [st.TASK_UNAWARE, 98]]
-    with pytest.raises(ValueError, match="^unknown ablation factor 'lr'; expected one of temperature, noise_sigma, expertise$"):
+    with pytest.raises(ValueError,
+                       match="^unknown ablation factor 'lr'; expected one of temperature, noise_sigma, expertise$"):
         st.ablation_table(results, "lr")
 
 

@@ -69,7 +69,8 @@ def test_friedman_defaults_and_not_testable_rows():
     for alpha in (0.05, 0.1):
         power = stats.ncf.sf(stats.f.ppf(1 - alpha, 2, 6), 2, 6, 4 * 3 * 0.25**2)
         assert st.friedman_test(table, alpha=alpha)["power"] == pytest.approx(power)
-    assert res["note"] == "" and res["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
+    assert res["note"] == ""
+    assert res["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
     short = st.friedman_test(table.iloc[:2])
     assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
                             "pvalue_asymptotic"}
@@ -216,7 +217,8 @@ def test_permutation_spearman_exact_up_to_n_resamples_and_its_gate():
     assert res["note"] == "" and res["pvalue"] == pytest.approx(exact)
     gated = st.permutation_spearman(x, y, alpha=0.05)
     assert gated["power"] == 0.0 and math.isnan(gated["statistic"])
-    assert gated["note"] == "not testable: 4 points allow 24 permutations, the smallest attainable p-value is 0.08 > 0.05"
+    assert gated["note"] == ("not testable: 4 points allow 24 permutations, the smallest attainable p-value "
+                             "is 0.08 > 0.05")
     # not-testable results keep every key, NaN where undefined
     short = st.permutation_spearman([1.0, 2.0], [2.0, 1.0])
     assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
@@ -224,8 +226,8 @@ def test_permutation_spearman_exact_up_to_n_resamples_and_its_gate():
     assert (short["n"], short["note"]) == (2, "not testable: 2 point(s) < 3")
     assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "estimate", "ci_low", "ci_high", "power",
                                               "pvalue_asymptotic"))
-    flat = st.permutation_spearman([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], ["a", "a", "b", "b", "c", "c"],
-                                   alpha=1.0)
+    flat = st.permutation_spearman([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                                   ["a", "a", "b", "b", "c", "c"], alpha=1.0)
     assert flat["note"] == "not testable: constant input within every block, rho undefined"
     assert math.isnan(flat["statistic"])
 
@@ -294,7 +296,8 @@ def test_split_counts_without_predictions():
     results = pd.DataFrame([("a", "gsm8k", nan, 3.0),  # no n: left out
                             ("b", "gsm8k", 6.0, nan),  # no count: left out
                             ("c", "gsm8k", 2.0, 1.0),  # two examples are enough for halves of one
-                            ("d", "gsm8k", 7.0, 4.0)] + [("e", task, 1000.0, 500.0) for task in ("t1", "t2", "t3", "t4")],
+                            ("d", "gsm8k", 7.0, 4.0)]
+                           + [("e", task, 1000.0, 500.0) for task in ("t1", "t2", "t3", "t4")],
                            columns=["run_id", "task", "n", "correct"])
     split = st.split_counts(results, None, seed=0)
     assert split[["run_id", "task", "n_a", "n_b", "split"]].values.tolist() == [
@@ -425,7 +428,8 @@ def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
                     for task in tasks:
                         rows.append(dict(
                             domain=domain, teacher=f"T{i}", student=f"S{j}", method=method, task=task,
-                            temperature=math.nan, improvement=math.nan if task == "piqa" else 2.0 * j + rng.normal(0, 2),
+                            temperature=math.nan,
+                            improvement=math.nan if task == "piqa" else 2.0 * j + rng.normal(0, 2),
                             improvement_selected=rng.normal(4, 2) if domain == "math" else math.nan,
                             sft_accuracy_a=50.0 + 5 * j if domain == "math" else math.nan,
                             improvement_b=rng.normal(3, 1), teacher_accuracy=60.0 + 10 * i, student_size=j + 1.0,
@@ -458,7 +462,8 @@ def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
         assert row["n"] == 3 and row["estimate"] == pytest.approx(units.mean())
         assert (row["statistic"], row["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
         assert row["power"] == pytest.approx(power)
-        assert row["note"] == ("" if power >= 0.8 else f"underpowered: 3 students, power {power:.2f} for a 3-point gain")
+        assert row["note"] == ("" if power >= 0.8 else
+                               f"underpowered: 3 students, power {power:.2f} for a 3-point gain")
         if row["domain"] == "math":  # H1 on the selected-temperature estimate, students as units
             selected = part.groupby("student")["improvement_selected"].mean()
             assert row["pvalue_selected"] == pytest.approx(
