@@ -332,14 +332,14 @@ def test_published_building_blocks_at_their_edges():
         assert math.isnan(result[0]) and math.isnan(result[1]) and result[2] == ""
     for x, y in (([1.0, None, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]), ([1.0, 3.0, 2.0, 4.0], [1.0, None, 3.0, 4.0])):
         assert st.spearman_permutation_pvalue(x, y) == pytest.approx(2 / 6)  # 3 points, rho 1: 2 of 6 orders
-    # n_resamples reaches the permutation: 99 resamples of 720 orders give a Monte Carlo (hits + 1) / 100
+    # n_resamples reaches the permutation: 499 resamples of 720 orders give a Monte Carlo (hits + 1) / 500
     x, y = [0.5, 1.5, 3.0, 7.0, 1.0, 3.5], [5.0, 4.0, 3.5, -1.0, 6.0, 2.0]
     rho = stats.spearmanr(x, y).statistic
     exact = np.mean(np.abs([stats.spearmanr(x, order).statistic for order in itertools.permutations(y)])
                     >= abs(rho) - 1e-12)
-    assert exact * 100 != pytest.approx(round(exact * 100))  # 46/720: not a Monte Carlo value
-    monte_carlo = st.spearman_permutation_pvalue(x, y, n_resamples=99)
-    assert monte_carlo * 100 == pytest.approx(round(monte_carlo * 100)) and monte_carlo == pytest.approx(exact, abs=0.2)
+    assert exact == pytest.approx(12 / 720)  # 8.3 / 500: not a Monte Carlo value
+    monte_carlo = st.spearman_permutation_pvalue(x, y, n_resamples=499)
+    assert monte_carlo * 500 == pytest.approx(round(monte_carlo * 500)) and monte_carlo == pytest.approx(exact, abs=0.02)
 
 
 def test_published_procedure_power_and_notes():

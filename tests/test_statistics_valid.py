@@ -69,6 +69,7 @@ def test_friedman_defaults_and_not_testable_rows():
     for alpha in (0.05, 0.1):
         power = stats.ncf.sf(stats.f.ppf(1 - alpha, 2, 6), 2, 6, 4 * 3 * 0.25**2)
         assert st.friedman_test(table, alpha=alpha)["power"] == pytest.approx(power)
+    assert res["power"] == pytest.approx(stats.ncf.sf(stats.f.ppf(0.95, 2, 6), 2, 6, 4 * 3 * 0.25**2))  # alpha 0.05
     assert res["note"] == ""
     assert res["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
     short = st.friedman_test(table.iloc[:2])
@@ -215,10 +216,11 @@ def test_permutation_spearman_exact_up_to_n_resamples_and_its_gate():
     # 4! = 24 permutations: exact with 24 resamples; the smallest p 2/24 is not above alpha = 2/24
     res = st.permutation_spearman(x, y, n_resamples=24, alpha=2 / 24)
     assert res["note"] == "" and res["pvalue"] == pytest.approx(exact)
-    gated = st.permutation_spearman(x, y, alpha=0.05)
-    assert gated["power"] == 0.0 and math.isnan(gated["statistic"])
-    assert gated["note"] == ("not testable: 4 points allow 24 permutations, the smallest attainable p-value "
-                             "is 0.08 > 0.05")
+    # with 24 resamples too: the gate holds whenever the test would be exact
+    for gated in (st.permutation_spearman(x, y, alpha=0.05), st.permutation_spearman(x, y, n_resamples=24, alpha=0.05)):
+        assert gated["power"] == 0.0 and math.isnan(gated["statistic"])
+        assert gated["note"] == ("not testable: 4 points allow 24 permutations, the smallest attainable p-value "
+                                 "is 0.08 > 0.05")
     # not-testable results keep every key, NaN where undefined
     short = st.permutation_spearman([1.0, 2.0], [2.0, 1.0])
     assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
@@ -504,8 +506,10 @@ def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
             == "not testable: 0 point(s) in blocks of 2 or more (compared within students) < 3").all()
     # another agreement measure and alpha: H4 reads that column, the powers use that alpha
     other = st.study_hypothesis_tests(imp[imp["domain"] == "math"], agreement="agreement", alpha=0.1, n_resamples=99)
-    assert (other.loc[other["hypothesis"] == "H4_agreement", "test"]
-            == "Spearman of improvement with agreement, permutation p").all()
+    h4 = other[other["hypothesis"] == "H4_agreement"]
+    assert (h4["test"] == "Spearman of improvement with agreement, permutation p").all()
+    assert (h4["note"] == "not testable: 6 points allow 8 permutations, the smallest attainable p-value is 0.25 > 0.1"
+            ).all()
     row = other[(other["hypothesis"] == "H1_improvement_ttest") & (other["method"] == "all")
                 & (other["task"] == "gsm8k")].iloc[0]
     units = imp[(imp["domain"] == "math") & (imp["task"] == "gsm8k")].groupby("student")["improvement"].mean()
