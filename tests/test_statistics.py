@@ -782,12 +782,15 @@ def test_bootstrap_cells_known_and_unknown():
         + [("u-sft", "student", "U-2B", "sft", "gsm8k", 50.0, dict(n=6)),  # no count of correct answers
            ("u-kd", "student", "U-2B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
            ("v-sft", "student", "V-3B", "sft", "gsm8k", 0.0, dict(n=0, correct=0)),  # no examples
-           ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6))])
+           ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+           ("w-sft", "student", "W-4B", "sft", "gsm8k", 0.0, dict(n=1, correct=0)),  # one example is enough
+           ("w-kd", "student", "W-4B", "fkl", "gsm8k", 100.0, kd | dict(n=1, correct=1))])
     imp = st.improvement_table(results, temperature="mean")
     gsm8k = st.improvement_intervals(results, imp, None, 50).set_index(["student", "task"]).xs("gsm8k", level="task")
     # all right minus all wrong: every resample +100; a cell without a usable count leaves its row unknown
-    assert gsm8k.loc["S-1B", ["ci_low", "ci_high", "ci_basis"]].tolist() == [
-        100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
+    for student in ("S-1B", "W-4B"):
+        assert gsm8k.loc[student, ["ci_low", "ci_high", "ci_basis"]].tolist() == [
+            100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
     for student in ("U-2B", "V-3B"):
         assert gsm8k.loc[student, ["ci_low", "ci_high"]].isna().all()
         assert gsm8k.loc[student, "ci_basis"] == "no per-example data"
