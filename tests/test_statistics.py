@@ -819,6 +819,10 @@ def test_bootstrap_interval_level():
                               dict(n=10, correct=5, teacher="T-3B", temperature=1.0))])
     imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 2000, level=0.5)
     assert imp[["ci_low", "ci_high"]].values.tolist() == [[40.0, 60.0], [40.0, 60.0]]
+    # seeded: the same call gives the same interval (a report must not change on re-running)
+    twice = [st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 20)
+             for _ in range(2)]
+    pd.testing.assert_frame_equal(*twice)
 
 
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):

@@ -112,6 +112,21 @@ def test_permutation_spearman_interval_edges_and_monte_carlo_p():
     assert zero["statistic"] == pytest.approx(0.0, abs=1e-12) and zero["pvalue"] == 1.0
 
 
+def test_monte_carlo_p_values_are_reproducible():
+    # seeded: the same call gives the same Monte Carlo p-values (a report must not change on re-running);
+    # p-values near 0.5 from hundreds of resamples, so that two unseeded draws would rarely agree
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0], "rkl": [2.0, 1.0, 5.0, 6.0], "gkd": [3.0, 4.0, 4.0, 5.0]})
+    assert st.friedman_test(table, n_resamples=999)["pvalue"] == st.friedman_test(table, n_resamples=999)["pvalue"]
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [3.0, 1.0, 6.0, 2.0, 8.0, 4.0, 5.0, 7.0]  # 8! orders
+    assert (st.permutation_spearman(x, y, n_resamples=2000)["pvalue"]
+            == st.permutation_spearman(x, y, n_resamples=2000)["pvalue"])
+    assert st.spearman_permutation_pvalue(x, y, n_resamples=2000) == st.spearman_permutation_pvalue(x, y, n_resamples=2000)
+    # 18 pairs within 6 students: 6^6 orders, Monte Carlo with 999 resamples
+    imp = pair_improvements(1.0).assign(error_consistency=lambda d: d["improvement"] + d["teacher_accuracy"])
+    pd.testing.assert_frame_equal(st.study_hypothesis_tests(imp, n_resamples=999),
+                                  st.study_hypothesis_tests(imp, n_resamples=999))
+
+
 def test_aligned_ranks_treat_differences_below_1e9_as_ties():
     # block centring leaves rounding noise: x values 4e-10 apart are the same value
     y = [2.0, 1.0, 3.0, 4.0]

@@ -9,7 +9,7 @@ test selection set to its tests. ``--survivors`` reuses the last run there and r
 mutants it did not detect (after adding tests); without it every mutant is tested afresh. When the
 module's test list grew since that run, mutmut forgets every verdict; the mutants the last run
 detected keep their verdict (more tests cannot let a detected mutant through), and a list that
-lost a test is refused: run afresh then.
+lost a test is refused: run afresh then. Mutants of functions changed since that run are tested too.
 ``--estimate`` stops after mutmut has mapped the tests to the functions they call and prints
 how long testing every mutant would take at most (each one running all the tests that call its
 function, as if it survived; killed mutants stop at their first failing test).
@@ -160,17 +160,16 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
                              "its verdicts may not hold: run without --survivors")
     prepare_scratch(module, tests, settings["mutmut"], scratch, fresh=not survivors_only)
     tests_file.write_text(json.dumps(tests))
-    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *rerun]
+    (scratch / "mutmut-run.log").unlink(missing_ok=True)
     print(f"{module}: mutmut against {' '.join(tests)} in {scratch.relative_to(ROOT)}", flush=True)
-    log = scratch / "mutmut-run.log"  # mutmut's progress, written as it runs
     start = time.perf_counter()
-    with open(log, "w") as out:
-        done = subprocess.run(command, cwd=scratch, env=mutmut_env(), stdout=out, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); its output is in {log}:\n"
-                         + log.read_text(errors="replace")[-3000:])
+    run_mutmut(scratch, module, max_children, rerun)
     keep_detected_verdicts(scratch, module, previous)
+    new = [name for name, code in mutant_results(scratch, module).items() if code is None]
+    if survivors_only and previous and new:  # mutants of functions changed since the last run
+        print(f"{module}: testing {len(new)} mutants of changed functions", flush=True)
+        run_mutmut(scratch, module, max_children, new)
+    seconds = time.perf_counter() - start
     result = ModuleScore(module, seconds)
     for name, code in sorted(mutant_results(scratch, module).items()):
         status = status_by_exit_code[code]
@@ -188,6 +187,17 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
                 result.stale.append(f"{name}: listed as '{listed.line}', now '{line}'")
             result.undetected.append((name, status, line))
     return result
+
+
+def run_mutmut(scratch: Path, module: str, max_children: int, names: list[str]) -> None:
+    """``mutmut run`` in the scratch copy (all mutants, or the named ones); its progress goes to mutmut-run.log."""
+    log = scratch / "mutmut-run.log"
+    with open(log, "a") as out:
+        done = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(max_children), *names],
+                              cwd=scratch, env=mutmut_env(), stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); its output is in {log}:\n"
+                         + log.read_text(errors="replace")[-3000:])
 
 
 def estimate_module(module: str, tests: list[str], settings: dict, max_children: int) -> None:
