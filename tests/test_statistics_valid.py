@@ -121,10 +121,17 @@ def test_monte_carlo_p_values_are_reproducible():
     assert (st.permutation_spearman(x, y, n_resamples=2000)["pvalue"]
             == st.permutation_spearman(x, y, n_resamples=2000)["pvalue"])
     assert st.spearman_permutation_pvalue(x, y, n_resamples=2000) == st.spearman_permutation_pvalue(x, y, n_resamples=2000)
+    # and the seed reaches the draws
+    assert st.spearman_permutation_pvalue(x, y, n_resamples=2000, seed=5) != st.spearman_permutation_pvalue(
+        x, y, n_resamples=2000)
     # 18 pairs within 6 students: 6^6 orders, Monte Carlo with 999 resamples
     imp = pair_improvements(1.0).assign(error_consistency=lambda d: d["improvement"] + d["teacher_accuracy"])
-    pd.testing.assert_frame_equal(st.study_hypothesis_tests(imp, n_resamples=999),
-                                  st.study_hypothesis_tests(imp, n_resamples=999))
+    first = st.study_hypothesis_tests(imp, n_resamples=999)
+    pd.testing.assert_frame_equal(first, st.study_hypothesis_tests(imp, n_resamples=999))
+    other_seed = st.study_hypothesis_tests(imp, n_resamples=999, seed=5)
+    for hypothesis in ("H1_method_friedman", "H2_teacher_performance", "H4_agreement"):
+        rows = first["hypothesis"] == hypothesis
+        assert (first.loc[rows, "pvalue"] != other_seed.loc[rows, "pvalue"]).any(), hypothesis
 
 
 def test_aligned_ranks_treat_differences_below_1e9_as_ties():
