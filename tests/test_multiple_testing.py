@@ -7,7 +7,7 @@ family (values worked out by hand in the comments).
 import pandas as pd
 import pytest
 
-from kd_utils.statistics import holm_adjust
+from kd_utils.statistics import holm, holm_adjust
 
 TESTS = pd.DataFrame([
     # domain, hypothesis, method, task, pvalue, Holm within (domain, hypothesis, method)
@@ -37,3 +37,22 @@ def test_each_family_key_matters(family, expected):
     out = holm_adjust(TESTS.drop(columns="expected"), family=family)
     assert out["pvalue_holm"].tolist() == pytest.approx(expected, abs=1e-15)
     assert out["pvalue_holm"].tolist() != pytest.approx(TESTS["expected"].tolist(), abs=1e-15)
+
+
+def test_rows_without_a_pvalue_or_with_a_blank_family_key():
+    tests = pd.DataFrame([
+        ("math", "H1", None, "gsm8k", 0.01),  # a blank method is a family of its own
+        ("math", "H1", None, "svamp", 0.04),
+        ("math", "H1", "fkl", "gsm8k", float("nan")),  # no p-value: stays NaN, counts for no family
+        ("math", "H1", "fkl", "svamp", 0.03),
+    ], columns=["domain", "hypothesis", "method", "task", "pvalue"])
+    out = holm_adjust(tests)
+    assert list(out.columns) == list(tests.columns) + ["pvalue_holm"]
+    assert out["pvalue_holm"].tolist()[:2] == pytest.approx([0.02, 0.04], abs=1e-15)  # {0.01, 0.04}
+    assert pd.isna(out["pvalue_holm"].iloc[2]) and out["pvalue_holm"].iloc[3] == pytest.approx(0.03, abs=1e-15)
+    assert list(holm_adjust(tests.iloc[2:3]).columns) == list(tests.columns) + ["pvalue_holm"]
+
+
+def test_holm_caps_at_one():
+    # 0.6 * 2 and max(1.2, 0.7): both capped at 1
+    assert holm([0.6, 0.7]).tolist() == [1.0, 1.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 from scipy import stats
 
 from kd_utils import statistics as st
+from kd_utils.predictions import Predictions
 from study_fixtures import write_study
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
@@ -89,9 +91,11 @@ def write_paper_fixture(directory: Path, skip: tuple[str, ...] = ()) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def paper_tests(tmp_path_factory) -> pd.DataFrame:
-    return st.paper_hypothesis_tests(write_paper_fixture(tmp_path_factory.mktemp("paper")))
+@pytest.fixture
+def paper_tests(tmp_path) -> pd.DataFrame:
+    # per test, not per module (0.1 s each): mutmut runs for a mutant only the tests that called the
+    # mutated function, and a shared fixture's calls are recorded for the first test that used it
+    return st.paper_hypothesis_tests(write_paper_fixture(tmp_path / "paper"))
 
 
 def pick(tests: pd.DataFrame, domain: str, hypothesis: str, method: str, task: str) -> pd.Series:
@@ -261,6 +265,7 @@ def test_study_best_temperature_seed_mean_and_baseline():
     imp = st.improvement_table(small_study()).set_index(["method", "task"])
     # gsm8k: t1 seed mean 56 < t2 60 -> t2, improvement 60 - 50 (same-seed SFT)
     assert imp.loc[("fkl", "gsm8k"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [2.0, 60, 10, 1]
+    assert set(imp["n_temperatures"]) == {1}  # one temperature chosen per row
     # svamp: t1 mean 67 > t2 61 -> t1, improvement mean of (70 - 60, 64 - 62) = 6
     assert imp.loc[("fkl", "svamp"), ["temperature", "accuracy", "improvement", "n_seeds"]].tolist() == [1.0, 67, 6, 2]
     # average per run: t1 runs 62.5 / 60.5 vs SFT 55 / 57 -> 5.5
@@ -282,6 +287,7 @@ def test_study_mean_and_fixed_temperature_rules():
     assert row["improvement"] == pytest.approx(((55 - 50 + 57 - 52) / 2 + (60 - 50)) / 2)
     fixed = st.improvement_table(small_study(), temperature=2.0).set_index(["method", "task"])
     assert fixed.loc[("fkl", "svamp"), ["temperature", "improvement"]].tolist() == [2.0, 1.0]
+    assert set(fixed["n_temperatures"]) == {1}
     assert ("rkl", "gsm8k") not in fixed.index  # rkl ran at temperature 1 only
     with pytest.raises(ValueError, match="temperature must be 'best', 'mean' or a number, got 'max'"):
         st.improvement_table(small_study(), temperature="max")
@@ -293,6 +299,113 @@ def test_study_pairs_fallback_run_and_expertise():
     assert rkl["sft_run_id"] == "sft0"
     base = pairs[pairs["run_id"] == "fkl-base"]
     assert set(base["expertise"]) == {st.TASK_UNAWARE} and set(base["teacher"]) == {"T-3B"}
+
+
+def test_published_building_blocks_at_their_edges():
+    # a spread of exactly 1 is tested; only zero spread is not
+    y = [1.0, 2.0, 2.0]
+    ref = stats.ttest_1samp(y, 0.0, alternative="greater")
+    assert st.improvement_ttest(y) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), "")
+    t, p, note = st.improvement_ttest([2.0, 2.0, 2.0])
+    assert math.isnan(t) and math.isnan(p) and note == "not testable: constant improvement (zero variance)"
+    for groups in ([[1.0, 2.0], [2.0, 4.0]], [[1.0, 2.0], [3.0, 4.0]], [[1.0, 2.0], [3.0, 3.0], [0.0, 5.0]]):
+        ref = stats.f_oneway(*groups)
+        assert st.method_anova(groups) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), ""), groups
+    for groups, note in (([[1.0, 2.0, 3.0]], "not testable: 1 method(s), 3 point(s)"),
+                         ([[1.0], [2.0], [3.0]], "not testable: 3 method(s), 3 point(s)"),
+                         ([[1.0, 1.0], [2.0, 2.0]], "not testable: no variance within methods")):
+        assert st.method_anova(groups)[2] == note
+    for x, y in (([1.0, 2.0, 3.0], [1.0, 3.0, 2.0]), ([1.0, 2.0, 2.0], [1.0, 2.0, 3.0]),
+                 ([1.0, 2.0, 3.0], [1.0, 2.0, 2.0])):
+        ref = stats.spearmanr(x, y)
+        assert st.spearman(x, y) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue), "")
+        # the permutation p-value, exact over the 6 orders of y
+        rhos = [stats.spearmanr(x, order).statistic for order in itertools.permutations(y)]
+        exact = np.mean(np.abs(rhos) >= abs(ref.statistic) - 1e-12)
+        assert st.spearman_permutation_pvalue(x, y) == pytest.approx(exact)
+    for x, y in (([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]), ([1.0, 2.0, 3.0], [2.0, 2.0, 2.0])):
+        rho, p, note = st.spearman(x, y)
+        assert math.isnan(rho) and math.isnan(p) and note == "not testable: constant input, Spearman rho undefined"
+    # None reads as a missing value: the paper's scipy tests propagate it, the permutation p leaves it out
+    for result in (st.improvement_ttest([1.0, None, 3.0]), st.method_anova([[1.0, None], [2.0, 3.0]]),
+                   st.spearman([1.0, None, 3.0], [1.0, 2.0, 3.0]), st.spearman([1.0, 2.0, 3.0], [1.0, None, 3.0])):
+        assert math.isnan(result[0]) and math.isnan(result[1]) and result[2] == ""
+    for x, y in (([1.0, None, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]), ([1.0, 3.0, 2.0, 4.0], [1.0, None, 3.0, 4.0])):
+        assert st.spearman_permutation_pvalue(x, y) == pytest.approx(2 / 6)  # 3 points, rho 1: 2 of 6 orders
+    # n_resamples reaches the permutation: 499 resamples of 720 orders give a Monte Carlo (hits + 1) / 500
+    x, y = [0.5, 1.5, 3.0, 7.0, 1.0, 3.5], [5.0, 4.0, 3.5, -1.0, 6.0, 2.0]
+    rho = stats.spearmanr(x, y).statistic
+    exact = np.mean(np.abs([stats.spearmanr(x, order).statistic for order in itertools.permutations(y)])
+                    >= abs(rho) - 1e-12)
+    assert exact == pytest.approx(12 / 720)  # 8.3 / 500: not a Monte Carlo value
+    monte_carlo = st.spearman_permutation_pvalue(x, y, n_resamples=499)
+    assert monte_carlo * 500 == pytest.approx(round(monte_carlo * 500)) and monte_carlo == pytest.approx(exact, abs=0.02)
+
+
+def test_published_procedure_power_and_notes():
+    from statsmodels.stats.power import FTestAnovaPower, TTestPower
+
+    rng = np.random.default_rng(3)
+    rows = [dict(domain="math", method=method, task="gsm8k", improvement=rng.normal(1, 2),
+                 teacher_accuracy=rng.normal(60, 5), student_size=1.0 + i, sft_accuracy=rng.normal(40, 5),
+                 agreement=rng.normal(50, 5), bleu=rng.normal(20, 3)) for method in ("fkl", "rkl") for i in range(20)]
+    rows[0]["teacher_accuracy"] = math.nan  # left out of H2 only
+    other = dict(teacher_accuracy=60.0, student_size=1.0, sft_accuracy=40.0, agreement=50.0, bleu=20.0)
+    rows += [dict(domain="math", method="fkl", task="svamp", improvement=2.0) | other for _ in range(3)]
+    rows += [dict(domain="math", method="rkl", task="svamp", improvement=v) | other for v in (1.0, 3.0)]
+    # average rows carry no agreement (H4 and H5 leave the average out); a task outside the study's list
+    # sorts after average and is still tested
+    rows += [dict(domain="math", method="fkl", task="average", improvement=v, teacher_accuracy=60.0 + v,
+                  student_size=1.0, sft_accuracy=40.0, agreement=math.nan, bleu=math.nan) for v in (1.0, 2.0, 4.0)]
+    rows += [dict(domain="math", method="fkl", task="extra", improvement=v) | other | dict(agreement=50.0 + v)
+             for v in (1.0, 2.0, 4.0)]
+    rows += [dict(domain="commonsense", method="fkl", task="boolq", improvement=v) | other for v in (1.0, 2.0, 4.0)]
+    imp = pd.DataFrame(rows).assign(teacher="T", student="S")
+    tests = st.hypothesis_tests(imp)
+    assert tests["domain"].tolist() == sorted(tests["domain"], key=["math", "commonsense"].index)  # math first
+    by = tests.set_index(["domain", "hypothesis", "method", "task"])
+    gsm8k = imp[imp["task"] == "gsm8k"]
+
+    def ttest_row(method: str) -> pd.Series:
+        return by.loc[("math", "H1_improvement_ttest", method, "gsm8k")]
+
+    for method, part in (("all", gsm8k), ("fkl", gsm8k[gsm8k["method"] == "fkl"]),
+                         ("rkl", gsm8k[gsm8k["method"] == "rkl"])):
+        ref = stats.ttest_1samp(part["improvement"], 0.0, alternative="greater")
+        power = TTestPower().power(0.5, nobs=len(part), alpha=0.05, alternative="larger")
+        row = ttest_row(method)
+        assert (row["statistic"], row["pvalue"], row["n"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue),
+                                                               len(part))
+        assert row["power"] == pytest.approx(power)
+        assert row["note"] == ("" if power >= 0.8 else  # 40 points are enough, 20 are not
+                               f"underpowered: 20 points, power {power:.2f} for a medium effect (ttest 0.5)")
+    assert ttest_row("all")["note"] == "" and ttest_row("fkl")["note"].startswith("underpowered")
+    anova = by.loc[("math", "H1_method_anova", "all", "gsm8k")]
+    ref = stats.f_oneway(*[g["improvement"] for _, g in gsm8k.groupby("method")])
+    power = FTestAnovaPower().power(0.25, nobs=40, alpha=0.05, k_groups=2)  # two methods
+    assert (anova["statistic"], anova["pvalue"], anova["power"]) == (
+        pytest.approx(ref.statistic), pytest.approx(ref.pvalue), pytest.approx(power))
+    assert anova["note"] == f"underpowered: 40 points, power {power:.2f} for a medium effect (anova 0.25)"
+    h2 = by.loc[("math", "H2_teacher_performance", "all", "gsm8k")]
+    known = gsm8k.dropna(subset=["teacher_accuracy"])
+    ref = stats.spearmanr(known["teacher_accuracy"], known["improvement"])
+    z = math.atanh(0.3) * math.sqrt(39 - 3)  # Fisher z power for rho 0.3, two-sided
+    power = stats.norm.sf(stats.norm.ppf(0.975) - z) + stats.norm.cdf(-stats.norm.ppf(0.975) - z)
+    assert (h2["statistic"], h2["pvalue"], h2["n"], h2["power"]) == (
+        pytest.approx(ref.statistic), pytest.approx(ref.pvalue), 39, pytest.approx(power))
+    assert h2["note"] == f"underpowered: 39 points, power {power:.2f} for a medium effect (spearman 0.3)"
+    assert by.loc[("math", "H1_improvement_ttest", "fkl", "svamp"), "note"] == (
+        "not testable: constant improvement (zero variance)")
+    assert by.loc[("math", "H1_improvement_ttest", "rkl", "svamp"), "note"] == "not testable: 2 point(s) < 3"
+    assert by.loc[("math", "H1_improvement_ttest", "all", "average"), "n"] == 3
+    assert by.loc[("math", "H1_improvement_ttest", "fkl", "average"), "statistic"] == pytest.approx(
+        stats.ttest_1samp([1.0, 2.0, 4.0], 0.0).statistic)  # 3 points are enough
+    assert by.loc[("math", "H4_agreement", "all", "extra"), "statistic"] == pytest.approx(1.0)
+    assert ("math", "H4_agreement", "all", "average") not in by.index
+    # without one x column the other hypotheses are still tested
+    without = st.hypothesis_tests(imp.drop(columns="teacher_accuracy"))
+    assert set(without["hypothesis"]) == {h for h, *_ in st.HYPOTHESES} - {"H2_teacher_performance"}
+    assert list(st.hypothesis_tests(imp.iloc[:0]).columns) == list(st.TEST_COLUMNS) + ["note", "power"]
 
 
 def test_study_not_testable_below_three_points():
@@ -313,8 +426,95 @@ def test_study_ablation_tables():
     expertise = st.ablation_table(results, "expertise")
     assert expertise.loc[expertise["task"] == "gsm8k", ["expertise", "accuracy"]].values.tolist() == [
         [st.EXPERT, 56], [st.TASK_UNAWARE, 98]]
-    with pytest.raises(ValueError, match="unknown ablation factor 'lr'"):
+    with pytest.raises(ValueError,
+                       match="^unknown ablation factor 'lr'; expected one of temperature, noise_sigma, expertise$"):
         st.ablation_table(results, "lr")
+
+
+def test_task_average_rows_follow_run_order_with_nan_counts():
+    # run z comes before run a: the averages keep the table's order; run 'part' lacks svamp, so it gets none
+    table = results_table([
+        ("z", "student", "S-1B", "sft", "gsm8k", 50, dict(correct=50, ci_low=40, ci_high=60)),
+        ("z", "student", "S-1B", "sft", "svamp", 70, dict(correct=70, ci_low=60, ci_high=80)),
+        ("a", "student", "S-1B", "sft", "gsm8k", 40, dict(seed=1, correct=40, ci_low=30, ci_high=50)),
+        ("a", "student", "S-1B", "sft", "svamp", 60, dict(seed=1, correct=60, ci_low=50, ci_high=70)),
+        ("part", "student", "S-1B", "sft", "gsm8k", 30, dict(seed=2, correct=30, ci_low=20, ci_high=40)),
+    ])
+    out = st.with_task_average(table)
+    assert out.index.equals(pd.RangeIndex(len(table) + 2))  # a fresh index: row labels stay unique
+    pd.testing.assert_frame_equal(out.iloc[:len(table)], table)
+    average = out.iloc[len(table):]
+    assert average["run_id"].tolist() == ["z", "a"] and set(average["task"]) == {"average"}
+    assert average["accuracy"].tolist() == [60, 50]
+    # an average has no count or interval of its own: NaN floats, as a blank cell of results.csv reads
+    for col in ("n", "correct", "ci_low", "ci_high"):
+        assert out[col].dtype == np.float64 and average[col].isna().all()
+
+
+def test_two_sft_runs_of_one_seed_named():
+    extra = results_table([("sft0-again", "student", "S-1B", "sft", "gsm8k", 51, {})])
+    with pytest.raises(ValueError, match=r"^more than one SFT run for model 'S-1B', task 'gsm8k', seed 0\.0$"):
+        st.kd_pairs(pd.concat([small_study(), extra], ignore_index=True))
+
+
+def test_kd_run_without_any_sft_run_keeps_a_nan_improvement():
+    extra = results_table([("u-fkl", "student", "U-2B", "fkl", "gsm8k", 40, dict(teacher="T-3B", temperature=1.0))])
+    pairs = st.kd_pairs(pd.concat([small_study(), extra], ignore_index=True))
+    row = pairs[pairs["run_id"] == "u-fkl"]
+    assert row["accuracy"].tolist() == [40]
+    assert row[["sft_run_id", "sft_accuracy", "improvement"]].isna().all(axis=None)
+
+
+def test_kd_runs_without_a_temperature_are_kept():
+    # seqkd with a blank temperature (the schema allows it) next to fkl at temperature 1; SFT 50 / 60
+    kd = dict(teacher="T-3B")
+    rows = []
+    for task, sft, fkl, seqkd, noisy in (("gsm8k", 50, 55, 58, 52), ("svamp", 60, 66, 61, 59)):
+        rows += [("sft0", "student", "S-1B", "sft", task, sft, {}),
+                 ("fkl", "student", "S-1B", "fkl", task, fkl, kd | dict(temperature=1.0)),
+                 ("seqkd", "student", "S-1B", "seqkd", task, seqkd, kd),
+                 ("seqkd-noise", "student", "S-1B", "seqkd", task, noisy, kd | dict(noise_sigma=1.0))]
+    results = results_table(rows)
+    imp = st.improvement_table(results)
+    by = imp.set_index(["method", "task"])
+    assert math.isnan(by.loc[("seqkd", "gsm8k"), "temperature"])
+    assert by.loc[("seqkd", "gsm8k"), ["accuracy", "improvement"]].tolist() == [58, 8]
+    assert by.loc[("seqkd", "average"), ["accuracy", "improvement"]].tolist() == [59.5, 4.5]
+    noise = st.ablation_table(results, "noise_sigma")
+    assert set(noise["method"]) == {"seqkd"}  # fkl ran without noise only
+    assert noise.loc[noise["task"] == "gsm8k", ["noise_sigma", "accuracy"]].values.tolist() == [[0.0, 58], [1.0, 52]]
+
+    fidelity = pd.DataFrame(
+        [("fkl", 1.0, 0.0, "gsm8k", 0.6), ("fkl", 1.0, math.nan, "gsm8k", 0.8),  # a blank sigma is no noise
+         ("fkl", 1.0, 1.0, "gsm8k", 0.1),  # a noisy teacher's run never matches
+         ("fkl", 1.0, 0.0, "svamp", 0.5),
+         ("seqkd", math.nan, 0.0, "gsm8k", 0.4), ("seqkd", math.nan, 0.0, "svamp", 0.2),
+         # SFT rows (even one for 'average') neither match nor stop the KD averages being computed
+         ("sft", math.nan, 0.0, "gsm8k", 0.9), ("sft", math.nan, 0.0, "average", 0.9)],
+        columns=["method", "temperature", "noise_sigma", "task", "agreement"],
+    ).assign(domain="math", teacher="T-3B", student="S-1B")
+    joined = st.attach_fidelity(imp, fidelity)
+    assert len(joined) == len(imp) == 6
+    assert joined.set_index(["method", "task"])["agreement"].to_dict() == pytest.approx({
+        ("fkl", "gsm8k"): 0.7, ("fkl", "svamp"): 0.5, ("fkl", "average"): 0.6,
+        ("seqkd", "gsm8k"): 0.4, ("seqkd", "svamp"): 0.2, ("seqkd", "average"): 0.3})
+
+
+def test_fidelity_given_average_is_used_and_rows_without_fidelity_stay():
+    imp = st.improvement_table(small_study())
+    # the paper's shape: per (teacher, student, task), with an 'average' of its own; nothing for svamp
+    fidelity = pd.DataFrame({"domain": "math", "teacher": "T-3B", "student": "S-1B",
+                             "task": ["gsm8k", "average"], "agreement": [0.4, 0.9]})
+    joined = st.attach_fidelity(imp, fidelity)
+    keys = ["domain", "teacher", "student", "method", "task"]
+    assert joined[keys].equals(imp[keys])  # every improvement row once, in order
+    agreement = joined.set_index(["method", "task"])["agreement"]
+    assert agreement[("fkl", "gsm8k")] == agreement[("rkl", "gsm8k")] == 0.4  # every method's row
+    assert agreement[("fkl", "average")] == 0.9  # as given, not the mean of the rows given
+    assert math.isnan(agreement[("fkl", "svamp")])
+    # a fidelity key the improvements lack is an error, not a looser join copying values across domains
+    with pytest.raises(KeyError, match="domain"):
+        st.attach_fidelity(imp.drop(columns="domain"), fidelity)
 
 
 def test_study_missing_column_named(tmp_path):
@@ -484,6 +684,145 @@ def test_bootstrap_intervals_from_counts_known_values():
         15 + 1.96 * se, abs=0.25)
     none = st.improvement_intervals(results.assign(n=math.nan), st.improvement_table(results, temperature="mean"))
     assert none["ci_low"].isna().all() and set(none["ci_basis"]) == {"no per-example data"}
+
+
+def outcome_tables(correct: dict[tuple[str, str], list[bool]]) -> Predictions:
+    """In-memory predictions: per (run, task) the correctness of examples e0, e1, ..."""
+    return Predictions(tables={key: pd.DataFrame({"id": [f"e{i}" for i in range(len(flags))], "correct": flags})
+                                  for key, flags in correct.items()})
+
+
+def test_mcnemar_tests_by_hand():
+    results = results_table([
+        (run, "student", "S-1B", method, task, 50.0, extra)
+        for run, method, extra in (("sft0", "sft", {}), ("kd1", "fkl", dict(teacher="T-3B", temperature=1.0)),
+                                   ("kd2", "fkl", dict(teacher="T-3B", temperature=2.0)))
+        for task in ("gsm8k", "svamp")])
+    t, f = True, False
+    # kd1 has no gsm8k file: that row is skipped and the rows after it are still tested
+    predictions = outcome_tables({
+        ("sft0", "gsm8k"): [t, f, f, t, f, f], ("kd2", "gsm8k"): [t, t, t, t, t, f],
+        ("sft0", "svamp"): [t, t, f, f], ("kd1", "svamp"): [f, t, t, f], ("kd2", "svamp"): [f, f, t, t]})
+    out = st.mcnemar_tests(results, predictions)
+    # (run, task): n, KD right only, SFT right only
+    expected = {("kd1", "svamp"): (4, 1, 1), ("kd2", "gsm8k"): (6, 3, 0), ("kd2", "svamp"): (4, 2, 2)}
+    assert {(r, task): (n, a, b) for r, task, n, a, b in out[["run_id", "task", "n", "kd_only", "sft_only"]].values
+            } == expected
+    pvalues = {key: stats.binomtest(min(a, b), a + b, 0.5).pvalue for key, (_, a, b) in expected.items()}
+    got = out.set_index(["run_id", "task"])
+    for key, (_, a, b) in expected.items():
+        assert got.loc[key, "statistic"] == min(a, b) and got.loc[key, "pvalue"] == pytest.approx(pvalues[key])
+    # one Holm family (domain, teacher, student, method): p 0.25, 1, 1 -> 0.75, 1, 1
+    assert pvalues[("kd2", "gsm8k")] == pytest.approx(0.25)
+    assert got["pvalue_holm"].to_dict() == pytest.approx({("kd1", "svamp"): 1.0, ("kd2", "gsm8k"): 0.75,
+                                                          ("kd2", "svamp"): 1.0})
+    assert got.loc[("kd2", "gsm8k"), ["sft_run_id", "temperature", "seed"]].tolist() == ["sft0", 2.0, 0.0]
+    empty = st.mcnemar_tests(results, outcome_tables({}))
+    assert empty.empty and list(empty.columns) == [
+        "domain", "teacher", "student", "method", "task", "temperature", "seed", "run_id", "sft_run_id", "n",
+        "kd_only", "sft_only", "statistic", "pvalue", "pvalue_holm"]
+    # outcomes as 0/1 floats (as the prediction files are read for the bootstrap) count the same
+    assert st.mcnemar_test([1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 1.0, 0.0]) == {
+        "n": 4, "kd_only": 2, "sft_only": 1, "statistic": 1.0, "pvalue": pytest.approx(1.0)}
+
+
+def test_split_estimates_by_hand():
+    kd = dict(teacher="T-3B")
+    results = results_table([
+        (f"{student}-{run}", "student", student, method, task, accuracy, extra)
+        for student in ("S-1B", "U-2B")
+        for run, method, extra, accuracies in (
+            ("sft0", "sft", {}, (40.0, 50.0)), ("kd1", "fkl", kd | dict(temperature=1.0), (55.0, 62.0)),
+            ("kd2", "fkl", kd | dict(temperature=2.0), (60.0, 64.0)))
+        # results with their own average rows (as the paper's files have): not a task of the split
+        for task, accuracy in zip(("gsm8k", "svamp", "average"), (*accuracies, sum(accuracies) / 2))])
+    # correct of 10 on halves A and B; kd1's svamp split is of counts, all else of examples; U-2B has none
+    split = pd.DataFrame([
+        ("S-1B-kd1", "gsm8k", 8, 5, "examples"), ("S-1B-kd2", "gsm8k", 8, 4, "examples"),
+        ("S-1B-sft0", "gsm8k", 5, 3, "examples"), ("S-1B-kd1", "svamp", 7, 6, "counts"),
+        ("S-1B-kd2", "svamp", 7, 9, "examples"), ("S-1B-sft0", "svamp", 4, 5, "examples"),
+    ], columns=["run_id", "task", "correct_a", "correct_b", "split"]).assign(n_a=10, n_b=10)
+    out = st.split_estimates(results, st.improvement_table(results, temperature="mean"), split)
+    got = out[out["student"] == "S-1B"].set_index("task")
+    # SFT on A: 50 and 40, average 45
+    assert got["sft_accuracy_a"].to_dict() == pytest.approx({"gsm8k": 50.0, "svamp": 40.0, "average": 45.0})
+    # KD on B (on all examples where the split is of counts: kd1 svamp 62) minus SFT on B, mean over temperatures:
+    # gsm8k (50 - 30 + 40 - 30) / 2, svamp (62 - 50 + 90 - 50) / 2, average over the tasks per temperature
+    assert got["improvement_b"].to_dict() == pytest.approx({"gsm8k": 15.0, "svamp": 26.0, "average": 20.5})
+    # gsm8k: A ties at 80, the lower temperature wins, its B difference 50 - 30; svamp and average read a
+    # counts split, so nothing is selected there
+    assert got.loc["gsm8k", ["selected_temperature", "improvement_selected"]].tolist() == [1.0, 20.0]
+    assert got.loc[["svamp", "average"], ["selected_temperature", "improvement_selected"]].isna().all(axis=None)
+    other = out[out["student"] == "U-2B"]
+    assert len(other) == 3 and other[["sft_accuracy_a", "improvement_b"]].isna().all(axis=None)
+
+
+def test_bootstrap_intervals_weigh_seeds_and_need_a_matching_run():
+    # two seeds, KD all right and SFT all wrong in both: every resample gives exactly +100 if each seed's
+    # difference weighs 1/2
+    kd = dict(teacher="T-3B", temperature=1.0)
+    results = results_table([("sft0", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=7, correct=0)),
+                             ("sft1", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=7, correct=0, seed=1)),
+                             ("kd0", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=7, correct=7)),
+                             ("kd1", "student", "S-1B", "fkl", "gsm8k", 100.0, kd | dict(n=7, correct=7, seed=1))])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 50)
+    assert imp[["task", "ci_low", "ci_high"]].values.tolist() == [["gsm8k", 100.0, 100.0], ["average", 100.0, 100.0]]
+    # rows at a temperature no run of these results has: no cell, no interval
+    moved = results.assign(temperature=results["temperature"].replace(1.0, 2.0))
+    none = st.improvement_intervals(moved, st.improvement_table(results, temperature=1.0), None, 50)
+    assert none[["ci_low", "ci_high"]].isna().all(axis=None) and set(none["ci_basis"]) == {"no per-example data"}
+
+
+def test_bootstrap_cells_known_and_unknown():
+    kd = dict(teacher="T-3B", temperature=1.0)
+    both = ("gsm8k", "svamp")
+    results = results_table(
+        [("s-sft", "student", "S-1B", "sft", task, 0.0, dict(n=6, correct=0)) for task in both]
+        + [("s-kd", "student", "S-1B", "fkl", task, 100.0, kd | dict(n=6, correct=6)) for task in both]
+        + [("u-sft", "student", "U-2B", "sft", "gsm8k", 50.0, dict(n=6)),  # no count of correct answers
+           ("u-kd", "student", "U-2B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+           ("v-sft", "student", "V-3B", "sft", "gsm8k", 0.0, dict(n=0, correct=0)),  # no examples
+           ("v-kd", "student", "V-3B", "fkl", "gsm8k", 100.0, kd | dict(n=6, correct=6)),
+           ("w-sft", "student", "W-4B", "sft", "gsm8k", 0.0, dict(n=1, correct=0)),  # one example is enough
+           ("w-kd", "student", "W-4B", "fkl", "gsm8k", 100.0, kd | dict(n=1, correct=1))])
+    imp = st.improvement_table(results, temperature="mean")
+    gsm8k = st.improvement_intervals(results, imp, None, 50).set_index(["student", "task"]).xs("gsm8k", level="task")
+    # all right minus all wrong: every resample +100; a cell without a usable count leaves its row unknown
+    for student in ("S-1B", "W-4B"):
+        assert gsm8k.loc[student, ["ci_low", "ci_high", "ci_basis"]].tolist() == [
+            100.0, 100.0, "bootstrap of per-run counts (unpaired)"]
+    for student in ("U-2B", "V-3B"):
+        assert gsm8k.loc[student, ["ci_low", "ci_high"]].isna().all()
+        assert gsm8k.loc[student, "ci_basis"] == "no per-example data"
+    # with predictions (gsm8k only) the examples are resampled, n of them each time, shared by both runs;
+    # svamp and the average (which reads svamp) fall back to the counts
+    t, f = True, False
+    predictions = outcome_tables({("s-sft", "gsm8k"): [f] * 6, ("s-kd", "gsm8k"): [t] * 6})
+    s_rows = imp[imp["student"] == "S-1B"]
+    paired = st.improvement_intervals(results[results["model"] == "S-1B"], s_rows, predictions, 50)
+    assert paired[["task", "ci_low", "ci_high", "ci_basis"]].values.tolist() == [
+        ["gsm8k", 100.0, 100.0, "paired bootstrap over examples"],
+        ["svamp", 100.0, 100.0, "bootstrap of per-run counts (unpaired)"],
+        ["average", 100.0, 100.0, "bootstrap of per-run counts (unpaired)"]]
+    # a row no run belongs to gets no interval, whatever the other rows get
+    lone = pd.concat([s_rows, s_rows.head(1).assign(student="Z-9B")], ignore_index=True)
+    with_lone = st.improvement_intervals(results, lone, None, 50)
+    assert with_lone["ci_low"].tolist()[:3] == [100.0, 100.0, 100.0] and math.isnan(with_lone["ci_low"].iloc[3])
+    assert with_lone["ci_low"].dtype == np.float64 and with_lone["ci_basis"].iloc[3] == "no per-example data"
+
+
+def test_bootstrap_interval_level():
+    # SFT all wrong, KD 5 of 10: a replicate is 100 * Binom(10, 1/2) / 10, whose quartiles are 4 and 6 of 10
+    # (P(X <= 3) = 0.17, P(X <= 4) = 0.38, P(X <= 5) = 0.62, P(X <= 6) = 0.83)
+    results = results_table([("sft", "student", "S-1B", "sft", "gsm8k", 0.0, dict(n=10, correct=0)),
+                             ("kd", "student", "S-1B", "fkl", "gsm8k", 50.0,
+                              dict(n=10, correct=5, teacher="T-3B", temperature=1.0))])
+    imp = st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 2000, level=0.5)
+    assert imp[["ci_low", "ci_high"]].values.tolist() == [[40.0, 60.0], [40.0, 60.0]]
+    # seeded: the same call gives the same interval (a report must not change on re-running)
+    twice = [st.improvement_intervals(results, st.improvement_table(results, temperature="mean"), None, 20)
+             for _ in range(2)]
+    pd.testing.assert_frame_equal(*twice)
 
 
 def test_study_intervals_and_mcnemar_from_predictions(tmp_path):

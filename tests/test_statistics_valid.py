@@ -3,6 +3,7 @@ verdicts, and the paper re-analysis."""
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from scipy import stats
 
 from kd_utils import statistics as st
+from kd_utils.predictions import Predictions
 from study_fixtures import write_study
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
@@ -36,6 +38,107 @@ def test_unit_ttest_matches_scipy():
                                                             alternative="larger"))
     assert st.unit_ttest([1.0, 2.0])["note"] == "not testable: 2 unit(s) < 3"
     assert st.unit_ttest([2.0, 2.0, 2.0])["note"].startswith("not testable: constant")
+
+
+def test_unit_ttest_defaults_edges_and_not_testable_rows():
+    from statsmodels.stats.power import TTestPower
+
+    y = np.array([1.0, 4.0, 2.5, -0.5, 3.0])
+    # one-sided by default; two-sided power for the 3-point gain
+    assert st.unit_ttest(y)["pvalue"] == pytest.approx(stats.ttest_1samp(y, 0.0, alternative="greater").pvalue)
+    two = st.unit_ttest(y, "two-sided", alpha=0.1)
+    assert two["power"] == pytest.approx(TTestPower().power(3 / y.std(ddof=1), nobs=5, alpha=0.1,
+                                                            alternative="two-sided"))
+    # a not-testable result still has every key, NaN where undefined, so table columns never go missing
+    short = st.unit_ttest([1.0, 2.0, None])  # None reads as a missing unit
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note"}
+    assert (short["n"], short["estimate"], short["note"]) == (2, 1.5, "not testable: 2 unit(s) < 3")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "ci_low", "ci_high", "power"))
+    # zero variance means within 1e-9 of the first unit, whatever the size of the values
+    assert st.unit_ttest([2.0, 2.0 + 5e-10, 2.0 + 0.9e-9])["note"] == "not testable: constant values (zero variance)"
+    for values in ([1000.0, 1000.001, 1000.003], [2.0, 2.0 + 5e-9, 2.0 + 9e-9], [0.0, 0.8e-9, 1.6e-9]):
+        res = st.unit_ttest(values)
+        ref = stats.ttest_1samp(values, 0.0, alternative="greater")
+        assert res["note"] == "" and res["statistic"] == pytest.approx(ref.statistic, rel=1e-6), values
+
+
+def test_friedman_defaults_and_not_testable_rows():
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0], "rkl": [2.0, 1.0, 5.0, 6.0], "gkd": [3.0, 4.0, 4.0, 5.0]})
+    res = st.friedman_test(table)
+    # repeated-measures F power for Cohen's f = 0.25: 4 blocks of 3, df 2 and 6, noncentrality 4 * 3 * f^2
+    for alpha in (0.05, 0.1):
+        power = stats.ncf.sf(stats.f.ppf(1 - alpha, 2, 6), 2, 6, 4 * 3 * 0.25**2)
+        assert st.friedman_test(table, alpha=alpha)["power"] == pytest.approx(power)
+    assert res["power"] == pytest.approx(stats.ncf.sf(stats.f.ppf(0.95, 2, 6), 2, 6, 4 * 3 * 0.25**2))  # alpha 0.05
+    assert res["note"] == ""
+    assert res["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
+    short = st.friedman_test(table.iloc[:2])
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
+                            "pvalue_asymptotic"}
+    assert (short["n"], short["note"]) == (2, "not testable: 3 method(s), 2 complete block(s) (needs 2 and 3)")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "estimate", "ci_low", "ci_high",
+                                              "pvalue_asymptotic"))
+
+
+def test_friedman_small_designs_and_monte_carlo_p():
+    # two methods are enough: ranks 2,2,2,1 vs 1,1,1,2, chi2 = 12 / (4 * 2 * 3) * (7^2 + 5^2) - 3 * 4 * 3 = 1
+    two = st.friedman_test(pd.DataFrame({"fkl": [2.0, 3.0, 4.0, 1.0], "rkl": [1.0, 2.0, 3.0, 5.0]}))
+    assert two["note"] == "" and two["statistic"] == pytest.approx(1.0)
+    # three blocks are enough
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [2.0, 1.0, 5.0], "gkd": [3.0, 4.0, 4.0]})
+    assert st.friedman_test(table)["statistic"] == pytest.approx(stats.friedmanchisquare(*table.to_numpy().T).statistic)
+    tied = st.friedman_test(pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [1.0, 2.0, 3.0]}))
+    assert tied["note"] == "not testable: every block ties all methods" and math.isnan(tied["statistic"])
+    # equal rank sums: chi2 = 0, every resample reaches it, so p = (9 + 1) / (9 + 1) exactly
+    balanced = pd.DataFrame({"fkl": [1.0, 2.0, 3.0], "rkl": [2.0, 3.0, 1.0], "gkd": [3.0, 1.0, 2.0]})
+    res = st.friedman_test(balanced, n_resamples=9)
+    assert res["statistic"] == pytest.approx(0.0, abs=1e-12) and res["pvalue"] == 1.0
+
+
+def test_permutation_spearman_interval_edges_and_monte_carlo_p():
+    # 4 points, n_eff 4: the smallest design with an interval; values spread less than 1
+    x, y = [0.1, 0.2, 0.3, 0.4], [0.2, 0.1, 0.4, 0.3]
+    res = st.permutation_spearman(x, y, alpha=1.0)
+    rho = stats.spearmanr(x, y).statistic  # 0.6
+    half = stats.norm.ppf(0.975) * math.sqrt((1 + rho**2 / 2) / (4 - 3))
+    assert (res["ci_low"], res["ci_high"]) == (pytest.approx(math.tanh(math.atanh(rho) - half)),
+                                               pytest.approx(math.tanh(math.atanh(rho) + half)))
+    assert res["pvalue_asymptotic"] == pytest.approx(stats.spearmanr(x, y).pvalue)
+    perfect = st.permutation_spearman([1.0, 2.0, 3.0, 4.0, 5.0], [2.0, 4.0, 6.0, 8.0, 10.0])
+    assert perfect["statistic"] == pytest.approx(1.0) and perfect["pvalue"] == pytest.approx(2 / 120)
+    assert math.isnan(perfect["ci_low"]) and math.isnan(perfect["ci_high"])  # atanh(1) is infinite
+    # rho = 0 exactly: every resample reaches it, so the Monte Carlo p is (10 + 1) / (10 + 1)
+    zero = st.permutation_spearman([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 1.0, 3.0], n_resamples=10, alpha=1.0)
+    assert zero["statistic"] == pytest.approx(0.0, abs=1e-12) and zero["pvalue"] == 1.0
+
+
+def test_monte_carlo_p_values_are_reproducible():
+    # seeded: the same call gives the same Monte Carlo p-values (a report must not change on re-running);
+    # p-values near 0.5 from hundreds of resamples, so that two unseeded draws would rarely agree
+    table = pd.DataFrame({"fkl": [1.0, 2.0, 3.0, 4.0], "rkl": [2.0, 1.0, 5.0, 6.0], "gkd": [3.0, 4.0, 4.0, 5.0]})
+    assert st.friedman_test(table, n_resamples=999)["pvalue"] == st.friedman_test(table, n_resamples=999)["pvalue"]
+    x, y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [3.0, 1.0, 6.0, 2.0, 8.0, 4.0, 5.0, 7.0]  # 8! orders
+    assert (st.permutation_spearman(x, y, n_resamples=2000)["pvalue"]
+            == st.permutation_spearman(x, y, n_resamples=2000)["pvalue"])
+    assert st.spearman_permutation_pvalue(x, y, n_resamples=2000) == st.spearman_permutation_pvalue(x, y, n_resamples=2000)
+    # and the seed reaches the draws
+    assert st.spearman_permutation_pvalue(x, y, n_resamples=2000, seed=5) != st.spearman_permutation_pvalue(
+        x, y, n_resamples=2000)
+    # 18 pairs within 6 students: 6^6 orders, Monte Carlo with 999 resamples
+    imp = pair_improvements(1.0).assign(error_consistency=lambda d: d["improvement"] + d["teacher_accuracy"])
+    first = st.study_hypothesis_tests(imp, n_resamples=999)
+    pd.testing.assert_frame_equal(first, st.study_hypothesis_tests(imp, n_resamples=999))
+    other_seed = st.study_hypothesis_tests(imp, n_resamples=999, seed=5)
+    for hypothesis in ("H1_method_friedman", "H2_teacher_performance", "H4_agreement"):
+        rows = first["hypothesis"] == hypothesis
+        assert (first.loc[rows, "pvalue"] != other_seed.loc[rows, "pvalue"]).any(), hypothesis
+
+
+def test_aligned_ranks_treat_differences_below_1e9_as_ties():
+    # block centring leaves rounding noise: x values 4e-10 apart are the same value
+    y = [2.0, 1.0, 3.0, 4.0]
+    res = st.permutation_spearman([1.0, 1.0 + 4e-10, 2.0, 3.0], y, alpha=1.0)
+    assert res["statistic"] == pytest.approx(stats.spearmanr([1.0, 1.0, 2.0, 3.0], y).statistic)
 
 
 def test_friedman_matches_scipy_with_ties():
@@ -87,6 +190,72 @@ def test_permutation_spearman_within_blocks_ignores_block_shifts():
     assert single["note"].startswith("not testable: 0 point(s) in blocks of 2 or more")
 
 
+def aligned_rank_rho(x: np.ndarray, y: np.ndarray, blocks: np.ndarray) -> float:
+    """The docstring's statistic, written out: values minus block means, midranks over all points (to 1e-9),
+    centred within blocks, correlated."""
+    frame = pd.DataFrame({"x": x, "y": y, "block": blocks})
+    centred = []
+    for col in ("x", "y"):
+        aligned = frame[col] - frame.groupby("block")[col].transform("mean")
+        ranks = pd.Series(stats.rankdata(aligned.round(9)), index=frame.index)
+        centred.append((ranks - ranks.groupby(frame["block"]).transform("mean")).to_numpy())
+    rx, ry = centred
+    return float(rx @ ry / math.sqrt((rx @ rx) * (ry @ ry)))
+
+
+def test_permutation_spearman_pairs_as_blocks():
+    rng = np.random.default_rng(7)
+    blocks = np.repeat([f"s{i}" for i in range(6)], 2)
+    x, y = rng.normal(0, 1, 12), rng.normal(0, 1, 12) + np.repeat(rng.normal(0, 5, 6), 2)
+    # points without x or y (None reads as missing) and a block of one point are left out
+    res = st.permutation_spearman(list(x) + [1.0, None, 2.0], list(y) + [None, 1.0, 3.0],
+                                  list(blocks) + ["s0", "s1", "lone"])
+    rho = aligned_rank_rho(x, y, blocks)
+    swaps = itertools.product([False, True], repeat=6)  # every within-pair order of x: 2^6
+    permuted = [aligned_rank_rho(np.where(np.repeat(swap, 2), x.reshape(6, 2)[:, ::-1].ravel(), x), y, blocks)
+                for swap in swaps]
+    n_eff = 6 * (2 - 1) + 1
+    half = stats.norm.ppf(0.975) * math.sqrt((1 + rho**2 / 2) / (n_eff - 3))
+    shift, z = math.atanh(0.3) * math.sqrt(n_eff - 3), stats.norm.ppf(0.975)
+    assert res["n"] == 12 and res["note"] == ""
+    assert res["statistic"] == pytest.approx(rho) and res["estimate"] == pytest.approx(rho)
+    assert res["pvalue"] == pytest.approx(np.mean(np.abs(permuted) >= abs(rho) - 1e-12))
+    assert (res["ci_low"], res["ci_high"]) == (pytest.approx(math.tanh(math.atanh(rho) - half)),
+                                               pytest.approx(math.tanh(math.atanh(rho) + half)))
+    assert res["power"] == pytest.approx(stats.norm.sf(z - shift) + stats.norm.cdf(-z - shift))
+    assert res["pvalue_asymptotic"] == pytest.approx(stats.spearmanr(x, y).pvalue)  # pooled, for reference
+    # alpha reaches the power
+    z10 = stats.norm.ppf(0.95)
+    assert st.permutation_spearman(x, y, blocks, alpha=0.1)["power"] == pytest.approx(
+        stats.norm.sf(z10 - shift) + stats.norm.cdf(-z10 - shift))
+
+
+def test_permutation_spearman_exact_up_to_n_resamples_and_its_gate():
+    x, y = [1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 4.0, 3.0]
+    rho = stats.spearmanr(x, y).statistic
+    exact = np.mean([abs(stats.spearmanr(x, order).statistic) >= abs(rho) - 1e-12
+                     for order in itertools.permutations(y)])
+    # 4! = 24 permutations: exact with 24 resamples; the smallest p 2/24 is not above alpha = 2/24
+    res = st.permutation_spearman(x, y, n_resamples=24, alpha=2 / 24)
+    assert res["note"] == "" and res["pvalue"] == pytest.approx(exact)
+    # with 24 resamples too: the gate holds whenever the test would be exact
+    for gated in (st.permutation_spearman(x, y, alpha=0.05), st.permutation_spearman(x, y, n_resamples=24, alpha=0.05)):
+        assert gated["power"] == 0.0 and math.isnan(gated["statistic"])
+        assert gated["note"] == ("not testable: 4 points allow 24 permutations, the smallest attainable p-value "
+                                 "is 0.08 > 0.05")
+    # not-testable results keep every key, NaN where undefined
+    short = st.permutation_spearman([1.0, 2.0], [2.0, 1.0])
+    assert short.keys() == {"statistic", "pvalue", "n", "estimate", "ci_low", "ci_high", "power", "note",
+                            "pvalue_asymptotic"}
+    assert (short["n"], short["note"]) == (2, "not testable: 2 point(s) < 3")
+    assert all(math.isnan(short[k]) for k in ("statistic", "pvalue", "estimate", "ci_low", "ci_high", "power",
+                                              "pvalue_asymptotic"))
+    flat = st.permutation_spearman([1.0, 1.0, 2.0, 2.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                                   ["a", "a", "b", "b", "c", "c"], alpha=1.0)
+    assert flat["note"] == "not testable: constant input within every block, rho undefined"
+    assert math.isnan(flat["statistic"])
+
+
 def test_permutation_spearman_within_blocks_size_by_simulation():
     """Under the null with shared per-block noise (the SFT run) the test rejects about 5%."""
     rng = np.random.default_rng(1)
@@ -106,6 +275,8 @@ def test_example_split_halves_ids_whatever_their_order():
     ids = [f"gsm8k-{i}" for i in range(11)]
     a = st.example_split(ids, "gsm8k", seed=3)
     assert a.sum() == 5
+    # every task has its own halves, even where two tasks' ids coincide (1 in C(11, 5) = 462 by chance)
+    assert not np.array_equal(a, st.example_split(ids, "svamp", seed=3))
     shuffled = ids[::-1]
     assert set(np.array(ids)[a]) == set(np.array(shuffled)[st.example_split(shuffled, "gsm8k", seed=3)])
     assert not np.array_equal(a, st.example_split(ids, "gsm8k", seed=4))
@@ -123,6 +294,43 @@ def test_split_counts_examples_and_thinning(tmp_path):
     merged = by_counts.merge(results, on=["run_id", "task"])
     assert ((merged["correct_a"] + merged["correct_b"]) == merged["correct"]).all()
     assert ((merged["correct_a"] <= merged["n_a"]) & (merged["correct_b"] <= merged["n_b"])).all()
+
+
+def test_split_counts_from_predictions_by_hand():
+    # svamp (5 examples) comes first in the results and keeps its place; gsm8k has 7: halves of 3 and 4
+    correct = {("r1", "svamp"): [1, 0, 1, 1, 0], ("r2", "svamp"): [0, 0, 1, 1, 1],
+               ("r1", "gsm8k"): [1, 1, 1, 0, 0, 0, 1], ("r2", "gsm8k"): [0, 1, 0, 1, 0, 1, 1]}
+    ids = {"svamp": [f"s{i}" for i in range(5)], "gsm8k": [f"g{i}" for i in range(7)]}
+    predictions = Predictions(tables={(run, task): pd.DataFrame({"id": ids[task], "correct": np.array(flags, bool)})
+                                      for (run, task), flags in correct.items()})
+    results = pd.DataFrame({"run_id": ["r1", "r2", "r1", "r2"], "task": ["svamp", "svamp", "gsm8k", "gsm8k"],
+                            "n": [5.0, 5.0, 7.0, 7.0], "correct": [3.0, 3.0, 4.0, 4.0]})
+    split = st.split_counts(results, predictions, seed=3)
+    expected = []
+    for (run, task), flags in correct.items():
+        in_a = st.example_split(ids[task], task, seed=3)  # the halves every run of the task shares
+        flags = np.array(flags)
+        expected.append([run, task, in_a.sum(), flags[in_a].sum(), (~in_a).sum(), flags[~in_a].sum(), "examples"])
+    assert split.values.tolist() == expected
+    assert split[["n_a", "n_b"]].values.tolist() == [[2, 3], [2, 3], [3, 4], [3, 4]]
+
+
+def test_split_counts_without_predictions():
+    nan = math.nan
+    results = pd.DataFrame([("a", "gsm8k", nan, 3.0),  # no n: left out
+                            ("b", "gsm8k", 6.0, nan),  # no count: left out
+                            ("c", "gsm8k", 2.0, 1.0),  # two examples are enough for halves of one
+                            ("d", "gsm8k", 7.0, 4.0)]
+                           + [("e", task, 1000.0, 500.0) for task in ("t1", "t2", "t3", "t4")],
+                           columns=["run_id", "task", "n", "correct"])
+    split = st.split_counts(results, None, seed=0)
+    assert split[["run_id", "task", "n_a", "n_b", "split"]].values.tolist() == [
+        ["c", "gsm8k", 1, 1, "counts"], ["d", "gsm8k", 3, 4, "counts"]] + [
+        ["e", task, 500, 500, "counts"] for task in ("t1", "t2", "t3", "t4")]
+    assert (split["correct_a"] + split["correct_b"]).tolist() == [1, 4, 500, 500, 500, 500]
+    assert ((split["correct_a"] <= split["n_a"]) & (split["correct_b"] <= split["n_b"])).all()
+    # each task of a run gets its own draw (sd about 8 of 500: four equal draws would be a coincidence)
+    assert split.loc[split["run_id"] == "e", "correct_a"].nunique() > 1
 
 
 def test_split_removes_regression_to_the_mean():
@@ -211,6 +419,126 @@ def test_h1_units_are_students():
     assert (tests["pvalue_holm"].dropna() >= tests["pvalue"].dropna().loc[tests["pvalue_holm"].dropna().index]).all()
 
 
+def holm_by_hand(pvalues: pd.Series) -> list[float]:
+    """Holm's step-down: the i-th smallest p times (m - i), running maximum, capped at 1 (statsmodels runs
+    gc.collect() on every call, 0.07 s each)."""
+    p = pvalues.to_numpy(float)
+    order = np.argsort(p)
+    stepped = np.minimum(1.0, np.maximum.accumulate(p[order] * (p.size - np.arange(p.size))))
+    return stepped[np.argsort(order)].tolist()
+
+
+def exact_friedman_pvalue(wide: pd.DataFrame) -> float:
+    """P(permuted rank sums' squares >= observed) over every within-block order of the ranks."""
+    ranks = stats.rankdata(wide.to_numpy(float), axis=1)
+    orders = np.array(list(itertools.permutations(range(ranks.shape[1]))))
+    sums = ranks[0][orders]
+    for block in ranks[1:]:
+        sums = (sums[:, None, :] + block[orders][None, :, :]).reshape(-1, ranks.shape[1])
+    return float(np.mean(np.square(sums).sum(axis=1) >= np.square(ranks.sum(axis=0)).sum() - 1e-9))
+
+
+def test_study_hypothesis_tests_rows_match_scipy_and_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    # 3 students x 2 teachers x 3 methods; commonsense has no split (sft_accuracy_a blank, no selected
+    # temperature) and a task without any improvement (piqa)
+    rng = np.random.default_rng(5)
+    rows = []
+    for domain, tasks in (("math", ("gsm8k", "average")), ("commonsense", ("boolq", "piqa", "average"))):
+        for j in range(3):
+            for i in range(2):
+                for method in ("fkl", "rkl", "gkd"):
+                    for task in tasks:
+                        rows.append(dict(
+                            domain=domain, teacher=f"T{i}", student=f"S{j}", method=method, task=task,
+                            temperature=math.nan,
+                            improvement=math.nan if task == "piqa" else 2.0 * j + rng.normal(0, 2),
+                            improvement_selected=rng.normal(4, 2) if domain == "math" else math.nan,
+                            sft_accuracy_a=50.0 + 5 * j if domain == "math" else math.nan,
+                            improvement_b=rng.normal(3, 1), teacher_accuracy=60.0 + 10 * i, student_size=j + 1.0,
+                            error_consistency=rng.normal(0.3, 0.1), agreement=rng.normal(0.7, 0.1),
+                            bleu=rng.normal(20, 5)))
+    imp = pd.DataFrame(rows)
+    tests = st.study_hypothesis_tests(imp)
+    assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
+    # math first; H3 against SFT accuracy needs the split, H5 (BLEU) is tested in math only
+    assert tests["domain"].tolist() == sorted(tests["domain"], key=["math", "commonsense"].index)
+    h2_to_h4 = ["H2_teacher_performance", "H3_student_size"]
+    assert tests.groupby("domain", sort=False)["hypothesis"].unique().map(list).to_dict() == {
+        "math": ["H1_improvement_ttest", "H1_method_friedman", *h2_to_h4, "H3_student_sft", "H4_agreement",
+                 "H5_fidelity"],
+        "commonsense": ["H1_improvement_ttest", "H1_method_friedman", *h2_to_h4, "H4_agreement"]}
+
+    h1 = tests[tests["hypothesis"] == "H1_improvement_ttest"]
+    assert (h1["unit"] == "students").all() and (h1["test"] == "one-sided one-sample t-test").all()
+    assert (h1["effect_of_interest"] == "a 3-point gain").all()
+    assert len(h1) == 4 * 2 + 4 * 3  # methods all, fkl, rkl, gkd x tasks
+    for row in h1.to_dict("records"):
+        part = imp[(imp["domain"] == row["domain"]) & (imp["task"] == row["task"])
+                   & ((imp["method"] == row["method"]) | (row["method"] == "all"))]
+        if row["task"] == "piqa":
+            assert row["n"] == 0 and row["note"] == "not testable: 0 unit(s) < 3" and math.isnan(row["pvalue"])
+            continue
+        units = part.groupby("student")["improvement"].mean()
+        ref = stats.ttest_1samp(units, 0.0, alternative="greater")
+        power = TTestPower().power(3 / units.std(ddof=1), nobs=3, alpha=0.05, alternative="larger")
+        assert row["n"] == 3 and row["estimate"] == pytest.approx(units.mean())
+        assert (row["statistic"], row["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+        assert row["power"] == pytest.approx(power)
+        assert row["note"] == ("" if power >= 0.8 else
+                               f"underpowered: 3 students, power {power:.2f} for a 3-point gain")
+        if row["domain"] == "math":  # H1 on the selected-temperature estimate, students as units
+            selected = part.groupby("student")["improvement_selected"].mean()
+            assert row["pvalue_selected"] == pytest.approx(
+                stats.ttest_1samp(selected, 0.0, alternative="greater").pvalue)
+        else:
+            assert math.isnan(row["pvalue_selected"])
+    for _, family in tests.groupby(["domain", "hypothesis", "method"]):  # Holm across the tasks
+        tested = family.dropna(subset=["pvalue"])
+        if len(tested):
+            assert tested["pvalue_holm"].tolist() == pytest.approx(holm_by_hand(tested["pvalue"]))
+
+    friedman = tests[tests["hypothesis"] == "H1_method_friedman"]
+    assert (friedman["method"] == "all").all() and (friedman["unit"] == "teacher-student pairs (blocks)").all()
+    assert (friedman["test"] == "Friedman test, permutation p (estimate: Kendall's W)").all()
+    assert (friedman["effect_of_interest"] == "Cohen's medium f = 0.25").all()
+    # repeated-measures F power for f = 0.25 with 6 blocks of 3: df 2 and 10, noncentrality 6 * 3 * f^2
+    power = stats.ncf.sf(stats.f.ppf(0.95, 2, 10), 2, 10, 6 * 3 * 0.25**2)
+    for row in friedman.to_dict("records"):
+        if row["task"] == "piqa":
+            assert row["n"] == 0 and row["note"] == "not testable: 0 method(s), 0 complete block(s) (needs 2 and 3)"
+            continue
+        part = imp[(imp["domain"] == row["domain"]) & (imp["task"] == row["task"])]
+        wide = part.pivot(index=["teacher", "student"], columns="method", values="improvement")
+        ref = stats.friedmanchisquare(*wide.to_numpy().T)
+        assert row["n"] == 6 and row["statistic"] == pytest.approx(ref.statistic)
+        assert row["pvalue_asymptotic"] == pytest.approx(ref.pvalue) and row["power"] == pytest.approx(power)
+        assert row["pvalue"] == pytest.approx(exact_friedman_pvalue(wide), abs=0.02)  # 9999 resamples: 4 SE
+        # the unit's first word names what n counts
+        assert row["note"] == ("" if power >= 0.8 else
+                               f"underpowered: 6 teacher-student, power {power:.2f} for Cohen's medium f = 0.25")
+
+    h4 = tests[tests["hypothesis"] == "H4_agreement"]
+    assert (h4["test"] == "Spearman of improvement with error_consistency, permutation p").all()
+    # 6 pairs compared within 3 students: 2^3 orders, the smallest p 0.25
+    assert (h4.loc[h4["task"] != "piqa", "note"]
+            == "not testable: 6 points allow 8 permutations, the smallest attainable p-value is 0.25 > 0.05").all()
+    assert (h4.loc[h4["task"] == "piqa", "note"]
+            == "not testable: 0 point(s) in blocks of 2 or more (compared within students) < 3").all()
+    # another agreement measure and alpha: H4 reads that column, the powers use that alpha
+    other = st.study_hypothesis_tests(imp[imp["domain"] == "math"], agreement="agreement", alpha=0.1, n_resamples=99)
+    h4 = other[other["hypothesis"] == "H4_agreement"]
+    assert (h4["test"] == "Spearman of improvement with agreement, permutation p").all()
+    assert (h4["note"] == "not testable: 6 points allow 8 permutations, the smallest attainable p-value is 0.25 > 0.1"
+            ).all()
+    row = other[(other["hypothesis"] == "H1_improvement_ttest") & (other["method"] == "all")
+                & (other["task"] == "gsm8k")].iloc[0]
+    units = imp[(imp["domain"] == "math") & (imp["task"] == "gsm8k")].groupby("student")["improvement"].mean()
+    assert row["power"] == pytest.approx(TTestPower().power(3 / units.std(ddof=1), nobs=3, alpha=0.1,
+                                                            alternative="larger"))
+
+
 def verdict_of(tests: pd.DataFrame, hypothesis: str) -> str:
     verdicts = st.verdict_table(tests)
     return verdicts.set_index("hypothesis").loc[hypothesis, "verdict"]
@@ -259,6 +587,56 @@ def test_agreement_gain_tests_units_are_students():
     tests = st.agreement_gain_tests(pd.DataFrame(rows), measure="agreement").set_index("task")
     assert tests.loc["average", "n"] == 4 and tests.loc["average", "estimate"] == pytest.approx(5.5)
     assert tests.loc["average", "pvalue"] == pytest.approx(stats.ttest_1samp([5, 7, 6, 4], 0).pvalue)
+
+
+def test_agreement_gain_tests_rows_match_scipy_and_statsmodels():
+    from statsmodels.stats.power import TTestPower
+
+    # KD minus SFT error consistency per (teacher, student, task) is gains[student][task] by construction:
+    # teacher offsets are shared by SFT and KD, fkl and rkl sit at +1 and -1 around the gain
+    gains = {"math": {"S0": (2.0, 4.0), "S1": (3.0, 1.0), "S2": (7.0, 2.0), "S3": (-1.0, 5.0)},
+             "commonsense": {"S0": (4.0,), "S1": (6.0,)}}
+    tasks = {"math": ("gsm8k", "svamp"), "commonsense": ("boolq",)}
+    rows = []
+    for domain, by_student in gains.items():
+        for student, per_task in by_student.items():
+            for teacher, offset in (("T0", 0.0), ("T1", 10.0)):
+                for task, gain in zip(tasks[domain], per_task):
+                    base = dict(domain=domain, teacher=teacher, student=student, task=task, bleu=math.nan)
+                    rows += [base | dict(method="sft", noise_sigma=0.0, error_consistency=50 + offset),
+                             base | dict(method="fkl", noise_sigma=0.0, error_consistency=50 + offset + gain + 1),
+                             # a blank sigma is no noise
+                             base | dict(method="rkl", noise_sigma=math.nan, error_consistency=50 + offset + gain - 1),
+                             # a noisy teacher's run and a missing measure never enter
+                             base | dict(method="fkl", noise_sigma=1.0, error_consistency=0.0),
+                             base | dict(method="gkd", noise_sigma=0.0, error_consistency=math.nan)]
+    tests = st.agreement_gain_tests(pd.DataFrame(rows))  # error consistency is the default measure
+    assert list(tests.columns) == list(st.STUDY_TEST_COLUMNS)
+    # the study's order: math before commonsense, the tasks in their canonical order, average last
+    assert tests[["domain", "task"]].values.tolist() == [
+        ["math", "gsm8k"], ["math", "svamp"], ["math", "average"], ["commonsense", "boolq"],
+        ["commonsense", "average"]]
+    assert (tests["hypothesis"] == "H4_kd_vs_sft").all() and (tests["method"] == "all").all()
+    assert (tests["unit"] == "students").all()
+    assert (tests["test"] == "two-sided t-test of KD minus SFT error_consistency").all()
+    assert (tests["effect_of_interest"] == "Cohen's medium d = 0.5").all()
+    for (domain, task), row in tests.set_index(["domain", "task"]).iterrows():
+        per_task = np.array(list(gains[domain].values()))
+        units = per_task.mean(axis=1) if task == "average" else per_task[:, tasks[domain].index(task)]
+        power = TTestPower().power(0.5, nobs=units.size, alpha=0.05, alternative="two-sided")
+        assert row["n"] == units.size and row["estimate"] == pytest.approx(units.mean())
+        assert row["power"] == pytest.approx(power)
+        if units.size < 3:
+            assert math.isnan(row["statistic"]) and math.isnan(row["pvalue"]) and math.isnan(row["pvalue_holm"])
+            assert row["note"] == "not testable: 2 unit(s) < 3"
+            continue
+        ref = stats.ttest_1samp(units, 0.0)
+        ci = ref.confidence_interval(0.95)
+        assert (row["statistic"], row["pvalue"]) == (pytest.approx(ref.statistic), pytest.approx(ref.pvalue))
+        assert (row["ci_low"], row["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        assert row["note"] == f"underpowered: 4 students, power {power:.2f} for Cohen's medium d = 0.5"
+    math_rows = tests[tests["domain"] == "math"]
+    assert math_rows["pvalue_holm"].tolist() == pytest.approx(holm_by_hand(math_rows["pvalue"]))
 
 
 # ----------------------------------------------------------------------------- the paper re-analysed
