@@ -74,6 +74,13 @@ def test_accuracy_lies_inside_its_interval(n):
     assert accuracy_summary(0, n)["ci_low"] == 0 and accuracy_summary(n, n)["ci_high"] == 100
 
 
+def test_an_unknown_prompt_template_is_refused_naming_the_known_ones():
+    with pytest.raises(ValueError) as err:
+        build_prompt("Add 2 and 3.", template="alpaca")
+    assert str(err.value) == "unknown prompt template 'alpaca'; expected one of clean, paper_train, paper_eval"
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # raised "from None": no KeyError chain
+
+
 def test_prompt_template_with_and_without_input():
     assert build_prompt("Add 2 and 3.").endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n")
     with_input = build_prompt("Add.", "2 and 3")
