@@ -532,8 +532,14 @@ def test_a_stage_directory_finds_the_one_cache_that_fits(tmp_path):
 
 def test_a_cache_of_an_older_format_beside_a_fitting_one_is_skipped_and_named(tmp_path):
     fits = write_cache(tmp_path, SHARDS, fields_of("topk", temperature=2.0))
-    old_fields = {name: value for name, value in fields_of("topk", seed=1).items() if name != "epochs"}
-    old = write_cache(tmp_path, SHARDS, {**old_fields, "format_version": 3})
+
+    def older(seed: int) -> dict:
+        fields = {name: value for name, value in fields_of("topk", seed=seed).items() if name != "epochs"}
+        return {**fields, "format_version": 3}
+
+    # an older cache that sorts before the fitting one: the search must go on past it
+    seed = next(s for s in range(1, 50) if teacher_cache.cache_key(older(s)) < fits.name)
+    old = write_cache(tmp_path, SHARDS, older(seed))
     assert teacher_cache.find_cache(tmp_path, {"temperature": 2.0, "epochs": 1}) == fits
     shutil.rmtree(fits)
     with pytest.raises(ValueError) as err:
