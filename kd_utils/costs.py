@@ -7,8 +7,8 @@ CUDA device name) for layer subsets of the embedded model (so several model size
 batch sizes: ``train`` (forward + backward of a LoRA model, non-pad tokens), ``forward``
 (no-grad forward: teacher targets, the teacher cache, validation, evaluation prompts) and
 ``generate`` (new tokens of greedy decoding with the KV cache, all sequences of a batch
-counted). It also times the fixed cost of one run (a fresh Python process importing the
-package, plus loading the model). The table is cached as JSON, one entry per device kind, at
+counted). It also times the fixed cost of one run: papermill executing a notebook that imports the
+package and loads the model, plus the HTML export, as the study runner does. The table is cached as JSON, one entry per device kind, at
 ``KD_COST_TABLE`` or ``outputs/cost_table.json``. Rates are interpolated linearly in
 log(parameters) and log(batch) between measured points.
 
@@ -512,18 +512,41 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
         print(f"  {keep} layers ({n_params / 1e6:.0f}M): " + ", ".join(
             f"{e['kind']}@{e['batch']} {e['tokens_per_s']:,.0f}/s" for e in entries if e["n_params"] == n_params),
             flush=True)
-    overhead = run_overhead_seconds()
+    overhead = run_overhead_seconds(rounds)
     return CostTable(device_kind(), entries, overhead), {"seq_len": seq_len, "new_tokens": new_tokens,
                                                         "rounds": rounds, "torch": torch.__version__}
 
 
-def run_overhead_seconds() -> float:
-    """A fresh interpreter importing training and loading the embedded model (what every notebook run pays)."""
-    code = ("from kd_utils import models, training; import torch; "
-            "m, t = models.load_model(models.EMBEDDED_MODEL); m.to(models.default_device())")
-    start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=PROJECT_ROOT)
-    return time.perf_counter() - start
+def run_overhead_seconds(rounds: int = 1) -> float:
+    """What every run of a study pays besides its tokens, as ``study.execute_run`` pays it: papermill starting a
+    kernel that imports training and loads the embedded model, then the executed notebook's HTML export.
+    Median seconds over ``rounds`` runs."""
+    import tempfile
+
+    import nbformat
+    import papermill as pm
+
+    from kd_utils.report import notebook_to_html
+
+    code = ("import pandas as pd\n"
+            "from kd_utils import evaluation, models, plots, teacher_cache, training\n"
+            "model, tokenizer = models.load_model(models.EMBEDDED_MODEL)\n"
+            "model = model.to(models.default_device())\n"
+            "pd.DataFrame({'step': [1, 2], 'loss': [2.0, 1.0]}).plot(x='step', y='loss');")
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Fixed cost of a run"),
+                                               nbformat.v4.new_code_cell(code)])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        source, executed = Path(tmp, "overhead.ipynb"), Path(tmp, "executed.ipynb")
+        nbformat.write(notebook, str(source))
+        for _ in range(rounds):
+            start = time.perf_counter()
+            pm.execute_notebook(str(source), str(executed), parameters={}, cwd=str(PROJECT_ROOT),
+                                progress_bar=False, kernel_name="python3")
+            notebook_to_html(executed, executed.with_suffix(".html"))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:

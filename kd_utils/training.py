@@ -5,7 +5,7 @@ ours differ: the label mask (train_on_inputs), warmup, the held-out set, the bes
 and GKD's temperature and positions. Shared by both: LoRA r=8 / alpha=16 on q,k,v,up,down,
 batch 16, lr 3e-4. accelerate handles devices, mixed precision, gradient
 accumulation and data parallelism; a checkpoint is written after every epoch
-(``accelerator.save_state``) and a run resumes from the last complete one.
+(``accelerator.save_state``, trained weights only) and a run resumes from the last complete one.
 """
 
 from __future__ import annotations
@@ -215,6 +215,40 @@ def wrap_lora(model, config: TrainConfig):
     return get_peft_model(model, lora)
 
 
+def _trainable_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+
+
+def keep_trainable_weights(models: list, weights: list[dict], _output_dir: str) -> None:
+    """accelerate's save-state hook: an epoch checkpoint keeps the trained weights only (LoRA's; all of them
+    without LoRA). The frozen base is rebuilt from the run's parameters on resume, so writing it every epoch
+    would only cost time and disk (the whole model per epoch)."""
+    for model, state in zip(models, weights):
+        trainable = _trainable_names(model)
+        for name in [n for n in state if n not in trainable]:
+            del state[name]
+
+
+def check_checkpoint_weights(model, state_dir: Path) -> None:
+    """Refuse to resume from a checkpoint that lacks some of the weights this run trains (loaded non-strictly)."""
+    from safetensors import safe_open
+
+    files = sorted(state_dir.glob("model*.safetensors"))
+    saved = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            saved |= set(f.keys())
+    names_of: dict[int, list[str]] = {}  # a tied weight is saved under one of its names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            names_of.setdefault(id(p), []).append(name)
+    missing = sorted(names[0] for names in names_of.values() if saved.isdisjoint(names))
+    if missing:
+        raise ValueError(f"checkpoint {state_dir} lacks {len(missing)} trained weights of this run (e.g. "
+                         f"{missing[0]!r}): another configuration wrote it; remove {state_dir.parent.parent} "
+                         "to train from the start")
+
+
 def last_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
     """The highest complete epoch checkpoint (a ``done`` marker is written last)."""
     found = [(int(p.name.split("-")[1]), p) for p in (output_dir / "checkpoints").glob("epoch-*") if (p / "done").is_file()]
@@ -286,6 +320,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=warmup * accelerator.num_processes,
                               num_training_steps=total_steps * accelerator.num_processes)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    accelerator.register_save_state_pre_hook(keep_trainable_weights)
     if teacher is not None:
         source = OnlineTeacher(teacher, config.noise_sigma, config.seed, accelerator.device)
     device, pad_id = accelerator.device, tokenizer.pad_token_id
@@ -296,7 +331,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     resume = last_checkpoint(output_dir)
     if resume is not None:
         start_epoch, path = resume
-        accelerator.load_state(str(path / "state"))
+        check_checkpoint_weights(model, path / "state")
+        accelerator.load_state(str(path / "state"), strict=False)  # the frozen weights are not in it
         saved = json.loads((path / "trainer.json").read_text())
         history = saved["history"]
         if source is not None:

@@ -38,6 +38,10 @@ class Killed(Exception):
     pass
 
 
+def kill(epoch: int) -> None:
+    raise Killed()
+
+
 def exactly(message: str) -> str:
     """A pytest.raises match for the whole message."""
     return "^" + re.escape(message) + "$"
@@ -320,10 +324,6 @@ def test_single_batch_epochs_resume_after_the_last_checkpoint(tiny_model_dir, mi
     config = dict(epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2, warmup_ratio=0.5, max_length=64, lora=False,
                   seed=0)
     out = tmp_path / "out"
-
-    def kill(epoch: int) -> None:
-        raise Killed()
-
     model, tok = models.load_model(tiny_model_dir)
     with pytest.raises(Killed):
         training.train(model, tok, mix[:2], TrainConfig(**config), out, val_examples=mix[2:3], on_epoch_end=kill)
@@ -341,6 +341,69 @@ def test_single_batch_epochs_resume_after_the_last_checkpoint(tiny_model_dir, mi
     assert history[2]["lr"] == 0
     (only,) = rec.losses  # the resumed epoch's one micro-batch: its loss is the epoch's mean
     assert history[2]["train_loss"] == pytest.approx(only[0], rel=1e-9) and history[2]["kd_loss"] == 0
+
+
+# ---- what an epoch checkpoint holds ------------------------------------------------------
+
+def checkpoint_weights(out: Path, epoch: int = 1) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoints" / f"epoch-{epoch}" / "state" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_a_checkpoint_holds_exactly_the_trained_weights(tiny_model_dir, mix, tmp_path, lora):
+    """LoRA: the adapter's weights and nothing of the frozen base; full fine-tuning: every weight
+    (the tied output embedding once), each equal to the trained model's."""
+    model, tok = models.load_model(tiny_model_dir)
+    config = TrainConfig(epochs=1, batch_size=2, micro_batch_size=2, max_length=64, lora=lora, lora_r=2, seed=0)
+    training.train(model, tok, mix[:4], config, tmp_path / "out", val_examples=mix[4:5])
+    saved = checkpoint_weights(tmp_path / "out")
+    # peft injected its layers into `model` in place; the checkpoint names them as the PeftModel does
+    prefix = "base_model.model." if lora else ""
+    params = {prefix + name: p for name, p in model.named_parameters()}  # deduplicated: lm_head is embed_tokens
+    if lora:
+        params = {name: p for name, p in params.items() if ".lora_A." in name or ".lora_B." in name}
+        assert len(params) == 2 * 5 * model.config.num_hidden_layers  # A and B on q, k, v, up, down
+    else:
+        assert "lm_head.weight" not in params
+    assert set(saved) == set(params)
+    assert all(torch.equal(saved[name], params[name].detach()) for name in saved)
+
+
+def test_resuming_needs_every_trained_weight_in_the_checkpoint(tiny_model_dir, mix, tmp_path):
+    """A LoRA run's checkpoint cannot resume full fine-tuning: refused before anything is loaded."""
+    out = tmp_path / "out"
+    common = dict(epochs=2, batch_size=2, micro_batch_size=2, max_length=64, seed=0)
+    model, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(Killed):
+        training.train(model, tok, mix[:2], TrainConfig(lora=True, lora_r=2, **common), out, val_examples=mix[2:3],
+                       on_epoch_end=kill)
+    state = out / "checkpoints" / "epoch-1" / "state"
+    model, tok = models.load_model(tiny_model_dir)
+    message = (f"checkpoint {state} lacks {sum(1 for _ in model.parameters())} trained weights of this run (e.g. "
+               f"{sorted(n for n, _ in model.named_parameters())[0]!r}): another configuration wrote it; remove "
+               f"{out / 'checkpoints'} to train from the start")
+    with pytest.raises(ValueError, match=exactly(message)):
+        training.train(model, tok, mix[:2], TrainConfig(lora=False, **common), out, val_examples=mix[2:3])
+
+
+def test_a_checkpoint_with_the_whole_model_still_resumes(tiny_model_dir, mix, tmp_path):
+    """Checkpoints written before they were trimmed hold every weight: extra frozen weights are accepted."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    config = dict(epochs=2, batch_size=2, micro_batch_size=2, max_length=64, lora=True, lora_r=2, seed=0)
+    model, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(Killed):
+        training.train(model, tok, mix[:2], TrainConfig(**config), out, val_examples=mix[2:3],
+                       on_epoch_end=kill)
+    lora_weights = checkpoint_weights(out)
+    whole = {name: p.detach().clone() for name, p in model.named_parameters()} | lora_weights
+    save_file(whole, str(out / "checkpoints" / "epoch-1" / "state" / "model.safetensors"))
+    model, tok = models.load_model(tiny_model_dir)
+    result = training.train(model, tok, mix[:2], TrainConfig(**config), out, val_examples=mix[2:3])
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
 
 
 # ---- as the second of two processes --------------------------------------------------------
