@@ -9,6 +9,7 @@ under the usual umask), not mkstemp's 0600, so collaborators on a shared cluster
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -57,6 +58,23 @@ def write_atomic(path: str | Path, data: str | bytes) -> None:
         replace_durably(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def standard_json(value: Any, **dumps_kwargs) -> str:
+    """JSON that every reader parses: NaN and infinities written as null (json.dumps would write the
+    non-standard ``NaN``, which jq, JavaScript and strict parsers reject)."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **dumps_kwargs)
 
 
 def read_json(path: str | Path) -> Any:

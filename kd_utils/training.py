@@ -29,7 +29,7 @@ from kd_utils import losses, teacher_cache as cache_store
 from kd_utils.batches import collate, epoch_batches, forward, split_train_val, to_device, tokenize_example
 from kd_utils.data import Example, build_training_mix
 from kd_utils.evaluation import sample_examples
-from kd_utils.io import run_from_params_file, write_atomic
+from kd_utils.io import run_from_params_file, standard_json, write_atomic
 from kd_utils.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
 from kd_utils.models import build_student_dir, check_adapter_dir, default_device, load_model
 from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
@@ -334,7 +334,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         check_checkpoint_weights(model, path / "state")
         accelerator.load_state(str(path / "state"), strict=False)  # the frozen weights are not in it
         saved = json.loads((path / "trainer.json").read_text())
-        history = saved["history"]
+        history = [{key: math.nan if value is None else value for key, value in h.items()}  # NaN was saved as null
+                   for h in saved["history"]]
         if source is not None:
             source.load_state(saved["teacher_source"])
         policy_rng.setstate(_as_tuple(saved["policy_rng"]))
@@ -383,7 +384,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
             save_trained(accelerator.unwrap_model(model), tokenizer, final)
         else:  # the paper's load_best_model_at_end: the epoch with the lowest validation loss
             copy_dir(output_dir / "checkpoints" / f"epoch-{kept}" / final.name, final)
-        write_atomic(output_dir / "history.json", json.dumps(history, indent=1))
+        write_atomic(output_dir / "history.json", standard_json(history, indent=1))
     accelerator.wait_for_everyone()
     val_loss = next(h["val_loss"] for h in history if h["epoch"] == kept)
     return {"history": history, "final_val_loss": val_loss, "kept_epoch": kept, "saved_to": str(final)}
@@ -433,7 +434,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int,
         save_trained(accelerator.unwrap_model(model), tokenizer, path / ("adapter" if config.lora else "model"))
         trainer = {"history": history, "teacher_source": source.state() if source is not None else {},
                    "policy_rng": policy_rng.getstate(), "config": asdict(config)}
-        write_atomic(path / "trainer.json", json.dumps(trainer))
+        write_atomic(path / "trainer.json", standard_json(trainer))
         (path / "done").touch()
     accelerator.wait_for_everyone()
 
@@ -486,7 +487,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
                    teacher_cache=teacher_cache, teacher_cache_expect=cache_expect)
     summary = {"base_model": base, "method": method, "domain": domain, "protocol": config.protocol, "n_train": len(mix),
                "decontamination_removed": len(report.removed), **result}
-    write_atomic(output_dir / "train_summary.json", json.dumps(summary, indent=1, default=str))
+    write_atomic(output_dir / "train_summary.json", standard_json(summary, indent=1, default=str))
     return summary
 
 

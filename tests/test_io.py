@@ -96,3 +96,22 @@ def test_read_json_names_the_file_when_it_is_missing_truncated_or_not_text(tmp_p
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(ValueError, match=f"{binary}: not valid JSON"):
         io.read_json(binary)
+
+
+def strict_loads(text: str):
+    """json.loads refusing NaN and Infinity, as jq, JavaScript and other strict readers do."""
+    import json
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_standard_json_writes_non_finite_floats_as_null_at_any_depth():
+    value = {"a": float("nan"), "b": [1.5, float("inf"), (float("-inf"), 2)], "c": {"d": float("nan"), "e": "NaN"},
+             "f": 0.0, "g": None, "h": 3}
+    text = io.standard_json(value, indent=1)
+    assert strict_loads(text) == {"a": None, "b": [1.5, None, [None, 2]], "c": {"d": None, "e": "NaN"}, "f": 0.0,
+                                  "g": None, "h": 3}
+    assert io.standard_json({"p": Path("x")}, default=str) == '{"p": "x"}'  # dumps' keywords pass through
+    assert value["a"] != value["a"]  # the input is left as it was

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import random
 import re
 from dataclasses import asdict
@@ -404,6 +405,39 @@ def test_a_checkpoint_with_the_whole_model_still_resumes(tiny_model_dir, mix, tm
     model, tok = models.load_model(tiny_model_dir)
     result = training.train(model, tok, mix[:2], TrainConfig(**config), out, val_examples=mix[2:3])
     assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+
+
+def test_a_run_without_validation_writes_standard_json_and_resumes_with_nan(tiny_model_dir, mix, tmp_path):
+    """No validation examples: every val_loss is NaN in memory, null in history.json, train_summary.json and
+    the checkpoint's trainer.json (standard JSON), and NaN again in a resumed run's history."""
+    from test_io import strict_loads
+
+    config = TrainConfig(epochs=2, batch_size=2, micro_batch_size=2, max_length=64, lora=True, lora_r=2, seed=0)
+    out = tmp_path / "out"
+    model, tok = models.load_model(tiny_model_dir)
+    with pytest.raises(Killed):
+        training.train(model, tok, mix[:2], config, out, val_examples=[], on_epoch_end=kill)
+    saved = strict_loads((out / "checkpoints" / "epoch-1" / "trainer.json").read_text())
+    assert [h["val_loss"] for h in saved["history"]] == [None, None]
+    model, tok = models.load_model(tiny_model_dir)
+    result = training.train(model, tok, mix[:2], config, out, val_examples=[])
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2]
+    assert all(math.isnan(h["val_loss"]) for h in result["history"])
+    assert result["kept_epoch"] == 2 and math.isnan(result["final_val_loss"])
+    written = strict_loads((out / "history.json").read_text())
+    assert [h["val_loss"] for h in written] == [None, None, None]
+    assert written[1]["train_loss"] == result["history"][1]["train_loss"]
+
+
+def test_run_training_writes_a_standard_json_summary(tiny_model_dir, data_dir, tmp_path):
+    from test_io import strict_loads
+
+    summary = training.run_training(str(tiny_model_dir), tmp_path / "out", data_dir=str(data_dir), n_train=4,
+                                    epochs=1, batch_size=2, micro_batch_size=2, max_length=64, val_fraction=0.0,
+                                    seed=0)
+    assert math.isnan(summary["final_val_loss"])
+    written = strict_loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert written["final_val_loss"] is None and written["n_train"] == 4
 
 
 # ---- as the second of two processes --------------------------------------------------------
