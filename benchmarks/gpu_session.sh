@@ -7,9 +7,9 @@
 #
 # Why two: a call carries at most 64 MiB and the embedded model's GGUF is 98 MB; ignored files carried by call 1 stay
 # on the warm machine, so call 2 brings the other half (and the data, compressed). Call 1 needs no model (random-initialised Qwen shapes).
-# Time (timeouts), within issue 15's budget: grid 100 s + eval_gpu 80 s (the measurements, <= 3 min together);
-# calibrate 60 s; the study 420 s (its 7 minutes), then at most 45 s to collect the results of finished runs when it
-# was cut short. Sum 705 s = 11.75 min, leaving about 3 min of the session's 15 for two machine starts.
+# Time (timeouts), within issue 15's budget: grid 100 s + eval_gpu 70 s (the measurements, <= 3 min together);
+# calibrate 85 s (its fixed cost of a run is two papermill notebook runs, CUDA start included); the study 420 s (its
+# 7 minutes), then at most 30 s to collect the results of finished runs when it was cut short. Sum 705 s = 11.75 min, leaving about 3 min of the session's 15 for two machine starts.
 # The study is params/gpu_embedded.yaml: 127 runs, 12 at a time; its dry-run (plan.txt, priced with the table
 # calibrate just measured) is the estimate that stage_seconds.json and study_seconds.txt check (issue 15, point 3).
 # Everything is written under $OUT (results JSON, cost table, the study's results.csv/report.html, logs).
@@ -76,8 +76,8 @@ study)
     timeout 300 $PY benchmarks/cost_check.py params/gpu_embedded.yaml --output "$OUT/cost_check.json"  # no run to check
   else
     # generate batches up to 512: the study evaluates in batches of 300
-    timeout 60 $PY -m kd_utils.costs calibrate --rounds 2 --generate-batches 16 64 256 512 2>&1 | tee "$OUT/calibrate.log"
-    timeout 80 $PY benchmarks/eval_gpu.py --rounds 2 --output "$OUT/eval_gpu.json"
+    timeout 85 $PY -m kd_utils.costs calibrate --rounds 2 --generate-batches 16 64 256 512 2>&1 | tee "$OUT/calibrate.log"
+    timeout 70 $PY benchmarks/eval_gpu.py --rounds 2 --output "$OUT/eval_gpu.json"
     $PY -m kd_utils.study run params/gpu_embedded.yaml --dry-run > "$OUT/plan.txt"
     tail -14 "$OUT/plan.txt"
     start=$(date +%s)
@@ -86,7 +86,7 @@ study)
     wall=$(( $(date +%s) - start ))
     echo "study wall seconds: $wall" | tee "$OUT/study_seconds.txt"
     [ -f "$OUT/study/gpu_embedded/results.csv" ] || \
-      timeout 45 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" --only analysis || true
+      timeout 30 $PY -m kd_utils.study run params/gpu_embedded.yaml --output-root "$OUT/study" --only analysis || true
     # the dry-run's estimate against the measured runs, per stage and in total (issue 15, point 3)
     $PY benchmarks/cost_check.py params/gpu_embedded.yaml --study-dir "$OUT/study/gpu_embedded" \
       --wall "$wall" --output "$OUT/cost_check.json" | tee "$OUT/cost_check.txt" || true
