@@ -47,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": None,
            "seqkd_max_new_tokens": 128},
     "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": teacher_cache.DEFAULT_REPRESENTATION,
-                      "k": teacher_cache.DEFAULT_K, "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES},
+                      "k": teacher_cache.DEFAULT_K, "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES,
+                      "id_coding": "fixed"},
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
                    "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True},
@@ -78,6 +79,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "kd.seqkd_max_new_tokens": (INT, "an integer"),
     "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
+    "teacher_cache.id_coding": (STR, "a string"),
     "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
     "evaluation.max_new_tokens.math": (INT + (type(None),), "an integer or null (the protocol's)"),
     "evaluation.max_new_tokens.commonsense": (INT + (type(None),), "an integer or null (the protocol's)"),
@@ -231,6 +233,9 @@ def validate(params: dict) -> list[str]:
     if cache["representation"] not in teacher_cache.REPRESENTATIONS:
         problems.append(f"teacher_cache.representation: expected one of {', '.join(teacher_cache.REPRESENTATIONS)}, "
                         f"got {cache['representation']!r}")
+    if cache["id_coding"] not in teacher_cache.ID_CODINGS:
+        problems.append(f"teacher_cache.id_coding: expected one of {', '.join(teacher_cache.ID_CODINGS)}, "
+                        f"got {cache['id_coding']!r}")
     cacheable = cacheable_methods(cache["representation"])
     if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "

@@ -176,7 +176,9 @@ def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed:
         "seed": seed, "max_length": student["max_length"], "val_fraction": student["val_fraction"],
         "representation": cache["representation"], "k": cache["k"], "num_samples": cache["num_samples"],
         "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"]),
-        "epochs": student["epochs"]},
+        "epochs": student["epochs"],
+        # at its default the key is left out, so the run ids of studies planned before it existed stay the same
+        **({"id_coding": cache["id_coding"]} if cache["id_coding"] != "fixed" else {})},
         [teacher.run.id], label=f"teacher cache {teacher.label or teacher.model} on {domain} "
                                 f"({cache['representation']}) seed={seed}" + ("" if aware else " task-unaware"))
 

@@ -43,6 +43,24 @@ def test_cache_methods_must_be_trainable_from_the_cache(tmp_path):
     assert "teacher_cache.k: must be >= 1, got 0" in text
 
 
+def test_cache_id_coding_reaches_the_cache_run_and_is_checked(tmp_path):
+    base = {"study": "x", "models": {"students": [{"layers": 20}]}, "methods": ["sft", "fkl"],
+            "teacher_cache": {"enabled": True}}
+    plain = study.plan(params.load_study(write(tmp_path, base)))
+    coded = study.plan(params.load_study(write(tmp_path, {**base, "teacher_cache": {"enabled": True,
+                                                                                   "id_coding": "elias_fano"}})))
+    (plain_cache,) = [r for r in plain if r.stage == "cache"]
+    (coded_cache,) = [r for r in coded if r.stage == "cache"]
+    assert "id_coding" not in plain_cache.parameters  # the default leaves earlier studies' run ids as they were
+    assert coded_cache.parameters["id_coding"] == "elias_fano" and coded_cache.id != plain_cache.id
+    import papermill  # the notebook declares it, so papermill's injection is not ignored
+
+    assert "id_coding" in papermill.inspect_notebook(str(study.NOTEBOOKS / coded_cache.notebook))
+    with pytest.raises(params.ParamsError, match="teacher_cache.id_coding: expected one of fixed, elias_fano, "
+                                                 "got 'golomb'"):
+        params.load_study(write(tmp_path, {**base, "teacher_cache": {"enabled": True, "id_coding": "golomb"}}))
+
+
 def write(tmp_path, content: dict) -> Path:
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(content))
