@@ -44,7 +44,7 @@ def test_cache_methods_must_be_trainable_from_the_cache(tmp_path):
 
 
 def test_cache_id_coding_reaches_the_cache_run_and_is_checked(tmp_path):
-    base = {"study": "x", "models": {"students": [{"layers": 20}]}, "methods": ["sft", "fkl"],
+    base = {"study": "x", "models": {"students": [{"name": "s20", "layers": 20}]}, "methods": ["sft", "fkl"],
             "teacher_cache": {"enabled": True}}
     plain = study.plan(params.load_study(write(tmp_path, base)))
     coded = study.plan(params.load_study(write(tmp_path, {**base, "teacher_cache": {"enabled": True,
