@@ -56,7 +56,8 @@ grid)
     timeout 600 $PY benchmarks/paper_grid_cost.py --tiny --rounds 1 --output "$OUT/paper_grid_cost.json"
   else
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/nvidia_smi.csv" || true
-    timeout 100 $PY benchmarks/paper_grid_cost.py --rounds 2 --output "$OUT/paper_grid_cost.json"
+    # priced afterwards, off the device: benchmarks/paper_grid_cost.py --price-from <fetched paper_grid_cost.json>
+    timeout 100 $PY benchmarks/paper_grid_cost.py --rounds 2 --no-price --output "$OUT/paper_grid_cost.json"
   fi ;;
 study)
   install_wheels

@@ -19,6 +19,10 @@ Fixed per-run costs (process start, downloading and loading weights) are not inc
 
     PYTHONPATH=. python benchmarks/paper_grid_cost.py            # GPU
     PYTHONPATH=. python benchmarks/paper_grid_cost.py --tiny     # CPU check: tiny shapes, batch 2 x 32
+    PYTHONPATH=. python benchmarks/paper_grid_cost.py --no-price ...; ... --price-from RESULT.json   # price later
+
+The JSON is rewritten after every model and pair (``complete`` false until the end), so a run cut short by a
+time limit keeps what it measured; ``--price-from`` prices whatever it holds.
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ def build(shape: tuple, device: str):
     return AutoModelForCausalLM.from_config(config).to(device)
 
 
+def parameter_count(shape: tuple) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(shape, "meta").parameters())
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -90,7 +99,17 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--no-price", action="store_true",
+                        help="measure only; price the grid later with --price-from (saves device time)")
+    parser.add_argument("--price-from", type=Path, default=None,
+                        help="price the grid from an earlier run's JSON (complete or cut short) instead of measuring")
     args = parser.parse_args()
+    if args.price_from is not None:
+        result = json.loads(args.price_from.read_text())
+        price(result)
+        write_atomic(args.output or args.price_from, json.dumps(result, indent=1) + "\n")
+        print(result["table_markdown"])
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = TINY if args.tiny else SHAPES
     batch, length = (2, 32) if args.tiny else (16, 256)
@@ -100,8 +119,17 @@ def main() -> None:
                                                           "paper_grid_cost.json")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
                 else torch.autocast("cpu", enabled=False))
-    load_start = os.getloadavg()
-    entries, per_model, models = [], {}, {}
+    entries, per_model, models, pairs = [], {}, {}, []
+    result = {"benchmark": "paper_grid_cost", "tiny": args.tiny, "device": costs.device_kind(),
+              "torch": torch.__version__, "batch": batch, "length": length, "micro_batch": micro,
+              "generation": {"batch": gen_batch, "new_tokens": new_tokens, "prompt_len": prompt_len},
+              "models": per_model, "entries": entries, "pairs": pairs, "loadavg_start": os.getloadavg()}
+
+    def save(complete: bool) -> None:
+        """Everything measured so far: a run cut short by its time limit still leaves its numbers."""
+        result.update(complete=complete, loadavg_end=os.getloadavg())
+        write_atomic(output, json.dumps(result, indent=1) + "\n")
+
     for name, shape in shapes.items():
         net = build(shape, device).eval()
         n = sum(p.numel() for p in net.parameters())
@@ -139,8 +167,8 @@ def main() -> None:
         models[name] = lora
         print(f"{name}: {n / 1e9:.2f}B " + ", ".join(f"{e['kind']}@{e['batch']} {e['tokens_per_s']:,.0f}/s"
                                                   for e in entries if e["n_params"] == n), flush=True)
+        save(complete=False)
 
-    pairs = []
     names = list(shapes)
     ids = torch.randint(0, VOCAB, (batch, length), device=device)
     mask = torch.ones(batch, length - 1, dtype=torch.bool, device=device)
@@ -172,10 +200,26 @@ def main() -> None:
                 row[f"{label}_peak_mb"] = peak_mb(fn)
             pairs.append(row)
             print(row, flush=True)
-    sizes = {name: rec["n_params"] for name, rec in per_model.items()}
+            save(complete=False)
+    result["complete"] = True
+    if not args.no_price:
+        price(result)
+        print(result["table_markdown"])
+    save(complete=True)
+    print(f"wrote {output}")
+
+
+def price(result: dict) -> None:
+    """GPU-hours of the paper's grids from the measured rates (``result`` gains sizes, grid, table_markdown)."""
+    entries, per_model, pairs = result["entries"], result["models"], result["pairs"]
+    if not per_model:
+        raise SystemExit("no model was measured completely: nothing to price")
+    # a model the run did not reach is priced by extrapolation from its parameter count
+    sizes = {name: per_model[name]["n_params"] if name in per_model else parameter_count(shape)
+             for name, shape in (TINY if result["tiny"] else SHAPES).items()}
     # 7B teacher (paper_math's): forward rate extrapolated as 1/parameters from the largest measured model
-    sizes["Qwen/Qwen2.5-7B"] = PAPER_7B if not args.tiny else 2 * max(sizes.values())
-    table = costs.CostTable(f"paper-grid on {costs.device_kind()}", entries, 0.0)
+    sizes["Qwen/Qwen2.5-7B"] = PAPER_7B if not result["tiny"] else 2 * max(sizes.values())
+    table = costs.CostTable(f"paper-grid on {result['device']}", entries, 0.0)
     # the authors' loop as a table of its own: batch 1, interpolated in log size like the rest
     authors = costs.CostTable("authors' loop", [{"kind": "generate", "n_params": r["n_params"], "batch": 1,
                                                  "tokens_per_s": r["paper_loop_tokens_per_s"]}
@@ -200,15 +244,9 @@ def main() -> None:
               "|---|---|---|---|---|"]
     lines += [f"| {k} ({g['teacher']}) | {g['runs']} | {g['gpu_hours_project']:.2f} | {g['eval_hours_project']:.2f} | "
               f"{g['gpu_hours_authors_eval']:.2f} |" for k, g in grid.items()]
-    table_md = "\n".join(lines)
-    print(table_md)
-    result = {"benchmark": "paper_grid_cost", "tiny": args.tiny, "device": costs.device_kind(), "torch": torch.__version__,
-              "batch": batch, "length": length, "micro_batch": micro, "generation": {"batch": gen_batch,
-              "new_tokens": new_tokens, "prompt_len": prompt_len}, "models": per_model, "entries": entries,
-              "pairs": pairs, "grid": grid, "sizes": sizes, "loadavg_start": load_start,
-              "loadavg_end": os.getloadavg(), "table_markdown": table_md}
-    write_atomic(output, json.dumps(result, indent=1) + "\n")
-    print(f"wrote {output}")
+    if not result.get("complete", True) or len(pairs) < len(per_model) * (len(per_model) - 1) // 2:
+        lines += ["", "(incomplete: the measuring run ended before every model and pair was measured)"]
+    result.update(sizes=sizes, grid=grid, table_markdown="\n".join(lines))
 
 
 if __name__ == "__main__":
