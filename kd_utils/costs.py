@@ -1,16 +1,17 @@
 """A measured cost model: how many tokens each stage of a study processes, and how long that takes here.
 
-    python -m kd_utils.costs calibrate [--output PATH] [--quick]
+    python -m kd_utils.costs calibrate [--output PATH] [--rounds N]
 
 Calibration measures tokens/s of three kinds of work on this machine's device (``cpu`` or the
 CUDA device name) for layer subsets of the embedded model (so several model sizes) and a few
 batch sizes: ``train`` (forward + backward of a LoRA model, non-pad tokens), ``forward``
 (no-grad forward: teacher targets, the teacher cache, validation, evaluation prompts) and
 ``generate`` (new tokens of greedy decoding with the KV cache, all sequences of a batch
-counted). It also times the fixed cost of one run: papermill executing a notebook that imports the
-package and loads the model, plus the HTML export, as the study runner does. The table is cached as JSON, one entry per device kind, at
-``KD_COST_TABLE`` or ``outputs/cost_table.json``. Rates are interpolated linearly in
-log(parameters) and log(batch) between measured points.
+counted). It also times the fixed cost of one run as the study runner pays it: papermill
+executing a notebook that imports the package and loads the model, then the HTML export. The
+table is cached as JSON, one entry per device kind, at ``KD_COST_TABLE`` or
+``outputs/cost_table.json``. Rates are interpolated linearly in log(parameters) and log(batch)
+between measured points.
 
 ``study_work(params, runs)`` counts, independently of execution, the tokens every planned run
 processes: the training rows each epoch's micro batches hold (whole accumulation groups only, as
