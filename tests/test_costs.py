@@ -157,3 +157,34 @@ def test_longest_chain_follows_dependencies():
             costs.Work("student", "s2", "train", int(1e6), 2, 4000.0),  # 20 s, but nothing waits for it
             costs.Work("eval", "e1", "generate", int(4e6), 8, 1000.0)]  # 5 s
     assert costs.longest_chain(work, table, runs) == pytest.approx(max(10 + 2 + 5 + 3 * 5, 10 + 20 + 2 * 5) + 5)
+
+
+def test_the_fixed_cost_of_a_run_is_a_notebook_run_and_its_html_export(monkeypatch):
+    """As study.execute_run pays it: papermill in the python3 kernel from the project root (the notebook imports
+    the package and loads the embedded model without error), then notebook_to_html, once per round."""
+    import nbformat
+    import papermill
+
+    from kd_utils import report
+
+    executed, exported = [], []
+    real_execute, real_export = papermill.execute_notebook, report.notebook_to_html
+
+    def execute(source, target, **kwargs):
+        executed.append(kwargs)
+        return real_execute(source, target, **kwargs)
+
+    def export(notebook, html_path):
+        nb = nbformat.read(str(notebook), as_version=4)
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not any(o.output_type == "error" for o in outputs)
+        assert any(o.output_type == "display_data" for o in outputs)  # the figure a run notebook draws
+        exported.append(real_export(notebook, html_path).read_text(encoding="utf-8"))
+        return Path(html_path)
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    monkeypatch.setattr(report, "notebook_to_html", export)
+    assert 0 < costs.run_overhead_seconds(rounds=2) < math.inf
+    assert [k["kernel_name"] for k in executed] == ["python3", "python3"]
+    assert all(k["cwd"] == str(costs.PROJECT_ROOT) and k["parameters"] == {} for k in executed)
+    assert len(exported) == 2 and "Fixed cost of a run" in exported[0]
