@@ -216,7 +216,8 @@ def wrap_lora(model, config: TrainConfig):
 
 
 def _trainable_names(model) -> set[str]:
-    return {name for name, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    """Each trained weight once: a tied weight (lm_head = embed_tokens) by its first name, the one safetensors keeps."""
+    return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
 def keep_trainable_weights(models: list, weights: list[dict], _output_dir: str) -> None:
@@ -233,16 +234,9 @@ def check_checkpoint_weights(model, state_dir: Path) -> None:
     """Refuse to resume from a checkpoint that lacks some of the weights this run trains (loaded non-strictly)."""
     from safetensors import safe_open
 
-    files = sorted(state_dir.glob("model*.safetensors"))
-    saved = set()
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            saved |= set(f.keys())
-    names_of: dict[int, list[str]] = {}  # a tied weight is saved under one of its names
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.requires_grad:
-            names_of.setdefault(id(p), []).append(name)
-    missing = sorted(names[0] for names in names_of.values() if saved.isdisjoint(names))
+    with safe_open(str(state_dir / "model.safetensors"), framework="pt") as f:  # accelerate's name for the one model
+        saved = set(f.keys())
+    missing = sorted(_trainable_names(model) - saved)
     if missing:
         raise ValueError(f"checkpoint {state_dir} lacks {len(missing)} trained weights of this run (e.g. "
                          f"{missing[0]!r}): another configuration wrote it; remove {state_dir.parent.parent} "
