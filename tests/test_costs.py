@@ -184,7 +184,7 @@ def test_the_fixed_cost_of_a_run_is_a_notebook_run_and_its_html_export(monkeypat
 
     monkeypatch.setattr(papermill, "execute_notebook", execute)
     monkeypatch.setattr(report, "notebook_to_html", export)
-    assert 0 < costs.run_overhead_seconds(rounds=2) < math.inf
-    assert [k["kernel_name"] for k in executed] == ["python3", "python3"]
-    assert all(k["cwd"] == str(costs.PROJECT_ROOT) and k["parameters"] == {} for k in executed)
-    assert len(exported) == 2 and "Fixed cost of a run" in exported[0]
+    assert 0 < costs.run_overhead_seconds(rounds=1) < math.inf  # one round: each is a kernel start (~8 s)
+    assert [k["kernel_name"] for k in executed] == ["python3"]
+    assert executed[0]["cwd"] == str(costs.PROJECT_ROOT) and executed[0]["parameters"] == {}
+    assert len(exported) == 1 and "Fixed cost of a run" in exported[0]
