@@ -58,8 +58,8 @@ scope, in benchmarks/README.md). The figures are narrow: the format-4 rerun (2-c
   ``unbiased_variance_floor``, is 2.5%), and at tau = 2 ``sampled`` is lower by about a point
   (50.9% against 52.1%; floor 45.5%), too little to carry a per-temperature default. The error
   is independent between positions and shrinks where they add up (1.1% at the output layer at
-  tau = 1). An epoch from it ran 1.43-1.47x as fast as online at this tiny size; with generation
-  counted it paid off after 2.5-2.9 epochs. Elias-Fano coded ids (``id_coding``) fit 4 + 26
+  tau = 1). An epoch from it ran 1.48-1.68x as fast as online at this tiny size; with generation
+  counted it paid off after 2.0-2.7 epochs. Elias-Fano coded ids (``id_coding``) fit 4 + 26
   draws in 64 bytes, with 13-17% less gradient error (one batch; no student distilled from it yet).
 - ``topk`` fits 64 bytes up to k = 14 (58 bytes). It is biased: fkl is 9-13% low at tau = 1
   and 55-59% low at tau = 2 in the format-3 run (3-4% and 39-43% in the rerun), and
