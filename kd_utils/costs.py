@@ -29,7 +29,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import defaultdict
