@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kd_utils.data import DEFAULT_MIX, MIXES
 from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
@@ -27,6 +28,7 @@ TRAINING_DEFAULTS = {
     "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
     "warmup_steps": None, "val_examples": None,  # None: the protocol's
     "max_steps": None, "include_mawps": False,
+    "mix": DEFAULT_MIX,  # kd_utils.data.MIXES: "llm_adapters" (the authors' data, rebuilt) or "design"
 }
 DEFAULTS: dict[str, Any] = {
     "study": None,
@@ -92,7 +94,8 @@ TYPES: dict[str, tuple[tuple, str]] = {
 }
 for _role in ("teacher", "student"):
     for _key, _default in TRAINING_DEFAULTS.items():
-        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number")}.get(
+        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number"),
+                  str: (STR, "a string")}.get(
             type(_default), (INT + (type(None),), "an integer or null"))
         TYPES[f"training.{_role}.{_key}"] = _types
 
@@ -249,6 +252,12 @@ def validate(params: dict) -> list[str]:
                         "set val_examples: null or teacher_cache.enabled: false")
     for role in ("teacher", "student"):
         problems += _batch_problems(f"training.{role}", params["training"][role])
+        if isinstance(params["training"][role]["mix"], str) and params["training"][role]["mix"] not in MIXES:
+            problems.append(f"training.{role}.mix: expected one of {', '.join(MIXES)}, "
+                            f"got {params['training'][role]['mix']!r}")
+    if cache["enabled"] and params["training"]["student"]["mix"] != DEFAULT_MIX:
+        problems.append(f"training.student.mix: the teacher cache is built from the {DEFAULT_MIX!r} mix; "
+                        "set mix: llm_adapters or teacher_cache.enabled: false")
     return problems
 
 
@@ -353,4 +362,10 @@ def load_study(path: str | Path, overrides: dict | None = None) -> dict:
     if problems:
         raise ParamsError(str(path), problems)
     params["protocol"] = get_protocol(params["protocol"]).name  # one canonical name: equal protocols, equal run ids
+    if set(params["domains"]) == {"math"}:
+        # the math mix is the one planned before the key existed: leaving it out keeps those run ids (the
+        # commonsense mix changed, so commonsense runs record it and get new ids)
+        for role in ("teacher", "student"):
+            if params["training"][role]["mix"] == DEFAULT_MIX:
+                del params["training"][role]["mix"]
     return params

@@ -75,7 +75,7 @@ def test_single_fields_switch_under_one_canonical_name():
     ("improved[max_new_tokens=3]", "(token budgets: evaluation.max_new_tokens)"),
     ("improved[train_on_inputs=maybe]", "train_on_inputs must be true or false, got 'maybe'"),
     ("improved[top_k=1.5]", "top_k must be an integer, got '1.5'"),
-    ("improved[kd_positions=all]", "kd_positions must be one of paper, response, got 'all'"),
+    ("improved[kd_positions=all]", "kd_positions must be one of paper, next_token, response, got 'all'"),
     ("improved[train_on_inputs]", "'train_on_inputs' in 'improved[train_on_inputs]' is not field=value"),
     ("greedy[do_sample=false]", "unknown protocol 'greedy[do_sample=false]'"),
 ])
@@ -250,7 +250,8 @@ def test_bos_is_the_same_in_training_on_policy_sampling_and_evaluation(tok):
     assert model.calls[0]["input_ids"][0].tolist() == row["input_ids"][:row["prompt_len"]]
     config = training.TrainConfig(method="gkd", max_length=256, gkd_max_new_tokens=1)
     model.train()
-    batch = training.on_policy_batch(model, bos_tok, [row["prompt"]], config, "cpu")
+    batch = training.on_policy_batch(model, bos_tok, {"prompts": [row["prompt"]], "prompt_ids": [
+        row["input_ids"][:row["prompt_len"]]]}, config, "cpu")
     assert batch["input_ids"][0, :row["prompt_len"]].tolist() == row["input_ids"][:row["prompt_len"]]
 
 
