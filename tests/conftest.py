@@ -45,7 +45,12 @@ def make_data_dir(root: Path) -> Path:
             rows = [{"instruction": CHOICE_Q.replace("largest", f"largest number {i}"), "input": "",
                      "output": f"the correct answer is {label}", "answer": label} for i in range(3)]
         write_json(adapters / task.data_name / "test.json", rows)
-    for name in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"):
+    write_json(adapters / "boolq" / "train.json", [
+        {"instruction": f"Please answer the following question with true or false, question: is thing {i} small?"
+                        "\n\nAnswer format: true/false", "input": "",
+         "output": f"the correct answer is {'true' if i % 2 else 'false'}", "answer": "true" if i % 2 else "false"}
+        for i in range(4)])
+    for name in ("ARC-Easy", "ARC-Challenge", "openbookqa"):
         write_json(adapters / name / "train.json", [
             {"instruction": CHOICE_Q.replace("largest", f"smallest thing {i}").replace("pencil", f"{name} {i}"),
              "input": "",
