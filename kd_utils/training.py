@@ -438,8 +438,9 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
             save_trained(accelerator.unwrap_model(model), tokenizer, final)
         else:
             copy_dir(kept_dir, final)
-        for stale in (output_dir / "checkpoints").glob("step-*"):  # improvements kept for a resume, no longer needed
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in (output_dir / "checkpoints").glob("step-*"):  # earlier improvements, kept for a resume
+            if stale.name != f"step-{kept_step}":
+                shutil.rmtree(stale, ignore_errors=True)
         write_atomic(output_dir / "history.json", standard_json(history, indent=1))
     accelerator.wait_for_everyone()
     val_loss = (next(e["val_loss"] for e in step_evals if e["step"] == kept_step) if kept_step is not None else
