@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from kd_utils.data import DEFAULT_MIX, MIXES
-from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
+from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
@@ -77,7 +77,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "data_dir": (STR + (type(None),), "a path string or null"),
     "models.teacher": (STR, "a model id or directory"),
     "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
-    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "'paper', 'response' or null"),
+    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "a string or null"),
     "kd.seqkd_max_new_tokens": (INT, "an integer"),
     "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
@@ -214,8 +214,9 @@ def validate(params: dict) -> list[str]:
     for key in ("kd_weight", "beta", "lmbda"):
         if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
             problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
-    if kd["distill_positions"] not in (None, "paper", "response"):
-        problems.append(f"kd.distill_positions: expected 'paper', 'response' or null, got {kd['distill_positions']!r}")
+    if kd["distill_positions"] not in (None, *KD_POSITIONS):
+        problems.append(f"kd.distill_positions: expected one of {', '.join(KD_POSITIONS)} or null, "
+                        f"got {kd['distill_positions']!r}")
     try:
         protocol = get_protocol(params["protocol"]).name
     except ValueError as err:
