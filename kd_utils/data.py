@@ -453,6 +453,23 @@ def training_source_files(domain: str, include_mawps: bool = False, mix: str = D
             for f in (training_source_file(s), _LABEL_FILES.get(s)) if f]
 
 
+def mix_description(domain: str, mix: str = DEFAULT_MIX, include_mawps: bool = False) -> str:
+    """One line saying what a domain's mix holds and how it differs from the authors' file."""
+    _check_mix(mix)
+    if domain == "math":
+        sources = "GSM8K train" + (" + MAWPS train" if include_mawps else "")
+        return (f"{sources}, decontaminated; the closest to LLM-Adapters' math_10k"
+                + ("" if include_mawps else " with include_mawps") + ", which also holds 1,000 AQuA train items "
+                "(not available) and ChatGPT rationales (ours: GSM8K's own, MAWPS's equations)")
+    if mix == "design":
+        return "boolq, ARC-e, ARC-c and OBQA train, every row, decontaminated (not the authors' data)"
+    counts = recipe_counts()
+    kept = {t: n for t, n in counts.items() if t != "hellaswag"}
+    return (f"LLM-Adapters' commonsense_15k rebuilt: {sum(kept.values()):,} decontaminated rows of "
+            + ", ".join(f"{t} {n:,}" for t, n in kept.items())
+            + f" (uniform-sample shares); HellaSwag's {counts['hellaswag']:,} are missing (no train split)")
+
+
 def recipe_counts(total: int = COMMONSENSE_15K) -> dict[str, int]:
     """Rows per task of a ``total``-row uniform sample of the eight train splits (largest remainders)."""
     size = sum(COMMONSENSE_RECIPE.values())
