@@ -118,9 +118,9 @@ def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
 
     fkl / rkl: every attention-mask position, the last one included ("paper": kd_trainer.py passes the
     attention mask as ``pad_mask``), [B, T]; or the predictions of real next tokens ("next_token") or of
-    response tokens ("response"), [B, T-1]. gkd under ``paper``: every position whose *label* is set, unshifted, [B, T] (kd_trainer.py masks
-    the logits with labels != -100, the prompt included under train_on_inputs); otherwise the
-    predictions of response tokens, as Agarwal et al. and TRL.
+    response tokens ("response"), [B, T-1]. gkd under ``paper``: every position whose *label* is set,
+    unshifted, [B, T] (kd_trainer.py masks the logits with labels != -100, the prompt included under
+    train_on_inputs); otherwise the predictions of response tokens, as Agarwal et al. and TRL.
     """
     rules = config.rules
     real = batch["attention_mask"].bool()

@@ -667,6 +667,16 @@ def test_wrap_lora_passes_the_config_to_peft(tiny_model_dir):
     assert adapted == {"q_proj", "down_proj"}
 
 
+def test_lora_on_fp16_weights_trains_in_fp32(tiny_model_dir):
+    """precision fp16 (the authors'): the frozen weights in fp16, the trained LoRA weights in fp32, as the
+    gradient scaler needs (peft casts fp16 adapters up)."""
+    model, _ = models.load_model(tiny_model_dir)
+    wrapped = training.wrap_lora(model.to(torch.float16), TrainConfig())
+    dtypes = {p.requires_grad: {q.dtype for q in wrapped.parameters() if q.requires_grad == p.requires_grad}
+              for p in wrapped.parameters()}
+    assert dtypes == {True: {torch.float32}, False: {torch.float16}}
+
+
 def test_wrap_lora_names_missing_modules(tiny_model_dir):
     model, _ = models.load_model(tiny_model_dir)
     with pytest.raises(ValueError, match=exactly("lora_target_modules ['c_attn', 'wq'] are not modules of this model")):
