@@ -15,6 +15,14 @@ Reads ``outputs/ablation_protocol_{improved,train_on_inputs,paper}/results.csv``
 Paired differences come with exact McNemar p-values and a 95% interval (``per_example.paired_difference``).
 
     .venv/bin/python benchmarks/protocol_ablation.py [--outputs outputs] [--output benchmarks/results/protocol_ablation.json]
+
+``--gkd-switches`` instead trains small GKD students (no study needed) under ``paper`` and under ``paper`` with
+one field switched: gradient clipping off (``max_grad_norm=null``), the on-policy prompt tokenized alone
+(``policy_prompt=prompt``), the samples kept as tokens (``policy_retokenize=false``); each with a few seeds, and
+records their held-out cross-entropy under ``gkd_switches`` in the same JSON (runs already there are kept, so
+it resumes). Scope: SmolLM2-135M-Instruct (not fine-tuned) teaching its 20-layer copy, LoRA, 48 rows of the
+math mix, 1 epoch of 6 steps (batch 8, lr 1e-3, 2 warmup steps instead of the paper's 100), max length 96,
+16 sampled tokens, tau 5 (the paper's GKD ignores tau), 16 held-out rows (every token: train on inputs).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from kd_utils.io import write_atomic
+from kd_utils.protocols import get_protocol
 from kd_utils.predictions import load_predictions, predictions_path
 from kd_utils.statistics.per_example import paired_difference
 
@@ -69,16 +78,74 @@ def student_runs(study_dir: Path) -> tuple[dict[tuple[str, float], pd.DataFrame]
     return runs, info
 
 
+GKD_SWITCHES = ("paper", "paper[max_grad_norm=null]", "paper[policy_prompt=prompt]", "paper[policy_retokenize=false]")
+
+
+def gkd_switches(output: Path, work: Path, seeds: list[int]) -> None:
+    """Held-out cross-entropy of small GKD runs under paper and paper with one field switched (see the docstring)."""
+    import time
+
+    import torch
+
+    from kd_utils import models, training
+    from kd_utils.data import build_training_mix
+    from kd_utils.evaluation import sample_examples
+
+    report = json.loads(output.read_text()) if output.is_file() else {}
+    done = report.setdefault("gkd_switches", {"scope": __doc__.split("``--gkd-switches``")[1].strip(),
+                                               "runs": []})["runs"]
+    base = models.embedded_model_dir()
+    student_dir = models.build_student_dir(base, 20, work / "student-L20")
+    mix, _ = build_training_mix("math", include_mawps=True)
+    norms: list[float] = []  # the gradient norm each optimizer step sees (after clipping, where it clips)
+    adamw_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+        return adamw_step(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = recording_step
+    for seed in seeds:
+        rows = sample_examples(mix, 64, seed)
+        val, train_rows = rows[:16], rows[16:]
+        for protocol in GKD_SWITCHES:
+            name = get_protocol(protocol).name
+            if any(r["protocol"] == name and r["seed"] == seed for r in done):
+                continue
+            teacher, tok = models.load_model(base)
+            student, _ = models.load_model(student_dir)
+            config = training.TrainConfig(method="gkd", protocol=name, temperature=5.0, epochs=1, batch_size=8,
+                                          micro_batch_size=4, lr=1e-3, warmup_steps=2, max_length=96,
+                                          gkd_max_new_tokens=16, seed=seed)
+            start, norms[:] = time.time(), []
+            result = training.train(student, tok, train_rows, config, work / f"{name}-{seed}", teacher=teacher,
+                                    teacher_tokenizer=tok, val_examples=val)
+            done.append({"protocol": name, "seed": seed, "held_out_ce": result["final_val_loss"],
+                         "before_training": result["history"][0]["val_loss"], "seconds": round(time.time() - start),
+                         "grad_norms": [round(n, 4) for n in norms]})
+            write_atomic(output, json.dumps(report, indent=1))
+            print(done[-1], flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--outputs", default="outputs")
     parser.add_argument("--output", default="benchmarks/results/protocol_ablation.json")
+    parser.add_argument("--gkd-switches", action="store_true", help="train the small GKD runs (see above)")
+    parser.add_argument("--work", default="outputs/protocol_ablation_gkd", help="where --gkd-switches trains")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args()
+    if args.gkd_switches:
+        return gkd_switches(Path(args.output), Path(args.work), args.seeds)
     studies = {half: student_runs(Path(args.outputs) / f"ablation_protocol_{half}") for half in HALVES
                if (Path(args.outputs) / f"ablation_protocol_{half}" / "results.csv").is_file()}
     if "improved" not in studies:
         raise SystemExit(f"no {args.outputs}/ablation_protocol_improved/results.csv: run the study first")
     report: dict = {"studies": {h: info for h, (_, info) in studies.items()}, "runs": [], "contrasts": {}}
+    previous = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
+    if "gkd_switches" in previous:  # measured by --gkd-switches, not from the studies
+        report["gkd_switches"] = previous["gkd_switches"]
     for half, (runs, info) in studies.items():
         sft = runs[("sft", 0.0)]
         losses = held_out_losses(Path(args.outputs) / f"ablation_protocol_{half}")

@@ -53,7 +53,7 @@ def tokenize_example(tokenizer, example: Example, max_length: int,
 def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-padded batch with attention mask, labels (-100 on pads) and the response tokens' mask.
 
-    ``ids`` lets a teacher cache align.
+    ``ids`` lets a teacher cache align; ``prompt_ids`` are each row's first ``prompt_len`` tokens.
     """
     width = max(len(r["input_ids"]) for r in rows)
     pad = lambda seq, value: seq + [value] * (width - len(seq))  # noqa: E731
@@ -64,6 +64,7 @@ def collate(rows: list[dict], pad_id: int) -> dict:
         "response_mask": torch.tensor([pad([0] * r["prompt_len"] + [1] * (len(r["input_ids"]) - r["prompt_len"]), 0)
                                        for r in rows]).bool(),
         "prompts": [r["prompt"] for r in rows],
+        "prompt_ids": [r["input_ids"][:r["prompt_len"]] for r in rows],  # on-policy prompts (policy_prompt="joint")
         "ids": [r["id"] for r in rows],
     }
 
@@ -71,6 +72,14 @@ def collate(rows: list[dict], pad_id: int) -> dict:
 def to_device(batch: dict, device) -> dict:
     """The batch's tensors on ``device`` (prompts and ids stay as they are)."""
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as a left-padded [B, T] tensor and its attention mask (for generation)."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
 
 
 MIN_TRAIN_EXAMPLES = 8  # a fixed-size hold-out never leaves fewer training examples than this

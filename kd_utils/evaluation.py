@@ -93,7 +93,7 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
                    seed: int = 0, protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
     """Zero-shot accuracy per task with 95% Wilson intervals.
 
-    The protocol decides the prompt template, the decoding (``paper``: sampled with ``seed``,
+    The protocol decides the prompt template, the decoding (``paper``: sampled with its ``eval_seed``,
     ``improved``: greedy), the token budget per domain and whether the output is cut at a
     second "### Response:"; ``max_new_tokens`` / ``do_sample`` / ``temperature`` / ``top_k``
     override it where given (None: the protocol's). Writes ``<output_dir>/predictions/<task>.jsonl``
@@ -107,6 +107,7 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
     decoding = {"do_sample": rules.do_sample if do_sample is None else do_sample,
                 "temperature": rules.temperature if temperature is None else temperature,
                 "top_k": rules.top_k if top_k is None else top_k, "top_p": rules.top_p}
+    sampling_seed = seed if rules.eval_seed is None else rules.eval_seed  # the paper's 6; ``seed`` still picks n_per_task
     ready, skipped = available_tasks(task_ids, data_dir)
     for task_id, why in skipped.items():
         print(f"skipping {task_id}: {why}")
@@ -117,8 +118,8 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
         task = get_task(task_id)
         examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
         prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
-        outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=seed, desc=task_id,
-                           **decoding)
+        outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed,
+                           desc=task_id, **decoding)
         if rules.cut_at_second_response:
             outputs = [cut_at_response(o) for o in outputs]
         records = score(examples, outputs, rules.eval_template)

@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
+from kd_utils.data import DEFAULT_MIX, MIXES
+from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
@@ -27,6 +28,7 @@ TRAINING_DEFAULTS = {
     "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
     "warmup_steps": None, "val_examples": None,  # None: the protocol's
     "max_steps": None, "include_mawps": False,
+    "mix": DEFAULT_MIX,  # kd_utils.data.MIXES: "llm_adapters" (the authors' data, rebuilt) or "design"
 }
 DEFAULTS: dict[str, Any] = {
     "study": None,
@@ -75,7 +77,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "data_dir": (STR + (type(None),), "a path string or null"),
     "models.teacher": (STR, "a model id or directory"),
     "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
-    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "'paper', 'response' or null"),
+    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "a string or null"),
     "kd.seqkd_max_new_tokens": (INT, "an integer"),
     "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
@@ -92,7 +94,8 @@ TYPES: dict[str, tuple[tuple, str]] = {
 }
 for _role in ("teacher", "student"):
     for _key, _default in TRAINING_DEFAULTS.items():
-        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number")}.get(
+        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number"),
+                  str: (STR, "a string")}.get(
             type(_default), (INT + (type(None),), "an integer or null"))
         TYPES[f"training.{_role}.{_key}"] = _types
 
@@ -211,8 +214,9 @@ def validate(params: dict) -> list[str]:
     for key in ("kd_weight", "beta", "lmbda"):
         if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
             problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
-    if kd["distill_positions"] not in (None, "paper", "response"):
-        problems.append(f"kd.distill_positions: expected 'paper', 'response' or null, got {kd['distill_positions']!r}")
+    if kd["distill_positions"] not in (None, *KD_POSITIONS):
+        problems.append(f"kd.distill_positions: expected one of {', '.join(KD_POSITIONS)} or null, "
+                        f"got {kd['distill_positions']!r}")
     try:
         protocol = get_protocol(params["protocol"]).name
     except ValueError as err:
@@ -249,6 +253,12 @@ def validate(params: dict) -> list[str]:
                         "set val_examples: null or teacher_cache.enabled: false")
     for role in ("teacher", "student"):
         problems += _batch_problems(f"training.{role}", params["training"][role])
+        if isinstance(params["training"][role]["mix"], str) and params["training"][role]["mix"] not in MIXES:
+            problems.append(f"training.{role}.mix: expected one of {', '.join(MIXES)}, "
+                            f"got {params['training'][role]['mix']!r}")
+    if cache["enabled"] and params["training"]["student"]["mix"] != DEFAULT_MIX:
+        problems.append(f"training.student.mix: the teacher cache is built from the {DEFAULT_MIX!r} mix; "
+                        "set mix: llm_adapters or teacher_cache.enabled: false")
     return problems
 
 
@@ -353,4 +363,10 @@ def load_study(path: str | Path, overrides: dict | None = None) -> dict:
     if problems:
         raise ParamsError(str(path), problems)
     params["protocol"] = get_protocol(params["protocol"]).name  # one canonical name: equal protocols, equal run ids
+    if set(params["domains"]) == {"math"}:
+        # the math mix is the one planned before the key existed: leaving it out keeps those run ids (the
+        # commonsense mix changed, so commonsense runs record it and get new ids)
+        for role in ("teacher", "student"):
+            if params["training"][role]["mix"] == DEFAULT_MIX:
+                del params["training"][role]["mix"]
     return params

@@ -234,8 +234,10 @@ def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFr
     """Per domain, the numbers the banner is made of (the notebook writes them to study_design.csv):
     students with an improvement (KD and SFT runs), teacher-student pairs, the median n per task of the
     student runs, the power of the H1 t-test over the students (its units) to detect a medium effect (d = 0.5), what
-    sampling alone does at that n (:func:`_sampling_scale`), and how many student accuracies are 0."""
+    sampling alone does at that n (:func:`_sampling_scale`), how many student accuracies are 0, and which of the
+    paper's tasks of the domain no student was evaluated on (``paper_tasks_missing``: the domain average lacks them)."""
     from kd_utils.statistics import medium_effect_power
+    from kd_utils.tasks import tasks_for
 
     students = results[(results["role"] == "student") & (results["task"] != "average")]
     rows = []
@@ -246,7 +248,9 @@ def study_design(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFr
         rows.append({"domain": domain, "students": students, "pairs": pairs, "n_per_task": n,
                      "h1_power_medium_effect": medium_effect_power("ttest", students) if students >= 2 else 0.0,
                      **_sampling_scale(n), "student_accuracies": len(runs),
-                     "zero_accuracies": int((runs["accuracy"] == 0).sum())})
+                     "zero_accuracies": int((runs["accuracy"] == 0).sum()), "tasks": runs["task"].nunique(),
+                     "paper_tasks_missing": ", ".join(t.id for t in tasks_for(domain)
+                                                      if t.id not in set(runs["task"]))})
     return pd.DataFrame(rows)
 
 
@@ -265,13 +269,17 @@ def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, des
     low_power = [p for p in powers if p < ADEQUATE_POWER]
     sizes = design.dropna(subset=["n_per_task"])
     tiny = sizes[sizes["n_per_task"] < small_n]
-    if tiny.empty and not low_power:
+    fewer = design[design["paper_tasks_missing"].fillna("") != ""] if "paper_tasks_missing" in design else design[:0]
+    if tiny.empty and not low_power and fewer.empty:
         return None
     pairs = ", ".join(f"{r.pairs} in {r.domain}" for r in design.itertuples())
     n_text = ", ".join(f"{r.n_per_task:g} in {r.domain}" for r in sizes.itertuples())
     facts = (f"students with KD and SFT runs: {design['students'].max()}; teacher-student pairs: {pairs or 'none'}"
              + (f"; median test examples per task: {n_text}" if n_text else ""))
-    parts = []
+    parts = [f"<p><b>Fewer tasks than the paper.</b> The {r.domain} average covers {r.tasks} of the paper's "
+             f"{r.tasks + len(r.paper_tasks_missing.split(', '))} {r.domain} tasks; missing: "
+             f"{html.escape(r.paper_tasks_missing)}. Compare it with the paper's numbers only over the same "
+             f"{r.tasks} tasks.</p>" for r in fewer.itertuples()]
     if len(tiny):
         smallest = tiny.loc[tiny["n_per_task"].idxmin()]
         lead = f"{html.escape(description.rstrip('.'))}. " if description else ""
@@ -289,7 +297,7 @@ def study_banner(design: pd.DataFrame, power: Iterable[float] | None = None, des
             elif r.zero_accuracies > r.student_accuracies / 2:
                 parts.append(f"<p>{r.zero_accuracies} of {r.student_accuracies} student accuracies on {r.domain} "
                              "tasks are 0%.</p>")
-    else:
+    elif low_power:
         parts.append(f"<p><b>Few units per test.</b> This analysis has {facts}.</p>")
     if low_power:
         parts.append(f"<p>{len(low_power)} of {len(powers)} {tests} have power below {ADEQUATE_POWER} (as low as "
@@ -361,17 +369,25 @@ def data_files(files: Iterable[tuple[str, Path]]) -> list[dict]:
 
 def _study_data_files(study: Mapping, results: pd.DataFrame) -> list[tuple[str, Path]]:
     """The benchmark files a study read: the test files of its evaluated tasks and its training mixes."""
-    from kd_utils.data import DataError, resolve_data_dir, task_file, training_source_file, training_sources
+    from kd_utils.data import DataError, resolve_data_dir, task_file, training_source_files
 
     try:
         root = resolve_data_dir(study.get("data_dir"))
     except DataError:
         return []
     names = [task_file(t) for t in dict.fromkeys(results["task"]) if t != "average"]
-    mawps = any(study.get("training", {}).get(role, {}).get("include_mawps") for role in ("teacher", "student"))
-    for domain in study.get("domains", []):
-        names += [training_source_file(s) for s in training_sources(domain, mawps)]
+    for domain, _, mix, mawps in _training_mixes(study):
+        names += training_source_files(domain, mawps, mix)
     return [(name, root / name) for name in dict.fromkeys(names)]
+
+
+def _training_mixes(study: Mapping) -> list[tuple[str, str, str, bool]]:
+    """(domain, role, mix, include_mawps) of each training stage of a study (a missing mix key: the default)."""
+    from kd_utils.data import DEFAULT_MIX
+
+    roles = {role: study.get("training", {}).get(role, {}) for role in ("teacher", "student")}
+    return [(domain, role, t.get("mix", DEFAULT_MIX), bool(t.get("include_mawps")))
+            for domain in study.get("domains", []) for role, t in roles.items()]
 
 
 def _run_params(runs_dir: Path, run_id: str) -> dict:
@@ -500,7 +516,10 @@ def provenance(parameters: Mapping[str, Any], results: pd.DataFrame, study_dir: 
         files = inputs + _study_data_files(study, results)
         models = model_identities(results, runs_dir, model_sizes, study_dir)
         stages = stage_times(runs_dir, results["run_id"].unique()) if runs_dir else []
-    return {"study": study.get("study") or ("paper" if paper_dir is not None else None),
+    from kd_utils.data import mix_description
+
+    mixes = [{"domain": d, "role": r, "mix": m, "what": mix_description(d, m, w)} for d, r, m, w in _training_mixes(study)]
+    return {"study": study.get("study") or ("paper" if paper_dir is not None else None), "training_mixes": mixes,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "project": project_version(), "machine": machine(), "stages": stages, "models": models,
             "data_files": data_files(files), "analysis_parameters": dict(parameters), "study_parameters": study}
@@ -527,6 +546,8 @@ def provenance_html(prov: Mapping[str, Any], json_href: str | None = None) -> HT
              f"{machine_info['cores']} cores, {machine_info['memory_GB']} GB memory, GPU: "
              f"{html.escape(', '.join(machine_info['gpus']))}; Python {machine_info['python']}, "
              + ", ".join(f"{k} {machine_info[k]}" for k in ("torch", "transformers") if k in machine_info) + "."]
+    lines += [f"<b>Training data</b> ({m['role']}, {m['domain']}): mix <code>{html.escape(m['mix'])}</code>, "
+              f"{html.escape(m['what'])}." for m in prov.get("training_mixes", [])]
     body = "<ul>" + "".join(f"<li>{line}</li>" for line in lines) + "</ul>"
     if prov["stages"]:
         body += (f"<p>Wall time of the runs behind these results ({seconds / 60:.1f} min in all, from each run's "

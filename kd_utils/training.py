@@ -1,8 +1,9 @@
 """Fine-tuning and distillation: one training loop for sft, fkl, rkl, gkd and seqkd.
 
 ``TrainConfig.protocol`` (kd_utils.protocols) decides the points where the authors' code and
-ours differ: the label mask (train_on_inputs), warmup, the held-out set, the best checkpoint,
-and GKD's temperature and positions. Shared by both: LoRA r=8 / alpha=16 on q,k,v,up,down,
+ours differ: the label mask (train_on_inputs), warmup, the held-out set, the best checkpoint and how
+often it is evaluated, the KD positions, GKD's temperature and on-policy batches, gradient clipping
+and precision. Shared by both: LoRA r=8 / alpha=16 on q,k,v,up,down,
 batch 16, lr 3e-4. accelerate handles devices, mixed precision, gradient
 accumulation and data parallelism; a checkpoint is written after every epoch
 (``accelerator.save_state``, trained weights only) and a run resumes from the last complete one.
@@ -26,11 +27,12 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from kd_utils import losses, teacher_cache as cache_store
-from kd_utils.batches import collate, epoch_batches, forward, split_train_val, to_device, tokenize_example
-from kd_utils.data import Example, build_training_mix
+from kd_utils.batches import (collate, epoch_batches, forward, left_pad, prompt_ids, split_train_val, to_device,
+                              tokenize_example)
+from kd_utils.data import DEFAULT_MIX, Example, build_training_mix, source_counts
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import run_from_params_file, standard_json, write_atomic
-from kd_utils.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
+from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, Protocol, get_protocol
 from kd_utils.models import build_student_dir, check_adapter_dir, default_device, load_model
 from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
 
@@ -63,12 +65,11 @@ class TrainConfig:
     lmbda: float = 0.5  # gkd's probability of an on-policy batch
     gkd_max_new_tokens: int = 128
     protocol: str = DEFAULT_PROTOCOL  # "paper" or "improved" (kd_utils.protocols)
-    distill_positions: str | None = None  # fkl / rkl: "paper" (every real token) or "response"; None: the protocol's
+    distill_positions: str | None = None  # fkl / rkl: protocols.KD_POSITIONS; None: the protocol's
     loss_chunk_size: int | None = None  # positions per KD-loss chunk; None: ~64 MiB of fp32 per chunk buffer
     val_fraction: float = 0.1
     val_examples: int | None = None  # None: the protocol's (paper 500; improved: val_fraction)
     max_steps: int | None = None  # cap on optimizer steps per epoch (smoke runs)
-    mixed_precision: str = "auto"  # "auto": bf16 on GPUs that support it, else "no"
     seed: int = 0
 
     def validate(self) -> "TrainConfig":
@@ -83,8 +84,8 @@ class TrainConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
              f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"),
-            (self.distill_positions in (None, "paper", "response"),
-             f"distill_positions must be 'paper' or 'response', got {self.distill_positions!r}"),
+            (self.distill_positions in (None, *KD_POSITIONS),
+             f"distill_positions must be one of {', '.join(KD_POSITIONS)} or None, got {self.distill_positions!r}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
             # the KD losses would refuse it only at the first step, after loading and the epoch-0 validation
@@ -115,10 +116,11 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
     """Which positions' logits are distilled.
 
-    fkl / rkl: the predictions of every real next token ("paper") or of response tokens, [B, T-1].
-    gkd under ``paper``: every position whose *label* is set, unshifted, [B, T] (kd_trainer.py masks
-    the logits with labels != -100, the prompt included under train_on_inputs); otherwise the
-    predictions of response tokens, as Agarwal et al. and TRL.
+    fkl / rkl: every attention-mask position, the last one included ("paper": kd_trainer.py passes the
+    attention mask as ``pad_mask``), [B, T]; or the predictions of real next tokens ("next_token") or of
+    response tokens ("response"), [B, T-1]. gkd under ``paper``: every position whose *label* is set,
+    unshifted, [B, T] (kd_trainer.py masks the logits with labels != -100, the prompt included under
+    train_on_inputs); otherwise the predictions of response tokens, as Agarwal et al. and TRL.
     """
     rules = config.rules
     real = batch["attention_mask"].bool()
@@ -127,6 +129,8 @@ def distill_mask(batch: dict, config: TrainConfig) -> torch.Tensor:
             return batch["labels"] != -100
         return batch["response_mask"][:, 1:] & real[:, :-1]
     positions = config.distill_positions or rules.kd_positions
+    if positions == "paper":
+        return real
     target = batch["response_mask"][:, 1:] if positions == "response" else real[:, 1:]
     return target & real[:, :-1]
 
@@ -162,29 +166,64 @@ def training_loss(logits: torch.Tensor, batch: dict, teacher: torch.Tensor | dic
 
 
 @torch.no_grad()
-def on_policy_batch(student, tokenizer, prompts: list[str], config: TrainConfig, device) -> dict:
-    """Replace the responses by the student's own samples (temperature 1, top_k 0), left-padded."""
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)  # special tokens as batches.prompt_ids
+def on_policy_batch(student, tokenizer, batch: dict, config: TrainConfig, device) -> dict:
+    """Replace the responses by the student's own samples (temperature 1, top_k 0, top_p 1), left-padded.
+
+    The prompt is each row's first ``prompt_len`` training tokens (``policy_prompt="joint"``, the authors'
+    kd_trainer.py) or the prompt tokenized alone, as at evaluation ("prompt"). At most ``max_length`` tokens
+    in all, as the authors' ``max_new_tokens = max_length - max_prompt_len``. With ``policy_retokenize`` the
+    samples are decoded without special tokens (EOS dropped) and tokenized again, as theirs; otherwise the
+    sampled tokens are kept up to and including the first EOS.
+    """
+    rules = config.rules
+    pad = tokenizer.pad_token_id
+    rows = (batch["prompt_ids"] if rules.policy_prompt == "joint" else
+            [prompt_ids(tokenizer, prompt) for prompt in batch["prompts"]])
+    ids, prompt_mask = (t.to(device) for t in left_pad(rows, pad))
+    width = ids.shape[1]
     was_training = student.training
     student.eval()
-    out = student.generate(**enc, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=config.gkd_max_new_tokens,
-                           pad_token_id=tokenizer.pad_token_id)
+    # every sampling parameter explicit: generate would otherwise take the model's generation config
+    out = student.generate(input_ids=ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_k=0,
+                           top_p=1.0, max_new_tokens=max(1, min(config.gkd_max_new_tokens, config.max_length - width)),
+                           pad_token_id=pad)
     student.train(was_training)
-    prompt_len = enc["input_ids"].shape[1]
-    generated = out[:, prompt_len:]
-    # keep tokens up to and including the first EOS
-    after_eos = (generated == tokenizer.eos_token_id).long().cumsum(-1) - (generated == tokenizer.eos_token_id).long()
-    gen_mask = after_eos == 0
-    prompt_mask = enc["attention_mask"].bool()
-    attention = torch.cat([prompt_mask, gen_mask], dim=1)
-    response = torch.cat([torch.zeros_like(prompt_mask), gen_mask], 1)
+    if rules.policy_retokenize:
+        tokenizer.padding_side = "left"
+        enc = tokenizer(tokenizer.batch_decode(out, skip_special_tokens=True), return_tensors="pt", padding=True)
+        out, attention = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+        # where the response starts: the decoded prompt's own length in tokens
+        starts = torch.tensor([len(prompt_ids(tokenizer, text))
+                               for text in tokenizer.batch_decode(rows, skip_special_tokens=True)], device=device)
+        position = attention.long().cumsum(-1) - 1
+        response = attention & (position >= starts[:, None])
+    else:
+        generated = out[:, width:]
+        # keep tokens up to and including the first EOS
+        is_eos = (generated == tokenizer.eos_token_id).long()
+        gen_mask = (is_eos.cumsum(-1) - is_eos) == 0
+        attention = torch.cat([prompt_mask.bool(), gen_mask], dim=1)
+        response = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), gen_mask], 1)
     # the authors label every non-pad token of an on-policy batch (kd_trainer.py); improved labels the samples only
-    labelled = attention if config.rules.train_on_inputs else response
+    labelled = attention if rules.train_on_inputs else response
     labels = torch.where(labelled, out, -100)
     cut = config.max_length
     return {"input_ids": out[:, :cut], "attention_mask": attention[:, :cut].long(), "labels": labels[:, :cut],
-            "response_mask": response[:, :cut], "prompts": prompts}
+            "response_mask": response[:, :cut], "prompts": batch["prompts"], "prompt_ids": batch["prompt_ids"]}
+
+
+def mixed_precision(config: TrainConfig) -> str:
+    """accelerate's mixed_precision for the protocol's ``precision``: on a CPU always "no" (fp32).
+
+    bf16 on a GPU without it is refused (``precision=fp32`` or ``fp16`` work there).
+    """
+    precision = config.rules.precision
+    if not torch.cuda.is_available() or precision == "fp32":
+        return "no"
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"protocol {config.protocol!r}: precision bf16, but this GPU has no bf16; "
+                         "switch it with precision=fp32 or precision=fp16, e.g. improved[precision=fp32]")
+    return precision
 
 
 @torch.no_grad()
@@ -283,9 +322,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         source = cache_store.open_for_training(teacher_cache, tokenizer, train_examples, config.method,
                                                config.temperature, config.noise_sigma, config.max_length,
                                                config.epochs, teacher_cache_expect)
-    mixed = config.mixed_precision
-    if mixed == "auto":
-        mixed = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    mixed = mixed_precision(config)
     accelerator = Accelerator(mixed_precision=mixed)
     per_step = config.micro_batch_size * accelerator.num_processes
     if config.batch_size % per_step:
@@ -295,6 +332,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     accelerator.gradient_accumulation_steps = accumulation
     set_seed(config.seed)
     if config.lora:
+        if mixed == "fp16":  # the authors': frozen weights in fp16 (peft keeps the LoRA weights in fp32)
+            model = model.to(torch.float16)
         model = wrap_lora(model, config)
     model.train()
     train_rows = [tokenize_example(tokenizer, e, config.max_length, config.protocol) for e in train_examples]
@@ -321,6 +360,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
     policy_rng = random.Random(config.seed + 2)
 
     history: list[dict] = []
+    step_evals: list[dict] = []  # validation every rules.eval_steps optimizer steps: {"step", "epoch", "val_loss"}
+    rules = config.rules
     start_epoch = 0
     resume = last_checkpoint(output_dir)
     if resume is not None:
@@ -333,6 +374,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         if source is not None:
             source.load_state(saved["teacher_source"])
         policy_rng.setstate(_as_tuple(saved["policy_rng"]))
+        step_evals = [{**e, "val_loss": math.nan if e["val_loss"] is None else e["val_loss"]}
+                      for e in saved.get("step_evals", [])]
         accelerator.print(f"resuming after epoch {start_epoch} from {path}")
     else:
         history.append({"epoch": 0, "step": 0, "val_loss": validation_loss(model, val_rows, config.micro_batch_size,
@@ -347,7 +390,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         for micro in bar:
             batch = to_device(collate(micro, pad_id), device)
             if config.method == "gkd" and policy_rng.random() < config.lmbda:
-                batch = on_policy_batch(accelerator.unwrap_model(model), tokenizer, batch["prompts"], config, device)
+                batch = on_policy_batch(accelerator.unwrap_model(model), tokenizer, batch, config, device)
             with accelerator.accumulate(model):
                 logits = forward(model, batch)
                 target = None
@@ -356,6 +399,8 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                         target = source.targets(batch, device, epoch)
                 loss, ce, kd = training_loss(logits, batch, target, config, vocab_size)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients and rules.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), rules.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -364,24 +409,65 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             if accelerator.sync_gradients:
                 step += 1
+                if rules.eval_steps and step % rules.eval_steps == 0:
+                    step_evals.append(evaluate_step(accelerator, model, tokenizer, val_rows, config, output_dir,
+                                                    step, epoch, step_evals))
         n = max(len(batches), 1)
         history.append({"epoch": epoch, "step": step, "lr": scheduler.get_last_lr()[0], "train_loss": sums["loss"] / n,
                         "ce_loss": sums["ce"] / n, "kd_loss": sums["kd"] / n,
                         "val_loss": validation_loss(model, val_rows, config.micro_batch_size, pad_id, device)})
-        save_checkpoint(accelerator, model, tokenizer, output_dir, epoch, history, source, policy_rng, config)
+        save_checkpoint(accelerator, model, tokenizer, output_dir, epoch, history, source, policy_rng, config,
+                        step_evals)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
     final = output_dir / ("adapter" if config.lora else "model")
-    kept = best_epoch(history) if config.rules.best_checkpoint else config.epochs
+    kept, kept_step, kept_dir = config.epochs, None, None
+    if rules.best_checkpoint and rules.eval_steps:
+        # the authors' Trainer: the best of the every-eval_steps evaluations; none (a short run): the final model
+        scored = [(e["val_loss"], e["step"]) for e in step_evals if math.isfinite(e["val_loss"])]
+        if scored:
+            kept_step = min(scored)[1]
+            kept = next(e["epoch"] for e in step_evals if e["step"] == kept_step)
+            kept_dir = output_dir / "checkpoints" / f"step-{kept_step}" / final.name
+    elif rules.best_checkpoint:
+        kept = best_epoch(history)
+        if kept != config.epochs:  # the epoch with the lowest validation loss
+            kept_dir = output_dir / "checkpoints" / f"epoch-{kept}" / final.name
     if accelerator.is_main_process:
-        if kept == config.epochs:
+        if kept_dir is None:
             save_trained(accelerator.unwrap_model(model), tokenizer, final)
-        else:  # the paper's load_best_model_at_end: the epoch with the lowest validation loss
-            copy_dir(output_dir / "checkpoints" / f"epoch-{kept}" / final.name, final)
+        else:
+            copy_dir(kept_dir, final)
+        for stale in (output_dir / "checkpoints").glob("step-*"):  # earlier improvements, kept for a resume
+            if stale.name != f"step-{kept_step}":
+                shutil.rmtree(stale, ignore_errors=True)
         write_atomic(output_dir / "history.json", standard_json(history, indent=1))
     accelerator.wait_for_everyone()
-    val_loss = next(h["val_loss"] for h in history if h["epoch"] == kept)
-    return {"history": history, "final_val_loss": val_loss, "kept_epoch": kept, "saved_to": str(final)}
+    val_loss = (next(e["val_loss"] for e in step_evals if e["step"] == kept_step) if kept_step is not None else
+                next(h["val_loss"] for h in history if h["epoch"] == kept))
+    return {"history": history, "step_evals": step_evals, "final_val_loss": val_loss, "kept_epoch": kept,
+            "kept_step": kept_step, "saved_to": str(final), "precision": _precision_label(mixed)}
+
+
+def _precision_label(mixed: str) -> str:
+    return {"no": "fp32", "bf16": "bf16 autocast, fp32 weights",
+            "fp16": "fp16 autocast, fp16 frozen weights"}[mixed] + ("" if torch.cuda.is_available() else " (CPU)")
+
+
+def evaluate_step(accelerator, model, tokenizer, val_rows: list[dict], config: TrainConfig, output_dir: Path,
+                  step: int, epoch: int, step_evals: list[dict]) -> dict:
+    """The validation loss at an optimizer step; with best_checkpoint, an improvement's weights are kept.
+
+    Every improvement stays on disk until training ends, so a run resumed from an epoch checkpoint still
+    finds the best step its history names.
+    """
+    val = validation_loss(model, val_rows, config.micro_batch_size, tokenizer.pad_token_id, accelerator.device)
+    best = min((e["val_loss"] for e in step_evals if math.isfinite(e["val_loss"])), default=math.inf)
+    if config.rules.best_checkpoint and math.isfinite(val) and val < best and accelerator.is_main_process:
+        save_trained(accelerator.unwrap_model(model), tokenizer,
+                     output_dir / "checkpoints" / f"step-{step}" / ("adapter" if config.lora else "model"))
+    accelerator.wait_for_everyone()
+    return {"step": step, "epoch": epoch, "val_loss": val}
 
 
 def best_epoch(history: list[dict]) -> int:
@@ -417,7 +503,7 @@ def save_trained(model, tokenizer, target: Path) -> None:
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int, history: list[dict],
-                    source, policy_rng: random.Random, config: TrainConfig) -> None:
+                    source, policy_rng: random.Random, config: TrainConfig, step_evals: list[dict]) -> None:
     """Everything needed to resume after ``epoch``; a ``done`` marker makes it complete."""
     path = output_dir / "checkpoints" / f"epoch-{epoch}"
     if accelerator.is_main_process:  # one process clears it, before any writes into it
@@ -427,7 +513,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, epoch: int,
     if accelerator.is_main_process:
         save_trained(accelerator.unwrap_model(model), tokenizer, path / ("adapter" if config.lora else "model"))
         trainer = {"history": history, "teacher_source": source.state() if source is not None else {},
-                   "policy_rng": policy_rng.getstate(), "config": asdict(config)}
+                   "policy_rng": policy_rng.getstate(), "config": asdict(config), "step_evals": step_evals}
         write_atomic(path / "trainer.json", standard_json(trainer))
         (path / "done").touch()
     accelerator.wait_for_everyone()
@@ -437,7 +523,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
                  student_layers: int | None = None, teacher: str | None = None, teacher_adapter: str | None = None,
                  task_aware_teacher: bool = True, n_train: int | None = None, include_mawps: bool = False,
                  data_dir: str | Path | None = None, seqkd_max_new_tokens: int = 128, teacher_cache: str | None = None,
-                 **config) -> dict:
+                 mix: str = DEFAULT_MIX, **config) -> dict:
     """One stage from plain parameters (what the notebooks call): load, build the mix, train, save.
 
     ``student_layers`` turns ``model`` into a layer-subset student first (written next to the
@@ -461,7 +547,9 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     base = model
     if student_layers:
         base = str(build_student_dir(model, student_layers, output_dir.parent / f"student-{Path(model).name}-L{student_layers}"))
-    mix, report = build_training_mix(domain, data_dir, include_mawps=include_mawps)
+    mix_name = mix
+    mix, report = build_training_mix(domain, data_dir, include_mawps=include_mawps, mix=mix_name)
+    mix_sources = source_counts(mix)  # the whole mix, before n_train samples it
     mix = sample_examples(mix, n_train, config.seed)
     teacher_model = teacher_tok = None
     # the cache must come from this run's teacher (weights, adapter, task-awareness) and seed
@@ -470,7 +558,8 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     if needs_teacher:
         # on the device the student trains on (a seqkd teacher generates before accelerate moves anything)
         teacher_model, teacher_tok = load_model(teacher, adapter=teacher_adapter if task_aware_teacher else None,
-                                                merge_adapter=True, device=default_device())
+                                                merge_adapter=True, device=default_device(),
+                                                dtype=torch.float16 if mixed_precision(config) == "fp16" else None)
     if method == "seqkd":
         mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, cache_expect) if from_cache else
                teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4,
@@ -480,7 +569,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok,
                    teacher_cache=teacher_cache, teacher_cache_expect=cache_expect)
     summary = {"base_model": base, "method": method, "domain": domain, "protocol": config.protocol, "n_train": len(mix),
-               "decontamination_removed": len(report.removed), **result}
+               "mix": mix_name, "mix_sources": mix_sources, "decontamination_removed": len(report.removed), **result}
     write_atomic(output_dir / "train_summary.json", standard_json(summary, indent=1, default=str))
     return summary
 

@@ -45,11 +45,32 @@ def make_data_dir(root: Path) -> Path:
             rows = [{"instruction": CHOICE_Q.replace("largest", f"largest number {i}"), "input": "",
                      "output": f"the correct answer is {label}", "answer": label} for i in range(3)]
         write_json(adapters / task.data_name / "test.json", rows)
-    for name in ("boolq", "ARC-Easy", "ARC-Challenge", "openbookqa"):
+    write_json(adapters / "boolq" / "train.json", [
+        {"instruction": f"Please answer the following question with true or false, question: is thing {i} small?"
+                        "\n\nAnswer format: true/false", "input": "",
+         "output": f"the correct answer is {'true' if i % 2 else 'false'}", "answer": "true" if i % 2 else "false"}
+        for i in range(4)])
+    for name in ("ARC-Easy", "ARC-Challenge", "openbookqa"):
         write_json(adapters / name / "train.json", [
             {"instruction": CHOICE_Q.replace("largest", f"smallest thing {i}").replace("pencil", f"{name} {i}"),
              "input": "",
              "output": "the correct answer is answer1", "answer": "answer1"} for i in range(4)])
+    # PIQA / Social IQa / WinoGrande train in their upstream layouts (labels beside the items for the first two)
+    piqa = [{"goal": f"How do I fix thing {i}?", "sol1": f"Use glue {i}", "sol2": f"Use water {i}"} for i in range(8)]
+    # planted: a goal sharing 13 words with a commonsense test question
+    piqa[3]["goal"] = "Which object is the largest number 1? Answer1: an ant Answer2: a house Answer3: a coin"
+    (root / "piqa").mkdir(parents=True, exist_ok=True)
+    (root / "piqa" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in piqa))
+    (root / "piqa" / "train-labels.lst").write_text("".join(f"{i % 2}\n" for i in range(8)))
+    (root / "siqa").mkdir(parents=True, exist_ok=True)
+    (root / "siqa" / "train.jsonl").write_text("".join(json.dumps(
+        {"context": f"Kim met friend {i}.", "question": "How would Kim feel?", "answerA": "happy", "answerB": "sad",
+         "answerC": f"bored {i}"}) + "\n" for i in range(8)))
+    (root / "siqa" / "train-labels.lst").write_text("".join(f"{i % 3 + 1}\n" for i in range(8)))
+    (root / "winogrande").mkdir(parents=True, exist_ok=True)
+    (root / "winogrande" / "train_xl.jsonl").write_text("".join(json.dumps(
+        {"sentence": f"Ann gave Bo the book {i} because _ was done.", "option1": "Ann", "option2": "Bo",
+         "answer": str(i % 2 + 1)}) + "\n" for i in range(8)))
     write_json(adapters / "mawps" / "trainset.json", [
         {"id": 1, "original_text": "Ann has 2.0 cats and gets 3.0 more . How many cats does Ann have ?",
          "equation": "X=(2.0+3.0)", "ans": 5.0},

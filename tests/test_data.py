@@ -2,12 +2,14 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import threading
+from pathlib import Path
 
 import pytest
 
 from kd_utils import data
-from kd_utils.tasks import TASKS
+from kd_utils.tasks import TASKS, get_task, is_correct
 
 
 def test_every_task_loads_from_its_real_format(data_dir):
@@ -79,9 +81,95 @@ def test_decontamination_catches_13gram_overlap():
 
 
 def test_commonsense_mix_strips_templates_before_matching(data_dir):
-    mix, report = data.build_training_mix("commonsense", data_dir)
+    mix, report = data.build_training_mix("commonsense", data_dir, mix="design")
     assert len(mix) == 16 and not report.removed  # the shared prompt template alone is not contamination
     assert {ex.task for ex in mix} == {"boolq", "arc_e", "arc_c", "obqa"}
+
+
+# LLM-Adapters' test-file templates, one per task (what every training row of that task must look like)
+TEMPLATES = {
+    "boolq": r"Please answer the following question with true or false, question: .+\n\nAnswer format: true/false",
+    "piqa": r"Please choose the correct solution to the question: .*\n\nSolution1: .*\n\nSolution2: .*\n\n"
+            r"Answer format: solution1/solution2",
+    "siqa": r"Please choose the correct answer to the question: .*\n\nAnswer1: .* Answer2: .* Answer3: .*\n\n"
+            r"Answer format: answer1/answer2/answer3",
+    "winogrande": r"Please choose the correct answer to fill in the blank to complete the given sentence: .*_.*\n\n"
+                  r"Option1: .* Option2: .* Answer format: option1/option2",
+    **{t: r"Please choose the correct answer to the question: .*\n\nAnswer1: .*\n\nAnswer format: "
+          r"answer1/answer2/answer3/answer4(/answer5)?" for t in ("arc_e", "arc_c", "obqa")},
+}
+
+
+def check_recipe_mix(mix: list, total: int) -> None:
+    """Every task but HellaSwag at its share of a uniform ``total``-row sample of the eight train splits
+    (LLM-Adapters' commonsense_15k from commonsense_170k), each row in its test file's format."""
+    sizes = data.COMMONSENSE_RECIPE
+    counts = data.source_counts(mix)
+    assert set(counts) == {t for t, n in data.recipe_counts(total).items() if n and t != "hellaswag"}
+    for task, n in counts.items():
+        assert abs(n - total * sizes[task] / sum(sizes.values())) < 1, task
+    assert sum(counts.values()) + data.recipe_counts(total)["hellaswag"] == total
+    for ex in mix:
+        assert re.fullmatch(TEMPLATES[ex.task], ex.instruction, re.DOTALL), ex.id
+        assert ex.answer in get_task(ex.task).labels and ex.rationale == f"the correct answer is {ex.answer}"
+        assert is_correct(ex.task, ex.rationale, ex.answer)
+
+
+def test_commonsense_mix_follows_the_llm_adapters_recipe(data_dir):
+    mix, report = data.build_training_mix("commonsense", data_dir, recipe_total=20)
+    check_recipe_mix(mix, 20)
+    again, _ = data.build_training_mix("commonsense", data_dir, recipe_total=20)
+    assert data.mix_fingerprint(again) == data.mix_fingerprint(mix)  # one fixed mix, whatever the run seed
+    piqa = {ex.id: ex for ex in data.load_training_source("piqa", data_dir)}
+    assert piqa["piqa-train-1"].answer == "solution2" and "Solution1: Use glue 1" in piqa["piqa-train-1"].instruction
+    assert data.load_training_source("siqa", data_dir)[2].answer == "answer3"
+    assert data.load_training_source("winogrande", data_dir)[0].answer == "option1"
+    assert "siqa/train-labels.lst" in data.training_source_files("commonsense")
+    assert "piqa" not in data.training_sources("commonsense", mix="design")
+    with pytest.raises(ValueError, match="mix='15k' is not one of llm_adapters, design"):
+        data.build_training_mix("commonsense", data_dir, mix="15k")
+
+
+def test_a_contaminated_row_of_the_recipe_is_replaced_by_the_next(data_dir, monkeypatch):
+    # a recipe of 7 PIQA rows out of 8: the planted goal (13 words shared with a test question) is dropped
+    # and the remaining seven fill the count
+    monkeypatch.setattr(data, "COMMONSENSE_RECIPE", {"piqa": 7, "hellaswag": 1})
+    mix, report = data.build_training_mix("commonsense", data_dir, recipe_total=8)
+    assert [r["train_id"] for r in report.removed] == ["piqa-train-3"] and report.removed[0]["reason"] == "13-gram"
+    assert sorted(ex.id for ex in mix) == [f"piqa-train-{i}" for i in range(8) if i != 3]
+
+
+def test_recipe_sources_name_their_files(data_dir):
+    (data_dir / "siqa" / "train-labels.lst").write_text("1\n")
+    with pytest.raises(data.DataError, match="train-labels.lst has 1 labels for the 8 items"):
+        data.load_training_source("siqa", data_dir)
+    (data_dir / "winogrande" / "train_xl.jsonl").unlink()
+    with pytest.raises(data.DataError, match="winogrande/train_xl.jsonl. It has no automatic download"):
+        data.load_training_source("winogrande", data_dir)
+
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "siqa" / "dev.jsonl").is_file(), reason="needs ../shared/data")
+def test_templates_reproduce_the_llm_adapters_test_files_from_the_upstream_dev_splits():
+    """PIQA's and Social IQa's dev splits rendered with our templates are LLM-Adapters' test files, byte for byte."""
+    def rows(name):
+        return [json.loads(line) for line in (SHARED / name).read_text().splitlines()]
+
+    piqa, siqa = (json.loads((SHARED / "llm-adapters" / d / "test.json").read_text()) for d in ("piqa", "social_i_qa"))
+    assert [r["instruction"] for r in piqa] == [data.piqa_instruction(r["goal"], r["sol1"], r["sol2"])
+                                                for r in rows("piqa/valid.jsonl")]
+    assert [r["instruction"] for r in siqa] == [
+        data.siqa_instruction(r["context"], r["question"], r["answerA"], r["answerB"], r["answerC"])
+        for r in rows("siqa/dev.jsonl")]
+
+
+@pytest.mark.skipif(not (SHARED / "winogrande" / "train_xl.jsonl").is_file(), reason="needs ../shared/data")
+def test_the_real_commonsense_mix_has_the_recipe_counts():
+    mix, report = data.build_training_mix("commonsense", SHARED)
+    check_recipe_mix(mix, data.COMMONSENSE_15K)
+    assert len(mix) == 10944 and {r["train_source"] for r in report.removed} <= set(data.COMMONSENSE_RECIPE)
 
 
 @pytest.fixture()

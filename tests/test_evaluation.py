@@ -61,3 +61,17 @@ def test_evaluation_notebook_end_to_end(tiny_model_dir, data_dir, tmp_path):
     assert (out / "figures" / "accuracy.png").is_file() and (out / "figures" / "accuracy.pdf").is_file()
     lines = (out / "predictions" / "boolq.jsonl").read_text().splitlines()
     assert len(lines) == 2 and json.loads(lines[0])["task"] == "boolq"
+
+
+def test_paper_samples_with_the_authors_evaluation_seed(data_dir, monkeypatch):
+    """eval_args.json seeds evaluation with 6 whatever the run's seed; improved's greedy decoding takes the run's."""
+    seen = []
+
+    def fake_generate(model, tokenizer, prompts, max_new_tokens, batch_size=16, seed=0, **kwargs):
+        seen.append((seed, kwargs["top_p"], kwargs["do_sample"]))
+        return ["the correct answer is true"] * len(prompts)
+
+    monkeypatch.setattr(evaluation, "generate", fake_generate)
+    for protocol in ("paper", "improved[do_sample=true]"):
+        evaluation.evaluate_tasks(None, None, ["boolq"], n_per_task=2, data_dir=data_dir, seed=3, protocol=protocol)
+    assert seen == [(6, 1.0, True), (3, 1.0, True)]

@@ -155,3 +155,24 @@ def test_slurm_resources_are_per_stage_over_the_defaults(tmp_path):
     assert "execution.slurm.mem_gb: resources are set per stage, under execution.slurm_resources.<stage>.mem_gb" in text
     assert "execution.slurm_resources.evaluation: unknown key" in text
     assert "execution.slurm_resources.eval.mem_gb: expected an integer" in text
+
+
+def test_each_run_records_its_training_mix(tmp_path):
+    """The mix is a run parameter: commonsense runs record it (and got new ids with the rebuilt mix); a math-only
+    study, whose mix is the one planned before the key existed, leaves it out at its default (its ids stay)."""
+    base = {"models": {"teacher": "smollm2-135m-instruct", "students": [{"name": "s", "layers": 2}]},
+            "methods": ["sft", "fkl"]}
+    commonsense = study.plan(params.load_study(write(tmp_path, {**base, "study": "c", "domains": ["commonsense"]})))
+    assert {r.parameters["mix"] for r in commonsense if r.stage in ("teacher", "student")} == {"llm_adapters"}
+    math_runs = study.plan(params.load_study(write(tmp_path, {**base, "study": "m"})))
+    assert all("mix" not in r.parameters for r in math_runs)
+    design = study.plan(params.load_study(write(tmp_path, {**base, "study": "d", "training": {
+        "student": {"mix": "design"}}})))
+    assert {r.parameters["mix"] for r in design if r.stage == "student"} == {"design"}
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, {**base, "study": "x", "training": {"teacher": {"mix": "15k"}}}))
+    assert "training.teacher.mix: expected one of llm_adapters, design, got '15k'" in str(err.value)
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, {**base, "study": "y", "teacher_cache": {"enabled": True},
+                                           "training": {"student": {"mix": "design"}}}))
+    assert "training.student.mix: the teacher cache is built from the 'llm_adapters' mix" in str(err.value)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from kd_utils import batches, evaluation, protocols, study, teachers, training
+from kd_utils import batches, evaluation, models, protocols, study, teachers, training
 from kd_utils.data import Example
 from kd_utils.params import DEFAULTS, ParamsError, load_study, validate
 from kd_utils.tasks import build_prompt
@@ -75,7 +75,7 @@ def test_single_fields_switch_under_one_canonical_name():
     ("improved[max_new_tokens=3]", "(token budgets: evaluation.max_new_tokens)"),
     ("improved[train_on_inputs=maybe]", "train_on_inputs must be true or false, got 'maybe'"),
     ("improved[top_k=1.5]", "top_k must be an integer, got '1.5'"),
-    ("improved[kd_positions=all]", "kd_positions must be one of paper, response, got 'all'"),
+    ("improved[kd_positions=all]", "kd_positions must be one of paper, next_token, response, got 'all'"),
     ("improved[train_on_inputs]", "'train_on_inputs' in 'improved[train_on_inputs]' is not field=value"),
     ("greedy[do_sample=false]", "unknown protocol 'greedy[do_sample=false]'"),
 ])
@@ -168,8 +168,14 @@ def test_paper_protocol_settings_match_the_authors_files():
     assert (p.gkd_uses_tau, p.gkd_positions) == (False, "labels")
     assert (p.do_sample, p.temperature, p.top_k, p.top_p) == (True, 1.0, 0, 1.0)
     assert p.max_new_tokens == {"math": 256, "commonsense": 256} and p.cut_at_second_response
+    # Trainer's max_grad_norm default; finetune.py eval_step=200; kd_trainer.py's prompt mask and decode/encode;
+    # fp16=True on fp16 weights; eval_args.json seed 6; kd_trainer.py's pad_mask = attention mask
+    assert (p.max_grad_norm, p.eval_steps, p.policy_prompt, p.policy_retokenize) == (1.0, 200, "joint", True)
+    assert (p.precision, p.eval_seed, p.kd_positions) == ("fp16", 6, "paper")
     i = protocols.IMPROVED
     assert (i.train_on_inputs, i.do_sample, i.gkd_positions, i.kd_positions) == (False, False, "response", "response")
+    assert (i.max_grad_norm, i.eval_steps, i.policy_prompt, i.policy_retokenize, i.precision, i.eval_seed) == (
+        None, None, "prompt", False, "bf16", None)
 
 
 def test_the_output_is_cut_at_a_second_response_marker():
@@ -250,7 +256,8 @@ def test_bos_is_the_same_in_training_on_policy_sampling_and_evaluation(tok):
     assert model.calls[0]["input_ids"][0].tolist() == row["input_ids"][:row["prompt_len"]]
     config = training.TrainConfig(method="gkd", max_length=256, gkd_max_new_tokens=1)
     model.train()
-    batch = training.on_policy_batch(model, bos_tok, [row["prompt"]], config, "cpu")
+    batch = training.on_policy_batch(model, bos_tok, {"prompts": [row["prompt"]], "prompt_ids": [
+        row["input_ids"][:row["prompt_len"]]]}, config, "cpu")
     assert batch["input_ids"][0, :row["prompt_len"]].tolist() == row["input_ids"][:row["prompt_len"]]
 
 
@@ -289,3 +296,91 @@ def test_paper_studies_cannot_train_from_the_improved_teacher_cache():
               "teacher_cache": {**DEFAULTS["teacher_cache"], "enabled": True}}
     assert any(p.startswith("teacher_cache.enabled: the teacher cache stores improved-protocol rows")
                for p in validate(params))
+
+
+# ---- gkd's on-policy batches against kd_trainer.py ------------------------------------------
+
+SHORT = Example("x2", "gsm8k", "math", "Add 2 and 2.", "", "4", "2 + 2 = 4. The answer is 4.")
+
+
+def authors_on_policy_prompt(tokenizer, example: Example, cutoff_len: int) -> list[int]:
+    """finetune.py tokenize / generate_and_tokenize_prompt and kd_trainer.py generate_new_inputs, re-implemented:
+    prompt_attention_mask is 1 on the first user_prompt_len tokens of the joint prompt + response tokenization,
+    and masked_select keeps those tokens."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(text: str, add_eos_token: bool = True) -> list[int]:
+        ids = tokenizer(text, truncation=True, max_length=cutoff_len)["input_ids"]
+        if ids[-1] != eos and len(ids) < cutoff_len and add_eos_token:
+            ids.append(eos)
+        return ids
+
+    prompt = build_prompt(example.instruction, example.input, "paper_train")
+    joint = tokenize(prompt + example.rationale)
+    user_prompt_len = len(tokenize(prompt, add_eos_token=False))
+    prompt_attention_mask = [1] * user_prompt_len + [0] * (len(joint) - user_prompt_len)
+    return [i for i, m in zip(joint, prompt_attention_mask) if m]
+
+
+def on_policy(tokenizer, protocol: str, continuation: list[int], examples=(EXAMPLE, SHORT), **config):
+    rows = [batches.tokenize_example(tokenizer, e, 256, protocol) for e in examples]
+    model = FakeModel(continuation)
+    config = training.TrainConfig(method="gkd", protocol=protocol, max_length=256, **config)
+    out = training.on_policy_batch(model, tokenizer, batches.collate(rows, tokenizer.pad_token_id), config, "cpu")
+    return model.calls[0], out
+
+
+def unpadded(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+
+
+@pytest.mark.parametrize("protocol", ["paper", "improved"])
+def test_on_policy_sampling_starts_where_the_authors_does(tok, protocol):
+    """paper: the first user_prompt_len tokens of the joint tokenization, left-padded; improved: the prompt
+    tokenized alone, as evaluation encodes it. Every sampling parameter is passed (no generation-config default)."""
+    call, _ = on_policy(tok, protocol, [tok.eos_token_id], gkd_max_new_tokens=300)
+    prompts = call["input_ids"].tolist()
+    width = call["input_ids"].shape[1]
+    if protocol == "paper":
+        expected = [authors_on_policy_prompt(tok, e, 256) for e in (EXAMPLE, SHORT)]
+    else:
+        expected = [tok(build_prompt(e.instruction, e.input, "clean"))["input_ids"] for e in (EXAMPLE, SHORT)]
+    assert [p[width - len(e):] for p, e in zip(prompts, expected)] == expected
+    assert call["input_ids"][1, :width - len(expected[1])].tolist() == [tok.pad_token_id] * (width - len(expected[1]))
+    # the authors' max_new_tokens = max_length - max_prompt_len (gkd_max_new_tokens=300 is larger)
+    assert {k: call[k] for k in ("do_sample", "temperature", "top_k", "top_p", "max_new_tokens")} == {
+        "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_new_tokens": 256 - width}
+
+
+@pytest.mark.embedded
+def test_the_joint_prompt_ends_in_another_whitespace_token_with_smollm2(embedded_dir):
+    """With SmolLM2's tokenizer the training prompt alone ends in "\\n" + 16 spaces, but inside the joint
+    tokenization the last space joins the response's first word: paper samples after "\\n" + 15 spaces."""
+    tokenizer = models.load_tokenizer(embedded_dir)
+    alone = tokenizer(build_prompt(EXAMPLE.instruction, "", "paper_train"))["input_ids"]
+    call, _ = on_policy(tokenizer, "paper", [tokenizer.eos_token_id], examples=(EXAMPLE,))
+    sent = call["input_ids"][0].tolist()
+    assert sent == authors_on_policy_prompt(tokenizer, EXAMPLE, 256) != alone and len(sent) == len(alone)
+    assert tokenizer.convert_ids_to_tokens(sent[-1:]) == ["\u010a" + "\u0120" * 15]
+    call, _ = on_policy(tokenizer, "paper[policy_prompt=prompt]", [tokenizer.eos_token_id], examples=(EXAMPLE,))
+    assert call["input_ids"][0].tolist() == alone
+
+
+def test_paper_decodes_and_retokenizes_the_samples_without_eos(tok):
+    """kd_trainer.py: batch_decode(generated, skip_special_tokens=True), tokenizer(seqs, padding=True) on the
+    left, labels = input ids with pads at -100; improved keeps the sampled tokens up to the first EOS."""
+    sample = tok(" 4 apples.", add_special_tokens=False)["input_ids"]
+    continuation = sample + [tok.eos_token_id, tok.eos_token_id]
+    call, out = on_policy(tok, "paper", continuation)
+    generated = torch.cat([call["input_ids"], torch.tensor([continuation] * 2)], 1)
+    tok.padding_side = "left"
+    theirs = tok(tok.batch_decode(generated, skip_special_tokens=True), return_tensors="pt", padding=True)
+    labels = theirs["input_ids"].clone()
+    labels[labels == tok.pad_token_id] = -100
+    assert torch.equal(out["input_ids"], theirs["input_ids"]) and torch.equal(out["labels"], labels)
+    assert torch.equal(out["attention_mask"], theirs["attention_mask"])
+    assert not (out["input_ids"][out["attention_mask"].bool()] == tok.eos_token_id).any()
+    _, kept = on_policy(tok, "improved", continuation)
+    real = unpadded(kept["input_ids"], kept["attention_mask"])
+    assert all(r[-len(sample) - 1:] == sample + [tok.eos_token_id] for r in real)  # one EOS, nothing after it
+    assert kept["labels"][kept["response_mask"]].tolist() == (sample + [tok.eos_token_id]) * 2

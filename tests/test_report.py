@@ -89,14 +89,34 @@ def test_banner_for_a_tiny_study_gives_the_numbers_to_expect():
     assert "power below" not in text  # the given power is adequate
 
 
+def _all_paper_tasks(results: pd.DataFrame) -> pd.DataFrame:
+    """The same runs on every paper task of their domain."""
+    from kd_utils.tasks import tasks_for
+
+    return pd.concat([results[results["domain"] == d].assign(task=t.id) for d in results["domain"].unique()
+                      for t in tasks_for(d)], ignore_index=True)
+
+
 def test_banner_from_low_power_alone_and_none_for_a_large_well_powered_study():
-    design = report.study_design(_results(n=1000), _improvements())
+    design = report.study_design(_all_paper_tasks(_results(n=1000)), _improvements())
     assert report.study_banner(design, power=[0.85, 0.97]) is None
     text = report.study_banner(design, power=[0.85, 0.31]).data
     assert "Few units per test" in text and "1 of 2 primary tests have power below 0.8 (as low as 0.31)" in text
     # no power given: the H1 t-test over the 2 students of each domain, far below 0.8
     assert design["h1_power_medium_effect"].lt(0.8).all()
     assert "H1 t-tests over students (one per domain)" in report.study_banner(design).data
+
+
+def test_banner_names_the_paper_tasks_a_domain_average_lacks():
+    """A commonsense study without hellaswag (no test file offline): its average covers 7 of the paper's 8 tasks."""
+    results = _all_paper_tasks(_results(n=1000))
+    results = results[results["task"] != "hellaswag"]
+    design = report.study_design(results, _improvements())
+    assert list(design["paper_tasks_missing"]) == ["", "hellaswag"] and list(design["tasks"]) == [6, 7]
+    text = report.study_banner(design, power=[0.85, 0.97]).data
+    assert ("<b>Fewer tasks than the paper.</b> The commonsense average covers 7 of the paper's 8 commonsense "
+            "tasks; missing: hellaswag. Compare it with the paper's numbers only over the same 7 tasks.") in text
+    assert "math average" not in text and "Few units" not in text and "tiny study" not in text
 
 
 # ---- provenance ---------------------------------------------------------------------------------
@@ -270,3 +290,22 @@ def test_study_report_tables_in_view_are_short_and_links_resolve(study_report):
     provenance = json.loads((html_path.parent / "analysis" / "provenance.json").read_text())
     assert [s["stage"] for s in provenance["stages"]] == ["eval"] and provenance["study"] == "synth"
     assert {f["file"] for f in provenance["data_files"]} >= {"results.csv", "models.csv", "gsm8k/train.jsonl"}
+
+
+def test_provenance_names_each_training_mix(tmp_path):
+    """The study's mixes (a math-only study's resolved params leave the default mix out) with what each holds."""
+    (tmp_path / "params.resolved.json").write_text(json.dumps({
+        "study": "toy", "domains": ["math", "commonsense"],
+        "training": {"teacher": {"include_mawps": True}, "student": {"include_mawps": False, "mix": "design"}}}))
+    prov = report.provenance({}, _results(n=6), study_dir=tmp_path)
+    assert [(m["domain"], m["role"], m["mix"]) for m in prov["training_mixes"]] == [
+        ("math", "teacher", "llm_adapters"), ("math", "student", "design"),
+        ("commonsense", "teacher", "llm_adapters"), ("commonsense", "student", "design")]
+    assert prov["training_mixes"][0]["what"].startswith("GSM8K train + MAWPS train, decontaminated")
+    assert "HellaSwag's 4,056 are missing" in prov["training_mixes"][2]["what"]
+    text = report.provenance_html(prov).data
+    assert ("<b>Training data</b> (student, commonsense): mix <code>design</code>, boolq, ARC-e, ARC-c and OBQA "
+            "train, every row, decontaminated (not the authors&#x27; data).") in text
+    files = {f["file"] for f in prov["data_files"]}
+    if data.resolve_data_dir().joinpath("siqa", "train.jsonl").is_file():  # the rebuilt mix's upstream files
+        assert {"siqa/train.jsonl", "siqa/train-labels.lst", "winogrande/train_xl.jsonl"} <= files

@@ -42,8 +42,8 @@ def fakes(monkeypatch) -> SimpleNamespace:
         calls.load.append((name, adapter, merge_adapter, device))
         return f"model:{name}", f"tok:{name}"
 
-    def build_training_mix(domain, data_dir=None, include_mawps=False):
-        calls.mix.append((domain, data_dir, include_mawps))
+    def build_training_mix(domain, data_dir=None, include_mawps=False, mix="llm_adapters"):
+        calls.mix.append((domain, data_dir, include_mawps, mix))
         return list(MIX), DecontaminationReport(removed=list(REMOVED), kept=len(MIX))
 
     def sample_examples(examples, n, seed=0):
@@ -106,7 +106,7 @@ def test_an_sft_run_trains_the_sampled_mix_and_writes_its_summary(fakes, tmp_pat
     summary = training.run_training("base/m", str(out), n_train=3, data_dir="/data", seed=5, epochs=2,
                                     micro_batch_size=2, batch_size=4)
     # defaults: sft, the math mix without MAWPS, no teacher, no student built
-    assert fakes.mix == [("math", "/data", False)]
+    assert fakes.mix == [("math", "/data", False, "llm_adapters")]
     assert fakes.sample == [(MIX, 3, 5)]
     assert fakes.load == [("base/m", None, False, None)]
     assert fakes.student == fakes.rationales == fakes.cached == fakes.identity == []
@@ -118,6 +118,7 @@ def test_an_sft_run_trains_the_sampled_mix_and_writes_its_summary(fakes, tmp_pat
     assert [call[k] for k in ("teacher", "teacher_tokenizer", "val_examples", "teacher_cache",
                               "teacher_cache_expect")] == [None] * 5
     expected = {"base_model": "base/m", "method": "sft", "domain": "math", "protocol": "improved", "n_train": 3,
+                "mix": "llm_adapters", "mix_sources": {"gsm8k": 5},  # the whole mix, before n_train samples it
                 "decontamination_removed": 2, "history": HISTORY, "final_val_loss": 1.25, "kept_epoch": 1,
                 "saved_to": str(out / "adapter")}
     assert {**summary, "saved_to": str(summary["saved_to"])} == expected
@@ -128,8 +129,9 @@ def test_an_sft_run_trains_the_sampled_mix_and_writes_its_summary(fakes, tmp_pat
 
 def test_the_domain_data_dir_and_mawps_reach_the_mix(fakes, tmp_path):
     summary = training.run_training("m", tmp_path / "run", domain="commonsense", data_dir=tmp_path / "d",
-                                    include_mawps=True, protocol="paper")
-    assert fakes.mix == [("commonsense", tmp_path / "d", True)]
+                                    include_mawps=True, protocol="paper", mix="design")
+    assert fakes.mix == [("commonsense", tmp_path / "d", True, "design")]
+    assert summary["mix"] == "design"
     assert fakes.sample == [(MIX, None, 0)]
     assert (summary["domain"], summary["protocol"]) == ("commonsense", "paper")
     assert only_train_call(fakes)["config"].protocol == "paper"

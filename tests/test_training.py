@@ -112,9 +112,12 @@ def test_prompt_tokens_are_masked_from_the_labels_under_improved(tiny_model_dir,
     assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert row["input_ids"][-1] == tok.eos_token_id
     batch = batches.collate([row, batches.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
-    paper = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="paper"))
+    real = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="next_token"))
     response = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
-    assert paper.sum() > response.sum() > 0 and not (response & ~paper).any()
+    assert real.sum() > response.sum() > 0 and not (response & ~real).any()
+    # the authors' positions: the attention mask itself, one more (the last real position) per row
+    paper = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="paper"))
+    assert torch.equal(paper, batch["attention_mask"].bool()) and paper.sum() == real.sum() + 2
 
 
 @pytest.mark.slow

@@ -93,9 +93,9 @@ class Recorders:
             self.to_device.append(device)
             return real_to_device(batch, device)
 
-        def on_policy_batch(student, tokenizer, prompts, config, device):
+        def on_policy_batch(student, tokenizer, batch, config, device):
             self.on_policy.append((len(self.losses), device))
-            return real_on_policy(student, tokenizer, prompts, config, device)
+            return real_on_policy(student, tokenizer, batch, config, device)
 
         def get_scheduler(name, optimizer, num_warmup_steps, num_training_steps):
             self.schedulers.append({"warmup": num_warmup_steps, "total": num_training_steps})
@@ -210,9 +210,11 @@ def check_cache_source_arguments_and_devices(run: dict, mix: list) -> None:
 
 def check_returned_summary_and_history_file(run: dict, mix: list) -> None:
     result, out = run["result"], run["out"]
-    assert set(result) == {"history", "final_val_loss", "kept_epoch", "saved_to"}
+    assert set(result) == {"history", "step_evals", "final_val_loss", "kept_epoch", "kept_step", "saved_to",
+                           "precision"}
     # improved keeps the last epoch even though epoch 1 had the lower validation loss
     assert result["kept_epoch"] == 2 and result["final_val_loss"] == 2.0
+    assert (result["step_evals"], result["kept_step"], result["precision"]) == ([], None, "fp32 (CPU)")
     assert result["saved_to"] == str(out / "model") and (out / "model" / "config.json").is_file()
     assert (out / "history.json").read_text() == json.dumps(result["history"], indent=1)
 
@@ -246,10 +248,11 @@ def check_progress_bar(run: dict, mix: list) -> None:
 # ---- sft under the paper protocol with LoRA: the best epoch is kept ------------------------
 
 def test_sft_run_under_the_paper_protocol_with_lora(tiny_model_dir, mix, tmp_path, monkeypatch):
-    """12 examples: the paper's 500 held out shrinks to 12 - 8 = 4; 8 rows, 4 steps of 2 per epoch."""
+    """12 examples: the paper's 500 held out shrinks to 12 - 8 = 4; 8 rows, 4 steps of 2 per epoch.
+    Validated per epoch (eval_steps switched off): the best epoch is kept."""
     out = tmp_path / "out"
     model, tok = models.load_model(tiny_model_dir)
-    config = TrainConfig(method="sft", protocol="paper", epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2,
+    config = TrainConfig(method="sft", protocol="paper[eval_steps=null]", epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2,
                          max_length=24, lora=True, lora_r=2, seed=0)
     # the untrained model scores best: the kept epoch is still the best trained one
     rec = Recorders(monkeypatch, [0.5, *SCRIPTED_VAL[1:]])
@@ -291,6 +294,71 @@ def check_paper_rows_are_cut_at_max_length_and_label_the_prompt(run: dict) -> No
     assert all((b["labels"][:, 0] != -100).all() for b in rec.batches)
     assert all(r["labels"][0] == r["input_ids"][0] for r in val_rows)
     assert all(r["prompt"].startswith("Below is an instruction") for r in val_rows)
+
+
+def test_paper_validates_every_eval_steps_and_keeps_the_best_step(tiny_model_dir, mix, tmp_path, monkeypatch):
+    """finetune.py: evaluation every eval_steps optimizer steps, load_best_model_at_end over those evaluations.
+    8 steps in 2 epochs, eval_steps=3: validation at epoch 0, step 3, epoch 1 (step 4), step 6, epoch 2 (step 8)."""
+    out = tmp_path / "out"
+    model, tok = models.load_model(tiny_model_dir)
+    config = TrainConfig(method="sft", protocol="paper[eval_steps=3]", epochs=2, batch_size=2, micro_batch_size=2,
+                         lr=1e-2, max_length=24, lora=True, lora_r=2, seed=0)
+    saved = {}
+    real_save = training.save_trained
+
+    def save_trained(model, tokenizer, target):
+        real_save(model, tokenizer, target)
+        saved[target] = (target / "adapter_model.safetensors").read_bytes()
+
+    monkeypatch.setattr(training, "save_trained", save_trained)
+    rec = Recorders(monkeypatch, [5.0, 2.0, 0.5, 1.0, 0.4])  # the epoch evaluations are not candidates
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = training.train(model, tok, mix[:12], config, out)
+    assert result["step_evals"] == [{"step": 3, "epoch": 1, "val_loss": 2.0}, {"step": 6, "epoch": 2, "val_loss": 1.0}]
+    assert (result["kept_step"], result["kept_epoch"], result["final_val_loss"]) == (6, 2, 1.0)
+    step_dirs = [out / "checkpoints" / f"step-{s}" / "adapter" for s in (3, 6)]
+    assert [d in saved for d in step_dirs] == [True, True]  # each improvement was written when it happened
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == saved[step_dirs[1]] != saved[step_dirs[0]]
+    assert saved[step_dirs[1]] != (out / "checkpoints" / "epoch-2" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert not step_dirs[0].exists() and step_dirs[1].exists()  # the kept step stays, the others are cleared
+    assert len(rec.val_calls) == 5 and [h["val_loss"] for h in result["history"]] == [5.0, 0.5, 0.4]
+
+
+def test_a_paper_run_shorter_than_eval_steps_keeps_its_final_weights(tiny_model_dir, mix, tmp_path, monkeypatch):
+    """The Trainer's load_best_model_at_end has nothing to load when no step was evaluated."""
+    model, tok = models.load_model(tiny_model_dir)
+    config = TrainConfig(method="sft", protocol="paper", epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2,
+                         max_length=24, lora=True, lora_r=2, seed=0)
+    Recorders(monkeypatch, [5.0, 1.0, 3.0])  # epoch 1 would be the best epoch
+    with contextlib.redirect_stderr(io.StringIO()):
+        result = training.train(model, tok, mix[:12], config, tmp_path / "out")
+    assert result["step_evals"] == [] and (result["kept_epoch"], result["kept_step"]) == (2, None)
+    read = lambda d: (d / "adapter_model.safetensors").read_bytes()  # noqa: E731
+    assert read(tmp_path / "out" / "adapter") == read(tmp_path / "out" / "checkpoints" / "epoch-2" / "adapter")
+
+
+@pytest.mark.parametrize("protocol, clip", [("paper[eval_steps=null]", 1.0), ("improved[max_grad_norm=0.001]", 0.001),
+                                            ("improved", None)])
+def test_gradients_are_clipped_at_the_protocols_norm(tiny_model_dir, mix, tmp_path, monkeypatch, protocol, clip):
+    """Once per optimizer step, after accumulation (the Trainer's max_grad_norm): the step's gradient norm <= clip."""
+    seen = []
+    real = Accelerator.clip_grad_norm_
+
+    def clip_grad_norm_(self, parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        out = real(self, parameters, max_norm, *args, **kwargs)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        seen.append((max_norm, float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))))
+        return out
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip_grad_norm_)
+    model, tok = models.load_model(tiny_model_dir)
+    config = TrainConfig(method="sft", protocol=protocol, epochs=1, batch_size=4, micro_batch_size=2, lr=1e-3,
+                         max_length=32, lora=False, seed=0, max_steps=2)
+    with contextlib.redirect_stderr(io.StringIO()):
+        training.train(model, tok, mix[:10], config, tmp_path / "out", val_examples=[])
+    assert [m for m, _ in seen] == ([clip] * 2 if clip else [])
+    assert all(norm <= clip * (1 + 1e-4) for _, norm in seen)
 
 
 # ---- gkd's on-policy draws, from an online teacher -----------------------------------------
@@ -481,12 +549,12 @@ def test_batch_must_split_over_the_processes(tiny_model_dir, mix, tmp_path, monk
 
 # ---- checks before any work ----------------------------------------------------------------
 
-@pytest.mark.parametrize("cuda, bf16, asked, expected", [
-    (True, True, "auto", "bf16"), (True, False, "auto", "no"), (False, True, "auto", "no"),
-    (True, True, "fp16", "fp16"),
+@pytest.mark.parametrize("cuda, bf16, protocol, expected", [
+    (True, True, "improved", "bf16"), (False, True, "improved", "no"), (True, False, "improved[precision=fp32]", "no"),
+    (True, True, "paper", "fp16"), (False, True, "paper", "no"),  # a CPU trains in fp32 whatever the protocol says
 ])
-def test_mixed_precision_auto_is_bf16_where_the_gpu_supports_it(tiny_model_dir, mix, tmp_path, monkeypatch, cuda,
-                                                                bf16, asked, expected):
+def test_the_protocols_precision_reaches_accelerate(tiny_model_dir, mix, tmp_path, monkeypatch, cuda, bf16, protocol,
+                                                    expected):
     seen = []
 
     def accelerator(**kwargs):
@@ -497,9 +565,16 @@ def test_mixed_precision_auto_is_bf16_where_the_gpu_supports_it(tiny_model_dir, 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(training, "Accelerator", accelerator)
     with pytest.raises(Stop):
-        training.train(None, models.load_tokenizer(tiny_model_dir), mix, TrainConfig(mixed_precision=asked),
+        training.train(None, models.load_tokenizer(tiny_model_dir), mix, TrainConfig(protocol=protocol),
                        tmp_path / "out")
     assert seen == [{"mixed_precision": expected}]
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_naming_the_switch(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    with pytest.raises(ValueError, match=re.escape("this GPU has no bf16; switch it with precision=fp32")):
+        training.mixed_precision(TrainConfig())
 
 
 def test_errors_before_training(tiny_model_dir, mix, tmp_path):
@@ -529,7 +604,7 @@ def test_errors_before_training(tiny_model_dir, mix, tmp_path):
     ("epochs", 0, "epochs must be >= 1, got 0"),
     ("micro_batch_size", 0, "batch_size=16 must be a multiple of micro_batch_size=0"),
     ("micro_batch_size", 3, "batch_size=16 must be a multiple of micro_batch_size=3"),
-    ("distill_positions", "all", "distill_positions must be 'paper' or 'response', got 'all'"),
+    ("distill_positions", "all", "distill_positions must be one of paper, next_token, response or None, got 'all'"),
     ("val_fraction", 1.0, "val_fraction must be in [0, 1), got 1.0"),
     ("val_fraction", 1.5, "val_fraction must be in [0, 1), got 1.5"),
     ("max_length", 7, "max_length must be >= 8, got 7"),
@@ -590,6 +665,16 @@ def test_wrap_lora_passes_the_config_to_peft(tiny_model_dir):
     assert type(wrapped).__name__ == "PeftModelForCausalLM"
     adapted = {name.split(".")[-2] for name, _ in wrapped.named_modules() if name.endswith("lora_A")}
     assert adapted == {"q_proj", "down_proj"}
+
+
+def test_lora_on_fp16_weights_trains_in_fp32(tiny_model_dir):
+    """precision fp16 (the authors'): the frozen weights in fp16, the trained LoRA weights in fp32, as the
+    gradient scaler needs (peft casts fp16 adapters up)."""
+    model, _ = models.load_model(tiny_model_dir)
+    wrapped = training.wrap_lora(model.to(torch.float16), TrainConfig())
+    dtypes = {p.requires_grad: {q.dtype for q in wrapped.parameters() if q.requires_grad == p.requires_grad}
+              for p in wrapped.parameters()}
+    assert dtypes == {True: {torch.float32}, False: {torch.float16}}
 
 
 def test_wrap_lora_names_missing_modules(tiny_model_dir):

@@ -60,8 +60,11 @@ CE_POSITIONS = {
     "paper": [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (2, 3), (2, 4),
               (3, 0), (3, 1), (3, 2), (3, 3), (4, 0), (4, 1), (4, 2), (4, 3)],
 }
+# fkl / rkl under paper: every attention-mask position, the last real one too (kd_trainer.py passes
+# inputs["attention_mask"] as pad_mask), over all 6 positions
+PAPER_KD_MASK = ATTENTION.tolist()
 # KD masks over the 5 next-token predictions of each row
-PAPER_MASK = [  # fkl / rkl under paper: every real position followed by a real token
+NEXT_TOKEN_MASK = [  # kd_positions="next_token": every real position followed by a real token
     [1, 1, 1, 1, 1],
     [1, 1, 1, 0, 0],
     [1, 1, 1, 1, 1],
@@ -82,7 +85,7 @@ PAPER_GKD_MASK = [  # gkd under paper: labels != -100 over all 6 positions, unsh
     [1, 1, 1, 1, 1, 0],
     [0, 1, 1, 1, 1, 0],
 ]
-KD_MASKS = {("fkl", "paper"): PAPER_MASK, ("rkl", "paper"): PAPER_MASK, ("gkd", "paper"): PAPER_GKD_MASK,
+KD_MASKS = {("fkl", "paper"): PAPER_KD_MASK, ("rkl", "paper"): PAPER_KD_MASK, ("gkd", "paper"): PAPER_GKD_MASK,
             ("fkl", "improved"): RESPONSE_MASK, ("rkl", "improved"): RESPONSE_MASK, ("gkd", "improved"): RESPONSE_MASK}
 
 
@@ -116,7 +119,7 @@ def test_distill_mask_of_each_method_and_protocol(method, protocol):
 
 
 @pytest.mark.parametrize("method, positions, expected", [
-    ("fkl", "paper", PAPER_MASK), ("rkl", "response", RESPONSE_MASK)])
+    ("fkl", "next_token", NEXT_TOKEN_MASK), ("rkl", "response", RESPONSE_MASK), ("rkl", "paper", PAPER_KD_MASK)])
 def test_distill_positions_overrides_the_protocol_for_fkl_rkl(method, positions, expected):
     for protocol in ("paper", "improved"):
         config = TrainConfig(method=method, protocol=protocol, distill_positions=positions)
@@ -183,6 +186,39 @@ def authors_generalized_jsd_loss(student_logits, teacher_logits, labels, beta=0.
     return jsd[mask].sum() / mask.sum()
 
 
+def authors_sequence_kl(student_logits, teacher_logits, temperature, pad_mask, reverse=False, epsilon=1e-9):
+    """kd_trainer.py's sequence_kl_divergence / sequence_reverse_kl_divergence, re-implemented here in float64:
+    KL per position (epsilon added to the probabilities), times the mask, summed per sequence over the mask's
+    count, mean over the batch, times tau^2."""
+    s = student_logits.double() / temperature
+    t = teacher_logits.double() / temperature
+    logq, logp = torch.log_softmax(s, -1), torch.log_softmax(t, -1)
+    if reverse:
+        per_pos = ((logq.exp() + epsilon) * (logq - logp)).sum(-1)
+    else:  # F.kl_div(log q, p + eps) = (p + eps) (log(p + eps) - log q)
+        p = logp.exp() + epsilon
+        per_pos = (p * (p.log() - logq)).sum(-1)
+    mask = pad_mask.double()
+    return ((per_pos * mask).sum(-1) / mask.sum(-1)).mean() * temperature ** 2
+
+
+@pytest.mark.parametrize("method", ["fkl", "rkl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_paper_fkl_rkl_equal_the_authors_losses_with_the_last_position(method, temperature):
+    """Under paper, fkl / rkl are kd_trainer.py's losses on inputs["attention_mask"]: the last real position of
+    each row (whose logits predict past the row) counts, and a left-padded row is averaged over its real tokens."""
+    for seed in range(3):
+        s, t = logits(30 + seed), logits(40 + seed)
+        config = TrainConfig(method=method, protocol="paper", temperature=temperature)
+        ours = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], config), config, vocab_size=11)
+        theirs = authors_sequence_kl(s, t, temperature, ATTENTION, reverse=method == "rkl")
+        assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-6)
+        # the last position matters: dropping it (next_token) gives another value
+        dropped = TrainConfig(method=method, protocol="paper[kd_positions=next_token]", temperature=temperature)
+        other = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], dropped), dropped, vocab_size=11)
+        assert other.double().item() != pytest.approx(theirs.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
 def test_paper_gkd_equals_the_authors_generalized_jsd_loss_without_temperature(temperature):
     """kd_trainer.py calls generalized_jsd_loss(student_logits, teacher_logits, labels, beta) with no
@@ -211,8 +247,8 @@ def test_kd_loss_against_a_cache_covering_the_whole_vocabulary_is_the_dense_loss
     s, t = logits(1, vocab=13), logits(2, vocab=11)
     logprobs, ids = torch.log_softmax(t[:, :5].double() / 2.0, -1).sort(-1, descending=True)
     teacher = {"topk_ids": ids, "topk_logprobs": logprobs.float()}
-    loss = training.kd_loss(s, teacher, torch.tensor(PAPER_MASK).bool(), config, vocab_size=11)
-    expected = reference_kd(method, s[..., :11], t, PAPER_MASK, tau=2.0)
+    loss = training.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config, vocab_size=11)
+    expected = reference_kd(method, s[..., :11], t, NEXT_TOKEN_MASK, tau=2.0)
     assert loss.double().item() == pytest.approx(expected, rel=1e-5)
 
 
@@ -225,4 +261,4 @@ def test_kd_loss_passes_the_configured_chunk_size_to_the_loss(method, sparse):
     logprobs, ids = torch.log_softmax(t[:, :5], -1).topk(3, -1)
     teacher = {"topk_ids": ids, "topk_logprobs": logprobs} if sparse else t
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
-        training.kd_loss(s, teacher, torch.tensor(PAPER_MASK).bool(), config, vocab_size=11)
+        training.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config, vocab_size=11)
