@@ -215,7 +215,8 @@ def score_examples(model, tokenizer, examples: list, batch_size: int = 16, metri
     """Prediction records (the predictions JSONL contract plus the loglik fields) for data.Example items.
 
     ``prediction`` is the chosen choice's label word and ``correct`` its correctness under ``metric``
-    (the headline); both metrics' choices and the per-choice scores are kept.
+    (the headline); both metrics' choices and the per-choice scores are kept. ``output`` is None: nothing
+    is generated, so no rationale measures (BLEU, embedding similarity) apply.
     """
     if metric not in METRICS:
         raise ValueError(f"loglik metric must be one of {', '.join(METRICS)}, got {metric!r}")
@@ -224,7 +225,7 @@ def score_examples(model, tokenizer, examples: list, batch_size: int = 16, metri
     for ex, item, scored in zip(examples, items, score_items(model, tokenizer, items, batch_size)):
         labels = [w for w in _FORMAT.search(ex.instruction).group(1).split("/")]
         chosen = scored[f"choice_{metric}"]
-        records.append({"id": ex.id, "task": ex.task, "prompt": item.contexts[chosen], "output": "",
+        records.append({"id": ex.id, "task": ex.task, "prompt": item.contexts[chosen], "output": None,
                         "prediction": labels[chosen], "answer": ex.answer, "correct": scored[f"correct_{metric}"],
                         "scoring": "loglik", "metric": metric, "choice": chosen,
                         "choice_text": item.choice_texts[chosen], **scored})

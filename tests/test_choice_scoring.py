@@ -133,7 +133,7 @@ def test_score_examples_records(tiny64):
         np.testing.assert_allclose(rec["scores"], ref["scores"], atol=1e-9)
         assert rec["correct"] == (rec["prediction"] == ex.answer) == rec["correct_acc"]
         assert rec["choice_acc_norm"] == int(np.argmax(np.array(rec["scores"]) / np.array(rec["lengths"])))
-        assert rec["output"] == "" and rec["scoring"] == "loglik" and rec["metric"] == "acc"
+        assert rec["output"] is None and rec["scoring"] == "loglik" and rec["metric"] == "acc"
     norm = cs.score_examples(model, tokenizer, examples, batch_size=4, metric="acc_norm")
     assert [r["correct"] for r in norm] == [r["correct_acc_norm"] for r in records]
     with pytest.raises(ValueError, match="acc, acc_norm"):
