@@ -4,6 +4,7 @@ scores against a float64 reference, the metrics, and the check over the real tes
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_utils import choice_scoring as cs
-from kd_utils import models
+from kd_utils import evaluation, models
 from kd_utils.data import DataError, Example, load_task
 
 # One record per task in the layout of the LLM-Adapters test files (quoted from them; hellaswag's is
@@ -160,3 +161,80 @@ def test_every_real_test_item_parses():
         checked += 1
     if checked == 0:
         pytest.skip("no LLM-Adapters test files (../shared/data or KD_DATA_DIR) on this machine")
+
+
+def _write_choice_data(root) -> None:
+    """A data directory with the FIXTURES items (real layout) as each task's test file, three copies each."""
+    from kd_utils.tasks import get_task
+
+    for task, (instruction, answer) in FIXTURES.items():
+        path = root / "llm-adapters" / get_task(task).data_name / "test.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([{"instruction": instruction, "input": "", "output": f"the correct answer is "
+                                     f"{answer}", "answer": answer}] * 3))
+
+
+def test_evaluate_tasks_with_loglik_scoring(tiny64, tmp_path):
+    model, tokenizer = tiny64
+    _write_choice_data(tmp_path / "data")
+    out = tmp_path / "eval"
+    metrics = evaluation.evaluate_tasks(model, tokenizer, ["piqa", "arc_c", "winogrande"], data_dir=tmp_path / "data",
+                                        output_dir=out, batch_size=4, scoring="loglik", loglik_metric="acc")
+    assert metrics["scoring"].tolist() == ["loglik"] * 3 and set(metrics["loglik_metric"]) == {"acc"}
+    for row in metrics.to_dict("records"):
+        records = evaluation.read_predictions(out / "predictions" / f"{row['task']}.jsonl")
+        assert row["correct"] == sum(r["correct"] for r in records) and row["n"] == len(records) == 3
+        assert row["accuracy_acc_norm"] == pytest.approx(100 * np.mean([r["correct_acc_norm"] for r in records]))
+        assert all(len(r["scores"]) == len(r["lengths"]) and r["output"] is None for r in records)
+    assert evaluation.read_predictions(out / "predictions" / "arc_c.jsonl")[0]["label"] == 2
+    with pytest.raises(ValueError, match="scoring 'loglik' needs multiple-choice tasks"):
+        evaluation.evaluate_tasks(model, tokenizer, ["piqa", "gsm8k"], data_dir=tmp_path / "data", scoring="loglik")
+    with pytest.raises(ValueError, match="scoring must be one of generate, loglik"):
+        evaluation.evaluate_tasks(model, tokenizer, ["piqa"], data_dir=tmp_path / "data", scoring="logprob")
+
+
+def test_study_params_carry_loglik_scoring_to_the_eval_runs(tmp_path):
+    import yaml
+
+    from kd_utils import costs, params, study
+
+    base = {"study": "x", "domains": ["commonsense"], "models": {"students": [{"name": "s20", "layers": 20}]},
+            "methods": ["sft"], "evaluation": {"tasks": ["piqa", "arc_e"]}}
+
+    def load(content):
+        (tmp_path / "s.yaml").write_text(yaml.safe_dump(content))
+        return params.load_study(tmp_path / "s.yaml")
+
+    plain = study.plan(load(base))
+    scored = study.plan(load({**base, "evaluation": {**base["evaluation"], "scoring": "loglik"}}))
+    evals = [r for r in scored if r.stage == "eval"]
+    assert all(r.parameters["scoring"] == "loglik" and r.parameters["loglik_metric"] == "acc_norm" for r in evals)
+    assert all("scoring" not in r.parameters for r in plain)  # the default keeps generate-scored run ids
+    assert [r.id for r in plain if r.stage != "eval"] == [r.id for r in scored if r.stage != "eval"]
+    for bad, message in (({"scoring": "loglik", "tasks": ["piqa", "gsm8k"]}, "evaluation.tasks also holds gsm8k"),
+                         ({"scoring": "logprob"}, "evaluation.scoring: expected one of generate, loglik"),
+                         ({"loglik_metric": "acc_mean"}, "evaluation.loglik_metric: expected one of acc, acc_norm")):
+        with pytest.raises(params.ParamsError, match=message):
+            load({**base, "evaluation": {**base["evaluation"], **bad}})
+    import papermill
+
+    declared = papermill.inspect_notebook(str(study.NOTEBOOKS / "evaluate.ipynb"))
+    assert {"scoring", "loglik_metric"} <= set(declared)
+
+
+def test_cost_model_counts_every_choice_request_once(tiny_model_dir, tmp_path):
+    """A loglik eval run is one forward over the tokens of every (item, choice) request, nothing generated."""
+    from types import SimpleNamespace
+
+    from kd_utils import costs
+
+    _write_choice_data(tmp_path / "data")
+    tok = models.load_tokenizer(tiny_model_dir)
+    run = SimpleNamespace(id="eval-x", parameters={"tasks": ["obqa", "siqa"], "n_per_task": 2, "seed": 0,
+                                                   "data_dir": str(tmp_path / "data"), "batch_size": 4,
+                                                   "scoring": "loglik"})
+    expected = sum(2 * sum(map(len, cs.encode_pair(tok, c, x)))
+                   for t in ("obqa", "siqa") for it in [cs.parse_item(t, *FIXTURES[t])]
+                   for c, x in zip(it.contexts, it.continuations))
+    (work,) = costs._eval_work(run, 1000, str(tiny_model_dir))
+    assert (work.kind, work.tokens, work.batch) == ("forward", expected, 4)
