@@ -30,13 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--layers", type=int, nargs="+", default=[30, 20])
+    parser.add_argument("--tasks", nargs="+", default=list(cs.CHOICE_TASKS), choices=cs.CHOICE_TASKS)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", default="outputs/loglik_pilot.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.output)
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame(columns=COLUMNS)
-    tasks, skipped = available_tasks(list(cs.CHOICE_TASKS))
+    tasks, skipped = available_tasks(args.tasks)
     for task, why in skipped.items():
         print(f"skipping {task}: {why}")
     base, tokenizer = models.load_model(models.EMBEDDED_MODEL, dtype=torch.float32, device="cpu")
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"layers": keep, "task": task, "n": len(records),
                    "acc": 100 * sum(r["correct_acc"] for r in records) / len(records),
                    "acc_norm": 100 * sum(r["correct_acc_norm"] for r in records) / len(records),
-                   "majority": 100 * majority, "seconds": round(time.time() - started, 1)}
+                   "majority": round(100 * majority, 1), "seconds": round(time.time() - started, 1)}
             done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             done.to_csv(out, index=False)
