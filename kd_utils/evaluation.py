@@ -126,11 +126,12 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
     for task_id in tqdm(ready, desc="tasks"):
         task = get_task(task_id)
         examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
-        extra = {"scoring": scoring}
+        extra = {}  # generated answers add no columns (results.csv reads a missing scoring as generate)
         if scoring == "loglik":
             records = choice_scoring.score_examples(model, tokenizer, examples, batch_size, loglik_metric)
-            extra |= {"loglik_metric": loglik_metric, **{f"accuracy_{m}": 100.0 * sum(r[f"correct_{m}"] for r in records)
-                                                        / len(records) for m in choice_scoring.METRICS}}
+            extra = {"scoring": scoring, "loglik_metric": loglik_metric,
+                     **{f"accuracy_{m}": 100.0 * sum(r[f"correct_{m}"] for r in records) / len(records)
+                        for m in choice_scoring.METRICS}}
         else:
             prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
             outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=seed, desc=task_id,
