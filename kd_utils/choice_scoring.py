@@ -56,6 +56,7 @@ class ChoiceItem:
     contexts: tuple[str, ...]
     continuations: tuple[str, ...]
     choice_texts: tuple[str, ...]  # the options as written in the test file
+    labels: tuple[str, ...]  # each choice's label word ("answer1", ...), from the item's answer format
     label: int
 
     @property
@@ -121,7 +122,7 @@ def parse_item(task_id: str, instruction: str, answer: str) -> ChoiceItem:
         question = body.strip()
         words = {"true": "yes", "false": "no"}  # the harness's choices, in the order of this item's labels
         return ChoiceItem(task_id, (f"Question: {question}\nAnswer:",) * 2, tuple(f" {words[w]}" for w in labels),
-                          tuple(labels), label)
+                          tuple(labels), tuple(labels), label)
     question, options = _split_options(task_id, body, len(labels))
     if task_id == "winogrande":
         if question.count("_") != 1:
@@ -131,10 +132,11 @@ def parse_item(task_id: str, instruction: str, answer: str) -> ChoiceItem:
         if not rest:
             raise ChoiceParseError(f"winogrande: nothing after the blank in {question!r}")
         return ChoiceItem(task_id, tuple(before + o for o in options), (f" {rest}",) * len(options),
-                          tuple(options), label)
+                          tuple(options), tuple(labels), label)
     context = {"siqa": f"Q: {question}\nA:", "obqa": question, "hellaswag": question}.get(
         task_id, f"Question: {question}\nAnswer:")
-    return ChoiceItem(task_id, (context,) * len(options), tuple(f" {o}" for o in options), tuple(options), label)
+    return ChoiceItem(task_id, (context,) * len(options), tuple(f" {o}" for o in options), tuple(options),
+                      tuple(labels), label)
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -223,10 +225,9 @@ def score_examples(model, tokenizer, examples: list, batch_size: int = 16, metri
     items = [parse_item(ex.task, ex.instruction, ex.answer) for ex in examples]
     records = []
     for ex, item, scored in zip(examples, items, score_items(model, tokenizer, items, batch_size)):
-        labels = [w for w in _FORMAT.search(ex.instruction).group(1).split("/")]
         chosen = scored[f"choice_{metric}"]
         records.append({"id": ex.id, "task": ex.task, "prompt": item.contexts[chosen], "output": None,
-                        "prediction": labels[chosen], "answer": ex.answer, "correct": scored[f"correct_{metric}"],
+                        "prediction": item.labels[chosen], "answer": ex.answer, "correct": scored[f"correct_{metric}"],
                         "scoring": "loglik", "metric": metric, "choice": chosen,
                         "choice_text": item.choice_texts[chosen], **scored})
     return records

@@ -155,7 +155,8 @@ def test_every_real_test_item_parses():
             item = cs.parse_item(task, ex.instruction, ex.answer)
             n = ex.instruction.rsplit("Answer format:", 1)[1].count("/") + 1
             assert len(item.contexts) == len(item.continuations) == len(item.choice_texts) == n
-            assert 0 <= item.label < n and all(x.strip() for x in item.continuations)
+            assert 0 <= item.label < n and item.labels[item.label] == ex.answer
+            assert all(x.strip() for x in item.continuations)
             sizes[n] += 1
         assert sum(sizes.values()) == len(examples) > 0
         checked += 1
