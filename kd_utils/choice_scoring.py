@@ -111,8 +111,8 @@ def parse_item(task_id: str, instruction: str, answer: str) -> ChoiceItem:
     if fmt is None:
         raise ChoiceParseError(f"{task_id}: no 'Answer format: ...' line in {instruction[-120:]!r}")
     labels = fmt.group(1).split("/")
-    if any(label not in task.labels for label in labels):
-        raise ChoiceParseError(f"{task_id}: answer format {fmt.group(1)!r} names labels outside {task.labels}")
+    if labels != list(task.labels[:len(labels)]) or len(labels) < 2:  # the options are read as Marker1, Marker2, ...
+        raise ChoiceParseError(f"{task_id}: answer format {fmt.group(1)!r} is not the first labels of {task.labels}")
     body = instruction[len(prefix):fmt.start()]
     answer = str(answer).strip()
     if answer not in labels:

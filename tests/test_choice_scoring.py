@@ -76,6 +76,8 @@ def test_contexts_and_continuations_follow_the_harness():
     ("winogrande", FIXTURES["winogrande"][0].replace(" _ ", " "), "option1", "one blank"),
     ("obqa", FIXTURES["piqa"][0], "solution1", "does not start with"),
     ("gsm8k", "How many?", "3", "not a multiple-choice task"),
+    ("siqa", FIXTURES["siqa"][0].replace("answer1/answer2/answer3", "answer2/answer1/answer3"), "answer1",
+     "is not the first labels"),
 ])
 def test_malformed_items_are_refused_with_the_reason(task, instruction, answer, message):
     with pytest.raises(cs.ChoiceParseError, match=message):
