@@ -1,6 +1,6 @@
 """Log-likelihood choice scoring of the untuned embedded model and layer-pruned copies (no training).
 
-    OMP_NUM_THREADS=1 python benchmarks/loglik_pilot.py [--n 200] [--layers 30 20] [--output PATH]
+    OMP_NUM_THREADS=1 python benchmarks/loglik_pilot.py [--n 200] [--layers 30 20] [--tasks ...] [--output PATH]
 
 Scores a fixed-seed sample of ``n`` test items of every available multiple-choice commonsense task
 with kd_utils.choice_scoring (acc and acc_norm), for the embedded SmolLM2-135M-Instruct with the
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[30, 20])
     parser.add_argument("--tasks", nargs="+", default=list(cs.CHOICE_TASKS), choices=cs.CHOICE_TASKS)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output", default="outputs/loglik_pilot.csv")
+    parser.add_argument("--output", default="benchmarks/results/loglik_pilot.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.output)

@@ -9,7 +9,8 @@ arc_e by log-likelihood (kd_utils.choice_scoring, n items, seed 0):
 - ``sft_inputs``: improved[train_on_inputs=true], the prompt's tokens (question and choices) in the loss too;
 - ``fkl_all``: fkl from the untuned full model at tau 2 over every real token (kd.distill_positions: paper),
   the improved protocol otherwise.
-One CSV row per (variant, task), written as each finishes; a rerun skips finished variants.
+One CSV row per (variant, task), written as each finishes; a rerun skips finished variants (and resumes
+a variant's training from its checkpoint).
 """
 
 from __future__ import annotations
@@ -39,11 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-train", type=int, default=300)
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--work-dir", default="outputs/loglik_recovery_pilot")
+    parser.add_argument("--work-dir", default="outputs/loglik_recovery_pilot", help="training runs (large)")
+    parser.add_argument("--output", default="benchmarks/results/loglik_recovery_pilot.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work_dir)
-    out = work / "results.csv"
+    out = Path(args.output)
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
     for name in args.variants:
         if len(done) and (done["variant"] == name).any():
