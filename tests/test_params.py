@@ -9,7 +9,8 @@ PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
 @pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
-                                  "ablation_noise", "ablation_expertise", "gpu_embedded"])
+                                  "ablation_noise", "ablation_expertise", "gpu_embedded",
+                                  "pruned_commonsense_loglik"])
 def test_shipped_studies_are_valid_and_plan(name):
     p = params.load_study(PARAMS / f"{name}.yaml")
     runs = study.plan(p)
@@ -139,6 +140,21 @@ def test_gpu_study_has_the_grid_issue_15_asks_for():
     assert len(p["seeds"]) >= 2
     kd = [r for r in study.plan(p) if r.stage == "student" and r.parameters["method"] != "sft"]
     assert len({(r.parameters["student_layers"], r.parameters["teacher_adapter"]) for r in kd}) == 3 * len(specs)
+
+
+def test_pruned_commonsense_study_has_its_design():
+    """One fine-tuned teacher, >= 2 layer-subset students, sft/fkl/rkl/gkd at one temperature, >= 2 seeds, fkl
+    from the teacher cache, >= 4 multiple-choice tasks at n >= 300 scored by log-likelihood."""
+    p = params.load_study(PARAMS / "pruned_commonsense_loglik.yaml")
+    assert len(params.teacher_specs(p)) == 1 and p["domains"] == ["commonsense"]
+    assert len([s for s in p["models"]["students"] if "layers" in s]) >= 2
+    assert set(p["methods"]) == {"sft", "fkl", "rkl", "gkd"} and len(p["temperatures"]) == 1
+    assert len(p["seeds"]) >= 2 and p["teacher_cache"]["enabled"] and "fkl" in p["teacher_cache"]["methods"]
+    ev = p["evaluation"]
+    assert ev["scoring"] == "loglik" and len(ev["tasks"]) >= 4 and ev["n_per_task"] >= 300
+    evals = [r for r in study.plan(p) if r.stage == "eval"]
+    assert evals and all(r.parameters["scoring"] == "loglik" and r.parameters["loglik_metric"] == ev["loglik_metric"]
+                         for r in evals)
 
 
 def test_slurm_resources_are_per_stage_over_the_defaults(tmp_path):
