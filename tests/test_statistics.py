@@ -595,8 +595,10 @@ def test_mixed_effects_recovers_planted_effects():
     fit = st.mixed_effects(planted_mixed_rows()).set_index("term")
     assert fit.loc["log(student_size_B)", "coef"] == pytest.approx(-3, abs=0.5)
     assert fit.loc["method[rkl vs fkl]", "coef"] == pytest.approx(1.5, abs=0.3)
-    assert fit.loc["method[rkl vs fkl]", "pvalue"] < 1e-6
-    assert fit["note"].str.startswith("converged").all()
+    # descriptive: coefficients and standard errors, no Wald p-values or intervals (too few students)
+    assert fit.loc["method[rkl vs fkl]", "se"] > 0
+    assert fit[["z", "pvalue", "ci_low", "ci_high"]].isna().all().all()
+    assert fit["note"].str.startswith("converged").all() and fit["note"].str.contains("descriptive").all()
     assert "variance: student (random intercept)" in fit.index and not any("Intercept" in t for t in fit.index)
 
 
