@@ -391,11 +391,11 @@ def design_power_lines(runs: list, tokenizer_model: str, alpha: float = 0.05) ->
     alone (p = 0.5, the largest variance) that difference has sd 100 * sqrt(v * (1/m + 1/s)), v = mean over the
     domain's tasks of 0.25 / n_task divided by the number of tasks, m KD runs and s SFT runs per student.
     Students' true gains also differ, so the printed power for a 3-point gain is an upper bound.
-    H2 ranks each student's teachers (pairs within students): T teachers and S students allow (T!)^S
-    orderings, so the smallest two-sided p is 2 / (T!)^S; the power is for Cohen's medium rho = 0.3 at
-    S * (T - 1) + 1 effective points (the Fisher-z approximation the analysis reports).
+    Then, per hypothesis, the smallest p-value the design allows and, where it cannot reach alpha, the
+    design change that would make it testable (:func:`testability_lines`): the teachers are H2/H4/H5's
+    units, the students H1's and H3's.
     """
-    from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT, correlation_power, ttest_power
+    from kd_utils.statistics.power import GAIN_OF_INTEREST, ttest_power
 
     def unit(p: dict) -> tuple:  # one student of the study (its SFT runs are shared by all its teachers)
         return p["model"], p.get("student_layers"), p["domain"]
@@ -432,8 +432,10 @@ def testability_lines(main: list[dict], students: list[dict], unit, alpha: float
 
     from kd_utils.statistics.design import design_testability
 
-    pairs = pd.DataFrame([{"domain": unit(p)[2], "student": str(unit(p)), "teacher": str(p["teacher"]),
-                           "method": p["method"]} for p in main])
+    # a teacher is its model and its fine-tuned adapter (teachers of different budgets share the model)
+    pairs = pd.DataFrame([{"domain": unit(p)[2], "student": str(unit(p)),
+                           "teacher": str((p["teacher"], p.get("teacher_adapter"))), "method": p["method"]}
+                          for p in main])
     kd_seeds = {unit(p): set() for p in main}
     for p in main:
         kd_seeds[unit(p)].add(p.get("seed"))

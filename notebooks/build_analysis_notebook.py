@@ -22,6 +22,7 @@ n_bootstrap = 2000
 bootstrap_seed = 0  # also seeds the selection/estimation split and Monte Carlo permutations
 n_permutations = 9999
 embeddings = True  # embedding similarity with the packaged MiniLM (study mode, needs predictions)
+primary_hypotheses = None  # the pre-registered primary family (None: the paper's claims, H1, H2, H3 x 2, H4, H5)
 report_dir = None  # where the HTML report is read from, for its links to the CSVs; default: output_dir"""),
     ("code", """import json
 import os
@@ -70,7 +71,8 @@ else:
     embedder = fd.load_embedding_model() if embeddings and predictions else None
     analysis = study_analysis(results, st.load_model_sizes(models_csv) if models_csv.is_file() else None,
                               predictions, embedder, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
-                              seed=bootstrap_seed)
+                              seed=bootstrap_seed,
+                              primaries=tuple(primary_hypotheses) if primary_hypotheses else None)
     improvements, tests, verdicts, mixed = analysis.improvements, analysis.tests, analysis.verdicts, analysis.mixed
     fidelity, mcnemar, agreement_mcnemar = analysis.fidelity, analysis.mcnemar, analysis.agreement_mcnemar
     tests.to_csv(output_dir / "hypothesis_tests.csv", index=False)
@@ -81,7 +83,8 @@ study_mode = results_source == "study"
 provenance = report.provenance(
     {"results_source": results_source, "results_path": results_path, "paper_results_dir": paper_results_dir,
      "output_dir": output_dir, "runs_dir": runs_dir, "models_path": models_path, "n_bootstrap": n_bootstrap,
-     "bootstrap_seed": bootstrap_seed, "embeddings": embeddings, "report_dir": report_dir},
+     "bootstrap_seed": bootstrap_seed, "embeddings": embeddings, "report_dir": report_dir,
+     "primary_hypotheses": primary_hypotheses},
     results, study_dir=study_dir if study_mode else None, runs_dir=runs_dir if study_mode else None,
     paper_dir=None if study_mode else paper_results_dir,
     model_sizes=st.load_model_sizes(models_csv) if study_mode and models_csv.is_file() else None)

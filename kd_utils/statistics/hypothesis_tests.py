@@ -373,8 +373,10 @@ CORRELATION_TESTS = (
 )
 #: H5 (rationale BLEU) is a math hypothesis in the paper
 BLEU_DOMAINS = ("math",)
-UNIT_NAMES = {"teacher": "teachers (pairs compared within students, teachers relabelled jointly)",
-              "teacher-level": "teachers (pairs compared within students, teachers relabelled jointly)",
+UNIT_NAMES = {"teacher": "teacher-student pairs (compared within students; the teachers are the units, "
+                         "relabelled jointly)",
+              "teacher-level": "teacher-student pairs (compared within students; the teachers are the units, "
+                               "relabelled jointly)",
               "student": "students"}
 #: why H3 against SFT accuracy needs an SFT accuracy measured apart from the gain
 H3_SFT_NOT_TESTABLE = (
