@@ -9,6 +9,7 @@ Modules, one job each:
   valid unit-level procedure; Holm;
 - :mod:`~kd_utils.statistics.exact`: the exact tests over students (sign flips) and teachers
   (teacher relabellings) that procedure uses;
+- :mod:`~kd_utils.statistics.design`: what a design can test, before any result;
 - :mod:`~kd_utils.statistics.per_example`: the selection/estimation split, bootstrap
   intervals, McNemar tests;
 - :mod:`~kd_utils.statistics.models`: the mixed-effects model;

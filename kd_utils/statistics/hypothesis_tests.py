@@ -6,23 +6,23 @@ Spearman. This reproduces the paper's statistics; its temperature was chosen on 
 test set and its rows are not independent, so it is not a valid basis for inference.
 
 **Valid** (:func:`study_hypothesis_tests`, on the "mean"-temperature table): tests count
-independent units. Every student has one SFT run (and one size) shared by all of its
-teacher and method rows, so
+the units the design has. Every student has one SFT run (and one size) shared by all of its
+teacher and method rows, and every teacher is shared by its students, so
 
-- H1 (improvement > 0): one-sided t-test over *students* (each the mean of its pairs
-  and methods); pairs of one student share the SFT run's noise, the largest term of
-  every one of its improvements;
-- H1 across methods: Friedman test with *pairs* as blocks (SFT cancels within a pair);
-- H2, H4, H5 (teacher accuracy, agreement, BLEU; per pair): Spearman on ranks within
-  each student, p-value from permuting the pairs within each student (exact when the
-  permutations are few), so the shared SFT baseline never enters;
-- H3 (student size; student SFT accuracy): Spearman over *students*, exact permutation
-  p-value; against SFT accuracy the x is measured on the selection half A of every
-  test set and the improvement on half B (see :mod:`kd_utils.statistics.per_example`).
+- H1 (improvement > 0): exact one-sided sign-flip test over *students* (each the mean of
+  its pairs and methods), its interval the same test inverted;
+- H1 across methods: Friedman test with *students* as blocks (method effects vary by student);
+- H2, H4, H5 (teacher accuracy, agreement beyond item difficulty, BLEU; per pair): aligned-rank
+  Spearman within students, p-value from relabelling whole *teachers* jointly across students
+  (:mod:`kd_utils.statistics.exact`), so a teacher effect on the gain cannot pass for a correlation;
+- H3 (student size; student SFT accuracy): Spearman over *students*, one-sided in the paper's
+  direction, exact permutation p-value; against SFT accuracy only when it is measured apart
+  from the gain (:func:`~kd_utils.statistics.improvements.independent_sft_accuracy`).
 
 Conventions for both: a test with too few points, or on constant input, gets NaN
-statistic and p-value and a ``note`` starting "not testable"; tests whose power for
-their effect of interest is below 0.8 are noted "underpowered".
+statistic and p-value and a ``note`` starting "not testable", and so does a test whose
+smallest attainable p-value exceeds alpha (with what would make it testable); tests whose
+power for their effect of interest is below 0.8 are noted "underpowered".
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 The split makes two things honest. (1) The paper's "best temperature": chosen on the
 selection half A of every test set, estimated on the estimation half B, so the estimate
-never reads the data that chose it. (2) H3 against SFT accuracy: the student's SFT
-accuracy is measured on A and the improvement on B, so SFT's own sampling noise cannot
-create a slope (regression to the mean). With per-example predictions the split is of
+never reads the data that chose it. (2) ``sft_accuracy_a`` / ``improvement_b``: the SFT
+accuracy on A and the improvement on B remove the test set's sampling noise from H3's
+slope, but not the SFT run's own training deviation, which enters both; H3 therefore uses
+an SFT accuracy measured apart from the gain
+(:func:`~kd_utils.statistics.improvements.independent_sft_accuracy`), and the split
+columns are kept for comparison. With per-example predictions the split is of
 the examples themselves (the same half for every run). With only results.csv the SFT
 counts are split by a hypergeometric draw, which is distributed exactly like the
 number of correct examples in a random half when example outcomes are independent;
