@@ -151,7 +151,11 @@ type I error; power scenarios: the power), with its standard error (studies as
 clusters). Rows "before" are the procedure this one replaced, "as published" the
 paper's, on the same studies."""),
     ("code", """validity = read_validity()
-display(validity if len(validity) else Markdown("No simulation results found (run benchmarks/null_simulation.py)."))"""),
+if len(validity):
+    display(report.fold(validity, f"Rejection rates of {validity['family'].nunique()} test families in "
+                                  f"{validity['scenario'].nunique()} scenarios"))
+else:
+    display(Markdown("No simulation results found (run benchmarks/null_simulation.py)."))"""),
     ("md", """## Improvements
 Average over tasks per teacher -> student pair, in percentage points, a column per method
 (every task is in the folded table and in `improvements.csv`). In study mode `improvement` is the mean over temperatures with
