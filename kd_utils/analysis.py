@@ -4,8 +4,9 @@ The analysis notebook calls :func:`study_analysis`, and so does the whole-pipeli
 simulation (:mod:`kd_utils.statistics.simulation`), so what the simulation checks is
 what the report shows. The design (see :mod:`kd_utils.statistics.hypothesis_tests`):
 improvements are the mean over temperatures (nothing is selected on test data); the
-selected-temperature estimate and H3's SFT accuracy come from a selection/estimation
-split of every test set; tests count students or pairs, not rows.
+selected-temperature estimate comes from a selection/estimation split of every test set;
+H3's SFT accuracy is measured apart from the gains (the base model or a spare SFT seed);
+tests count students or teachers, not rows.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class StudyAnalysis:
 def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | None = None, predictions=None,
                    embedder=None, fidelity: pd.DataFrame | None = None, n_bootstrap: int = 2000,
                    n_permutations: int = 9999, seed: int = 0, mixed_model: bool = True,
-                   bleu_domains: tuple[str, ...] = BLEU_DOMAINS) -> StudyAnalysis:
+                   bleu_domains: tuple[str, ...] = BLEU_DOMAINS,
+                   primaries: tuple[str, ...] | None = None) -> StudyAnalysis:
     """Improvements (mean over temperatures) with split estimates and bootstrap intervals, the valid
     H1-H5 tests and their verdicts, McNemar tests of accuracy and of agreement, the mixed model.
 
@@ -47,7 +49,10 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
     analysis runs on results.csv alone). ``fidelity``: a precomputed
     :func:`~kd_utils.fidelity.fidelity_table` (else computed from the predictions, with
     ``embedder`` for embedding similarity). ``seed`` drives the split, the bootstrap and the
-    Monte Carlo permutations; ``bleu_domains``: where H5 (rationale BLEU) is tested.
+    Monte Carlo permutations; ``bleu_domains``: where H5 (rationale BLEU) is tested;
+    ``primaries``: the pre-registered primary hypotheses (None: the paper's claims,
+    :data:`~kd_utils.statistics.verdicts.PRIMARY_HYPOTHESES`), Holm-adjusted together; the
+    other tests are reported as secondary.
     """
     predictions = as_predictions(predictions)
     improvements = st.improvement_table(results, model_sizes, temperature="mean")
@@ -57,11 +62,14 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
         improvements = st.attach_fidelity(improvements, fidelity)
     improvements = st.split_estimates(results, improvements, st.split_counts(results, predictions, seed))
     improvements = st.improvement_intervals(results, improvements, predictions, n_bootstrap, seed=seed)
+    improvements = st.independent_sft_accuracy(results, improvements)
     tests = st.study_hypothesis_tests(improvements, n_resamples=n_permutations, seed=seed, bleu_domains=bleu_domains)
     if len(fidelity):
-        tests = pd.concat([tests, st.agreement_gain_tests(fidelity)], ignore_index=True)
+        tests = pd.concat([tests, st.agreement_gain_tests(fidelity, measure="error_consistency_stratified")],
+                          ignore_index=True)
     out = StudyAnalysis(improvements=improvements, tests=tests,
-                        verdicts=st.verdict_table(tests, domains=list(dict.fromkeys(results["domain"]))),
+                        verdicts=st.verdict_table(tests, domains=list(dict.fromkeys(results["domain"])),
+                                                  primaries=primaries),
                         mixed=st.mixed_effects(improvements) if mixed_model else pd.DataFrame(), fidelity=fidelity)
     if predictions is not None:
         out.mcnemar = st.mcnemar_tests(results, predictions)

@@ -414,11 +414,11 @@ def design_power_lines(runs: list, tokenizer_model: str, alpha: float = 0.05) ->
     alone (p = 0.5, the largest variance) that difference has sd 100 * sqrt(v * (1/m + 1/s)), v = mean over the
     domain's tasks of 0.25 / n_task divided by the number of tasks, m KD runs and s SFT runs per student.
     Students' true gains also differ, so the printed power for a 3-point gain is an upper bound.
-    H2 ranks each student's teachers (pairs within students): T teachers and S students allow (T!)^S
-    orderings, so the smallest two-sided p is 2 / (T!)^S; the power is for Cohen's medium rho = 0.3 at
-    S * (T - 1) + 1 effective points (the Fisher-z approximation the analysis reports).
+    Then, per hypothesis, the smallest p-value the design allows and, where it cannot reach alpha, the
+    design change that would make it testable (:func:`testability_lines`): the teachers are H2/H4/H5's
+    units, the students H1's and H3's.
     """
-    from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT, correlation_power, ttest_power
+    from kd_utils.statistics.power import GAIN_OF_INTEREST, ttest_power
 
     def unit(p: dict) -> tuple:  # one student of the study (its SFT runs are shared by all its teachers)
         return p["model"], p.get("student_layers"), p["domain"]
@@ -444,15 +444,32 @@ def design_power_lines(runs: list, tokenizer_model: str, alpha: float = 0.05) ->
         lines.append(f"    H1 {domain}: {n_units} students (each {kd_per_unit:g} KD - {sft_per_unit:g} SFT runs), "
                      f"{len(ns)} tasks, {sum(ns):,} examples: sd {sd:.2f} points, power "
                      f"{ttest_power(n_units, GAIN_OF_INTEREST, sd, alpha):.2f} for a {GAIN_OF_INTEREST:g}-point gain")
-    per_student = min(map(len, teachers.values()))
-    orderings = math.factorial(per_student) ** len(teachers)
-    smallest = 2 / orderings if orderings > 1 else 1.0
-    testable = per_student >= 2 and len(teachers) * per_student >= 3 and smallest <= alpha
-    lines.append(f"    H2: {per_student} teacher(s) x {len(teachers)} students, pairs ranked within students: "
-                 + (f"smallest p {smallest:.3g}, power {correlation_power(len(teachers) * (per_student - 1) + 1):.2f} "
-                    f"for rho {MEDIUM_EFFECT['spearman']}" if testable else
-                    f"not testable (smallest attainable p {smallest:.3g} > {alpha})"))
+    lines += testability_lines(main, students, unit, alpha)
     return "\n".join(lines)
+
+
+def testability_lines(main: list[dict], students: list[dict], unit, alpha: float) -> list[str]:
+    """Per domain, the hypotheses this design cannot test and what would make them testable
+    (:func:`kd_utils.statistics.design.design_testability`)."""
+    import pandas as pd
+
+    from kd_utils.statistics.design import design_testability
+
+    # a teacher is its model and its fine-tuned adapter (teachers of different budgets share the model)
+    pairs = pd.DataFrame([{"domain": unit(p)[2], "student": str(unit(p)),
+                           "teacher": str((p["teacher"], p.get("teacher_adapter"))), "method": p["method"]}
+                          for p in main])
+    kd_seeds = {unit(p): set() for p in main}
+    for p in main:
+        kd_seeds[unit(p)].add(p.get("seed"))
+    spare = {unit(p) for p in students if p["method"] == "sft" and p.get("seed") not in kd_seeds.get(unit(p), set())}
+    lines = []
+    for domain, dom in pairs.groupby("domain", sort=False):
+        table = design_testability(dom, dom["method"].nunique(), bool(spare), alpha)
+        for row in table.itertuples():
+            lines.append(f"    {row.hypothesis} ({domain}): {row.units}, smallest p {row.min_pvalue:.3g}: "
+                         + ("testable" if row.testable else f"NOT testable; needs {row.needs}"))
+    return lines
 
 
 def _eval_prompts_of(run, tokenizer_model: str) -> list[tuple[str, str, int, int]]:

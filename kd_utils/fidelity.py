@@ -118,6 +118,33 @@ def error_consistency(teacher_correct: Sequence[bool], student_correct: Sequence
     return float(((t == s).mean() - expected) / (1 - expected)) if expected < 1 else math.nan
 
 
+def stratified_error_consistency(teacher_correct: Sequence[bool], student_correct: Sequence[bool],
+                                 difficulty: Sequence[float], n_strata: int = 10) -> float:
+    """Error consistency beyond item difficulty: kappa on correctness, with the chance agreement of
+    independent models computed within strata of item difficulty.
+
+    Once items differ in difficulty, two models that never copy each other still agree
+    more than a_T a_S + (1 - a_T)(1 - a_S) (both fail the hard items), and the more so the
+    more accurate the student: plain error consistency then rises with accuracy alone.
+    Within a stratum of items of like difficulty the chance agreement is what permuting
+    the student's outcomes inside the stratum would give, so this measure does not.
+    ``difficulty``: a score per item measured without these two models (the share of the
+    study's other runs that got it wrong); items are cut into at most ``n_strata``
+    quantile strata. NaN when chance agreement is 1.
+    """
+    t, s = np.asarray(teacher_correct, bool), np.asarray(student_correct, bool)
+    d = np.asarray(difficulty, float)
+    if not t.size:
+        return math.nan
+    edges = np.unique(np.quantile(d, np.linspace(0, 1, n_strata + 1)[1:-1]))
+    strata = np.searchsorted(edges, d, side="right")
+    sizes = np.bincount(strata).astype(float)
+    a_t = np.bincount(strata, weights=t) / np.where(sizes > 0, sizes, 1)
+    a_s = np.bincount(strata, weights=s) / np.where(sizes > 0, sizes, 1)
+    expected = float(np.sum(sizes * (a_t * a_s + (1 - a_t) * (1 - a_s))) / t.size)
+    return float(((t == s).mean() - expected) / (1 - expected)) if expected < 1 else math.nan
+
+
 def agreement_measures(teacher_predictions: Sequence[Any], student_predictions: Sequence[Any],
                        teacher_correct: Sequence[bool], student_correct: Sequence[bool]) -> dict[str, float]:
     """Agreement measures of a student's answers with the teacher's on the same examples (percentages, kappas).
@@ -223,7 +250,8 @@ def _teacher_runs(results: pd.DataFrame, wanted: pd.DataFrame) -> dict[tuple[str
 
 FIDELITY_COLUMNS = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "seed", "task", "run_id",
                     "teacher_run_id", "n", "agreement", "n_teacher_correct", "agreement_teacher_correct",
-                    "agreement_teacher_wrong", "kappa", "error_consistency", "bleu", "embedding_similarity"]
+                    "agreement_teacher_wrong", "kappa", "error_consistency", "error_consistency_stratified", "bleu",
+                    "embedding_similarity"]
 
 
 def _student_runs(results: pd.DataFrame) -> pd.DataFrame:
@@ -234,6 +262,27 @@ def _student_runs(results: pd.DataFrame) -> pd.DataFrame:
     sft_teachers = expert[["domain", "model", "teacher"]].drop_duplicates()
     sft = students[students["method"] == "sft"].drop(columns="teacher").merge(sft_teachers, on=["domain", "model"])
     return pd.concat([kd, sft], ignore_index=True)
+
+
+def _item_difficulty(results: pd.DataFrame, predictions) -> dict[str, tuple[dict[str, int], np.ndarray]]:
+    """Per task: (column of every run, 0/1 matrix items x runs) on the items every run of the task has."""
+    out = {}
+    for task, part in results[results["task"] != "average"].groupby("task", sort=False):
+        run_ids = [r for r in dict.fromkeys(part["run_id"].astype(str)) if predictions.get(r, task) is not None]
+        aligned = predictions.aligned(run_ids, task, "correct")
+        if aligned is not None and len(aligned[0]) and len(run_ids) > 2:
+            out[task] = ({r: j for j, r in enumerate(run_ids)}, aligned[1].astype(float))
+    return out
+
+
+def _stratified(task_data: tuple[dict[str, int], np.ndarray] | None, teacher_run: str, run_id: str) -> float:
+    """:func:`stratified_error_consistency` of two runs, difficulty from every other run of the task."""
+    if task_data is None or teacher_run not in task_data[0] or run_id not in task_data[0]:
+        return math.nan
+    columns, matrix = task_data
+    t, s = matrix[:, columns[teacher_run]], matrix[:, columns[run_id]]
+    others = (matrix.sum(axis=1) - t - s) / (matrix.shape[1] - 2)
+    return stratified_error_consistency(t, s, 1.0 - others)
 
 
 def fidelity_table(results: pd.DataFrame, predictions, embedder=None, bleu: bool = True) -> pd.DataFrame:
@@ -251,6 +300,7 @@ def fidelity_table(results: pd.DataFrame, predictions, embedder=None, bleu: bool
     cache: dict[str, np.ndarray] = {}
     runs = _student_runs(results) if predictions is not None else pd.DataFrame(columns=["teacher", "seed"])
     teacher_runs = _teacher_runs(results, runs)
+    difficulty = _item_difficulty(results, predictions) if predictions is not None else {}
     for run in runs.to_dict("records"):
         teacher_run = teacher_runs[(str(run["teacher"]), run["seed"])]
         if teacher_run is None:
@@ -271,6 +321,7 @@ def fidelity_table(results: pd.DataFrame, predictions, embedder=None, bleu: bool
             "temperature": run["temperature"], "noise_sigma": run["noise_sigma"], "seed": run["seed"],
             "task": run["task"], "run_id": run["run_id"], "teacher_run_id": teacher_run,
             **agreement_measures(answers[1][:, 0], answers[1][:, 1], correct[:, 0], correct[:, 1]),
+            "error_consistency_stratified": _stratified(difficulty.get(run["task"]), teacher_run, run["run_id"]),
             "bleu": rationale_bleu(texts[:, 1], texts[:, 0]) if bleu and texts is not None else math.nan,
             "embedding_similarity": similarity,
         })

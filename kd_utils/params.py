@@ -17,6 +17,7 @@ import yaml
 from kd_utils.choice_scoring import CHOICE_TASKS, METRICS, SCORINGS
 from kd_utils.data import DEFAULT_MIX, MIXES
 from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
+from kd_utils.statistics.verdicts import CLAIMS
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
@@ -58,7 +59,8 @@ DEFAULTS: dict[str, Any] = {
                    # "loglik": log-likelihood of the answer choices (multiple-choice tasks only), headline metric
                    # acc or acc_norm (kd_utils.choice_scoring)
                    "scoring": "generate", "loglik_metric": "acc_norm"},
-    "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0},
+    # primary_hypotheses: the pre-registered primary family (null: the paper's claims), Holm-adjusted together
+    "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0, "primary_hypotheses": None},
     "execution": {"executor": "local", "parallel": 1,
                   # partition, account, and resources for every stage (below the per-stage ones)
                   "slurm": {"partition": None, "account": None},
@@ -246,6 +248,11 @@ def validate(params: dict) -> list[str]:
     if cache["id_coding"] not in teacher_cache.ID_CODINGS:
         problems.append(f"teacher_cache.id_coding: expected one of {', '.join(teacher_cache.ID_CODINGS)}, "
                         f"got {cache['id_coding']!r}")
+    primaries = params["analysis"]["primary_hypotheses"]
+    if primaries is not None and (not isinstance(primaries, list) or not primaries
+                                  or any(h not in CLAIMS for h in primaries)):
+        problems.append(f"analysis.primary_hypotheses: expected null or a non-empty list of {', '.join(CLAIMS)}, "
+                        f"got {primaries!r}")
     cacheable = cacheable_methods(cache["representation"])
     if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "

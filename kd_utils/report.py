@@ -590,12 +590,12 @@ def _format_p(p: float) -> str:
 
 
 def _numbers(row: Mapping) -> str:
-    """'estimate (95% CI); p (Holm), power; n unit.' of one verdict row."""
+    """'estimate (interval of the same test); p (Holm), power; n unit.' of one verdict row."""
     if pd.isna(row["estimate"]):
         parts = ["no estimate"]
     else:
         label = _text(row, "estimate_label") or "estimate"
-        interval = (f" (95% CI {row['ci_low']:+.2f} to {row['ci_high']:+.2f})"
+        interval = (f" (interval {row['ci_low']:+.2f} to {row['ci_high']:+.2f})"
                     if pd.notna(row["ci_low"]) and pd.notna(row["ci_high"]) else "")
         parts = [f"{label} {row['estimate']:+.2f}{interval}"]
     p = "p not computed" if pd.isna(row["pvalue"]) else _format_p(row["pvalue"])
@@ -679,7 +679,9 @@ def findings_block(verdicts: pd.DataFrame) -> HTML:
                          + (f" &mdash; <b>{html.escape(survives)}</b>" if survives else "") + ".</p>")
             parts.append(
                 f"<div class=\"kd-finding kd-{row['verdict'].replace(' ', '-')}\">"
-                f"<p><b>{html.escape(str(row['hypothesis']))}</b>: {html.escape(str(row['claim']))} "
+                f"<p><b>{html.escape(str(row['hypothesis']))}</b>"
+                + (" (secondary)" if _text(row, "family") == "secondary" else "")
+                + f": {html.escape(str(row['claim']))} "
                 f"&mdash; <span class=\"kd-verdict\">{html.escape(row['verdict'])}</span>{reason}</p>"
                 f"<p>{html.escape(_numbers(row))}</p>{test}{paper}</div>")
     return HTML("<div class=\"kd-findings\">" + "".join(parts) + _can_say(verdicts) + "</div>")

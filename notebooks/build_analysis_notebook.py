@@ -23,6 +23,7 @@ n_bootstrap = 2000
 bootstrap_seed = 0  # also seeds the selection/estimation split and Monte Carlo permutations
 n_permutations = 9999
 embeddings = True  # embedding similarity with the packaged MiniLM (study mode, needs predictions)
+primary_hypotheses = None  # the pre-registered primary family (None: the paper's claims, H1, H2, H3 x 2, H4, H5)
 report_dir = None  # where the HTML report is read from, for its links to the CSVs; default: output_dir"""),
     ("code", """import json
 import os
@@ -73,7 +74,8 @@ else:
     embedder = fd.load_embedding_model() if embeddings and predictions else None
     analysis = study_analysis(results, st.load_model_sizes(models_csv) if models_csv.is_file() else None,
                               predictions, embedder, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
-                              seed=bootstrap_seed)
+                              seed=bootstrap_seed,
+                              primaries=tuple(primary_hypotheses) if primary_hypotheses else None)
     improvements, tests, verdicts, mixed = analysis.improvements, analysis.tests, analysis.verdicts, analysis.mixed
     fidelity, mcnemar, agreement_mcnemar = analysis.fidelity, analysis.mcnemar, analysis.agreement_mcnemar
     tests.to_csv(output_dir / "hypothesis_tests.csv", index=False)
@@ -84,7 +86,8 @@ study_mode = results_source == "study"
 provenance = report.provenance(
     {"results_source": results_source, "results_path": results_path, "paper_results_dir": paper_results_dir,
      "output_dir": output_dir, "runs_dir": runs_dir, "correctness_path": correctness_path, "models_path": models_path,
-     "n_bootstrap": n_bootstrap, "n_permutations": n_permutations, "bootstrap_seed": bootstrap_seed, "embeddings": embeddings, "report_dir": report_dir},
+     "n_bootstrap": n_bootstrap, "n_permutations": n_permutations, "bootstrap_seed": bootstrap_seed,
+     "embeddings": embeddings, "report_dir": report_dir, "primary_hypotheses": primary_hypotheses},
     results, study_dir=study_dir if study_mode else None, runs_dir=runs_dir if study_mode else None,
     paper_dir=None if study_mode else paper_results_dir,
     model_sizes=st.load_model_sizes(models_csv) if study_mode and models_csv.is_file() else None)
@@ -94,14 +97,23 @@ design.to_csv(output_dir / "study_design.csv", index=False)
 banner = report.study_banner(design, power=verdicts["power"], description=provenance["study_parameters"].get("description", ""),
                              design_href=report.link(output_dir / "study_design.csv", report_dir))
 if banner is not None:
-    display(banner)"""),
+    display(banner)
+testability = st.study_testability(reanalysed if results_source == "paper" else improvements)
+testability.to_csv(output_dir / "study_testability.csv", index=False)
+display(Markdown("**What this design can test**: per hypothesis its units, the smallest p-value the design "
+                 "allows, and (where it cannot reach 0.05) the design change that would make it testable."))
+display(report.table(testability))"""),
     ("md", """## Findings
-One verdict per domain and hypothesis, from the primary test (the average over the
-domain's tasks, methods pooled) of the valid procedure, Holm-adjusted across the
-domain's hypotheses: **supported** (significant in the claimed direction), **not
-supported** (not significant and the 95% interval rules out the effect of interest: a
-3-point gain, |rho| = 0.3), **underpowered** (not significant, power below 0.8),
-**inconclusive** (not significant although powered) or **not testable**. In paper mode
+One verdict per domain and hypothesis, from its test on the average over the domain's
+tasks, methods pooled, by the valid procedure. The pre-registered primary hypotheses
+(the paper's claims by default: H1, H2, H3 size, H3 SFT accuracy, H4, H5) are
+Holm-adjusted together, over those the design can test; the method comparison and
+H4_kd_vs_sft are secondary, reported apart with their own Holm. **supported**
+(significant in the claimed direction), **not supported** (not significant and the
+interval rules out the effect of interest, a 3-point gain), **underpowered** (not
+significant, power below 0.8), **inconclusive** (not significant although powered) or
+**not testable** (the design cannot reach p < 0.05, with what would make it testable;
+or no data). In paper mode
 the paper's own conclusion and whether it survives stand beside ours (`verdicts.csv`)."""),
     ("code", """finding_columns = ["domain", "hypothesis", "n", "estimate", "ci_low", "ci_high", "pvalue", "pvalue_holm", "power",
                    "verdict"] + (["paper_conclusion", "survives"] if results_source == "paper" else [])
@@ -131,15 +143,22 @@ Study mode: our results table; student sizes from `models.csv` when present, els
 parsed from model names; fidelity from per-example predictions when present. Every table
 of this report is also a CSV file beside it (linked from each folded table)."""),
     ("md", """### How far these tests can be trusted
-Whole-pipeline null simulation (`benchmarks/null_simulation.py`): synthetic studies of
-the issue's design (3 teachers x 3 students per domain, fkl / rkl / gkd at 3
-temperatures sharing one SFT run per student, 13 tasks of 300 binomial examples) put
-through this same analysis. *type I*: how often a test rejected at alpha = 0.05 when
-nothing helps (for the intervals: how often a 95% interval missed the truth); *power*:
-how often it rejected with a true 3-point gain of every KD run (method tests: of one
-method). The rows "as published" are the paper's procedure on the same studies."""),
+Whole-pipeline simulation (`benchmarks/null_simulation.py`, scenarios in
+`kd_utils.statistics.simulation.SCENARIOS`): synthetic studies with logistic item
+difficulty shared by all models, teacher effects on the gain unrelated to teacher
+accuracy, method-by-student effects, training-run noise of every SFT and KD run,
+agreement and BLEU carrying teacher effects, in crossed 3 x 3 and 5 x 5 designs and the
+paper's unbalanced one (the sharp null kept as one scenario), put through this same
+analysis. `rate`: how often a test family rejected at alpha = 0.05 (null scenarios: the
+type I error; power scenarios: the power), with its standard error (studies as
+clusters). Rows "before" are the procedure this one replaced, "as published" the
+paper's, on the same studies."""),
     ("code", """validity = read_validity()
-display(validity if len(validity) else Markdown("No simulation results found (run benchmarks/null_simulation.py)."))"""),
+if len(validity):
+    display(report.fold(validity, f"Rejection rates of {validity['family'].nunique()} test families in "
+                                  f"{validity['scenario'].nunique()} scenarios"))
+else:
+    display(Markdown("No simulation results found (run benchmarks/null_simulation.py)."))"""),
     ("md", """## Improvements
 Average over tasks per teacher -> student pair, in percentage points, a column per method
 (every task is in the folded table and in `improvements.csv`). In study mode `improvement` is the mean over temperatures with
@@ -157,14 +176,17 @@ else:
                         "Every task: KD and SFT accuracy, improvement, teacher accuracy, student size",
                         output_dir / "improvements.csv", report_dir))"""),
     ("md", """## Hypothesis tests
-Valid procedure (study mode; the paper's re-analysis): H1 one-sided t-test over
-students (each student's pairs share its one SFT run) and a Friedman test of the
-methods with pairs as blocks; H2 / H4 / H5 Spearman of improvement with the teacher's
-accuracy / agreement / rationale BLEU, ranked within students, permutation p-values
-permuting pairs within students; H3 Spearman over students with size and with SFT
-accuracy (measured on half A of every test set, the improvement on half B, so SFT's
-own noise makes no slope); H4 in study mode uses error consistency (agreement beyond
-what the two accuracies imply), the paper's files hold raw agreement only;
+Valid procedure (study mode; the paper's re-analysis): H1 an exact one-sided sign-flip
+test over students (each student's pairs share its one SFT run; its interval inverts
+the same test) and a Friedman test of the methods with students as blocks; H2 / H4 / H5
+Spearman of improvement with the teacher's accuracy / agreement / rationale BLEU,
+compared within students, p-values from relabelling whole teachers across all students
+(a teacher shared by students is one unit); H3 Spearman over students, one-sided in the
+paper's direction, with size and with an SFT accuracy measured apart from the gain (the
+untuned base model, or a spare SFT seed: else not testable, since the student's one SFT
+run enters both); H4 in study mode uses error consistency beyond item difficulty (chance
+agreement within strata of item difficulty), the paper's files hold raw agreement only,
+which rises with accuracy by construction, so H4 is not tested on them;
 H4_kd_vs_sft tests whether KD raises agreement over SFT. `pvalue` is the p-value
 everything uses, `pvalue_holm` adjusts it across tasks; `power` is for the effect of
 interest. Average-task rows below, every row in the CSV."""),
@@ -192,9 +214,9 @@ improvement ~ task + method [+ log(student size) with 5 or more students], rando
 intercept per student and, within students, variance components for pairs and tasks
 (a student's one SFT run per task is shared by its pairs and methods); REML, per domain.
 Designs with too few students or pairs are refused, and a fit that did not converge
-shows no coefficients. The method contrasts are checked by the null simulation; the size
-slope (fitted with 5 or more students only) is not, and its Wald test leans on few
-students: read H3's permutation test instead."""),
+shows no coefficients. Descriptive only: coefficients and model-based standard errors,
+no p-values or intervals (with 3-6 students and no method-by-student slopes, Wald z
+overstates the evidence by orders of magnitude); the tests above are the inference."""),
     ("code", """mixed.to_csv(output_dir / "mixed_effects.csv", index=False)
 display(report.table(mixed))"""),
     ("md", """## Per-run McNemar tests (study mode)

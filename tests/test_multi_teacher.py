@@ -143,8 +143,10 @@ def test_dry_run_prints_the_h2_design(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("KD_COST_TABLE", str(tmp_path / "none.json"))
     assert study.main(["run", str(path), "--dry-run", "--output-root", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
-    # 3 teachers ranked within each of 3 students: (3!)^3 = 216 orderings, smallest p 2/216
-    assert "H2: 3 teacher(s) x 3 students, pairs ranked within students: smallest p 0.00926" in out
+    # the teachers are H2's units: 3 teachers allow 3! = 6 relabellings, smallest p 1/6, and the dry run says so
+    assert "H2_teacher_performance (math): 3 teachers shared by students, smallest p 0.167: NOT testable; needs 4 or " \
+           "more teachers" in out
+    assert "H1_improvement_ttest (math): 3 students, smallest p 0.125: NOT testable; needs 5 or more students" in out
     assert "H1 math: 3 students (each 6 KD - 2 SFT runs), 2 tasks" in out
 
 

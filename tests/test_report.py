@@ -204,12 +204,12 @@ def test_findings_block_renders_each_verdict_with_its_numbers():
     assert supported.startswith("kd-supported")
     assert "<b>H1_improvement_ttest</b>: KD improves the student over its SFT baseline" in supported
     assert "<span class=\"kd-verdict\">supported</span> <span class=\"kd-meta\">(p (Holm) = 0.0012 &lt; 0.05)" in supported
-    assert ("mean improvement (pp) +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001 (Holm = 0.001), power 0.93 for a "
+    assert ("mean improvement (pp) +3.21 (interval +1.05 to +5.40); p &lt; 0.001 (Holm = 0.001), power 0.93 for a "
             "3-point gain; n = 9 pairs.") in supported
     assert "Test: one-sided t-test over teacher-student pairs." in supported
     assert "The paper: KD improves small students &mdash; <b>survives the valid procedure: yes</b>" in supported
     assert not_supported.startswith("kd-not-supported")
-    assert "Spearman rho +0.05 (95% CI -0.21 to +0.25); p = 0.610 (Holm = 1.000), power 0.85 for |rho| = 0.3" \
+    assert "Spearman rho +0.05 (interval -0.21 to +0.25); p = 0.610 (Holm = 1.000), power 0.85 for |rho| = 0.3" \
         in not_supported
     assert "<b>survives the valid procedure</b>" in not_supported
     assert not_testable.startswith("kd-not-testable")
@@ -227,7 +227,7 @@ def test_findings_block_with_the_required_columns_only_and_bad_tables():
     study = VERDICTS[list(report.VERDICT_COLUMNS)]
     body = report.findings_block(study).data
     assert "The paper" not in body and "Test:" not in body and "kd-meta" not in body
-    assert "estimate +3.21 (95% CI +1.05 to +5.40); p &lt; 0.001, power 0.93; n = 9." in body
+    assert "estimate +3.21 (interval +1.05 to +5.40); p &lt; 0.001, power 0.93; n = 9." in body
     with pytest.raises(ValueError, match="lacks column.*power"):
         report.findings_block(study.drop(columns="power"))
     with pytest.raises(ValueError, match="unknown verdict.*'proven'"):

@@ -7,6 +7,9 @@ Modules, one job each:
   under a temperature rule, fidelity joins, ablation tables;
 - :mod:`~kd_utils.statistics.hypothesis_tests`: H1-H5 as the paper computed them and by the
   valid unit-level procedure; Holm;
+- :mod:`~kd_utils.statistics.exact`: the exact tests over students (sign flips) and teachers
+  (teacher relabellings) that procedure uses;
+- :mod:`~kd_utils.statistics.design`: what a design can test, before any result;
 - :mod:`~kd_utils.statistics.per_example`: the selection/estimation split, bootstrap
   intervals, McNemar tests;
 - :mod:`~kd_utils.statistics.models`: the mixed-effects model;
@@ -42,6 +45,7 @@ from kd_utils.statistics.improvements import (
     ablation_table,
     attach_fidelity,
     improvement_table,
+    independent_sft_accuracy,
     kd_pairs,
     main_pairs,
     with_task_average,
@@ -86,4 +90,6 @@ from kd_utils.statistics.results import (
     parse_model_size,
     validate_results,
 )
-from kd_utils.statistics.verdicts import CLAIMS, verdict_table
+from kd_utils.statistics.design import design_testability, study_testability
+from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
+from kd_utils.statistics.verdicts import CLAIMS, PRIMARY_HYPOTHESES, SECONDARY_HYPOTHESES, verdict_table

@@ -6,23 +6,23 @@ Spearman. This reproduces the paper's statistics; its temperature was chosen on 
 test set and its rows are not independent, so it is not a valid basis for inference.
 
 **Valid** (:func:`study_hypothesis_tests`, on the "mean"-temperature table): tests count
-independent units. Every student has one SFT run (and one size) shared by all of its
-teacher and method rows, so
+the units the design has. Every student has one SFT run (and one size) shared by all of its
+teacher and method rows, and every teacher is shared by its students, so
 
-- H1 (improvement > 0): one-sided t-test over *students* (each the mean of its pairs
-  and methods); pairs of one student share the SFT run's noise, the largest term of
-  every one of its improvements;
-- H1 across methods: Friedman test with *pairs* as blocks (SFT cancels within a pair);
-- H2, H4, H5 (teacher accuracy, agreement, BLEU; per pair): Spearman on ranks within
-  each student, p-value from permuting the pairs within each student (exact when the
-  permutations are few), so the shared SFT baseline never enters;
-- H3 (student size; student SFT accuracy): Spearman over *students*, exact permutation
-  p-value; against SFT accuracy the x is measured on the selection half A of every
-  test set and the improvement on half B (see :mod:`kd_utils.statistics.per_example`).
+- H1 (improvement > 0): exact one-sided sign-flip test over *students* (each the mean of
+  its pairs and methods), its interval the same test inverted;
+- H1 across methods: Friedman test with *students* as blocks (method effects vary by student);
+- H2, H4, H5 (teacher accuracy, agreement beyond item difficulty, BLEU; per pair): aligned-rank
+  Spearman within students, p-value from relabelling whole *teachers* jointly across students
+  (:mod:`kd_utils.statistics.exact`), so a teacher effect on the gain cannot pass for a correlation;
+- H3 (student size; student SFT accuracy): Spearman over *students*, one-sided in the paper's
+  direction, exact permutation p-value; against SFT accuracy only when it is measured apart
+  from the gain (:func:`~kd_utils.statistics.improvements.independent_sft_accuracy`).
 
 Conventions for both: a test with too few points, or on constant input, gets NaN
-statistic and p-value and a ``note`` starting "not testable"; tests whose power for
-their effect of interest is below 0.8 are noted "underpowered".
+statistic and p-value and a ``note`` starting "not testable", and so does a test whose
+smallest attainable p-value exceeds alpha (with what would make it testable); tests whose
+power for their effect of interest is below 0.8 are noted "underpowered".
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from kd_utils.statistics.results import sort_rows
 TEST_COLUMNS = ("domain", "hypothesis", "method", "task", "statistic", "pvalue", "n")
 STUDY_TEST_COLUMNS = TEST_COLUMNS + (
     "pvalue_holm", "note", "power", "effect_of_interest", "estimate", "ci_low", "ci_high", "unit", "test",
-    "pvalue_asymptotic", "pvalue_selected")
+    "pvalue_asymptotic", "pvalue_selected", "alternative", "min_pvalue")
 
 # (hypothesis, test kind, x column, includes the `average` task): the paper's procedure
 HYPOTHESES = (
@@ -234,9 +234,14 @@ def friedman_test(table: pd.DataFrame, alpha: float = 0.05, n_resamples: int = 9
     n, k = table.shape
     out = {"statistic": math.nan, "pvalue": math.nan, "n": int(n), "estimate": math.nan, "ci_low": math.nan,
            "ci_high": math.nan, "power": repeated_measures_power(n, k, alpha=alpha), "note": "",
-           "pvalue_asymptotic": math.nan}
+           "pvalue_asymptotic": math.nan, "min_pvalue": math.nan}
     if k < 2 or n < 3:
         return out | {"note": f"not testable: {k} method(s), {n} complete block(s) (needs 2 and 3)"}
+    # relabelling the methods the same way in every block leaves the statistic unchanged
+    out["min_pvalue"] = max(1.0 / math.factorial(k) ** (n - 1), 1.0 / (n_resamples + 1))
+    if out["min_pvalue"] > alpha:
+        return out | {"power": 0.0, "note": f"not testable: {n} block(s) of {k} methods allow a smallest p of "
+                                            f"{out['min_pvalue']:.3g} > {alpha}; needs more blocks (students)"}
     ranks = stats.rankdata(table.to_numpy(float), axis=1)
     ties = sum(((np.unique(r, return_counts=True)[1] ** 3) - np.unique(r, return_counts=True)[1]).sum() for r in ranks)
     correction = 1.0 - ties / (n * k * (k * k - 1))
@@ -274,7 +279,8 @@ def _block_permutations(sizes: tuple[int, ...]) -> np.ndarray:
 
 
 def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequence | None = None,
-                         n_resamples: int = 9999, seed: int = 0, level: float = 0.95, alpha: float = 0.05) -> dict:
+                         n_resamples: int = 9999, seed: int = 0, level: float = 0.95, alpha: float = 0.05,
+                         alternative: str = "two-sided") -> dict:
     """Spearman rho stratified by blocks, with a two-sided permutation p-value permuting x within blocks.
 
     x and y are aligned (minus their block means), ranked over all points and the ranks
@@ -288,8 +294,10 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
     perfect rank correlation, whose exact p is 1/3. The interval is Fisher's z with
     Bonett & Wright's variance (1 + rho^2 / 2) / (n_eff - 3), n_eff = within-block degrees
     of freedom + 1. A design whose smallest attainable p-value exceeds ``alpha`` is not
-    testable. Returns statistic, pvalue, n, estimate, ci_low, ci_high, power (Cohen's
-    medium rho = 0.3), note, pvalue_asymptotic (scipy's, pooled, for reference).
+    testable. ``alternative`` "less" / "greater" counts one tail (a claimed direction).
+    Returns statistic, pvalue, n, estimate, ci_low, ci_high, power (Cohen's medium rho =
+    0.3), min_pvalue (the smallest the design allows), note, pvalue_asymptotic (scipy's,
+    pooled, for reference).
     """
     x, y = np.asarray(x, float), np.asarray(y, float)
     blocks_given = blocks is not None
@@ -304,14 +312,16 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
     n_eff = int((sizes - 1).sum() + 1) if n else 0
     out = {"statistic": math.nan, "pvalue": math.nan, "n": n, "estimate": math.nan, "ci_low": math.nan,
            "ci_high": math.nan, "power": correlation_power(n_eff, alpha=alpha), "note": "",
-           "pvalue_asymptotic": math.nan}
+           "pvalue_asymptotic": math.nan, "min_pvalue": math.nan}
     total = math.prod(math.factorial(int(s)) for s in sizes)
+    sided = 2 if alternative == "two-sided" else 1
+    out["min_pvalue"] = min(1.0, sided / total) if total <= n_resamples else 1.0 / (n_resamples + 1)
     if n < 3:
         within = " in blocks of 2 or more (compared within students)" if blocks_given else ""
         return out | {"note": f"not testable: {n} point(s){within} < 3"}
-    if total <= n_resamples and 2.0 / total > alpha:
+    if total <= n_resamples and sided / total > alpha:
         return out | {"power": 0.0, "note": f"not testable: {n} points allow {total} permutations, the smallest "
-                                            f"attainable p-value is {2.0 / total:.2f} > {alpha}"}
+                                            f"attainable p-value is {sided / total:.2f} > {alpha}"}
     rx, ry = _centered_ranks(x, blocks), _centered_ranks(y, blocks)
     denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
     if denom == 0:
@@ -328,7 +338,9 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
     permuted = np.empty((perms.shape[0], n))
     permuted[:, base] = rx[perms]
     # tolerance: ties between permuted and observed |rho| must count as hits despite rounding
-    hits = int(np.sum(np.abs(permuted @ ry) / denom >= abs(rho) - 1e-12))
+    values = permuted @ ry / denom
+    hits = int(np.sum(values <= rho + 1e-12) if alternative == "less" else np.sum(values >= rho - 1e-12)
+               if alternative == "greater" else np.sum(np.abs(values) >= abs(rho) - 1e-12))
     p = hits / len(perms) if total <= n_resamples else (hits + 1) / (n_resamples + 1)
     low = high = math.nan
     if n_eff > 3 and abs(rho) < 1:
@@ -350,17 +362,27 @@ def spearman_permutation_pvalue(x: Sequence[float], y: Sequence[float], n_resamp
 
 # --------------------------------------------------------------------------- the valid procedure
 
-#: (hypothesis, x column, y column, level): level "pair" = pairs ranked within students, "student" = students
+#: (hypothesis, x column, y column, unit, claimed direction of rho): unit "teacher" = pairs compared within
+#: students, p-value over teacher relabellings ("teacher-level": x belongs to the teacher); "student" = students
 CORRELATION_TESTS = (
-    ("H2_teacher_performance", "teacher_accuracy", "improvement", "pair"),
-    ("H3_student_size", "student_size", "improvement", "student"),
-    ("H3_student_sft", "sft_accuracy_a", "improvement_b", "student"),
-    ("H4_agreement", "error_consistency", "improvement", "pair"),
-    ("H5_fidelity", "bleu", "improvement", "pair"),
+    ("H2_teacher_performance", "teacher_accuracy", "improvement", "teacher-level", "two-sided"),
+    ("H3_student_size", "student_size", "improvement", "student", "less"),
+    ("H3_student_sft", "sft_accuracy_independent", "improvement", "student", "less"),
+    ("H4_agreement", "error_consistency_stratified", "improvement", "teacher", "two-sided"),
+    ("H5_fidelity", "bleu", "improvement", "teacher", "two-sided"),
 )
 #: H5 (rationale BLEU) is a math hypothesis in the paper
 BLEU_DOMAINS = ("math",)
-UNIT_NAMES = {"pair": "teacher-student pairs (ranked within students)", "student": "students"}
+UNIT_NAMES = {"teacher": "teacher-student pairs (compared within students; the teachers are the units, "
+                         "relabelled jointly)",
+              "teacher-level": "teacher-student pairs (compared within students; the teachers are the units, "
+                               "relabelled jointly)",
+              "student": "students"}
+#: why H3 against SFT accuracy needs an SFT accuracy measured apart from the gain
+H3_SFT_NOT_TESTABLE = (
+    "not testable: the student's one SFT run enters its SFT accuracy (+) and every gain (-), so its training "
+    "deviation alone makes a negative slope; testable with the untuned base model's results (role base) or a "
+    "second SFT seed per student that is not a KD baseline")
 
 
 def _underpowered(row: dict) -> dict:
@@ -371,8 +393,8 @@ def _underpowered(row: dict) -> dict:
 
 
 def _units(improvements: pd.DataFrame, columns: list[str], level: str) -> dict[tuple[str, str, str], pd.DataFrame]:
-    """Mean of ``columns`` per independent unit (student, or (teacher, student) pair), for every
-    (domain, method, task), method ``all`` pooling the methods; rows with a NaN in ``columns`` are left out."""
+    """Mean of ``columns`` per unit (student, or (teacher, student) pair), for every (domain, method, task),
+    method ``all`` pooling the methods; rows with a NaN in ``columns`` are left out."""
     keys = ["student"] if level == "student" else ["teacher", "student"]
     data = improvements.dropna(subset=columns)
     pooled = data.groupby(["domain", "task"] + keys)[columns].mean().reset_index().assign(method="all")
@@ -381,63 +403,100 @@ def _units(improvements: pd.DataFrame, columns: list[str], level: str) -> dict[t
     return {key: units for key, units in both.groupby(["domain", "method", "task"])}
 
 
-def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_consistency", alpha: float = 0.05,
-                           n_resamples: int = 9999, seed: int = 0,
+def _correlation(units: pd.DataFrame, x: str, y: str, level: str, alternative: str, alpha: float,
+                 n_resamples: int, seed: int) -> dict:
+    from kd_utils.statistics.exact import teacher_permutation_spearman
+
+    if level == "student":
+        res = permutation_spearman(units[x], units[y], None, n_resamples, seed, alpha=alpha, alternative=alternative)
+    else:
+        res = teacher_permutation_spearman(units[x], units[y], units["teacher"], units["student"],
+                                           teacher_level=level == "teacher-level", alternative=alternative,
+                                           alpha=alpha, n_resamples=n_resamples, seed=seed)
+    # a Fisher-z interval would not agree with the permutation p-value: none is reported
+    return res | {"ci_low": math.nan, "ci_high": math.nan}
+
+
+def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_consistency_stratified",
+                           alpha: float = 0.05, n_resamples: int = 9999, seed: int = 0,
                            bleu_domains: Sequence[str] = BLEU_DOMAINS) -> pd.DataFrame:
     """H1-H5 by the valid procedure (module docstring), per domain, hypothesis, method and task.
 
     ``improvements`` is a mean-over-temperatures (or fixed-temperature) table, optionally
-    with the split columns of :func:`~kd_utils.statistics.per_example.split_estimates`
-    and fidelity metrics; ``agreement`` names the H4 measure (default the
-    accuracy-adjusted error consistency: raw agreement rises with accuracy alone).
+    with the split columns of :func:`~kd_utils.statistics.per_example.split_estimates`,
+    ``sft_accuracy_independent`` (:func:`~kd_utils.statistics.improvements.independent_sft_accuracy`)
+    and fidelity metrics; ``agreement`` names the H4 measure (default the error
+    consistency beyond item difficulty: raw agreement, and even plain error consistency
+    once items differ in difficulty, rise with accuracy alone).
+    H1: exact sign-flip test over students (:func:`~kd_utils.statistics.exact.sign_flip_test`);
+    methods: Friedman with students as blocks; H2, H4, H5: teachers as units
+    (:func:`~kd_utils.statistics.exact.teacher_permutation_spearman`); H3: students,
+    one-sided in the paper's direction (smaller and weaker students gain more).
     Columns: see ``STUDY_TEST_COLUMNS``; ``pvalue`` is the p-value Holm and the verdicts
-    use (exact or permutation where scipy's asymptotic one would be wrong),
-    ``pvalue_holm`` adjusts it across the tasks of each (domain, hypothesis, method),
-    ``pvalue_selected`` is H1 on the selected-temperature split estimate. H5 is tested in
-    ``bleu_domains`` only (the paper's: math).
+    use, ``pvalue_holm`` adjusts it across the tasks of each (domain, hypothesis, method),
+    ``min_pvalue`` is the smallest p the design allows, ``pvalue_selected`` is H1 on the
+    selected-temperature split estimate. H5 is tested in ``bleu_domains`` only (the paper's: math).
     """
-    correlations = [(h, agreement if h == "H4_agreement" else x, y, level) for h, x, y, level in CORRELATION_TESTS]
+    from kd_utils.statistics.exact import sign_flip_test
+
+    correlations = [(h, agreement if h == "H4_agreement" else x, y, level, alt)
+                    for h, x, y, level, alt in CORRELATION_TESTS]
     empty = pd.DataFrame(columns=["teacher", "student", "improvement", "improvement_selected"])
     rows = []
     h1 = _units(improvements, ["improvement"], "student")
     selected = (_units(improvements, ["improvement_selected"], "student")
                 if "improvement_selected" in improvements and improvements["improvement_selected"].notna().any()
                 else {})
-    correlation_units = {x: _units(improvements, [x, y], level) for _, x, y, level in correlations
-                         if x in improvements and y in improvements}
+    correlation_units = {x: _units(improvements, [x, y], "student" if level == "student" else "pair")
+                         for _, x, y, level, _ in correlations if x in improvements and y in improvements}
     for domain, dom in sort_rows(improvements, ["domain"]).groupby("domain", sort=False):
         tasks, methods = _domain_levels(dom)
         for method in ["all"] + methods:
             for task in tasks:
-                res = unit_ttest(h1.get((domain, method, task), empty)["improvement"], "greater", alpha=alpha)
+                res = sign_flip_test(h1.get((domain, method, task), empty)["improvement"], "greater", alpha,
+                                     n_resamples, seed)
                 chosen = selected.get((domain, method, task))
                 rows.append(_underpowered(res | {
                     "domain": domain, "hypothesis": "H1_improvement_ttest", "method": method, "task": task,
-                    "unit": UNIT_NAMES["student"], "test": "one-sided one-sample t-test",
+                    "unit": UNIT_NAMES["student"], "alternative": "greater",
+                    "test": "exact sign-flip test over students, one-sided (interval: the same test inverted, "
+                            f"{1 - 2 * alpha:.0%})",
+                    "power": unit_ttest(h1.get((domain, method, task), empty)["improvement"], "greater",
+                                        alpha=alpha)["power"] if res["note"] == "" else 0.0,
                     "effect_of_interest": f"a {GAIN_OF_INTEREST:g}-point gain",
                     "pvalue_selected": math.nan if chosen is None else
-                    unit_ttest(chosen["improvement_selected"], "greater", alpha=alpha)["pvalue"]}))
-        blocks = dom.pivot_table(index=["task", "teacher", "student"], columns="method", values="improvement")
+                    sign_flip_test(chosen["improvement_selected"], "greater", alpha, n_resamples, seed)["pvalue"]}))
+        # students as blocks: a student's pairs share its SFT run and its method-by-student effects
+        blocks = dom.pivot_table(index=["task", "student"], columns="method", values="improvement", aggfunc="mean")
         for task in tasks:
             table = blocks.loc[task] if task in blocks.index.get_level_values(0) else pd.DataFrame()
             rows.append(_underpowered(friedman_test(table, alpha, n_resamples, seed) | {
                 "domain": domain, "hypothesis": "H1_method_friedman", "method": "all", "task": task,
-                "unit": "teacher-student pairs (blocks)",
+                "unit": "students (blocks; each the mean over its teachers)", "alternative": "two-sided",
                 "test": "Friedman test, permutation p (estimate: Kendall's W)",
                 "effect_of_interest": f"Cohen's medium f = {MEDIUM_EFFECT['anova']}"}))
-        for hypothesis, x, y, level in correlations:
-            if x not in dom or y not in dom or dom[x].isna().all() or dom[y].isna().all():
-                continue
+        for hypothesis, x, y, level, alternative in correlations:
             if hypothesis == "H5_fidelity" and domain not in bleu_domains:
+                continue
+            missing = x not in dom or y not in dom or dom[x].isna().all() or dom[y].isna().all()
+            if missing and hypothesis == "H3_student_sft" and y in dom:
+                rows += [{"domain": domain, "hypothesis": hypothesis, "method": method, "task": task,
+                          "n": 0, "note": H3_SFT_NOT_TESTABLE, "unit": UNIT_NAMES[level], "alternative": alternative,
+                          "test": f"Spearman of {y} with an SFT accuracy measured apart from it"}
+                         for method in ["all"] + methods for task in tasks]
+                continue
+            if missing:
                 continue
             for method in ["all"] + methods:
                 for task in tasks:
-                    at = correlation_units[x].get((domain, method, task), pd.DataFrame(columns=["student", x, y]))
-                    res = permutation_spearman(at[x], at[y], at["student"] if level == "pair" else None,
-                                               n_resamples, seed, alpha=alpha)
+                    at = correlation_units[x].get((domain, method, task),
+                                                  pd.DataFrame(columns=["teacher", "student", x, y]))
+                    res = _correlation(at, x, y, level, alternative, alpha, n_resamples, seed)
                     rows.append(_underpowered(res | {
                         "domain": domain, "hypothesis": hypothesis, "method": method, "task": task,
-                        "unit": UNIT_NAMES[level], "test": f"Spearman of {y} with {x}, permutation p",
+                        "unit": UNIT_NAMES[level], "alternative": alternative,
+                        "test": f"Spearman of {y} with {x}, permutation p"
+                                + ("" if alternative == "two-sided" else f" (one-sided: rho {alternative} than 0)"),
                         "effect_of_interest": f"Cohen's medium rho = {MEDIUM_EFFECT['spearman']}"}))
     tests = pd.DataFrame(rows, columns=list(STUDY_TEST_COLUMNS))
     return holm_adjust(tests) if len(tests) else tests

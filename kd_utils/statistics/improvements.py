@@ -27,7 +27,7 @@ from kd_utils.statistics.results import (
 
 KEYS = ["domain", "teacher", "student", "method", "task"]
 FIDELITY_METRICS = ("agreement", "agreement_teacher_correct", "agreement_teacher_wrong", "kappa",
-                    "error_consistency", "bleu", "embedding_similarity")
+                    "error_consistency", "error_consistency_stratified", "bleu", "embedding_similarity")
 
 
 def with_task_average(results: pd.DataFrame) -> pd.DataFrame:
@@ -192,3 +192,39 @@ def ablation_table(results: pd.DataFrame, factor: str) -> pd.DataFrame:
     table = seed_means(pairs, config + [factor])
     varies = table.groupby(config, dropna=False)[factor].transform("nunique") >= 2
     return sort_rows(table[varies], config + [factor])
+
+
+INDEPENDENT_SOURCES = ("untuned base model", "SFT seed(s) not used as a KD baseline")
+
+
+def independent_sft_accuracy(results: pd.DataFrame, improvements: pd.DataFrame) -> pd.DataFrame:
+    """Add ``sft_accuracy_independent`` and ``sft_independent_source``: the student's strength measured
+    apart from its gains (H3 against SFT accuracy).
+
+    The student's SFT run is the baseline of every one of its gains, so its own training
+    deviation enters its SFT accuracy with + and its gains with -: regression to the mean
+    in just the direction the paper claims. Independent of that deviation are the
+    untuned base model's accuracy (role ``base``, model = the student) and SFT runs of
+    seeds no KD run of the student used as its baseline (KD runs matched to an SFT run of
+    their own seed). NaN where neither exists.
+    """
+    res = with_task_average(results)
+    base = (res[res["role"] == "base"].groupby(["domain", "model", "task"])["accuracy"].mean()
+            .rename("base").reset_index())
+    students = res[res["role"] == "student"]
+    sft = students[students["method"] == "sft"]
+    kd = students[students["method"].isin(KD_METHODS)]
+    kd_seeds = kd.groupby(["domain", "model"])["seed"].agg(set)
+    sft_seeds = sft.groupby(["domain", "model"])["seed"].agg(set)
+    free = {key: seeds - kd_seeds.get(key, set()) for key, seeds in sft_seeds.items()
+            if kd_seeds.get(key, set()) <= seeds}
+    spare = sft[[free.get((d, m), set()).__contains__(s) for d, m, s in sft[["domain", "model", "seed"]].itertuples(
+        index=False)]] if len(sft) else sft
+    spare = spare.groupby(["domain", "model", "task"])["accuracy"].mean().rename("spare").reset_index()
+    both = base.merge(spare, on=["domain", "model", "task"], how="outer").rename(columns={"model": "student"})
+    both["sft_accuracy_independent"] = both["base"].where(both["base"].notna(), both["spare"])
+    both["sft_independent_source"] = np.where(both["base"].notna(), INDEPENDENT_SOURCES[0],
+                                              np.where(both["spare"].notna(), INDEPENDENT_SOURCES[1], ""))
+    columns = ["sft_accuracy_independent", "sft_independent_source"]
+    out = improvements.drop(columns=[c for c in columns if c in improvements])
+    return out.merge(both[["domain", "student", "task"] + columns], on=["domain", "student", "task"], how="left")

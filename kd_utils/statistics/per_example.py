@@ -2,9 +2,12 @@
 
 The split makes two things honest. (1) The paper's "best temperature": chosen on the
 selection half A of every test set, estimated on the estimation half B, so the estimate
-never reads the data that chose it. (2) H3 against SFT accuracy: the student's SFT
-accuracy is measured on A and the improvement on B, so SFT's own sampling noise cannot
-create a slope (regression to the mean). With per-example predictions the split is of
+never reads the data that chose it. (2) ``sft_accuracy_a`` / ``improvement_b``: the SFT
+accuracy on A and the improvement on B remove the test set's sampling noise from H3's
+slope, but not the SFT run's own training deviation, which enters both; H3 therefore uses
+an SFT accuracy measured apart from the gain
+(:func:`~kd_utils.statistics.improvements.independent_sft_accuracy`), and the split
+columns are kept for comparison. With per-example predictions the split is of
 the examples themselves (the same half for every run). With only results.csv the SFT
 counts are split by a hypergeometric draw, which is distributed exactly like the
 number of correct examples in a random half when example outcomes are independent;
@@ -249,14 +252,20 @@ def mcnemar_test(kd_correct: Sequence[bool], sft_correct: Sequence[bool]) -> dic
 
 
 def paired_difference(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> dict[str, float]:
-    """Accuracy of a minus accuracy of b on the same examples, in points: the difference, its 95% Wald
-    interval for paired proportions, d +- 1.96 sqrt(b + c - n d^2) / n (b, c the discordant counts),
-    and the exact McNemar p-value."""
+    """Accuracy of a minus accuracy of b on the same examples, in points: the difference, its 95%
+    interval for paired proportions and the exact McNemar p-value.
+
+    The interval is Agresti & Min's (2005): the Wald interval after adding 1/2 to each of the
+    four cells, d' +- 1.96 sqrt(b' + c' - (b' - c')^2 / n') / n' with b' = b + 1/2, c' = c + 1/2,
+    n' = n + 2 (b, c the discordant counts). The plain Wald interval has zero width when no
+    example is discordant, claiming certainty that the accuracies are equal."""
     test = mcnemar_test(a_correct, b_correct)
     n, only_a, only_b = test["n"], test["kd_only"], test["sft_only"]
     d = (only_a - only_b) / n
-    half = 1.96 * math.sqrt(max(only_a + only_b - n * d * d, 0.0)) / n
-    return {"difference": 100 * d, "ci_low": 100 * (d - half), "ci_high": 100 * (d + half), "n": n,
+    b, c, m = only_a + 0.5, only_b + 0.5, n + 2
+    centre = (b - c) / m
+    half = 1.96 * math.sqrt(max(b + c - (b - c) ** 2 / m, 0.0)) / m
+    return {"difference": 100 * d, "ci_low": 100 * (centre - half), "ci_high": 100 * (centre + half), "n": n,
             "a_only": only_a, "b_only": only_b, "pvalue": test["pvalue"]}
 
 

@@ -1,20 +1,33 @@
 """Whole-pipeline simulations: synthetic studies put through the analysis the notebook runs.
 
-:func:`simulate_study` draws one study of the issue's design: per domain 3 teachers x 3
-students (9 pairs), fkl / rkl / gkd at 3 temperatures sharing one SFT run per student,
-13 tasks (6 math, 7 commonsense) of ``n_examples`` = 300 examples. Every run's outcome on
-an example is Bernoulli(p): p[student, task] for the SFT run and, under the null, for
-every KD run of that student too (no method and no temperature helps); ``gain``
-percentage points are added to every KD run's p for power, ``method_gain`` to the first
-method's only. With predictions, answers are drawn too (a wrong answer is one of the
-task's other options, or a nearby wrong number), students independently of their
-teacher, so every agreement measure is under its null as well; rationale BLEU, which
-costs ~40 ms per run and task through sacrebleu, is drawn independently instead.
+:func:`simulate_study` draws one study of a :class:`Design`: per domain teachers and
+students (crossed, or the pairs given), fkl / rkl / gkd at several temperatures sharing one
+SFT run per student, an untuned base run per student, tasks of ``n_examples`` examples.
+Every run's answer to an item is right with probability sigmoid(ability - item
+difficulty): item difficulties are shared by every model (``item_sd``, logits), so
+correctness correlates across models through the items, and each run's ability is set
+so that its expected accuracy on the task's items is its target accuracy. Targets, in
+accuracy points (``Design`` fields, all 0 in the sharp null):
 
-:func:`simulate` runs :func:`kd_utils.analysis.study_analysis` on many such studies and
-returns, per test family, how often it rejected at alpha (or, for the bootstrap
-intervals, how often an interval missed the true improvement). The paper's procedure
-as published is put through the same studies for comparison.
+- student: uniform 30-70%; base model: the same minus 10 points; teacher: rising with its size;
+- SFT run: the student's target plus its training deviation (``run_sd``, shared by the run's tasks);
+- KD run: the student's target plus a student effect (``student_effect_sd``), a teacher
+  effect centred over the study's teachers and unrelated to the teacher's accuracy
+  (``teacher_effect_sd``), a method-by-student effect centred at 0 (``method_student_sd``),
+  its own training deviation (``run_sd``), and for power ``gain`` (every KD run),
+  ``method_gain`` (the first method) or ``teacher_slope`` x the teacher's centred accuracy.
+
+No KD run copies its teacher under a null of H4: a teacher-level share ``copy_max`` x U(0, 1)
+of a KD run's items is drawn with the teacher's own uniform (the same marginal accuracy,
+more agreement: an agreement effect of the teacher, unrelated to the gain). Rationale BLEU
+is drawn as 50 + a teacher effect (``bleu_teacher_sd``) + noise (sd 10).
+
+:data:`SCENARIOS` names the null scenarios (the sharp null kept as one) and the power
+scenarios; :func:`simulate` runs :func:`kd_utils.analysis.study_analysis` on many studies
+of one and returns, per test family, how often it rejected at alpha (or, for the
+bootstrap intervals, how often an interval missed the true improvement). The earlier
+procedures (within-student permutations, pairs as Friedman blocks, the split H3, plain
+error consistency) and the paper's as published are put through the same studies.
 """
 
 from __future__ import annotations
@@ -29,8 +42,13 @@ import numpy as np
 import pandas as pd
 
 from kd_utils.predictions import Predictions
-from kd_utils.statistics.hypothesis_tests import hypothesis_tests, permutation_spearman, unit_ttest
-from kd_utils.statistics.improvements import improvement_table
+from kd_utils.statistics.hypothesis_tests import (
+    friedman_test,
+    hypothesis_tests,
+    permutation_spearman,
+    unit_ttest,
+)
+from kd_utils.statistics.improvements import KEYS, improvement_table
 from kd_utils.statistics.results import RESULTS_COLUMNS, validate_results
 
 SIM_TASKS = {
@@ -41,74 +59,170 @@ SIM_TASKS = {
 CHOICES = {"aqua": 5, "boolq": 2, "piqa": 2, "siqa": 3, "winogrande": 2, "arc_e": 4, "arc_c": 4, "obqa": 4}
 TEACHER_SIZES = (3.0, 7.0, 14.0)
 STUDENT_SIZES = (0.5, 1.5, 3.0)
+#: the paper's design: Qwen teachers 3B, 7B, 14B and Llama 8B; Qwen students 0.5B-7B with the larger
+#: Qwen teachers, Llama 1B and 3B with the 8B teacher (11 pairs, 8 of them of three students)
+PAPER_TEACHERS = ("Q-3B", "Q-7B", "Q-14B", "L-8B")
+PAPER_STUDENTS = ("Q-0.5B", "Q-1.5B", "Q-3B", "Q-7B", "L-1B", "L-3B")
+PAPER_PAIRS = ((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1), (1, 2), (2, 2), (2, 3), (3, 4), (3, 5))
 
 
 @dataclass(frozen=True)
 class Design:
-    """One simulated study design (the defaults are the issue's)."""
+    """One simulated study design and its effects (module docstring); the defaults: a sharp-null 3 x 3."""
 
     n_examples: int = 300
-    n_teachers: int = 3
-    n_students: int = 3
+    teachers: tuple[str, ...] = tuple(f"T-{s:g}B" for s in TEACHER_SIZES)
+    students: tuple[str, ...] = tuple(f"S-{s:g}B" for s in STUDENT_SIZES)
+    pairs: tuple[tuple[int, int], ...] | None = None  # (teacher index, student index); None: crossed
     methods: tuple[str, ...] = ("fkl", "rkl", "gkd")
     temperatures: tuple[float, ...] = (1.0, 2.0, 5.0)
-    gain: float = 0.0  # percentage points added to every KD run's success probability
-    method_gain: float = 0.0  # percentage points added to the first method's runs only
+    gain: float = 0.0  # points added to every KD run's target accuracy
+    method_gain: float = 0.0  # points added to the first method's runs only
+    teacher_slope: float = 0.0  # points of gain per point of the teacher's (centred) accuracy
+    item_sd: float = 0.0  # sd of item difficulty, logits
+    teacher_effect_sd: float = 0.0  # points; centred over the study's teachers
+    student_effect_sd: float = 0.0  # points
+    method_student_sd: float = 0.0  # points
+    run_sd: float = 0.0  # points; training deviation of every SFT and KD run
+    copy_max: float = 0.0  # largest teacher-level share of items coupled to the teacher
+    bleu_teacher_sd: float = 0.0  # points of BLEU
     predictions: bool = True
     tasks: tuple[tuple[str, str], ...] = tuple((t, d) for d, names in SIM_TASKS.items() for t in names)
 
+    @property
+    def pair_list(self) -> tuple[tuple[int, int], ...]:
+        if self.pairs is not None:
+            return self.pairs
+        return tuple((i, j) for j in range(len(self.students)) for i in range(len(self.teachers)))
 
-def _runs(design: Design) -> list[dict]:
-    teachers = [f"T-{s:g}B" for s in TEACHER_SIZES[: design.n_teachers]]
-    students = [f"S-{s:g}B" for s in STUDENT_SIZES[: design.n_students]]
+
+def crossed(n_teachers: int, n_students: int) -> dict:
+    """Design fields of a crossed n x m design (every teacher with every student)."""
+    return {"teachers": tuple(f"T-{8 + 4 * i:g}B" for i in range(n_teachers)),
+            "students": tuple(f"S-{0.5 + 0.5 * j:g}B" for j in range(n_students))}
+
+
+PAPER_DESIGN = {"teachers": PAPER_TEACHERS, "students": PAPER_STUDENTS, "pairs": PAPER_PAIRS}
+#: the effects of the realistic nulls: item difficulty sd 1.5 logits; teacher effects sd 2 points, twice the
+#: runs' training deviation of 1 point; method-by-student sd 2 points; student effects sd 1 point
+REALISTIC = {"item_sd": 1.5, "teacher_effect_sd": 2.0, "student_effect_sd": 1.0, "method_student_sd": 2.0,
+             "run_sd": 1.0, "copy_max": 0.3, "bleu_teacher_sd": 5.0}
+#: name -> (design fields, what the scenario is); the nulls first, then the power scenarios
+SCENARIOS: dict[str, tuple[dict, str]] = {
+    "sharp null, 3 x 3": ({}, "every run Bernoulli with its student's p: no items, no effects (the old simulation)"),
+    "item difficulty, 3 x 3": ({"item_sd": 1.5}, "logistic items shared by all models, nothing else"),
+    "teacher effects, 3 x 3": ({"item_sd": 1.5, "teacher_effect_sd": 2.0, "run_sd": 1.0},
+                               "a teacher effect on the gain twice the run noise, unrelated to teacher accuracy"),
+    "method x student, 3 x 3": ({"item_sd": 1.5, "method_student_sd": 2.0, "run_sd": 1.0},
+                                "method effects that vary by student, centred at 0"),
+    "realistic, 3 x 3": (REALISTIC, "all of the above plus agreement and BLEU carrying teacher effects"),
+    "realistic, 5 x 5": (REALISTIC | crossed(5, 5), "the realistic null in a crossed 5 x 5 design"),
+    "realistic, paper design": (REALISTIC | PAPER_DESIGN, "the realistic null in the paper's unbalanced design"),
+    "power: gain 3 pp, 5 x 5": (REALISTIC | crossed(5, 5) | {"gain": 3.0}, "every KD run 3 points better"),
+    "power: one method +3 pp, 5 x 5": (REALISTIC | crossed(5, 5) | {"method_gain": 3.0},
+                                       "the first method 3 points better"),
+    "power: teacher accuracy slope 0.5, 5 x 5": (REALISTIC | crossed(5, 5) | {"teacher_slope": 0.5},
+                                                 "half a point of gain per point of teacher accuracy"),
+}
+
+
+def scenario(name: str, **overrides) -> Design:
+    """The :class:`Design` of a named scenario (:data:`SCENARIOS`), with ``overrides`` of its fields."""
+    if name not in SCENARIOS:
+        raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
+    return Design(**(SCENARIOS[name][0] | overrides))
+
+
+def _runs(design: Design, rng: np.random.Generator) -> list[dict]:
+    """Every run of one domain with its target accuracy shift (points) and who it is."""
+    n_t = len(design.teachers)
+    u = rng.normal(0.0, design.teacher_effect_sd, n_t) if design.teacher_effect_sd else np.zeros(n_t)
+    u = u - u.mean()
+    students = {j: rng.normal(0.0, design.student_effect_sd) for j in range(len(design.students))}
     runs = [dict(run_id=t, role="teacher", model=t, teacher="", method="sft", temperature=math.nan, who=("t", i),
-                 gain=0.0) for i, t in enumerate(teachers)]
-    for j, s in enumerate(students):
+                 shift=0.0) for i, t in enumerate(design.teachers)]
+    for j, s in enumerate(design.students):
+        runs.append(dict(run_id=f"{s}-base", role="base", model=s, teacher="", method="", temperature=math.nan,
+                         who=("b", j), shift=-10.0))
         runs.append(dict(run_id=f"{s}-sft", role="student", model=s, teacher="", method="sft", temperature=math.nan,
-                         who=("s", j), gain=0.0))
-        for t in teachers:
-            for m, method in enumerate(design.methods):
+                         who=("s", j), shift=rng.normal(0.0, design.run_sd) if design.run_sd else 0.0))
+        for m, method in enumerate(design.methods):
+            v = rng.normal(0.0, design.method_student_sd) if design.method_student_sd else 0.0
+            for i in [i for i, jj in design.pair_list if jj == j]:
                 for temp in design.temperatures:
-                    runs.append(dict(run_id=f"{s}-{method}-{t}-t{temp:g}", role="student", model=s, teacher=t,
-                                     method=method, temperature=temp, who=("s", j),
-                                     gain=design.gain + (design.method_gain if m == 0 else 0.0)))
+                    d = rng.normal(0.0, design.run_sd) if design.run_sd else 0.0
+                    runs.append(dict(run_id=f"{s}-{method}-{design.teachers[i]}-t{temp:g}", role="student", model=s,
+                                     teacher=design.teachers[i], method=method, temperature=temp, who=("s", j),
+                                     teacher_index=i, shift=design.gain + (design.method_gain if m == 0 else 0.0)
+                                     + students[j] + u[i] + v + d))
     return runs
+
+
+def _abilities(target: np.ndarray, difficulty: np.ndarray) -> np.ndarray:
+    """Per run (rows of ``target``), the ability whose mean sigmoid(ability - difficulty) is the target."""
+    theta = np.log(target / (1 - target))
+    for _ in range(30):  # Newton on a monotone, concave-convex function from the logit start: converges fast
+        prob = 1.0 / (1.0 + np.exp(-(theta[:, None] - difficulty[None, :])))
+        theta = theta - (prob.mean(axis=1) - target) / np.maximum((prob * (1 - prob)).mean(axis=1), 1e-9)
+    return theta
 
 
 def simulate_study(design: Design, rng: np.random.Generator) -> tuple[pd.DataFrame, Predictions | None]:
     """One synthetic study: its results table and (with ``design.predictions``) its predictions in memory."""
     tasks = list(design.tasks)
     n = design.n_examples
-    p_student = rng.uniform(0.25, 0.75, (design.n_students, len(tasks)))
-    p_teacher = rng.uniform(0.55, 0.9, (design.n_teachers, len(tasks)))
-    runs = _runs(design)
-    p = np.array([(p_teacher if r["who"][0] == "t" else p_student)[r["who"][1]] + r["gain"] / 100 for r in runs])
-    p = np.clip(p, 0.0, 1.0)
-    store = None
-    if design.predictions:
-        outcomes = rng.random((len(runs), len(tasks), n)) < p[:, :, None]
-        correct = outcomes.sum(axis=2)
-        tables = {}
-        for k, (task, _) in enumerate(tasks):
-            ids = np.array([f"{task}-{i}" for i in range(n)])
-            options = CHOICES.get(task)
-            answer = rng.integers(options, size=n).astype(float) if options else np.arange(n, dtype=float)
-            for r, run in enumerate(runs):
-                wrong = ((answer + rng.integers(1, options, size=n)) % options if options
-                         else answer + rng.integers(1, 50, size=n))
-                tables[(run["run_id"], task)] = pd.DataFrame(
-                    {"id": ids, "prediction": np.where(outcomes[r, k], answer, wrong), "correct": outcomes[r, k],
-                     "output": ""})
-        store = Predictions(tables=tables)
-    else:
-        correct = rng.binomial(n, p)
+    n_t, n_s = len(design.teachers), len(design.students)
+    runs = _runs(design, rng)
+    p_student = rng.uniform(0.30, 0.70, (n_s, len(tasks)))
+    rank = np.argsort(np.argsort([float(t.split("-")[-1].rstrip("B")) for t in design.teachers]))
+    p_teacher = np.clip(0.60 + 0.25 * rank[:, None] / max(n_t - 1, 1) + rng.normal(0, 0.03, (n_t, len(tasks))),
+                        0.05, 0.95)
+    teacher_mean = 100 * p_teacher.mean(axis=1)
+    slope = design.teacher_slope * (teacher_mean - teacher_mean.mean())
+    copy = rng.uniform(0.0, design.copy_max, n_t) if design.copy_max else np.zeros(n_t)
+    target = np.array([p_teacher[r["who"][1]] if r["who"][0] == "t" else
+                       p_student[r["who"][1]] + (r["shift"] + (slope[r["teacher_index"]] if "teacher_index" in r
+                                                               else 0.0)) / 100 for r in runs])
+    target = np.clip(target, 0.02, 0.98)
+    teacher_row = {i: k for k, r in enumerate(runs) if r["who"][0] == "t" for i in [r["who"][1]]}
+    correct = np.empty((len(runs), len(tasks)))
+    tables = {}
+    for k, (task, _) in enumerate(tasks):
+        difficulty = rng.normal(0.0, design.item_sd, n) if design.item_sd else np.zeros(n)
+        prob = 1.0 / (1.0 + np.exp(-(_abilities(target[:, k], difficulty)[:, None] - difficulty[None, :])))
+        uniform = rng.random((len(runs), n))
+        coupled = np.zeros((len(runs), n), bool)
+        for r, run in enumerate(runs):
+            if "teacher_index" in run and copy[run["teacher_index"]] > 0:
+                coupled[r] = rng.random(n) < copy[run["teacher_index"]]
+                uniform[r] = np.where(coupled[r], uniform[teacher_row[run["teacher_index"]]], uniform[r])
+        outcomes = uniform < prob
+        correct[:, k] = outcomes.sum(axis=1)
+        if not design.predictions:
+            continue
+        ids = np.array([f"{task}-{i}" for i in range(n)])
+        options = CHOICES.get(task)
+        answer = rng.integers(options, size=n).astype(float) if options else np.arange(n, dtype=float)
+        wrong_answers = {}
+        for r, run in enumerate(runs):
+            wrong = ((answer + rng.integers(1, options, size=n)) % options if options
+                     else answer + rng.integers(1, 50, size=n))
+            if coupled[r].any():  # a coupled wrong answer is the teacher's wrong answer
+                wrong = np.where(coupled[r], wrong_answers[teacher_row[run["teacher_index"]]], wrong)
+            wrong_answers[r] = wrong
+            tables[(run["run_id"], task)] = pd.DataFrame(
+                {"id": ids, "prediction": np.where(outcomes[r], answer, wrong), "correct": outcomes[r],
+                 "output": ""})
     rows = [{"study": "simulated", "run_id": run["run_id"], "role": run["role"], "model": run["model"],
              "teacher": run["teacher"], "method": run["method"], "temperature": run["temperature"],
              "noise_sigma": 0.0, "seed": 0.0, "task": task, "domain": domain, "n": float(n),
              "correct": float(correct[r, k]), "accuracy": 100.0 * correct[r, k] / n,
              "ci_low": math.nan, "ci_high": math.nan}
             for r, run in enumerate(runs) for k, (task, domain) in enumerate(tasks)]
-    return validate_results(pd.DataFrame(rows, columns=list(RESULTS_COLUMNS)), "simulated study"), store
+    results = validate_results(pd.DataFrame(rows, columns=list(RESULTS_COLUMNS)), "simulated study")
+    # the truth the intervals are checked against: each run's expected accuracy on the task's item population
+    results["expected_accuracy"] = [100.0 * target[r, k] for r in range(len(runs)) for k in range(len(tasks))]
+    return results, Predictions(tables=tables) if design.predictions else None
 
 
 def simulate_studies(design: Design, rng: np.random.Generator, n_studies: int
@@ -141,99 +255,162 @@ def _rejected(tests: pd.DataFrame, hypothesis: str, alpha: float, column: str = 
 
 #: family -> (what is counted, needs predictions); see :func:`study_outcomes`
 FAMILIES = {
-    "H1 t-test over students": ("p < alpha", False),
-    "H1 t-test over students, average task, methods pooled": ("p < alpha", False),
-    "H1 t-test, selected temperature (split)": ("p < alpha", True),
-    "H1 Friedman over pairs": ("p < alpha", False),
-    "H2 Spearman within students": ("p < alpha", False),
-    "H3 size, Spearman over students": ("p < alpha", False),
-    "H3 SFT accuracy (split), over students": ("p < alpha", False),
-    "H4 error consistency, within students": ("p < alpha", True),
-    "H4 KD vs SFT error consistency": ("p < alpha", True),
-    "H5 BLEU, within students": ("p < alpha", True),
+    "H1 sign-flip over students": ("p < alpha", False),
+    "H1 sign-flip over students, average task, methods pooled": ("p < alpha", False),
+    "H1 interval misses the true mean gain (average task, methods pooled)": ("miss", False),
+    "H1 Friedman over students": ("p < alpha", False),
+    "H2 Spearman, teachers relabelled": ("p < alpha", False),
+    "H3 size over students (one-sided)": ("p < alpha", False),
+    "H3 base-model accuracy over students (one-sided)": ("p < alpha", False),
+    "H1 sign-flip, selected temperature (split)": ("p < alpha", True),
+    "H4 stratified error consistency, teachers relabelled": ("p < alpha", True),
+    "H4 KD vs SFT stratified error consistency": ("p < alpha", True),
+    "H5 BLEU, teachers relabelled": ("p < alpha", True),
     "McNemar accuracy, per run and task": ("p < alpha", True),
     "McNemar agreement, per run and task": ("p < alpha", True),
     "bootstrap 95% interval misses the truth": ("miss", False),
-    "bootstrap 95% interval excludes 0": ("0 outside", False),
-    "mixed model, method contrasts": ("p < alpha", False),
+    "primary family (Holm): any rejection in a domain": ("per domain", False),
     "verdict 'supported', any hypothesis of a domain": ("per domain", False),
+    "before: H1 t-test over students": ("p < alpha", False),
+    "before: H1 Friedman over pairs": ("p < alpha", False),
+    "before: H2 permutation within students": ("p < alpha", False),
+    "before: H3 SFT accuracy (split), over students": ("p < alpha", False),
+    "before: H4 error consistency, within students": ("p < alpha", True),
+    "before: H4 raw agreement, within students": ("p < alpha", True),
     "as published: H1 t-test over rows, best temperature": ("p < alpha", False),
     "as published: H1 ANOVA over rows": ("p < alpha", False),
     "as published: H2 Spearman over rows": ("p < alpha", False),
     "as published: H3 size, Spearman over rows": ("p < alpha", False),
     "as published: H3 SFT accuracy, Spearman over rows": ("p < alpha", False),
-    "naive: H4 raw agreement, within students": ("p < alpha", True),
-    "naive: H1 t-test over pairs, mean temperature": ("p < alpha", False),
 }
+#: families that compare the procedure with what it replaced (expected to fail some scenarios)
+COMPARISONS = ("before", "as published")
+
+
+def _within_students(improvements: pd.DataFrame, x: str, n_permutations: int, seed: int, alpha: float
+                     ) -> pd.DataFrame:
+    """The earlier H2/H4 test: pairs permuted within students, per domain and task (methods pooled)."""
+    rows = []
+    data = improvements.dropna(subset=[x, "improvement"])
+    for (domain, _), part in data.groupby(["domain", "task"]):
+        units = part.groupby(["teacher", "student"])[[x, "improvement"]].mean().reset_index()
+        p = permutation_spearman(units[x], units["improvement"], units["student"], n_permutations, seed,
+                                 alpha=alpha)["pvalue"]
+        if not math.isnan(p):
+            rows.append({"domain": domain, "rejected": p < alpha})
+    rows = pd.DataFrame(rows, columns=["domain", "rejected"])
+    return _by_study(rows, rows["rejected"])
+
+
+def _true_improvements(results: pd.DataFrame) -> pd.DataFrame:
+    """Every improvement row's expected value (its KD runs' expected accuracy minus the SFT run's)."""
+    truth = results[["expected_accuracy"]].rename(columns={"expected_accuracy": "accuracy"})
+    table = improvement_table(results.assign(accuracy=truth["accuracy"]), temperature="mean")
+    return table[KEYS + ["improvement"]].rename(columns={"improvement": "true_improvement"})
+
+
+def not_under_the_null(design: Design) -> set[str]:
+    """Families whose own null the scenario does not satisfy (left out of its type-I rates): runs that
+    differ by training deviations or by effects really differ, so per-run McNemar tests find it; the
+    temperature chosen on half A picks, among runs that differ by training deviations, one that is
+    really better than its SFT run (the selected gain's expectation is above 0); and KD runs that copy
+    their teacher really raise agreement over SFT."""
+    out = set()
+    run_effects = any((design.run_sd, design.teacher_effect_sd, design.student_effect_sd, design.method_student_sd))
+    if run_effects or design.copy_max:
+        out |= {"McNemar accuracy, per run and task", "McNemar agreement, per run and task"}
+    if design.run_sd:
+        out.add("H1 sign-flip, selected temperature (split)")
+    if design.copy_max:
+        out |= {"H4 KD vs SFT stratified error consistency", "verdict 'supported', any hypothesis of a domain"}
+    return out
 
 
 def study_outcomes(design: Design, rng: np.random.Generator, n_studies: int = 1, alpha: float = 0.05,
-                   n_bootstrap: int = 200, n_permutations: int = 999, mixed_studies: int | None = None
-                   ) -> list[dict[str, tuple[int, int]]]:
+                   n_bootstrap: int = 200, n_permutations: int = 999) -> list[dict[str, tuple[int, int]]]:
     """Simulate ``n_studies`` studies and analyse them (:func:`kd_utils.analysis.study_analysis`); per
-    study and family (see FAMILIES) the (count, number of tests). The mixed model, the slowest part,
-    is fitted for the first ``mixed_studies`` studies only (default all)."""
+    study and family (see FAMILIES) the (count, number of tests)."""
     from kd_utils import fidelity as fd
     from kd_utils.analysis import study_analysis
-    from kd_utils.statistics.models import mixed_effects
 
     results, store = simulate_studies(design, rng, n_studies)
     fidelity = None
     if store is not None:
         fidelity = fd.fidelity_table(results, store, bleu=False)
-        fidelity["bleu"] = rng.normal(50.0, 10.0, len(fidelity))
+        teacher_bleu = {t: rng.normal(50.0, design.bleu_teacher_sd) for t in fidelity["teacher"].unique()}
+        fidelity["bleu"] = fidelity["teacher"].map(teacher_bleu) + rng.normal(0.0, 10.0, len(fidelity))
     seed = int(rng.integers(2**31))
     math_domains = tuple(d for d in results["domain"].unique() if d.startswith("math#"))
     analysis = study_analysis(results, predictions=store, fidelity=fidelity, n_bootstrap=n_bootstrap,
                               n_permutations=n_permutations, seed=seed, mixed_model=False, bleu_domains=math_domains)
     tests, improvements = analysis.tests, analysis.improvements
-    truth = design.gain
-    known = improvements[improvements["ci_low"].notna()]
-    inside = lambda value: (known["ci_low"] <= value) & (value <= known["ci_high"])  # noqa: E731
-    verdicts = analysis.verdicts.assign(supported=analysis.verdicts["verdict"] == "supported")
-    verdicts = verdicts.groupby("domain", as_index=False)["supported"].any()
+    truth = design.gain  # the mean gain over students (the nulls' effects are centred)
+    known = improvements[improvements["ci_low"].notna()].merge(_true_improvements(results), on=KEYS, how="left")
+    covered = (known["ci_low"] <= known["true_improvement"]) & (known["true_improvement"] <= known["ci_high"])
+    verdicts = analysis.verdicts
+    primary = verdicts[verdicts["family"] == "primary"].assign(
+        rejected=lambda v: v["pvalue_holm"] < alpha, supported=lambda v: v["verdict"] == "supported")
+    any_primary = primary.groupby("domain", as_index=False)[["rejected"]].any()
+    any_supported = verdicts.assign(supported=verdicts["verdict"] == "supported").groupby(
+        "domain", as_index=False)["supported"].any()
+    h1 = tests[(tests["hypothesis"] == "H1_improvement_ttest") & (tests["task"] == "average")
+               & (tests["method"] == "all") & tests["ci_low"].notna()]
     counted = {
-        "H1 t-test over students": _rejected(tests, "H1_improvement_ttest", alpha),
-        "H1 t-test over students, average task, methods pooled":
+        "H1 sign-flip over students": _rejected(tests, "H1_improvement_ttest", alpha),
+        "H1 sign-flip over students, average task, methods pooled":
             _rejected(tests[(tests["task"] == "average") & (tests["method"] == "all")], "H1_improvement_ttest", alpha),
-        "H1 Friedman over pairs": _rejected(tests, "H1_method_friedman", alpha),
-        "H2 Spearman within students": _rejected(tests, "H2_teacher_performance", alpha),
-        "H3 size, Spearman over students": _rejected(tests, "H3_student_size", alpha),
-        "H3 SFT accuracy (split), over students": _rejected(tests, "H3_student_sft", alpha),
-        "bootstrap 95% interval misses the truth": _by_study(known, ~inside(truth)),
-        "bootstrap 95% interval excludes 0": _by_study(known, ~inside(0.0)),
-        "verdict 'supported', any hypothesis of a domain": _by_study(verdicts, verdicts["supported"]),
+        "H1 interval misses the true mean gain (average task, methods pooled)":
+            _by_study(h1, ~((h1["ci_low"] <= truth) & (truth <= h1["ci_high"]))),
+        "H1 Friedman over students": _rejected(tests, "H1_method_friedman", alpha),
+        "H2 Spearman, teachers relabelled": _rejected(tests, "H2_teacher_performance", alpha),
+        "H3 size over students (one-sided)": _rejected(tests, "H3_student_size", alpha),
+        "H3 base-model accuracy over students (one-sided)": _rejected(tests, "H3_student_sft", alpha),
+        "bootstrap 95% interval misses the truth": _by_study(known, ~covered),
+        "primary family (Holm): any rejection in a domain": _by_study(any_primary, any_primary["rejected"]),
+        "verdict 'supported', any hypothesis of a domain": _by_study(any_supported, any_supported["supported"]),
     }
-    domains = list(dict.fromkeys(improvements["domain"]))
-    fitted = domains if mixed_studies is None else [d for d in domains if int(d.rsplit("#", 1)[1]) < mixed_studies]
-    if fitted:
-        mixed = mixed_effects(improvements[improvements["domain"].isin(fitted)])
-        terms = mixed[mixed["term"].astype(str).str.startswith("method[") & mixed["pvalue"].notna()]
-        counted["mixed model, method contrasts"] = _by_study(terms, terms["pvalue"] < alpha)
     if store is not None:
         counted |= {
-            "H1 t-test, selected temperature (split)": _rejected(tests, "H1_improvement_ttest", alpha,
-                                                                 "pvalue_selected"),
-            "H4 error consistency, within students": _rejected(tests, "H4_agreement", alpha),
-            "H4 KD vs SFT error consistency": _rejected(tests, "H4_kd_vs_sft", alpha),
-            "H5 BLEU, within students": _rejected(tests, "H5_fidelity", alpha),
+            "H1 sign-flip, selected temperature (split)": _rejected(tests, "H1_improvement_ttest", alpha,
+                                                                    "pvalue_selected"),
+            "H4 stratified error consistency, teachers relabelled": _rejected(tests, "H4_agreement", alpha),
+            "H4 KD vs SFT stratified error consistency": _rejected(tests, "H4_kd_vs_sft", alpha),
+            "H5 BLEU, teachers relabelled": _rejected(tests, "H5_fidelity", alpha),
             "McNemar accuracy, per run and task": _by_study(analysis.mcnemar, analysis.mcnemar["pvalue"] < alpha),
             "McNemar agreement, per run and task": _by_study(analysis.agreement_mcnemar,
                                                              analysis.agreement_mcnemar["pvalue"] < alpha),
+            "before: H4 error consistency, within students":
+                _within_students(improvements, "error_consistency", n_permutations, seed, alpha),
+            "before: H4 raw agreement, within students":
+                _within_students(improvements, "agreement", n_permutations, seed, alpha),
         }
-        raw = []
-        for (domain, _), part in improvements[improvements["task"] != "average"].groupby(["domain", "task"]):
-            units = part.groupby(["teacher", "student"])[["agreement", "improvement"]].mean().reset_index()
-            p = permutation_spearman(units["agreement"], units["improvement"], units["student"], n_permutations,
-                                     seed)["pvalue"]
-            raw.append({"domain": domain, "rejected": p < alpha})
-        raw = pd.DataFrame(raw)
-        counted["naive: H4 raw agreement, within students"] = _by_study(raw, raw["rejected"])
-    # pairs as units: a student's pairs share its SFT run, so they are not independent
-    pairs = improvements.groupby(["domain", "task", "teacher", "student"], as_index=False)["improvement"].mean()
-    naive = pairs.groupby(["domain", "task"], as_index=False)["improvement"].agg(
-        lambda y: unit_ttest(y, "greater")["pvalue"])
-    counted["naive: H1 t-test over pairs, mean temperature"] = _by_study(naive, naive["improvement"] < alpha)
+    students = improvements.groupby(["domain", "task", "student"], as_index=False)["improvement"].mean()
+    ttest = students.groupby(["domain", "task"], as_index=False)["improvement"].agg(
+        lambda y: unit_ttest(y, "greater")["pvalue"]).dropna()
+    pair_blocks = []
+    for (domain, _), part in improvements.groupby(["domain", "task"]):
+        p = friedman_test(part.pivot_table(index=["teacher", "student"], columns="method", values="improvement"),
+                          alpha, n_permutations, seed)["pvalue"]
+        if not math.isnan(p):
+            pair_blocks.append({"domain": domain, "rejected": p < alpha})
+    pair_blocks = pd.DataFrame(pair_blocks, columns=["domain", "rejected"])
+    split = []
+    if "sft_accuracy_a" in improvements:
+        units = improvements.dropna(subset=["sft_accuracy_a", "improvement_b"]).groupby(
+            ["domain", "task", "student"], as_index=False)[["sft_accuracy_a", "improvement_b"]].mean()
+        for (domain, _), part in units.groupby(["domain", "task"]):
+            p = permutation_spearman(part["sft_accuracy_a"], part["improvement_b"], None, n_permutations, seed,
+                                     alpha=alpha)["pvalue"]
+            if not math.isnan(p):
+                split.append({"domain": domain, "rejected": p < alpha})
+    split = pd.DataFrame(split, columns=["domain", "rejected"])
+    counted |= {
+        "before: H1 t-test over students": _by_study(ttest, ttest["improvement"] < alpha),
+        "before: H1 Friedman over pairs": _by_study(pair_blocks, pair_blocks["rejected"]),
+        "before: H2 permutation within students":
+            _within_students(improvements, "teacher_accuracy", n_permutations, seed, alpha),
+        "before: H3 SFT accuracy (split), over students": _by_study(split, split["rejected"]),
+    }
     published = hypothesis_tests(improvement_table(results, temperature="best"), per_method=False)
     counted |= {
         "as published: H1 t-test over rows, best temperature": _rejected(published, "H1_improvement_ttest", alpha),
@@ -243,7 +420,10 @@ def study_outcomes(design: Design, rng: np.random.Generator, n_studies: int = 1,
         "as published: H3 SFT accuracy, Spearman over rows": _rejected(published, "H3_student_sft", alpha),
     }
     per_study = [{} for _ in range(n_studies)]
+    null = design.gain == 0 and design.method_gain == 0 and design.teacher_slope == 0
     for family, frame in counted.items():
+        if null and family in not_under_the_null(design):
+            continue
         sums = frame.groupby("study")["value"].agg(["sum", "size"])
         for k in range(n_studies):
             per_study[k][family] = (int(sums["sum"].get(k, 0)), int(sums["size"].get(k, 0)))
@@ -267,50 +447,27 @@ def rates(per_study: list[dict[str, tuple[int, int]]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def simulate(design: Design, n_studies: int, seed: int = 0, batch: int = 10, mixed_every: int = 1,
+def simulate(design: Design, n_studies: int, seed: int = 0, batch: int = 10,
              progress: Callable[[int], None] | None = None, **kwargs) -> pd.DataFrame:
     """:func:`study_outcomes` on ``n_studies`` independent studies, ``batch`` per analysis pass; the
-    per-family :func:`rates`. The mixed model is fitted in one study of every ``mixed_every``."""
+    per-family :func:`rates`."""
     rng = np.random.default_rng(seed)
     per_study = []
     while len(per_study) < n_studies:
         size = min(batch, n_studies - len(per_study))
-        per_study += study_outcomes(design, rng, size, mixed_studies=-(-size // mixed_every), **kwargs)
+        per_study += study_outcomes(design, rng, size, **kwargs)
         if progress is not None:
             progress(len(per_study))
-    return rates(per_study).assign(predictions=design.predictions, gain=design.gain, method_gain=design.method_gain)
+    return rates(per_study)
 
 
-#: families whose alternative is one method better than the others
-METHOD_FAMILIES = "Friedman|mixed model|ANOVA"
-#: where benchmarks/null_simulation.py writes its table
+#: where benchmarks/null_simulation.py writes its tables
 VALIDITY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "null_simulation.json"
-VALIDITY_COLUMNS = ["family", "predictions", "type_I", "type_I_se", "tests", "power", "power_se", "studies"]
-
-
-def validity_table(null: pd.DataFrame, alternatives: list[pd.DataFrame]) -> pd.DataFrame:
-    """One row per (family, with/without predictions): the null's rate and SE, and the power under the
-    alternative that family is about (a gain of every KD run; for the method tests, of one method)."""
-    keys = ["family", "predictions"]
-    table = null.rename(columns={"rate": "type_I", "se": "type_I_se"})[keys + ["type_I", "type_I_se", "tests",
-                                                                              "studies"]]
-    power = pd.concat(alternatives, ignore_index=True).rename(columns={"rate": "power", "se": "power_se"})
-    method_tests = power["family"].str.contains(METHOD_FAMILIES)
-    gains = power[~method_tests & (power["method_gain"] == 0)][keys + ["power", "power_se"]]
-    # the method tests do not use predictions: one power for both rows
-    methods = power[method_tests & (power["method_gain"] > 0)].drop_duplicates("family")[["family", "power",
-                                                                                          "power_se"]]
-    table = pd.concat([table[~table["family"].str.contains(METHOD_FAMILIES)].merge(gains, on=keys, how="left"),
-                       table[table["family"].str.contains(METHOD_FAMILIES)].merge(methods, on="family", how="left")])
-    # coverage is measured at the true value, which under the alternatives is the gain: no power to report
-    table.loc[table["family"] == "bootstrap 95% interval misses the truth", ["power", "power_se"]] = math.nan
-    order = {family: i for i, family in enumerate(FAMILIES)}
-    table = table.sort_values(["predictions", "family"], key=lambda c: c.map(order) if c.name == "family" else c)
-    return table[VALIDITY_COLUMNS].reset_index(drop=True)
+VALIDITY_COLUMNS = ["scenario", "family", "rate", "se", "tests", "studies"]
 
 
 def read_validity(path: str | Path = VALIDITY_RESULTS) -> pd.DataFrame:
-    """The validity table the benchmark wrote (empty when it has not been run)."""
+    """The per-scenario rates the benchmark wrote (empty when it has not been run)."""
     path = Path(path)
     if not path.is_file():
         return pd.DataFrame(columns=VALIDITY_COLUMNS)
