@@ -4,6 +4,7 @@ Teachers of one model differ by fine-tuning budget (issue 15's H2 design); every
 every teacher, its SFT runs shared by all of them, and results name each student's teacher.
 """
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -151,10 +152,11 @@ def test_dry_run_prints_the_h2_design(tmp_path, monkeypatch, capsys):
 
 
 def test_the_analysis_sees_every_teacher(tmp_path):
-    """results.csv from a 3-teacher plan: improvements per (teacher, student) and H2 within students.
+    """results.csv from a 3-teacher plan: improvements per (teacher, student), and H2 with the teachers as units.
 
-    Accuracies are written so that the gain grows with the teacher's accuracy for every student: H2's
-    within-student rank correlation must be exactly 1 over 3 teachers x 3 students.
+    Accuracies are written so that the gain grows with the teacher's accuracy for every student. The teachers
+    are shared by every student, so they are H2's units: 3 teachers allow 3! relabellings, a smallest p of
+    1/6, and H2 is "not testable" (needing 4 teachers) however perfect the correlation.
     """
     teachers = [{"name": f"t-e{e}", "training": {"epochs": e}} for e in (1, 2, 3)]
     p = params.load_study(write(tmp_path, study_content(teachers, students=3, methods=["sft", "rkl"],
@@ -185,6 +187,6 @@ def test_the_analysis_sees_every_teacher(tmp_path):
     assert (imp["improvement"].round(6) == (imp["teacher_accuracy"] / 10 * 3 / 3).round(6)).all()
     h2 = analysis.tests[(analysis.tests["hypothesis"] == "H2_teacher_performance") & (analysis.tests["method"] == "all")
                         & (analysis.tests["task"] == "average")].iloc[0]
-    assert h2["n"] == 9 and h2["statistic"] == pytest.approx(1.0)
-    # exact over every within-student ordering: only the observed one and its mirror reach |rho| = 1
-    assert h2["pvalue"] == pytest.approx(2 / 216)
+    assert h2["n"] == 9 and h2["min_pvalue"] == pytest.approx(1 / 6) and math.isnan(h2["pvalue"])
+    assert h2["note"].startswith("not testable: 3 teachers allow 6 teacher relabelling(s)")
+    assert "needs 4 or more teachers" in h2["note"]
