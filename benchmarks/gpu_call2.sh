@@ -43,6 +43,9 @@ else
 fi
 rm -rf "$KD_DATA_DIR" && mkdir -p "$KD_DATA_DIR" && tar xzf "$CARRY/data/data.tgz" -C "$KD_DATA_DIR"
 [ $ok = 1 ] || { finish; exit 1; }
+# the GGUF converted once (cached under $KD_CACHE_DIR) as a step of its own, so no later step's limit cuts it
+step convert 90 240 python3 -c "from kd_utils.models import embedded_model_dir; print(embedded_model_dir())" || ok=0
+[ $ok = 1 ] || { finish; exit 1; }
 # the cost table measured here, then the throughput of decoding; both cut short rather than the study
 step calibrate 75 240 python3 -m kd_utils.costs calibrate "${CALIBRATE[@]}" --output "$WORK/cost_table.json" || true
 if [ -f "$WORK/cost_table.json" ]; then

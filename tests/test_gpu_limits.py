@@ -94,3 +94,25 @@ def test_plan_over_budget_or_limits_is_refused():
     assert any("names no kind" in p for p in problems)
     assert any("9 carried paths" in p for p in problems)
     assert any(p.startswith("plan:") and "at most 660 s" in p for p in problems)
+
+
+@pytest.mark.parametrize("name", ["gpu_commonsense", "gpu_rehearsal"])
+def test_gpu_studies_are_valid_and_plan(name):
+    """The GPU study and its rehearsal plan in dependency order, and papermill knows every parameter they pass."""
+    import papermill
+
+    from kd_utils import params, study
+
+    p = params.load_study(Path(__file__).resolve().parents[1] / "params" / f"{name}.yaml")
+    runs = study.plan(p)
+    seen, declared = set(), {}
+    for run in runs:
+        assert all(d in seen for d in run.deps)
+        seen.add(run.id)
+        if run.notebook not in declared:
+            declared[run.notebook] = set(papermill.inspect_notebook(str(study.NOTEBOOKS / run.notebook)))
+        assert set(run.parameters) <= declared[run.notebook]
+    if name == "gpu_commonsense":  # 3 teachers; 5 students x 2 seeds x (sft + fkl from each teacher); their evals
+        stages = [r.stage for r in runs]
+        assert (stages.count("teacher"), stages.count("student"), stages.count("eval")) == (3, 40, 43)
+        assert p["evaluation"]["n_per_task"] >= 300 and len(p["seeds"]) >= 2 and len(p["models"]["students"]) >= 5
