@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.
 STUDY ?= params/default.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup study paper test mutation clean
+.PHONY: setup study paper test mutation gpu-rehearsal clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,12 @@ mutation: setup
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q "$(MUTMUT_SPEC)"
 	$(PY) tests/mutation/run.py $(MUTATION_ARGS)
 	$(PY) tests/mutation/issue_mutants.py
+
+# The GPU session rehearsed here under the GPU machine's limits (docs/gpu.md); not part of `make test` (a few
+# minutes, and it downloads the image's packages and the carried wheels once). OUT=DIR receives each call's $$OUT.
+gpu-rehearsal:
+	@test -n "$(OUT)" || { echo "usage: make gpu-rehearsal OUT=DIR" >&2; exit 2; }
+	bash benchmarks/gpu_rehearsal.sh $(OUT)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

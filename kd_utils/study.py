@@ -259,7 +259,8 @@ class LocalExecutor:
     submits_with_dependencies = False
 
     def __init__(self, parallel: int = 1):
-        self.pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+        self.capacity = max(1, parallel)  # execute() submits no more: a queued run could not be overtaken
+        self.pool = ThreadPoolExecutor(max_workers=self.capacity)
 
     def submit(self, run: Run, study_dir: Path, dep_jobs: list):
         return self.pool.submit(execute_run, run, study_dir)
@@ -412,8 +413,10 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
             jobs[run.id] = job
             futures[job] = run
             tqdm.write(f"[waiting] {run.label} ({run.id}): Slurm job {job.job_id} of an earlier submission")
+    capacity = getattr(executor, "capacity", None)
     while pending or futures:
-        for run in list(pending):
+        # evaluations first, so each model is evaluated as soon as it exists (a study cut short keeps complete pairs)
+        for run in sorted(pending, key=lambda r: r.stage != "eval"):
             dep_states = [statuses[d]["state"] for d in run.deps]
             blocked = [d for d, s in zip(run.deps, dep_states) if s != "done" and d not in scheduled]
             if any(s in ("failed", "skipped") for s in dep_states) or blocked:
@@ -424,7 +427,7 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
                 continue
             ready = all(s == "done" for s in dep_states) or (
                 executor.submits_with_dependencies and all(d in jobs or s == "done" for d, s in zip(run.deps, dep_states)))
-            if ready:
+            if ready and (capacity is None or len(futures) < capacity):
                 jobs[run.id] = executor.submit(run, study_dir, [jobs[d] for d in run.deps if d in jobs])
                 futures[jobs[run.id]] = run
                 pending.remove(run)
