@@ -10,14 +10,16 @@ split of every test set; tests count students or pairs, not rows.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
-from kd_utils.predictions import as_predictions
+from kd_utils.predictions import CORRECTNESS_FILE, as_predictions, read_correctness
 from kd_utils.statistics.hypothesis_tests import BLEU_DOMAINS
 
 
@@ -65,3 +67,40 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
         out.mcnemar = st.mcnemar_tests(results, predictions)
         out.agreement_mcnemar = fd.agreement_mcnemar_tests(results, predictions)
     return out
+
+
+def analysis_tables(analysis: StudyAnalysis, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The CSV files the analysis notebook writes in study mode, by file name (the empty ones it skips left out)."""
+    from kd_utils.report import study_design
+
+    tables = {"improvements.csv": analysis.improvements, "hypothesis_tests.csv": analysis.tests,
+              "verdicts.csv": analysis.verdicts, "mixed_effects.csv": analysis.mixed,
+              "study_design.csv": study_design(results, analysis.improvements),
+              **{f"ablation_{f}.csv": st.ablation_table(results, f) for f in st.ABLATION_FACTORS}}
+    for name, table in (("fidelity.csv", analysis.fidelity), ("mcnemar.csv", analysis.mcnemar),
+                        ("mcnemar_agreement.csv", analysis.agreement_mcnemar)):
+        if len(table):
+            tables[name] = table
+    return tables
+
+
+def reanalyse_study(study_dir: str | Path, predictions=None) -> dict[str, pd.DataFrame]:
+    """A study's analysis tables again from its small files: results.csv, models.csv, the per-example
+    export (``correctness.csv.gz``; or ``predictions``, a runs directory or store) and the analysis
+    parameters recorded in ``analysis/provenance.json`` (bootstrap and permutation counts, seed).
+
+    The export holds no generated text, so rationale BLEU and embedding similarity come out missing:
+    a study with generated rationales (H5) is reproduced from its predictions, not from the export.
+    """
+    study_dir = Path(study_dir)
+    results = st.load_results(study_dir / "results.csv")
+    models = study_dir / "models.csv"
+    provenance = study_dir / "analysis" / "provenance.json"
+    used = json.loads(provenance.read_text())["analysis_parameters"] if provenance.is_file() else {}
+    if predictions is None and (study_dir / CORRECTNESS_FILE).is_file():
+        predictions = read_correctness(study_dir / CORRECTNESS_FILE)
+    analysis = study_analysis(results, st.load_model_sizes(models) if models.is_file() else None, predictions,
+                              n_bootstrap=int(used.get("n_bootstrap", 2000)),
+                              n_permutations=int(used.get("n_permutations", 9999)),
+                              seed=int(used.get("bootstrap_seed", 0)))
+    return analysis_tables(analysis, results)

@@ -17,8 +17,9 @@ between measured points.
 processes: the training rows each epoch's micro batches hold (whole accumulation groups only, as
 ``training.train`` drops the rest), validation passes, online-teacher forwards, gkd's on-policy
 samples (the same draws as training; their length is bounded by gkd_max_new_tokens), the
-teacher cache's forward, and evaluation prompts plus generated tokens. Generated tokens are an
-upper bound: a batch stops early when every sequence has ended.
+teacher cache's forward, and evaluation prompts plus generated tokens (log-likelihood scoring: the
+tokens of every (item, choice) request, one forward). Generated tokens are an upper bound: a batch
+stops early when every sequence has ended.
 """
 
 from __future__ import annotations
@@ -238,6 +239,9 @@ def _training_work(run, p: dict, student_model: str, student_params: int, teache
 
 def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
     p = run.parameters
+    if p.get("scoring") == "loglik":  # one forward over every (item, choice) request, nothing generated
+        tokens = sum(_choice_tokens(tuple(p["tasks"]), p["n_per_task"], p["seed"], p["data_dir"], tokenizer_model))
+        return [Work("eval", run.id, "forward", n_params, p["batch_size"], tokens)]
     prompt_tokens = generated = 0
     from kd_utils.protocols import get_protocol
 
@@ -266,6 +270,25 @@ def _eval_prompts(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str
         examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
         out.append((task_id, get_task(task_id).domain, len(examples),
                     sum(len(tok(build_prompt(e.instruction, e.input))["input_ids"]) for e in examples)))
+    return out
+
+
+@lru_cache(maxsize=None)
+def _choice_tokens(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str | None, tokenizer_model: str
+                   ) -> list[int]:
+    """Tokens of every (context, continuation) request of each available task's sample (loglik scoring)."""
+    from kd_utils.choice_scoring import encode_pair, parse_item
+    from kd_utils.data import available_tasks, load_task
+    from kd_utils.evaluation import sample_examples
+
+    ready, _ = available_tasks(list(tasks), data_dir)
+    tok = _tokenizer(tokenizer_model)
+    out = []
+    for task_id in ready:
+        items = [parse_item(task_id, e.instruction, e.answer)
+                 for e in sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)]
+        out.append(sum(sum(map(len, encode_pair(tok, c, x))) for it in items
+                       for c, x in zip(it.contexts, it.continuations)))
     return out
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kd_utils import precision as precisions
+from kd_utils import choice_scoring, precision as precisions
 from kd_utils.data import DataError, Example, available_tasks, load_task
 from kd_utils.io import write_atomic
 from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
@@ -93,7 +93,8 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
                    data_dir: str | Path | None = None, output_dir: str | Path | None = None,
                    batch_size: int = 16, max_new_tokens: dict[str, int | None] | None = None,
                    do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
-                   seed: int = 0, protocol: str = DEFAULT_PROTOCOL) -> pd.DataFrame:
+                   seed: int = 0, protocol: str = DEFAULT_PROTOCOL, scoring: str = "generate",
+                   loglik_metric: str = choice_scoring.DEFAULT_METRIC) -> pd.DataFrame:
     """Zero-shot accuracy per task with 95% Wilson intervals.
 
     The protocol decides the prompt template, the decoding (``paper``: sampled with its ``eval_seed``,
@@ -103,10 +104,18 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
     ``do_sample`` / ``temperature`` / ``top_k`` override it where given (None: the protocol's). Writes ``<output_dir>/predictions/<task>.jsonl``
     per task as it finishes and ``<output_dir>/metrics.csv`` at the end. Tasks whose test file is
     unavailable (hellaswag offline) are skipped and listed in ``metrics.attrs["skipped"]``.
+    ``scoring="loglik"`` scores the answer choices of multiple-choice tasks by log-likelihood instead
+    (:mod:`kd_utils.choice_scoring`; nothing is generated), ``loglik_metric`` (acc or acc_norm) deciding
+    ``correct``; metrics then also carry both metrics' accuracies.
     """
     rules = get_protocol(protocol)
+    if scoring not in choice_scoring.SCORINGS:
+        raise ValueError(f"scoring must be one of {', '.join(choice_scoring.SCORINGS)}, got {scoring!r}")
     for task_id in task_ids:
         get_task(task_id)  # unknown ids fail before any work
+        if scoring == "loglik" and task_id not in choice_scoring.CHOICE_TASKS:
+            raise ValueError(f"scoring 'loglik' needs multiple-choice tasks ({', '.join(choice_scoring.CHOICE_TASKS)}), "
+                             f"got {task_id!r}")
     budgets = {**rules.max_new_tokens, **{k: v for k, v in (max_new_tokens or {}).items() if v is not None}}
     decoding = {"do_sample": rules.do_sample if do_sample is None else do_sample,
                 "temperature": rules.temperature if temperature is None else temperature,
@@ -122,18 +131,28 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
     for task_id in tqdm(ready, desc="tasks"):
         task = get_task(task_id)
         examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
-        prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
-        outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed,
-                           desc=task_id, precision=precision, **decoding)
-        if rules.cut_at_second_response:
-            outputs = [cut_at_response(o) for o in outputs]
-        records = score(examples, outputs, rules.eval_template)
+        extra = {}  # generated answers add no columns (results.csv reads a missing scoring as generate)
+        if scoring == "loglik":
+            # no autocast: bf16's parity was measured on generated answers, not on log-likelihood comparisons of
+            # close choices; the weights' own dtype is what ran
+            records = choice_scoring.score_examples(model, tokenizer, examples, batch_size, loglik_metric)
+            extra = {"scoring": scoring, "loglik_metric": loglik_metric,
+                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(model, "dtype", None), "fp32"),
+                     **{f"accuracy_{m}": 100.0 * sum(r[f"correct_{m}"] for r in records) / len(records)
+                        for m in choice_scoring.METRICS}}
+        else:
+            prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
+            outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed, desc=task_id,
+                               precision=precision, **decoding)
+            if rules.cut_at_second_response:
+                outputs = [cut_at_response(o) for o in outputs]
+            records = score(examples, outputs, rules.eval_template)
         if output_dir is not None:
             write_atomic(Path(output_dir) / "predictions" / f"{task_id}.jsonl",
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         rows.append({"task": task_id, "domain": task.domain,
                      **accuracy_summary(sum(r["correct"] for r in records), len(records)), "protocol": rules.name,
-                     "precision": precision})
+                     "precision": precision, **extra})
     metrics = pd.DataFrame(rows)
     if output_dir is not None:
         write_atomic(Path(output_dir) / "metrics.csv", metrics.to_csv(index=False))

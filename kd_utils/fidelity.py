@@ -262,6 +262,8 @@ def fidelity_table(results: pd.DataFrame, predictions, embedder=None, bleu: bool
         correct = predictions.aligned(runs, run["task"], "correct")[1].astype(bool)
         texts = (predictions.aligned(runs, run["task"], "output")[1] if (bleu or embedder is not None)
                  and len(answers[0]) else None)
+        if texts is not None and any(t is None for t in texts.ravel()):
+            texts = None  # nothing generated (log-likelihood choice scoring, or a correctness export): no text measures
         similarity = (float(np.mean(embedding_similarity(embedder, texts[:, 1], texts[:, 0], cache)))
                       if embedder is not None and texts is not None else math.nan)
         rows.append({

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from kd_utils.choice_scoring import CHOICE_TASKS, METRICS, SCORINGS
 from kd_utils.data import DEFAULT_MIX, MIXES
 from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
 from kd_utils.tasks import TASKS, tasks_for
@@ -53,7 +54,10 @@ DEFAULTS: dict[str, Any] = {
                       "id_coding": "fixed"},
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
-                   "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True},
+                   "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True,
+                   # "loglik": log-likelihood of the answer choices (multiple-choice tasks only), headline metric
+                   # acc or acc_norm (kd_utils.choice_scoring)
+                   "scoring": "generate", "loglik_metric": "acc_norm"},
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0},
     "execution": {"executor": "local", "parallel": 1,
                   # partition, account, and resources for every stage (below the per-stage ones)
@@ -86,6 +90,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "evaluation.max_new_tokens.math": (INT + (type(None),), "an integer or null (the protocol's)"),
     "evaluation.max_new_tokens.commonsense": (INT + (type(None),), "an integer or null (the protocol's)"),
     "evaluation.do_sample": (BOOL + (type(None),), "true, false or null (the protocol's)"), "evaluation.eval_base": (BOOL, "true or false"),
+    "evaluation.scoring": (STR, "'generate' or 'loglik'"), "evaluation.loglik_metric": (STR, "'acc' or 'acc_norm'"),
     "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
     "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
@@ -210,6 +215,7 @@ def validate(params: dict) -> list[str]:
         bad = [t for t in (tasks if isinstance(tasks, list) else [tasks]) if t not in TASKS]
         problems.append(f"evaluation.tasks: unknown task id(s) {bad}; expected 'all', 'core', 'math', 'commonsense' "
                         f"or ids from {', '.join(TASKS)}")
+    problems += _scoring_problems(params["evaluation"])
     kd = params["kd"]
     for key in ("kd_weight", "beta", "lmbda"):
         if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
@@ -259,6 +265,24 @@ def validate(params: dict) -> list[str]:
     if cache["enabled"] and params["training"]["student"]["mix"] != DEFAULT_MIX:
         problems.append(f"training.student.mix: the teacher cache is built from the {DEFAULT_MIX!r} mix; "
                         "set mix: llm_adapters or teacher_cache.enabled: false")
+    return problems
+
+
+def _scoring_problems(ev: dict) -> list[str]:
+    """evaluation.scoring / loglik_metric: known values; loglik only over multiple-choice tasks."""
+    problems = []
+    if ev["scoring"] not in SCORINGS:
+        problems.append(f"evaluation.scoring: expected one of {', '.join(SCORINGS)}, got {ev['scoring']!r}")
+    if ev["loglik_metric"] not in METRICS:
+        problems.append(f"evaluation.loglik_metric: expected one of {', '.join(METRICS)}, got {ev['loglik_metric']!r}")
+    if ev["scoring"] == "loglik":
+        try:
+            other = [t.id for t in tasks_for(ev["tasks"]) if t.id not in CHOICE_TASKS]
+        except (KeyError, TypeError):
+            other = []  # reported under evaluation.tasks
+        if other:
+            problems.append(f"evaluation.scoring: loglik scores the multiple-choice tasks ({', '.join(CHOICE_TASKS)}); "
+                            f"evaluation.tasks also holds {', '.join(other)}")
     return problems
 
 

@@ -1,11 +1,16 @@
-"""Per-example predictions of a study's runs: the JSONL files and an in-memory store over them.
+"""Per-example predictions of a study's runs: the JSONL files, an in-memory store over them, and their
+compact export.
 
 Predictions live at ``<runs_dir>/<run_id>/predictions/<task>.jsonl``, one JSON object per
-line with keys id, task, prompt, output, prediction, answer, correct.
+line with keys id, task, prompt, output, prediction, answer, correct (``output`` is null where
+nothing was generated: log-likelihood choice scoring). The compact export (``correctness.csv.gz``
+beside results.csv: run_id, task, id, correct, prediction) holds what the analysis needs apart from
+generated text, so a committed study can be re-analysed without its predictions.
 """
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,7 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kd_utils.io import write_atomic
+
 PREDICTION_KEYS = ("id", "task", "prompt", "output", "prediction", "answer", "correct")
+CORRECTNESS_FILE = "correctness.csv.gz"
+CORRECTNESS_COLUMNS = ["run_id", "task", "id", "correct", "prediction"]
 
 
 def predictions_path(runs_dir: str | Path, run_id: str, task: str) -> Path:
@@ -106,3 +115,43 @@ def as_predictions(source: str | Path | Predictions | None) -> Predictions | Non
     if source is None or isinstance(source, Predictions):
         return source
     return Predictions(source) if Path(source).is_dir() else None
+
+
+def export_correctness(runs_dir: str | Path, run_ids: Sequence[str], path: str | Path) -> pd.DataFrame:
+    """Write the compact per-example export of these runs' predictions (gzip CSV, byte-reproducible:
+    no timestamp in the gzip header); returns its table. Runs without predictions are left out."""
+    frames = []
+    for run_id in dict.fromkeys(map(str, run_ids)):
+        for file in sorted((Path(runs_dir) / run_id / "predictions").glob("*.jsonl")):
+            frame = load_predictions(file)
+            frames.append(frame.assign(run_id=run_id)[CORRECTNESS_COLUMNS])
+    table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=CORRECTNESS_COLUMNS)
+    write_atomic(path, gzip.compress(table.to_csv(index=False).encode("utf-8"), mtime=0))
+    return table
+
+
+def read_correctness(path: str | Path) -> Predictions:
+    """A :class:`Predictions` store from :func:`export_correctness`'s file (prompt, output, answer are None).
+
+    Only an empty field is a missing prediction; predictions that all read as numbers become floats, as
+    the JSONL's numeric answers load.
+    """
+    path = Path(path)
+    table = pd.read_csv(path, dtype={"run_id": str, "task": str, "id": str, "prediction": str},
+                        keep_default_na=False, na_values=[""])
+    missing = [c for c in CORRECTNESS_COLUMNS if c not in table]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    if table["correct"].dtype != bool:
+        raise ValueError(f"{path}: 'correct' must be True or False in every row")
+    numbers = pd.to_numeric(table["prediction"], errors="coerce")
+    if numbers.notna().sum() == table["prediction"].notna().sum():
+        table["prediction"] = numbers
+    tables = {}
+    for (run_id, task), part in table.groupby(["run_id", "task"], sort=False):
+        frame = part.assign(prompt=None, output=None, answer=None)[list(PREDICTION_KEYS)].reset_index(drop=True)
+        if frame["id"].duplicated().any():
+            raise ValueError(f"{path}: run {run_id}, task {task}: id {frame['id'][frame['id'].duplicated()].iloc[0]!r} "
+                             "appears more than once")
+        tables[(run_id, task)] = frame
+    return Predictions(tables=tables)

@@ -35,6 +35,7 @@ from kd_utils import costs
 from kd_utils.io import write_atomic
 from kd_utils.params import ParamsError, load_study, teacher_specs
 from kd_utils.precision import AUTO_ENV, resolve as resolve_precision
+from kd_utils.predictions import CORRECTNESS_FILE, export_correctness
 from kd_utils.protocols import get_protocol
 from kd_utils.tasks import tasks_for
 
@@ -42,7 +43,8 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 STAGES = ("teacher", "cache", "student", "eval", "analysis")
 RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
-                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high", "protocol", "precision"]
+                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high", "protocol", "scoring",
+                  "loglik_metric", "precision"]
 STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
 
 
@@ -108,6 +110,8 @@ def plan(params: dict) -> list[Run]:
                    "max_new_tokens_math": ev["max_new_tokens"]["math"],
                    "max_new_tokens_commonsense": ev["max_new_tokens"]["commonsense"], "do_sample": ev["do_sample"],
                    "data_dir": params["data_dir"], "protocol": params["protocol"]}
+    if ev["scoring"] != "generate":  # left out at the default: the run ids of generate-scored studies stay the same
+        eval_common |= {"scoring": ev["scoring"], "loglik_metric": ev["loglik_metric"]}
     seed0 = params["seeds"][0]
     cached_methods = params["teacher_cache"]["methods"] if params["teacher_cache"]["enabled"] else []
     runs: list[Run] = []
@@ -511,7 +515,8 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
         for rec in metrics.to_dict("records"):
             # precision stays empty for a metrics.csv from before it was recorded (fp32 on a CPU, bf16 weights on a GPU)
             rows.append({"study": params["study"], "run_id": run.id, "temperature": None, "noise_sigma": 0.0,
-                         "protocol": run.parameters["protocol"], "precision": None, **run.meta, **rec})
+                         "protocol": run.parameters["protocol"], "scoring": "generate", "loglik_metric": None,
+                         "precision": None, **run.meta, **rec})
         model_dir = resolve(run.parameters["model"], study_dir)
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
             sizes[run.meta["model"]] = count_model_parameters(model_dir)
@@ -522,6 +527,7 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
     write_atomic(study_dir / "results.csv", results.to_csv(index=False))
     sizes_df = pd.DataFrame([{"model": m, "n_params": s} for m, s in sizes.items() if s is not None])
     write_atomic(study_dir / "models.csv", sizes_df.to_csv(index=False))
+    export_correctness(study_dir / "runs", results["run_id"].unique(), study_dir / CORRECTNESS_FILE)
     return results
 
 
@@ -553,6 +559,16 @@ def analysis_run(params: dict, results: pd.DataFrame) -> Run:
     digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode() + results.to_csv(index=False).encode())
     return Run("analysis", "analysis.ipynb", parameters, label="analysis and report",
                id=f"analysis-{digest.hexdigest()[:12]}")
+
+
+def keep_analysis_tables(run_dir: Path, target: Path) -> None:
+    """The analysis run's CSVs and provenance.json, copied beside results.csv (what a committed study keeps)."""
+    target.mkdir(exist_ok=True)
+    for old in target.glob("*.csv"):
+        old.unlink()  # tables of an earlier analysis that this one did not write
+    for path in [*sorted(run_dir.glob("*.csv")), run_dir / "provenance.json"]:
+        if path.is_file():
+            write_atomic(target / path.name, path.read_bytes())
 
 
 def run_study(params_path: str | Path, executor_name: str | None = None, dry_run: bool = False,
@@ -595,6 +611,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
         html = study_dir / "runs" / analysis.id / "analysis.html"
         if statuses[analysis.id]["state"] == "done":
             write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
+            keep_analysis_tables(study_dir / "runs" / analysis.id, study_dir / "analysis")
     failed = {rid: s for rid, s in statuses.items() if s["state"] in ("failed", "skipped")}
     done = sum(s["state"] == "done" for s in statuses.values())
     print(f"\n{params['study']}: {done} runs done, {len(failed)} failed or skipped; outputs in {study_dir}")

@@ -17,6 +17,7 @@ results_path = "outputs/default/results.csv"  # study mode
 paper_results_dir = "../shared/data/kd-paper-results"  # paper mode
 output_dir = "outputs/default/analysis"
 runs_dir = None  # per-example predictions; default: <results dir>/runs
+correctness_path = None  # compact per-example export, read when runs_dir is absent; default: <results dir>/correctness.csv.gz
 models_path = None  # models.csv (model, n_params); default: <results dir>/models.csv
 n_bootstrap = 2000
 bootstrap_seed = 0  # also seeds the selection/estimation split and Monte Carlo permutations
@@ -39,6 +40,7 @@ from kd_utils import plots, report
 from kd_utils import statistics as st
 from kd_utils.analysis import study_analysis
 from kd_utils.io import write_atomic
+from kd_utils.predictions import CORRECTNESS_FILE, read_correctness
 from kd_utils.statistics.simulation import read_validity
 
 if Path.cwd().name == "notebooks":  # opened in JupyterLab: resolve paths against the repository root like papermill
@@ -66,7 +68,8 @@ else:
     study_dir = Path(results_path).parent
     runs_dir = Path(runs_dir) if runs_dir else study_dir / "runs"
     models_csv = Path(models_path) if models_path else study_dir / "models.csv"
-    predictions = runs_dir if runs_dir.is_dir() else None
+    correctness = Path(correctness_path) if correctness_path else study_dir / CORRECTNESS_FILE
+    predictions = runs_dir if runs_dir.is_dir() else read_correctness(correctness) if correctness.is_file() else None
     embedder = fd.load_embedding_model() if embeddings and predictions else None
     analysis = study_analysis(results, st.load_model_sizes(models_csv) if models_csv.is_file() else None,
                               predictions, embedder, n_bootstrap=n_bootstrap, n_permutations=n_permutations,
@@ -80,8 +83,8 @@ verdicts.to_csv(output_dir / "verdicts.csv", index=False)"""),
 study_mode = results_source == "study"
 provenance = report.provenance(
     {"results_source": results_source, "results_path": results_path, "paper_results_dir": paper_results_dir,
-     "output_dir": output_dir, "runs_dir": runs_dir, "models_path": models_path, "n_bootstrap": n_bootstrap,
-     "bootstrap_seed": bootstrap_seed, "embeddings": embeddings, "report_dir": report_dir},
+     "output_dir": output_dir, "runs_dir": runs_dir, "correctness_path": correctness_path, "models_path": models_path,
+     "n_bootstrap": n_bootstrap, "n_permutations": n_permutations, "bootstrap_seed": bootstrap_seed, "embeddings": embeddings, "report_dir": report_dir},
     results, study_dir=study_dir if study_mode else None, runs_dir=runs_dir if study_mode else None,
     paper_dir=None if study_mode else paper_results_dir,
     model_sizes=st.load_model_sizes(models_csv) if study_mode and models_csv.is_file() else None)

@@ -4,12 +4,14 @@ import pytest
 import yaml
 
 from kd_utils import params, study
+from kd_utils.protocols import get_protocol
 
 PARAMS = Path(__file__).resolve().parents[1] / "params"
 
 
 @pytest.mark.parametrize("name", ["default", "paper_math", "paper_commonsense", "ablation_temperature",
-                                  "ablation_noise", "ablation_expertise", "gpu_embedded"])
+                                  "ablation_noise", "ablation_expertise", "gpu_embedded",
+                                  "pruned_commonsense_loglik"])
 def test_shipped_studies_are_valid_and_plan(name):
     p = params.load_study(PARAMS / f"{name}.yaml")
     runs = study.plan(p)
@@ -139,6 +141,24 @@ def test_gpu_study_has_the_grid_issue_15_asks_for():
     assert len(p["seeds"]) >= 2
     kd = [r for r in study.plan(p) if r.stage == "student" and r.parameters["method"] != "sft"]
     assert len({(r.parameters["student_layers"], r.parameters["teacher_adapter"]) for r in kd}) == 3 * len(specs)
+
+
+def test_pruned_commonsense_study_has_its_design():
+    """One fine-tuned teacher, >= 2 layer-subset students, sft/fkl/rkl/gkd at one temperature, >= 2 seeds, every
+    run learning every token (the paper's train_on_inputs), >= 4 multiple-choice tasks at n >= 300 scored by
+    log-likelihood."""
+    p = params.load_study(PARAMS / "pruned_commonsense_loglik.yaml")
+    assert len(params.teacher_specs(p)) == 1 and p["domains"] == ["commonsense"]
+    assert len([s for s in p["models"]["students"] if "layers" in s]) >= 2
+    assert set(p["methods"]) == {"sft", "fkl", "rkl", "gkd"} and len(p["temperatures"]) == 1
+    assert len(p["seeds"]) >= 2
+    rules = get_protocol(p["protocol"])
+    assert rules.train_on_inputs and rules.kd_positions == "next_token" and rules.gkd_positions == "labels"
+    ev = p["evaluation"]
+    assert ev["scoring"] == "loglik" and len(ev["tasks"]) >= 4 and ev["n_per_task"] >= 300
+    evals = [r for r in study.plan(p) if r.stage == "eval"]
+    assert evals and all(r.parameters["scoring"] == "loglik" and r.parameters["loglik_metric"] == ev["loglik_metric"]
+                         for r in evals)
 
 
 def test_slurm_resources_are_per_stage_over_the_defaults(tmp_path):

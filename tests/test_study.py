@@ -33,6 +33,11 @@ def test_smoke_study_end_to_end(finished):
         assert list(run_dir.glob("*.html")), run_dir
     sizes = pd.read_csv(study_dir / "models.csv")
     assert "tiny-L1" in set(sizes["model"])
+    # the small files a committed study keeps: per-example correctness of every row, the analysis tables
+    export = pd.read_csv(study_dir / "correctness.csv.gz")
+    assert len(export) == results["n"].sum() and set(export["run_id"]) == set(results["run_id"])
+    assert (study_dir / "analysis" / "verdicts.csv").is_file() and (study_dir / "analysis" / "provenance.json").is_file()
+    assert set(results["scoring"]) == {"generate"}
 
 
 def test_rerun_skips_finished_runs(finished, smoke_params, capsys):
