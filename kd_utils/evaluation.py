@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kd_utils import choice_scoring
+from kd_utils import choice_scoring, precision as precisions
 from kd_utils.data import DataError, Example, available_tasks, load_task
 from kd_utils.io import write_atomic
 from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
@@ -32,14 +32,15 @@ def sample_examples(examples: list[Example], n: int | None, seed: int = 0) -> li
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 16,
              do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, seed: int = 0,
              min_new_tokens: int | None = None, desc: str = "generate", top_p: float = 1.0,
-             return_finished: bool = False) -> list[str] | tuple[list[str], list[bool]]:
+             return_finished: bool = False, precision: str = "fp32") -> list[str] | tuple[list[str], list[bool]]:
     """Generate continuations of ``prompts`` in left-padded batches with the KV cache.
 
     Prompts are sorted by length so a batch wastes little padding; outputs come back in
     input order. Greedy by default; sampling (the paper: temperature 1, top_k 0, top_p 1) is
     a parameter, seeded by ``seed``. Prompts carry the tokenizer's special prefix, as in
     training (``batches.prompt_ids``). Generation stops at EOS (or max_new_tokens); with
-    ``return_finished`` also whether each output ended at EOS.
+    ``return_finished`` also whether each output ended at EOS. ``precision``: a resolved precision
+    (``kd_utils.precision.resolve``), the autocast generation runs under.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -54,8 +55,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
-                             pad_token_id=tokenizer.pad_token_id, **sampling)
+        with precisions.autocast(precision, device):
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         ended = (new == tokenizer.eos_token_id).any(-1).tolist()
@@ -97,8 +99,9 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
 
     The protocol decides the prompt template, the decoding (``paper``: sampled with its ``eval_seed``,
     ``improved``: greedy), the token budget per domain and whether the output is cut at a
-    second "### Response:"; ``max_new_tokens`` / ``do_sample`` / ``temperature`` / ``top_k``
-    override it where given (None: the protocol's). Writes ``<output_dir>/predictions/<task>.jsonl``
+    second "### Response:" and the precision (``kd_utils.precision``: ``auto`` is bf16 autocast where
+    the hardware has bf16; the resolved value is each row's ``precision``); ``max_new_tokens`` /
+    ``do_sample`` / ``temperature`` / ``top_k`` override it where given (None: the protocol's). Writes ``<output_dir>/predictions/<task>.jsonl``
     per task as it finishes and ``<output_dir>/metrics.csv`` at the end. Tasks whose test file is
     unavailable (hellaswag offline) are skipped and listed in ``metrics.attrs["skipped"]``.
     ``scoring="loglik"`` scores the answer choices of multiple-choice tasks by log-likelihood instead
@@ -117,6 +120,7 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
     decoding = {"do_sample": rules.do_sample if do_sample is None else do_sample,
                 "temperature": rules.temperature if temperature is None else temperature,
                 "top_k": rules.top_k if top_k is None else top_k, "top_p": rules.top_p}
+    precision = precisions.resolve(rules.precision, getattr(model, "device", None))  # None: the default device
     sampling_seed = seed if rules.eval_seed is None else rules.eval_seed  # the paper's 6; ``seed`` still picks n_per_task
     ready, skipped = available_tasks(task_ids, data_dir)
     for task_id, why in skipped.items():
@@ -129,14 +133,17 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
         examples = sample_examples(load_task(task_id, "test", data_dir), n_per_task, seed)
         extra = {}  # generated answers add no columns (results.csv reads a missing scoring as generate)
         if scoring == "loglik":
+            # no autocast: bf16's parity was measured on generated answers, not on log-likelihood comparisons of
+            # close choices; the weights' own dtype is what ran
             records = choice_scoring.score_examples(model, tokenizer, examples, batch_size, loglik_metric)
             extra = {"scoring": scoring, "loglik_metric": loglik_metric,
+                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(model, "dtype", None), "fp32"),
                      **{f"accuracy_{m}": 100.0 * sum(r[f"correct_{m}"] for r in records) / len(records)
                         for m in choice_scoring.METRICS}}
         else:
             prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
             outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed, desc=task_id,
-                               **decoding)
+                               precision=precision, **decoding)
             if rules.cut_at_second_response:
                 outputs = [cut_at_response(o) for o in outputs]
             records = score(examples, outputs, rules.eval_template)
@@ -145,7 +152,7 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None
                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         rows.append({"task": task_id, "domain": task.domain,
                      **accuracy_summary(sum(r["correct"] for r in records), len(records)), "protocol": rules.name,
-                     **extra})
+                     "precision": precision, **extra})
     metrics = pd.DataFrame(rows)
     if output_dir is not None:
         write_atomic(Path(output_dir) / "metrics.csv", metrics.to_csv(index=False))

@@ -7,7 +7,7 @@ nothing else decides them. The README's "Protocols" section argues each ``improv
 What ``paper`` cannot match: the authors' training files (LLM-Adapters' math_10k / commonsense_15k are
 rebuilt from public train splits, ``kd_utils.data.build_training_mix``: AQuA train, HellaSwag train and
 the ChatGPT rationales of math_10k are not available), their random streams (data order, LoRA init,
-sampling), their hardware (fp16 on their GPUs; a CPU run trains in fp32 whatever ``precision`` says), and
+sampling), their hardware (fp16 on their GPUs; a CPU has no fast fp16, so ``paper`` runs in fp32 there), and
 their GKD validation loss, which is computed on on-policy samples about half the time
 (kd_trainer.py ``compute_loss`` samples during evaluation too); ours is the cross-entropy of the held-out rows.
 
@@ -22,6 +22,7 @@ import re
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from kd_utils.precision import PRECISIONS
 from kd_utils.tasks import PROMPT_TEMPLATES
 
 
@@ -43,7 +44,8 @@ class Protocol:
     eval_steps: int | None  # validation loss every N optimizer steps, the candidates of best_checkpoint; None: per epoch
     policy_prompt: str  # gkd on-policy prompt: "joint" (the row's first prompt_len tokens) or "prompt" (tokenized alone)
     policy_retokenize: bool  # decode the samples (special tokens, EOS too, dropped) and tokenize the text again
-    precision: str  # on a GPU: "fp32", "bf16" (autocast on fp32 weights) or "fp16" (fp16 base weights + autocast)
+    precision: str  # "auto", "fp32", "bf16" (autocast on fp32 weights) or "fp16" (fp16 base weights + autocast on a
+    #                 GPU); kd_utils.precision.resolve says what runs on this machine, and runs record that
     # evaluation
     eval_template: str
     do_sample: bool
@@ -120,7 +122,9 @@ IMPROVED = Protocol(
     eval_steps=None,
     policy_prompt="prompt",  # the prompt as evaluation tokenizes it (equal to "joint" under separate tokenization)
     policy_retokenize=False,  # the sampled tokens themselves, EOS included: no decode / encode round trip
-    precision="bf16",
+    # bf16 autocast on fp32 weights where the hardware has bf16 (GPUs, CPUs with native bf16), fp32 elsewhere;
+    # benchmarks/precision_parity.py measures what it changes
+    precision="auto",
     eval_template="clean",  # one template for training and evaluation
     do_sample=False, temperature=1.0, top_k=0, top_p=1.0,  # greedy: no sampling noise in accuracy differences
     max_new_tokens={"math": 256, "commonsense": 32},  # a label word needs few tokens
@@ -132,7 +136,6 @@ DEFAULT_PROTOCOL = "improved"
 
 # the values a switched field may take (max_new_tokens is switched per domain by evaluation.max_new_tokens)
 KD_POSITIONS = ("paper", "next_token", "response")
-PRECISIONS = ("fp32", "bf16", "fp16")  # an "auto" (bf16 where the GPU has it) would be one more value here
 _CHOICES = {"kd_positions": KD_POSITIONS, "gkd_positions": ("labels", "response"),
             "policy_prompt": ("joint", "prompt"), "precision": PRECISIONS,
             "train_template": tuple(PROMPT_TEMPLATES), "eval_template": tuple(PROMPT_TEMPLATES)}

@@ -34,7 +34,9 @@ from tqdm.auto import tqdm
 from kd_utils import costs
 from kd_utils.io import write_atomic
 from kd_utils.params import ParamsError, load_study, teacher_specs
+from kd_utils.precision import AUTO_ENV, resolve as resolve_precision
 from kd_utils.predictions import CORRECTNESS_FILE, export_correctness
+from kd_utils.protocols import get_protocol
 from kd_utils.tasks import tasks_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,7 @@ NOTEBOOKS = PROJECT_ROOT / "notebooks"
 STAGES = ("teacher", "cache", "student", "eval", "analysis")
 RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
                   "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high", "protocol", "scoring",
-                  "loglik_metric"]
+                  "loglik_metric", "precision"]
 STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
 
 
@@ -182,7 +184,9 @@ def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed:
         "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"]),
         "epochs": student["epochs"],
         # at its default the key is left out, so the run ids of studies planned before it existed stay the same
-        **({"id_coding": cache["id_coding"]} if cache["id_coding"] != "fixed" else {})},
+        **({"id_coding": cache["id_coding"]} if cache["id_coding"] != "fixed" else {}),
+        # the protocol's precision when it is not auto (the teacher cache has no protocol of its own)
+        **({"precision": precision} if (precision := get_protocol(params["protocol"]).precision) != "auto" else {})},
         [teacher.run.id], label=f"teacher cache {teacher.label or teacher.model} on {domain} "
                                 f"({cache['representation']}) seed={seed}" + ("" if aware else " task-unaware"))
 
@@ -512,9 +516,10 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
             continue
         metrics = pd.read_csv(study_dir / "runs" / run.id / "metrics.csv")
         for rec in metrics.to_dict("records"):
+            # precision stays empty for a metrics.csv from before it was recorded (fp32 on a CPU, bf16 weights on a GPU)
             rows.append({"study": params["study"], "run_id": run.id, "temperature": None, "noise_sigma": 0.0,
                          "protocol": run.parameters["protocol"], "scoring": "generate", "loglik_metric": None,
-                         **run.meta, **rec})
+                         "precision": None, **run.meta, **rec})
         model_dir = resolve(run.parameters["model"], study_dir)
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
             sizes[run.meta["model"]] = count_model_parameters(model_dir)
@@ -527,6 +532,26 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
     write_atomic(study_dir / "models.csv", sizes_df.to_csv(index=False))
     export_correctness(study_dir / "runs", results["run_id"].unique(), study_dir / CORRECTNESS_FILE)
     return results
+
+
+def pin_auto_precision(study_dir: Path) -> str:
+    """Fix what precision ``auto`` means on a CPU for this study, once, in ``<study>/precision.json``.
+
+    A study's runs are compared with each other, so they must not mix precisions: a study resumed on another
+    machine, or after ``auto`` learned bf16, keeps the meaning it started with. A study that has run before
+    the file existed ran fp32 on a CPU, and keeps fp32. The value reaches every run's kernel through
+    ``KD_AUTO_PRECISION``; runs record what they resolved (train_summary.json, metrics.csv, results.csv).
+    """
+    path = study_dir / "precision.json"
+    if path.is_file():
+        pinned = json.loads(path.read_text())["cpu_auto"]
+    else:
+        started = any((study_dir / "runs").glob("*/status.json"))
+        pinned = "fp32" if started else resolve_precision("auto", "cpu")
+        write_atomic(path, json.dumps({"cpu_auto": pinned, "why": "pre-existing runs (fp32)" if started else
+                                       "this machine's CPU at the study's first run"}, indent=1))
+    os.environ[AUTO_ENV] = pinned
+    return pinned
 
 
 def analysis_run(params: dict, results: pd.DataFrame) -> Run:
@@ -574,6 +599,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
         print(err, file=sys.stderr)
         return 3
     write_atomic(study_dir / "params.resolved.json", json.dumps(params, indent=1))
+    print(f"precision auto on a CPU: {pin_auto_precision(study_dir)} (kept in {study_dir / 'precision.json'})")
     name = executor_name or params["execution"]["executor"]
     execution = params["execution"]
     executor = (LocalExecutor(execution["parallel"]) if name == "local" else

@@ -82,7 +82,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
-from kd_utils import id_codes, losses
+from kd_utils import id_codes, losses, precision as precisions
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
@@ -403,12 +403,14 @@ def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[str | Path, dict],
-                   batch_size: int = 8, shard_size: int = 256, info: dict | None = None) -> dict[Path, dict]:
+                   batch_size: int = 8, shard_size: int = 256, info: dict | None = None,
+                   precision: str = "fp32") -> dict[Path, dict]:
     """Write (or complete) one cache per target directory; returns each one's manifest.
 
     ``targets`` maps a directory to its ``cache_fields``; all must share max_length (one teacher
     forward pass serves every setting). Rows are ``tokenize_example`` of
     ``examples`` with that max_length, in order; shard i holds rows [i*shard_size, (i+1)*shard_size).
+    The teacher's forward passes run under ``precision``'s autocast (a resolved precision, ``kd_utils.precision``).
     """
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
@@ -442,7 +444,9 @@ def generate_cache(teacher, tokenizer, examples: list[Example], targets: dict[st
             micro = shard_rows[start:start + batch_size]
             batch = {k: v.to(state.device) if torch.is_tensor(v) else v
                      for k, v in collate(micro, tokenizer.pad_token_id).items()}
-            logits = forward(teacher, batch).float()[..., :vocab_size].cpu()
+            with precisions.autocast(precision, state.device):
+                logits = forward(teacher, batch)
+            logits = logits.float()[..., :vocab_size].cpu()
             for b, row in enumerate(micro):
                 n = len(row["input_ids"]) - 1  # next-token positions of this row
                 for cache in todo:
@@ -744,14 +748,16 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
                       representation: str = DEFAULT_REPRESENTATION, k: int = DEFAULT_K,
                       num_samples: int = DEFAULT_NUM_SAMPLES, temperatures=(1.0,), noise_sigmas=(0.0,),
                       epochs: int = 1, id_coding: str = "fixed", rationales: bool = False, rationale_max_new_tokens: int = 128, batch_size: int = 8,
-                      shard_size: int = 256) -> dict:
+                      shard_size: int = 256, precision: str = "auto") -> dict:
     """The teacher-logit stage from plain parameters: one cache per (temperature, sigma) under output_dir.
 
     Selects the training rows exactly as ``training.run_training`` with the same domain, n_train,
     include_mawps, data_dir, seed, max_length and val_fraction; complete caches are reused
     without loading the teacher. ``epochs``: the students' epochs (``TrainConfig.epochs``, 1 by
     default); each gets its own set of draws and noise. ``id_coding="elias_fano"`` stores the draws'
-    ids sorted and Elias-Fano coded (``kd_utils.id_codes``: ~13 bits each for SmolLM2, exact). Returns a summary with ``caches``: {(temperature, sigma): dir}.
+    ids sorted and Elias-Fano coded (``kd_utils.id_codes``: ~13 bits each for SmolLM2, exact). ``precision``
+    (``kd_utils.precision``; ``auto``: bf16 autocast where the hardware has bf16) is recorded, resolved, in the
+    summary and in each manifest's ``info``. Returns a summary with ``caches``: {(temperature, sigma): dir}.
     """
     temperatures, noise_sigmas = [float(t) for t in temperatures], [float(s) for s in noise_sigmas]
     validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs, id_coding)
@@ -763,6 +769,7 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     if adapter is not None:
         check_adapter_dir(adapter)
     started = time.perf_counter()
+    resolved = precisions.resolve(precision)
     selected = select_examples(domain, n_train, include_mawps, data_dir, seed, val_fraction)
     if not selected.train:
         raise ValueError("the selection holds no training examples")
@@ -782,15 +789,17 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     todo = {d: f for d, f in targets.items() if not _complete(d, f)}
     if todo or need_rationales:
         model, tokenizer = load_model(teacher, adapter=adapter, merge_adapter=True)
-        info = {"teacher": str(teacher), "teacher_adapter": str(adapter) if adapter else None, "domain": domain,
+        info = {"precision": resolved, "teacher": str(teacher), "teacher_adapter": str(adapter) if adapter else None,
+                "domain": domain,
                 "n_train": n_train, "include_mawps": include_mawps, "val_fraction": val_fraction,
                 "train_examples": len(selected.train)}
         if todo:
-            generate_cache(model, tokenizer, selected.train, todo, batch_size, shard_size, info)
+            generate_cache(model, tokenizer, selected.train, todo, batch_size, shard_size, info, resolved)
         if need_rationales:
             from kd_utils.teachers import teacher_rationales
 
-            generated = teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens, batch_size)
+            generated = teacher_rationales(model, tokenizer, selected.mix, rationale_max_new_tokens, batch_size,
+                                           precision=resolved)
             write_rationales(list(targets), selected.mix, generated, rationale_max_new_tokens)
     manifests = {d: _read_manifest(d) for d in targets}
     first_fields = next(iter(targets.values()))
@@ -804,7 +813,9 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
             "train_examples": len(selected.train), "positions": per_cache[0]["positions"],
             "bytes_per_token": per_cache[0]["bytes_per_token"],
             "bytes_per_token_per_set": per_cache[0]["bytes_per_token_per_set"], "generated": [str(d) for d in todo],
-            "rationales": bool(rationales), "seconds": round(time.perf_counter() - started, 2)}
+            "rationales": bool(rationales),
+            # what generated the caches (one made before precision was recorded: fp32)
+            "precision": manifests[next(iter(targets))]["info"].get("precision", "fp32"), "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _complete(cache: Path, fields: dict) -> bool:

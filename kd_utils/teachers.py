@@ -53,7 +53,8 @@ class OnlineTeacher:
     @torch.no_grad()
     def targets(self, batch: dict, device=None, epoch: int = 1) -> torch.Tensor:
         """Dense teacher logits [B, T, V] for the batch (noise added; fresh at every step, so ``epoch`` plays no part)."""
-        return teacher_signal(forward(self.model, batch), self.noise_sigma, self.generator)
+        # fp32 logits (and noise) whatever precision the forward pass ran in
+        return teacher_signal(forward(self.model, batch).float(), self.noise_sigma, self.generator)
 
     def state(self) -> dict:
         return {"noise_gen": self.generator.get_state().tolist()}
@@ -63,7 +64,7 @@ class OnlineTeacher:
 
 
 def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,
-                       batch_size: int = 16, protocol: str = DEFAULT_PROTOCOL) -> list[Example]:
+                       batch_size: int = 16, protocol: str = DEFAULT_PROTOCOL, precision: str = "fp32") -> list[Example]:
     """seqkd's training set: the same prompts with the teacher's greedy generations as rationales.
 
     A generation cut at ``max_new_tokens`` is marked incomplete, so its training row gets no EOS
@@ -72,6 +73,6 @@ def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_toke
     template = get_protocol(protocol).train_template  # the prompt the teacher was fine-tuned on
     prompts = [build_prompt(e.instruction, e.input, template) for e in examples]
     outputs, finished = generate(teacher, tokenizer, prompts, max_new_tokens, batch_size, desc="teacher rationales",
-                                 return_finished=True)
+                                 return_finished=True, precision=precision)
     return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, out, complete=done)
             for e, out, done in zip(examples, outputs, finished)]

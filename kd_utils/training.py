@@ -22,11 +22,12 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from kd_utils import losses, teacher_cache as cache_store
+from kd_utils import losses, precision, teacher_cache as cache_store
 from kd_utils.batches import (collate, epoch_batches, forward, left_pad, prompt_ids, split_train_val, to_device,
                               tokenize_example)
 from kd_utils.data import DEFAULT_MIX, Example, build_training_mix, source_counts
@@ -213,17 +214,15 @@ def on_policy_batch(student, tokenizer, batch: dict, config: TrainConfig, device
 
 
 def mixed_precision(config: TrainConfig) -> str:
-    """accelerate's mixed_precision for the protocol's ``precision``: on a CPU always "no" (fp32).
+    """accelerate's mixed_precision for the protocol's ``precision`` on this machine (``kd_utils.precision``).
 
-    bf16 on a GPU without it is refused (``precision=fp32`` or ``fp16`` work there).
+    "no" (fp32), "bf16" (autocast on fp32 weights, also on a CPU with native bf16) or "fp16" (GPU only).
     """
-    precision = config.rules.precision
-    if not torch.cuda.is_available() or precision == "fp32":
-        return "no"
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise ValueError(f"protocol {config.protocol!r}: precision bf16, but this GPU has no bf16; "
-                         "switch it with precision=fp32 or precision=fp16, e.g. improved[precision=fp32]")
-    return precision
+    try:
+        resolved = precision.resolve(config.rules.precision)
+    except ValueError as err:
+        raise ValueError(f"protocol {config.protocol!r}: {err}") from None
+    return "no" if resolved == "fp32" else resolved
 
 
 @torch.no_grad()
@@ -323,6 +322,10 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                                                config.temperature, config.noise_sigma, config.max_length,
                                                config.epochs, teacher_cache_expect)
     mixed = mixed_precision(config)
+    if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
+        # one process training twice in different precisions (a notebook, a benchmark): accelerate keeps one
+        # state per process and refuses a second precision; the distributed state (PartialState) is kept
+        AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=mixed)
     per_step = config.micro_batch_size * accelerator.num_processes
     if config.batch_size % per_step:
@@ -395,7 +398,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
                 logits = forward(model, batch)
                 target = None
                 if config.method in KD_METHODS:
-                    with torch.no_grad():
+                    with torch.no_grad(), accelerator.autocast():  # an online teacher in the student's precision
                         target = source.targets(batch, device, epoch)
                 loss, ce, kd = training_loss(logits, batch, target, config, vocab_size)
                 accelerator.backward(loss)
@@ -450,8 +453,7 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
 
 
 def _precision_label(mixed: str) -> str:
-    return {"no": "fp32", "bf16": "bf16 autocast, fp32 weights",
-            "fp16": "fp16 autocast, fp16 frozen weights"}[mixed] + ("" if torch.cuda.is_available() else " (CPU)")
+    return precision.describe("fp32" if mixed == "no" else mixed)
 
 
 def evaluate_step(accelerator, model, tokenizer, val_rows: list[dict], config: TrainConfig, output_dir: Path,
@@ -563,7 +565,7 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
     if method == "seqkd":
         mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, cache_expect) if from_cache else
                teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4,
-                                  config.protocol))
+                                  config.protocol, precision.resolve(config.rules.precision)))
         teacher_model = teacher_cache = None
     student, tokenizer = load_model(base)
     result = train(student, tokenizer, mix, config, output_dir, teacher=teacher_model, teacher_tokenizer=teacher_tok,

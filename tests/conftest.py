@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from kd_utils import models
+from kd_utils.precision import AUTO_ENV
+
+# precision auto means fp32 in the tests (their kernels inherit it too): tests that pin numbers stay exact on
+# any CPU; the bf16 tests ask for bf16 themselves
+os.environ[AUTO_ENV] = "fp32"
 from kd_utils.tasks import TASKS
 
 MATH_QUESTIONS = [

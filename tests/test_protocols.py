@@ -175,7 +175,7 @@ def test_paper_protocol_settings_match_the_authors_files():
     i = protocols.IMPROVED
     assert (i.train_on_inputs, i.do_sample, i.gkd_positions, i.kd_positions) == (False, False, "response", "response")
     assert (i.max_grad_norm, i.eval_steps, i.policy_prompt, i.policy_retokenize, i.precision, i.eval_seed) == (
-        None, None, "prompt", False, "bf16", None)
+        None, None, "prompt", False, "auto", None)
 
 
 def test_the_output_is_cut_at_a_second_response_marker():

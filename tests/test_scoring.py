@@ -138,6 +138,16 @@ def test_wilson_interval_at_another_confidence():
     assert low == pytest.approx(0.5407928, abs=1e-6) and high == pytest.approx(0.9314420, abs=1e-6)
 
 
+def test_wilson_interval_is_statsmodels_wilson():
+    from statsmodels.stats.proportion import proportion_confint
+
+    for n in (1, 2, 7, 30, 150, 1000):
+        for correct in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            for confidence in (0.9, 0.95, 0.99):
+                low, high = proportion_confint(correct, n, alpha=1 - confidence, method="wilson")
+                assert wilson_interval(correct, n, confidence) == pytest.approx((low, high), abs=1e-12)
+
+
 def test_accuracy_summary_keys_and_empty_task():
     assert accuracy_summary(3, 4) == pytest.approx(
         {"n": 4, "correct": 3, "accuracy": 75.0, "ci_low": 100 * wilson_interval(3, 4)[0],
@@ -196,5 +206,6 @@ def test_evaluate_notebook_scores_a_model_with_known_outputs(tiny_model_dir, tmp
     assert metrics["accuracy"].tolist() == pytest.approx([50.0, 200 / 3])
     table = next(o["data"]["text/plain"] for c in executed.cells if "".join(c.source).strip() == "metrics.round(2)"
                  for o in c.get("outputs", []) if "data" in o)
-    shown = [line.split()[1:6] for line in table.splitlines()[1:]]
+    first_block = table.split("\n\n")[0]  # a wide table wraps its later columns into further blocks
+    shown = [line.split()[1:6] for line in first_block.splitlines()[1:]]
     assert shown == [["gsm8k", "math", "4", "2", "50.00"], ["boolq", "commonsense", "3", "2", "66.67"]]

@@ -547,7 +547,7 @@ def test_a_resumed_run_reads_the_draw_set_an_uninterrupted_one_reads(tiny_model_
 def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_dir, data_dir, tmp_path,
                                                                      monkeypatch):
     """As online (``teachers.teacher_rationales``): a generation cut at max_new_tokens ends its row without EOS."""
-    def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished):
+    def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished, precision):
         assert return_finished
         return [f"step {i} so the answer is {i}" for i in range(len(prompts))], [i % 2 == 0 for i in range(len(prompts))]
 

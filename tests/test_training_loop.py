@@ -550,11 +550,17 @@ def test_batch_must_split_over_the_processes(tiny_model_dir, mix, tmp_path, monk
 # ---- checks before any work ----------------------------------------------------------------
 
 @pytest.mark.parametrize("cuda, bf16, protocol, expected", [
-    (True, True, "improved", "bf16"), (False, True, "improved", "no"), (True, False, "improved[precision=fp32]", "no"),
-    (True, True, "paper", "fp16"), (False, True, "paper", "no"),  # a CPU trains in fp32 whatever the protocol says
+    (True, True, "improved", "bf16"), (True, False, "improved", "no"), (True, False, "improved[precision=fp32]", "no"),
+    (True, True, "paper", "fp16"),
+    # a CPU: auto is what KD_AUTO_PRECISION pins (the tests: fp32; a study: its precision.json), fp16 is fp32
+    (False, True, "improved", "no"), (False, True, "paper", "no"), (False, True, "improved[precision=bf16]", "bf16"),
+    (False, True, "improved@bf16", "bf16"),
 ])
 def test_the_protocols_precision_reaches_accelerate(tiny_model_dir, mix, tmp_path, monkeypatch, cuda, bf16, protocol,
                                                     expected):
+    if protocol.endswith("@bf16"):  # auto on a CPU with bf16 pinned
+        protocol = protocol.removesuffix("@bf16")
+        monkeypatch.setenv("KD_AUTO_PRECISION", "bf16")
     seen = []
 
     def accelerator(**kwargs):
@@ -571,10 +577,11 @@ def test_the_protocols_precision_reaches_accelerate(tiny_model_dir, mix, tmp_pat
 
 
 def test_bf16_on_a_gpu_without_it_is_refused_naming_the_switch(monkeypatch):
+    """An explicit bf16 is refused there (auto falls back to fp32, see test_the_protocols_precision_reaches_accelerate)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(ValueError, match=re.escape("this GPU has no bf16; switch it with precision=fp32")):
-        training.mixed_precision(TrainConfig())
+        training.mixed_precision(TrainConfig(protocol="improved[precision=bf16]"))
 
 
 def test_errors_before_training(tiny_model_dir, mix, tmp_path):
