@@ -84,6 +84,7 @@ def analysis_tables(analysis: StudyAnalysis, results: pd.DataFrame) -> dict[str,
     tables = {"improvements.csv": analysis.improvements, "hypothesis_tests.csv": analysis.tests,
               "verdicts.csv": analysis.verdicts, "mixed_effects.csv": analysis.mixed,
               "study_design.csv": study_design(results, analysis.improvements),
+              "study_testability.csv": st.study_testability(analysis.improvements),
               **{f"ablation_{f}.csv": st.ablation_table(results, f) for f in st.ABLATION_FACTORS}}
     for name, table in (("fidelity.csv", analysis.fidelity), ("mcnemar.csv", analysis.mcnemar),
                         ("mcnemar_agreement.csv", analysis.agreement_mcnemar)):
@@ -95,7 +96,8 @@ def analysis_tables(analysis: StudyAnalysis, results: pd.DataFrame) -> dict[str,
 def reanalyse_study(study_dir: str | Path, predictions=None) -> dict[str, pd.DataFrame]:
     """A study's analysis tables again from its small files: results.csv, models.csv, the per-example
     export (``correctness.csv.gz``; or ``predictions``, a runs directory or store) and the analysis
-    parameters recorded in ``analysis/provenance.json`` (bootstrap and permutation counts, seed).
+    parameters recorded in ``analysis/provenance.json`` (bootstrap and permutation counts, seed, the
+    pre-registered primary hypotheses).
 
     The export holds no generated text, so rationale BLEU and embedding similarity come out missing:
     a study with generated rationales (H5) is reproduced from its predictions, not from the export.
@@ -110,5 +112,6 @@ def reanalyse_study(study_dir: str | Path, predictions=None) -> dict[str, pd.Dat
     analysis = study_analysis(results, st.load_model_sizes(models) if models.is_file() else None, predictions,
                               n_bootstrap=int(used.get("n_bootstrap", 2000)),
                               n_permutations=int(used.get("n_permutations", 9999)),
-                              seed=int(used.get("bootstrap_seed", 0)))
+                              seed=int(used.get("bootstrap_seed", 0)),
+                              primaries=tuple(used["primary_hypotheses"]) if used.get("primary_hypotheses") else None)
     return analysis_tables(analysis, results)

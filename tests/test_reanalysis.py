@@ -73,7 +73,8 @@ def test_correctness_export_round_trip(tmp_path):
 @pytest.mark.slow
 def test_a_loglik_study_reproduces_from_its_export_through_the_notebook(tmp_path):
     """The analysis notebook on the export alone (runs/ gone, as in a fresh clone) writes the same tables
-    as the analysis from the per-example JSONL files; the re-analysis of the export reproduces them."""
+    as the analysis from the per-example JSONL files; the re-analysis of the export reproduces them, the
+    pre-registered primary family (which decides Holm's adjustment and the verdicts) included."""
     study = _loglik_like_study(tmp_path / "study")
     results = pd.read_csv(study / "results.csv")
     export_correctness(study / "runs", results["run_id"], study / CORRECTNESS_FILE)
@@ -81,10 +82,11 @@ def test_a_loglik_study_reproduces_from_its_export_through_the_notebook(tmp_path
     pm.execute_notebook(str(REPO / "notebooks" / "analysis.ipynb"), str(tmp_path / "analysis.ipynb"),
                         parameters={"results_source": "study", "results_path": str(study / "results.csv"),
                                     "output_dir": str(study / "analysis"), "n_bootstrap": 100, "n_permutations": 199,
-                                    "bootstrap_seed": 3, "embeddings": False},
+                                    "bootstrap_seed": 3, "embeddings": False,
+                                    "primary_hypotheses": ["H1_improvement_ttest", "H3_student_size"]},
                         cwd=str(REPO), progress_bar=False, kernel_name="python3")
-    assert json.loads((study / "analysis" / "provenance.json").read_text())["analysis_parameters"][
-        "n_permutations"] == 199
+    used = json.loads((study / "analysis" / "provenance.json").read_text())["analysis_parameters"]
+    assert used["n_permutations"] == 199 and used["primary_hypotheses"] == ["H1_improvement_ttest", "H3_student_size"]
     fidelity = pd.read_csv(study / "analysis" / "fidelity.csv")
     assert fidelity["agreement"].notna().all() and fidelity["bleu"].isna().all()  # no text, no BLEU
     assert len(pd.read_csv(study / "analysis" / "mcnemar.csv")) > 0
