@@ -9,11 +9,12 @@ items) and go through the functions ``kd_utils.analysis.study_analysis`` runs fo
 ``fidelity_table``, ``improvement_table`` (mean over temperatures), ``attach_fidelity``,
 ``study_hypothesis_tests`` and ``agreement_gain_tests``; the split estimates and bootstrap
 intervals, which these families do not use, are skipped. Rates at alpha = 0.05 with standard
-errors that treat studies as clusters (:func:`kd_utils.statistics.simulation.rates`). The Friedman test reads results alone, so its
-studies are drawn without predictions (the same accuracies). The streams take turns, ``--batch`` studies at a time, and the JSON is rewritten after every batch
+errors that treat studies as clusters (:func:`kd_utils.statistics.simulation.rates`). The Friedman
+test reads results alone, so its studies are drawn without predictions (the same accuracies). The
+streams take turns, ``--batch`` studies at a time, and the JSON is rewritten after every batch
 (``complete`` false until each reaches its ``--studies``); a rerun with the same settings resumes.
 
-    OMP_NUM_THREADS=1 nohup nice -n 5 python benchmarks/null_families_check.py --studies 300 70 150 &
+    OMP_NUM_THREADS=1 nohup nice -n 5 python benchmarks/null_families_check.py --studies 400 260 250 &
 """
 
 from __future__ import annotations
@@ -93,7 +94,8 @@ def main() -> None:
     keep = previous.get("settings") == settings
     targets = dict(zip(CHECKS, args.studies))
     record = {"command": "OMP_NUM_THREADS=1 nice -n 5 python benchmarks/null_families_check.py --studies "
-                         f"{' '.join(map(str, args.studies))} --batch {args.batch} --permutations {args.permutations} --seed {args.seed}",
+                         f"{' '.join(map(str, args.studies))} --batch {args.batch} "
+                         f"--permutations {args.permutations} --seed {args.seed}",
               "settings": settings, "complete": False,
               "scenarios": {name: previous["scenarios"][name] if keep else
                             {"scenario": scenario, "predictions": predictions, "families": list(families),
