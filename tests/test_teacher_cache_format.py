@@ -687,9 +687,9 @@ def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_p
     calls = []
     generate = teacher_cache.generate_cache
 
-    def spy(model, tokenizer, examples, targets, batch_size, shard_size, info):
+    def spy(model, tokenizer, examples, targets, batch_size, shard_size, info, precision):
         calls.append((batch_size, shard_size))
-        return generate(model, tokenizer, examples, targets, batch_size, shard_size, info)
+        return generate(model, tokenizer, examples, targets, batch_size, shard_size, info, precision)
 
     clock = iter([100.0, 102.345678])
     monkeypatch.setattr(teacher_cache, "generate_cache", spy)
@@ -709,8 +709,8 @@ def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_p
     size = (path / "shard-00000.safetensors").stat().st_size
     manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
     assert manifest["fields"] == fields and "rationales" not in manifest and len(manifest["shards"]) == 1
-    assert manifest["info"] == {"teacher": str(tiny_model_dir), "teacher_adapter": None, "domain": "math",
-                                "n_train": None, "include_mawps": False, "val_fraction": 0.1,
+    assert manifest["info"] == {"precision": "fp32", "teacher": str(tiny_model_dir), "teacher_adapter": None,
+                                "domain": "math", "n_train": None, "include_mawps": False, "val_fraction": 0.1,
                                 "train_examples": len(train)}
     assert calls == [(8, 256)]
     per_token = round(size / positions, 2)
@@ -721,7 +721,7 @@ def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_p
                        "bytes_per_token_per_set": per_token}],
         "representation": "topk_sampled", "k": 4, "num_samples": 20, "train_examples": len(train),
         "positions": positions, "bytes_per_token": per_token, "bytes_per_token_per_set": per_token,
-        "generated": [str(path)], "rationales": False, "seconds": 2.35}
+        "generated": [str(path)], "rationales": False, "seconds": 2.35, "precision": "fp32"}
     assert not (path / teacher_cache.RATIONALES).exists()
 
 
@@ -793,7 +793,7 @@ def test_the_stage_stores_the_teachers_rationales_once(tiny_model_dir, data_dir,
     calls = []
     vocab = models.load_tokenizer(tiny_model_dir).get_vocab()
 
-    def rationales(model, tokenizer, examples, max_new_tokens, batch_size):
+    def rationales(model, tokenizer, examples, max_new_tokens, batch_size, precision):
         # the teacher and its tokenizer generate
         assert model.config.vocab_size >= len(vocab) and tokenizer.get_vocab() == vocab
         calls.append((len(examples), max_new_tokens, batch_size))
