@@ -38,16 +38,21 @@ def _flips(n: int, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarr
 
 def sign_flip_pvalue(values: np.ndarray, flips: np.ndarray, exact: bool, alternative: str) -> float:
     """p-value of the sum of ``values`` against its sign-flip distribution (identity included when exact)."""
-    total = float(values.sum())
-    flipped = flips @ values
-    tol = 1e-9 * max(1.0, float(np.abs(values).sum()))
+    return tail_pvalue(float(values.sum()), flips @ values, alternative, exact,
+                       tol=1e-9 * max(1.0, float(np.abs(values).sum())))
+
+
+def tail_pvalue(observed: float, null: np.ndarray, alternative: str, exact: bool, tol: float) -> float:
+    """Share of the null distribution at least as extreme as ``observed`` (``greater``, ``less`` or two-sided
+    ``|.|``), within ``tol``: hits / draws when ``null`` enumerates every relabelling (identity included),
+    else the Monte Carlo (hits + 1) / (draws + 1)."""
     if alternative == "greater":
-        hits = np.sum(flipped >= total - tol)
+        hits = np.sum(null >= observed - tol)
     elif alternative == "less":
-        hits = np.sum(flipped <= total + tol)
+        hits = np.sum(null <= observed + tol)
     else:
-        hits = np.sum(np.abs(flipped) >= abs(total) - tol)
-    return float(hits / len(flips)) if exact else float((hits + 1) / (len(flips) + 1))
+        hits = np.sum(np.abs(null) >= abs(observed) - tol)
+    return float(hits / len(null)) if exact else float((hits + 1) / (len(null) + 1))
 
 
 def students_needed(alpha: float, sided: int = 1) -> int:
@@ -183,15 +188,7 @@ def teacher_permutation_spearman(x: Sequence[float], y: Sequence[float], teacher
     if math.isnan(rho):
         return out | {"note": "not testable: constant input within every student, rho undefined"}
     permuted = np.array([rho_of(per_teacher[g] if teacher_level else x[g]) for g in group])
-    permuted = np.nan_to_num(permuted)
-    tol = 1e-12
-    if alternative == "greater":
-        hits = np.sum(permuted >= rho - tol)
-    elif alternative == "less":
-        hits = np.sum(permuted <= rho + tol)
-    else:
-        hits = np.sum(np.abs(permuted) >= abs(rho) - tol)
-    p = float(hits / len(group)) if exact else float((hits + 1) / (len(group) + 1))
+    p = tail_pvalue(rho, np.nan_to_num(permuted), alternative, exact, tol=1e-12)
     return out | {"statistic": rho, "pvalue": p, "estimate": rho}
 
 
