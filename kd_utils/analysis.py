@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kd_utils.constants import N_RESAMPLES
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
 from kd_utils.predictions import CORRECTNESS_FILE, as_predictions, read_correctness
@@ -39,7 +40,7 @@ class StudyAnalysis:
 
 def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | None = None, predictions=None,
                    embedder=None, fidelity: pd.DataFrame | None = None, n_bootstrap: int = 2000,
-                   n_permutations: int = 9999, seed: int = 0, mixed_model: bool = True,
+                   n_permutations: int = N_RESAMPLES, seed: int = 0, mixed_model: bool = True,
                    bleu_domains: tuple[str, ...] = BLEU_DOMAINS,
                    primaries: tuple[str, ...] | None = None) -> StudyAnalysis:
     """Improvements (mean over temperatures) with split estimates and bootstrap intervals, the valid
@@ -111,7 +112,7 @@ def reanalyse_study(study_dir: str | Path, predictions=None) -> dict[str, pd.Dat
         predictions = read_correctness(study_dir / CORRECTNESS_FILE)
     analysis = study_analysis(results, st.load_model_sizes(models) if models.is_file() else None, predictions,
                               n_bootstrap=int(used.get("n_bootstrap", 2000)),
-                              n_permutations=int(used.get("n_permutations", 9999)),
+                              n_permutations=int(used.get("n_permutations", N_RESAMPLES)),
                               seed=int(used.get("bootstrap_seed", 0)),
                               primaries=tuple(used["primary_hypotheses"]) if used.get("primary_hypotheses") else None)
     return analysis_tables(analysis, results)

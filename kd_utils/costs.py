@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from kd_utils.constants import ALPHA, STAGES
 from kd_utils.io import write_atomic
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +364,6 @@ def parallel_wall(serial_s: float, chain_s: float, parallel: int) -> float:
 
 def format_estimate(params: dict, runs: list, table: CostTable | None, table_path: Path) -> str:
     """The dry-run's cost block: tokens and (with a cost table) time per stage, and the total."""
-    from kd_utils.study import STAGES
 
     try:
         work = study_work(params, runs)
@@ -406,7 +406,7 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
     return "\n".join(lines)
 
 
-def design_power_lines(runs: list, tokenizer_model: str, alpha: float = 0.05) -> str:
+def design_power_lines(runs: list, tokenizer_model: str, alpha: float = ALPHA) -> str:
     """What the valid procedure (``kd_utils.statistics.hypothesis_tests``) can detect with this design.
 
     H1 tests students: each one's mean over its KD runs (expert teacher, no noise; every teacher, method,

@@ -21,7 +21,7 @@ from kd_utils.statistics.verdicts import CLAIMS
 from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import teacher_cache
 from kd_utils.teacher_cache import cacheable_methods
-from kd_utils.training import METHODS
+from kd_utils.constants import METHODS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 

@@ -30,14 +30,13 @@ from typing import Any
 import pandas as pd
 from IPython.display import HTML
 
+from kd_utils.constants import ADEQUATE_POWER, STAGES
 from kd_utils.io import temp_path_beside, write_atomic
 from kd_utils.statistics import method_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ANALYSIS_NOTEBOOK = REPO_ROOT / "notebooks" / "analysis.ipynb"
-STAGES = ("teacher", "cache", "student", "eval", "analysis")  # the runner's stages, in run-graph order
 SMALL_N = 100  # examples per task below which a study is "tiny": one accuracy's 95% interval is wider than +-10 points
-ADEQUATE_POWER = 0.8
 VERDICTS = ("supported", "not supported", "inconclusive", "underpowered", "not testable")
 VERDICT_COLUMNS = ("domain", "hypothesis", "claim", "estimate", "ci_low", "ci_high", "pvalue", "power", "n",
                    "verdict")

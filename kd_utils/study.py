@@ -32,6 +32,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kd_utils import costs
+from kd_utils.constants import RESULT_COLUMNS, STAGES
 from kd_utils.io import write_atomic
 from kd_utils.params import ParamsError, load_study, teacher_specs
 from kd_utils.precision import AUTO_ENV, resolve as resolve_precision
@@ -41,10 +42,6 @@ from kd_utils.tasks import tasks_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
-STAGES = ("teacher", "cache", "student", "eval", "analysis")
-RESULT_COLUMNS = ["study", "run_id", "role", "model", "teacher", "method", "temperature", "noise_sigma", "seed",
-                  "task", "domain", "n", "correct", "accuracy", "ci_low", "ci_high", "protocol", "scoring",
-                  "loglik_metric", "precision"]
 STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
 
 
@@ -221,6 +218,7 @@ def read_status(run_dir: Path) -> dict:
 
 
 def write_status(run_dir: Path, **status) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / "status.json", json.dumps(status, indent=1))
 
 
@@ -419,23 +417,28 @@ def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict
             tqdm.write(f"[waiting] {run.label} ({run.id}): Slurm job {job.job_id} of an earlier submission")
     capacity = getattr(executor, "capacity", None)
     while pending or futures:
-        # evaluations first, so each model is evaluated as soon as it exists (a study cut short keeps complete pairs)
-        for run in sorted(pending, key=lambda r: r.stage != "eval"):
-            dep_states = [statuses[d]["state"] for d in run.deps]
-            blocked = [d for d, s in zip(run.deps, dep_states) if s != "done" and d not in scheduled]
-            if any(s in ("failed", "skipped") for s in dep_states) or blocked:
-                statuses[run.id] = {"state": "skipped", "label": run.label,
-                                    "error": f"dependency {(blocked or run.deps)[0]} failed or was not run"}
-                pending.remove(run)
-                bar.update(1)
-                continue
-            ready = all(s == "done" for s in dep_states) or (
-                executor.submits_with_dependencies and all(d in jobs or s == "done" for d, s in zip(run.deps, dep_states)))
-            if ready and (capacity is None or len(futures) < capacity):
-                jobs[run.id] = executor.submit(run, study_dir, [jobs[d] for d in run.deps if d in jobs])
-                futures[jobs[run.id]] = run
-                pending.remove(run)
-                bar.set_postfix_str(run.label[:60])
+        submitted = True
+        while submitted:  # again after a submission: with Slurm dependencies a whole chain queues in one go
+            submitted = False
+            # evaluations first, so each model is evaluated as soon as it exists (a study cut short keeps pairs)
+            for run in sorted(pending, key=lambda r: r.stage != "eval"):
+                dep_states = [statuses[d]["state"] for d in run.deps]
+                blocked = [d for d, s in zip(run.deps, dep_states) if s != "done" and d not in scheduled]
+                if any(s in ("failed", "skipped") for s in dep_states) or blocked:
+                    statuses[run.id] = {"state": "skipped", "label": run.label,
+                                        "error": f"dependency {(blocked or run.deps)[0]} failed or was not run"}
+                    write_status(study_dir / "runs" / run.id, **statuses[run.id])
+                    pending.remove(run)
+                    bar.update(1)
+                    continue
+                ready = all(s == "done" for s in dep_states) or (executor.submits_with_dependencies and all(
+                    d in jobs or s == "done" for d, s in zip(run.deps, dep_states)))
+                if ready and (capacity is None or len(futures) < capacity):
+                    jobs[run.id] = executor.submit(run, study_dir, [jobs[d] for d in run.deps if d in jobs])
+                    futures[jobs[run.id]] = run
+                    pending.remove(run)
+                    submitted = True
+                    bar.set_postfix_str(run.label[:60])
         if not futures:
             continue
         job = executor.wait_any(list(futures))

@@ -83,6 +83,7 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from kd_utils import id_codes, losses, precision as precisions
+from kd_utils.constants import MIN_MAX_LENGTH
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
@@ -763,8 +764,8 @@ def run_teacher_cache(teacher: str, output_dir, teacher_adapter: str | None = No
     validate_settings(representation, k, num_samples, temperatures, noise_sigmas, epochs, id_coding)
     if not (isinstance(shard_size, int) and shard_size >= 1 and isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"shard_size and batch_size must be ints >= 1, got {shard_size!r}, {batch_size!r}")
-    if max_length < 8:
-        raise ValueError(f"max_length must be >= 8, got {max_length}")
+    if max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length must be >= {MIN_MAX_LENGTH}, got {max_length}")
     adapter = teacher_adapter if task_aware_teacher else None
     if adapter is not None:
         check_adapter_dir(adapter)

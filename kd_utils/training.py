@@ -30,6 +30,7 @@ from transformers import get_scheduler
 from kd_utils import losses, precision, teacher_cache as cache_store
 from kd_utils.batches import (collate, epoch_batches, forward, left_pad, prompt_ids, split_train_val, to_device,
                               tokenize_example)
+from kd_utils.constants import METHODS, MIN_MAX_LENGTH, PAPER_METHOD_NAMES, TOKEN_KD_METHODS
 from kd_utils.data import DEFAULT_MIX, Example, build_training_mix, source_counts
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import run_from_params_file, standard_json, write_atomic
@@ -37,9 +38,7 @@ from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, Protocol, get_pro
 from kd_utils.models import build_student_dir, check_adapter_dir, default_device, load_model
 from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_rationales
 
-METHODS = ("sft", "fkl", "rkl", "gkd", "seqkd")
-PAPER_NAMES = {"sft": "SFT", "fkl": "SeqKD", "rkl": "RevKD", "gkd": "GKD", "seqkd": "SeqKD (Kim & Rush)"}
-KD_METHODS = ("fkl", "rkl", "gkd")  # methods with a token-level teacher signal
+KD_METHODS = TOKEN_KD_METHODS  # the methods below that need a teacher at every step
 
 
 @dataclass
@@ -88,7 +87,7 @@ class TrainConfig:
             (self.distill_positions in (None, *KD_POSITIONS),
              f"distill_positions must be one of {', '.join(KD_POSITIONS)} or None, got {self.distill_positions!r}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
+            (self.max_length >= MIN_MAX_LENGTH, f"max_length must be >= {MIN_MAX_LENGTH}, got {self.max_length}"),
             # the KD losses would refuse it only at the first step, after loading and the epoch-0 validation
             (self.loss_chunk_size is None or self.loss_chunk_size >= 1,
              f"loss_chunk_size must be >= 1 or None (automatic), got {self.loss_chunk_size}"),

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from kd_utils.constants import ALPHA, N_RESAMPLES
 from kd_utils.statistics.exact import _teacher_groups, permutations_needed, students_needed
 
 DESIGN_COLUMNS = ["domain", "hypothesis", "units", "min_pvalue", "testable", "needs"]
@@ -25,7 +26,7 @@ def _shared_pairs(pairs: pd.DataFrame) -> pd.DataFrame:
     return pairs[counts >= 2]
 
 
-def design_testability(pairs: pd.DataFrame, n_methods: int, independent_sft: bool = False, alpha: float = 0.05
+def design_testability(pairs: pd.DataFrame, n_methods: int, independent_sft: bool = False, alpha: float = ALPHA
                        ) -> pd.DataFrame:
     """Per hypothesis of one domain: units, smallest attainable p, testable at ``alpha``, what would make it so.
 
@@ -62,7 +63,7 @@ def design_testability(pairs: pd.DataFrame, n_methods: int, independent_sft: boo
             "the untuned base model's results (role base) or a second SFT seed per student, and "
             f"{permutations_needed(alpha)} or more students")
     if len(shared) >= 3 and n_shared >= 2:
-        group = _teacher_groups(shared["teacher"].to_numpy(str), shared["student"].to_numpy(str), False, 9999,
+        group = _teacher_groups(shared["teacher"].to_numpy(str), shared["student"].to_numpy(str), False, N_RESAMPLES,
                                 np.random.default_rng(0))[2]
         pair_p = 1.0 / group
     else:
@@ -74,7 +75,7 @@ def design_testability(pairs: pd.DataFrame, n_methods: int, independent_sft: boo
     return pd.DataFrame(rows)
 
 
-def study_testability(improvements: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+def study_testability(improvements: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     """:func:`design_testability` for every domain of an improvement table (columns: ``DESIGN_COLUMNS``)."""
     frames = []
     for domain, dom in improvements.groupby("domain", sort=False):

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kd_utils.constants import ALPHA, N_RESAMPLES
 from kd_utils.statistics.power import correlation_power
 
 #: beyond this many units the sign-flip and teacher permutations are sampled instead of enumerated
@@ -60,8 +61,8 @@ def students_needed(alpha: float, sided: int = 1) -> int:
     return int(math.ceil(math.log2(sided / alpha)))
 
 
-def sign_flip_test(values: Sequence[float], alternative: str = "greater", alpha: float = 0.05,
-                   n_resamples: int = 9999, seed: int = 0) -> dict:
+def sign_flip_test(values: Sequence[float], alternative: str = "greater", alpha: float = ALPHA,
+                   n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     """Exact sign-flip test that the units' mean is 0 (H1 over students), with the test's own interval.
 
     Valid when each unit's value is symmetric about the true mean, whatever its spread
@@ -134,7 +135,7 @@ def _teacher_groups(teachers: np.ndarray, students: np.ndarray, teacher_level: b
 
 def teacher_permutation_spearman(x: Sequence[float], y: Sequence[float], teachers: Sequence[str],
                                  students: Sequence[str], teacher_level: bool = False,
-                                 alternative: str = "two-sided", alpha: float = 0.05, n_resamples: int = 9999,
+                                 alternative: str = "two-sided", alpha: float = ALPHA, n_resamples: int = N_RESAMPLES,
                                  seed: int = 0) -> dict:
     """Aligned-rank Spearman of pair-level ``y`` with ``x`` within students, p-value over teacher relabellings.
 

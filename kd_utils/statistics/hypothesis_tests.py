@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from kd_utils.constants import ALPHA, N_RESAMPLES
 from kd_utils.statistics.power import (
     ADEQUATE_POWER,
     GAIN_OF_INTEREST,
@@ -196,7 +197,7 @@ def hypothesis_tests(improvements: pd.DataFrame, min_points: int = 3, per_method
 
 
 def unit_ttest(values: Sequence[float], alternative: str = "greater", effect: float = GAIN_OF_INTEREST,
-               level: float = 0.95, alpha: float = 0.05, min_units: int = 3) -> dict:
+               level: float = 0.95, alpha: float = ALPHA, min_units: int = 3) -> dict:
     """One-sample t-test of independent unit means against 0, with a t interval and the power for ``effect``.
 
     ``alternative`` "greater" (H1) or "two-sided"; the power is for a true mean of
@@ -221,7 +222,7 @@ def unit_ttest(values: Sequence[float], alternative: str = "greater", effect: fl
                   "ci_high": float(y.mean()) + half, "power": power}
 
 
-def friedman_test(table: pd.DataFrame, alpha: float = 0.05, n_resamples: int = 9999, seed: int = 0) -> dict:
+def friedman_test(table: pd.DataFrame, alpha: float = ALPHA, n_resamples: int = N_RESAMPLES, seed: int = 0) -> dict:
     """Friedman test of treatments (columns) within blocks (rows; incomplete rows dropped), tie-corrected.
 
     The p-value permutes each block's ranks (Monte Carlo, (hits + 1) / (n_resamples + 1)):
@@ -279,7 +280,7 @@ def _block_permutations(sizes: tuple[int, ...]) -> np.ndarray:
 
 
 def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequence | None = None,
-                         n_resamples: int = 9999, seed: int = 0, level: float = 0.95, alpha: float = 0.05,
+                         n_resamples: int = N_RESAMPLES, seed: int = 0, level: float = 0.95, alpha: float = ALPHA,
                          alternative: str = "two-sided") -> dict:
     """Spearman rho stratified by blocks, with a two-sided permutation p-value permuting x within blocks.
 
@@ -351,7 +352,7 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
                   "pvalue_asymptotic": asymptotic}
 
 
-def spearman_permutation_pvalue(x: Sequence[float], y: Sequence[float], n_resamples: int = 9999,
+def spearman_permutation_pvalue(x: Sequence[float], y: Sequence[float], n_resamples: int = N_RESAMPLES,
                                 seed: int = 0) -> float:
     """Two-sided permutation p-value of Spearman rho (exact for n! <= n_resamples); NaN for constant input."""
     x, y = np.asarray(x, float), np.asarray(y, float)
@@ -418,7 +419,7 @@ def _correlation(units: pd.DataFrame, x: str, y: str, level: str, alternative: s
 
 
 def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_consistency_stratified",
-                           alpha: float = 0.05, n_resamples: int = 9999, seed: int = 0,
+                           alpha: float = ALPHA, n_resamples: int = N_RESAMPLES, seed: int = 0,
                            bleu_domains: Sequence[str] = BLEU_DOMAINS) -> pd.DataFrame:
     """H1-H5 by the valid procedure (module docstring), per domain, hypothesis, method and task.
 
@@ -502,7 +503,7 @@ def study_hypothesis_tests(improvements: pd.DataFrame, agreement: str = "error_c
     return holm_adjust(tests) if len(tests) else tests
 
 
-def agreement_gain_tests(fidelity: pd.DataFrame, measure: str = "error_consistency", alpha: float = 0.05
+def agreement_gain_tests(fidelity: pd.DataFrame, measure: str = "error_consistency", alpha: float = ALPHA
                          ) -> pd.DataFrame:
     """H4_kd_vs_sft: does KD raise the student's agreement with its teacher over SFT? Per domain and task.
 

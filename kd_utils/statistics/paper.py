@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from kd_utils.constants import N_RESAMPLES
 from kd_utils.statistics.hypothesis_tests import (
     hypothesis_tests,
     study_hypothesis_tests,
@@ -280,7 +281,7 @@ def _published_conclusions(published: pd.DataFrame) -> dict[tuple[str, str], tup
     return out
 
 
-def paper_reanalysis(paper_dir: str | Path, n_resamples: int = 9999, seed: int = 0
+def paper_reanalysis(paper_dir: str | Path, n_resamples: int = N_RESAMPLES, seed: int = 0
                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """The paper's published results under the valid procedure: (improvements, tests, verdicts).
 

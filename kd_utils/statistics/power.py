@@ -12,13 +12,14 @@ import math
 
 from scipy import stats
 
+from kd_utils.constants import ADEQUATE_POWER, ALPHA
+
 # "medium" effects (Cohen): d = 0.5 for the t-test, f = 0.25 for the ANOVA, rho = 0.3 for Spearman
 MEDIUM_EFFECT = {"ttest": 0.5, "anova": 0.25, "spearman": 0.3}
-ADEQUATE_POWER = 0.8
 GAIN_OF_INTEREST = 3.0  # percentage points
 
 
-def medium_effect_power(kind: str, n: int, k_groups: int = 3, alpha: float = 0.05) -> float:
+def medium_effect_power(kind: str, n: int, k_groups: int = 3, alpha: float = ALPHA) -> float:
     """Power of a test on ``n`` points to detect a medium effect at ``alpha``.
 
     t-test: one-sided one-sample (statsmodels); ANOVA: ``k_groups`` groups (statsmodels);
@@ -35,7 +36,7 @@ def medium_effect_power(kind: str, n: int, k_groups: int = 3, alpha: float = 0.0
     return correlation_power(n, MEDIUM_EFFECT[kind], alpha)
 
 
-def correlation_power(n_effective: float, rho: float = MEDIUM_EFFECT["spearman"], alpha: float = 0.05) -> float:
+def correlation_power(n_effective: float, rho: float = MEDIUM_EFFECT["spearman"], alpha: float = ALPHA) -> float:
     """Two-sided power to detect a correlation ``rho``: Fisher-z normal approximation, atanh(rho) * sqrt(n - 3)."""
     if not n_effective > 3:
         return math.nan
@@ -43,7 +44,7 @@ def correlation_power(n_effective: float, rho: float = MEDIUM_EFFECT["spearman"]
     return float(stats.norm.sf(z - shift) + stats.norm.cdf(-z - shift))
 
 
-def ttest_power(n: int, effect: float, sd: float, alpha: float = 0.05, alternative: str = "larger") -> float:
+def ttest_power(n: int, effect: float, sd: float, alpha: float = ALPHA, alternative: str = "larger") -> float:
     """Power of the one-sample t-test on ``n`` units to detect a mean ``effect`` when units spread with ``sd``."""
     from statsmodels.stats.power import TTestPower
 
@@ -52,7 +53,7 @@ def ttest_power(n: int, effect: float, sd: float, alpha: float = 0.05, alternati
     return float(TTestPower().power(effect / sd, nobs=n, alpha=alpha, alternative=alternative))
 
 
-def repeated_measures_power(n_blocks: int, k: int, f: float = MEDIUM_EFFECT["anova"], alpha: float = 0.05) -> float:
+def repeated_measures_power(n_blocks: int, k: int, f: float = MEDIUM_EFFECT["anova"], alpha: float = ALPHA) -> float:
     """Approximate power of a k-treatment comparison within ``n_blocks`` blocks (the Friedman test's
     parametric counterpart, a repeated-measures F test) for Cohen's effect size ``f``."""
     if n_blocks < 2 or k < 2:

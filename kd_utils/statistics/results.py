@@ -15,26 +15,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-KD_METHODS = ("fkl", "rkl", "gkd", "seqkd")
-STUDENT_METHODS = ("sft",) + KD_METHODS
+from kd_utils.constants import KD_METHODS, PAPER_METHOD_NAMES, RESULTS_COLUMNS, STUDENT_METHODS
+
 ROLES = ("teacher", "student", "base")
 BASE_TEACHER_SUFFIX = ":base"
 EXPERT, TASK_UNAWARE = "task expert", "task-unaware"
 
-#: the paper's names for our method ids, for display next to the ids
-PAPER_METHOD_NAMES = {
-    "sft": "SFT",
-    "fkl": "SeqKD",
-    "rkl": "RevKD",
-    "gkd": "GKD",
-    "seqkd": "sequence-level KD (Kim & Rush)",
-}
-
-RESULTS_COLUMNS = (
-    "study", "run_id", "role", "model", "teacher", "method", "temperature",
-    "noise_sigma", "seed", "task", "domain", "n", "correct", "accuracy",
-    "ci_low", "ci_high",
-)
 _NUMERIC_RESULTS_COLUMNS = ("temperature", "noise_sigma", "seed", "n", "correct", "ci_low", "ci_high")
 
 _DOMAIN_ORDER = ("math", "commonsense")

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kd_utils.constants import ALPHA
 from kd_utils.predictions import Predictions
 from kd_utils.statistics.hypothesis_tests import (
     friedman_test,
@@ -326,7 +327,7 @@ def not_under_the_null(design: Design) -> set[str]:
     return out
 
 
-def study_outcomes(design: Design, rng: np.random.Generator, n_studies: int = 1, alpha: float = 0.05,
+def study_outcomes(design: Design, rng: np.random.Generator, n_studies: int = 1, alpha: float = ALPHA,
                    n_bootstrap: int = 200, n_permutations: int = 999) -> list[dict[str, tuple[int, int]]]:
     """Simulate ``n_studies`` studies and analyse them (:func:`kd_utils.analysis.study_analysis`); per
     study and family (see FAMILIES) the (count, number of tests)."""

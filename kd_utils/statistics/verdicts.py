@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from kd_utils.constants import ALPHA
 from kd_utils.statistics.hypothesis_tests import holm
 from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT
 
@@ -73,7 +74,7 @@ def _excludes(row: pd.Series, effect: float | None) -> bool:
     return -effect < row["ci_low"] and row["ci_high"] < effect
 
 
-def verdict(row: pd.Series, alpha: float = 0.05) -> tuple[str, str]:
+def verdict(row: pd.Series, alpha: float = ALPHA) -> tuple[str, str]:
     """(verdict, reason) of one primary test row with ``pvalue_holm`` (see the module docstring)."""
     _, direction, effect = CLAIMS.get(row["hypothesis"], ("", None, None))
     if pd.isna(row["pvalue"]):
@@ -94,7 +95,7 @@ def verdict(row: pd.Series, alpha: float = 0.05) -> tuple[str, str]:
     return "inconclusive", f"p (Holm) = {p:.3g} although powered; the interval still holds {row['effect_of_interest']}"
 
 
-def verdict_table(tests: pd.DataFrame, alpha: float = 0.05, domains: list[str] | None = None,
+def verdict_table(tests: pd.DataFrame, alpha: float = ALPHA, domains: list[str] | None = None,
                   primaries: Sequence[str] | None = None) -> pd.DataFrame:
     """Per domain and hypothesis H1-H5: the claim, the primary test's estimate, interval, p, power and verdict.
 
