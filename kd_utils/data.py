@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kd_utils.io import sha256_file
 from kd_utils.tasks import TASKS, get_task
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -132,14 +133,6 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
     return cache_dir() / "data"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def download_file(rel_path: str, dest_dir: Path, mirror: str | None = None,
                   manifest: dict[str, tuple[int, str] | None] = MANIFEST) -> Path:
     """Download one manifest file into dest_dir atomically, verifying size and sha256."""
@@ -159,7 +152,7 @@ def download_file(rel_path: str, dest_dir: Path, mirror: str | None = None,
         expected = manifest[rel_path]
         if expected is not None:
             size, sha = expected
-            if tmp.stat().st_size != size or _sha256(tmp) != sha:
+            if tmp.stat().st_size != size or sha256_file(tmp) != sha:
                 raise DataError(f"download of {url} failed its checksum (expected {size} bytes, sha256 {sha[:12]}...)")
         os.replace(tmp, target)
     except OSError as err:

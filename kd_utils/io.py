@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -44,6 +45,15 @@ def replace_durably(tmp: str | Path, path: str | Path) -> None:
     """Rename a fully written temporary file over ``path`` and flush the directory."""
     os.replace(tmp, path)
     fsync_dir(Path(path).parent)
+
+
+def sha256_file(path: str | Path) -> str:
+    """The file's sha256, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> None:

@@ -31,7 +31,7 @@ import pandas as pd
 from IPython.display import HTML
 
 from kd_utils.constants import ADEQUATE_POWER, STAGES
-from kd_utils.io import temp_path_beside, write_atomic
+from kd_utils.io import sha256_file, temp_path_beside, write_atomic
 from kd_utils.statistics import method_label
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -327,14 +327,6 @@ def project_version() -> dict:
     except importlib.metadata.PackageNotFoundError:
         version = None
     return {"commit": commit, "uncommitted_changes": None if changes is None else bool(changes), "version": version}
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weights_sha256(path: Path, cache: dict[Path, str]) -> str | None:

@@ -85,9 +85,9 @@ from tqdm.auto import tqdm
 from kd_utils import id_codes, losses, precision as precisions
 from kd_utils.constants import MIN_MAX_LENGTH
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
-from kd_utils.data import Example, _sha256, build_training_mix, cache_dir, mix_fingerprint
+from kd_utils.data import Example, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
-from kd_utils.io import read_json, run_from_params_file, write_atomic
+from kd_utils.io import read_json, sha256_file, run_from_params_file, write_atomic
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
 CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch; rationales record whether each generation finished
@@ -136,7 +136,7 @@ def weights_hash(directory: str | Path) -> str:
         stat = path.stat()
         memo_key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if memo_key not in memo:
-            memo[memo_key], changed = _sha256(path), True
+            memo[memo_key], changed = sha256_file(path), True
         parts.append([path.name, memo[memo_key]])
     if changed:
         write_atomic(memo_path, json.dumps(memo, indent=0))
@@ -393,7 +393,7 @@ def _shard_done(cache: Path, index: int, example_ids: list[str]) -> bool:
     try:
         record = read_json(record_path)
         return (record["example_ids_sha256"] == _ids_hash(example_ids) and shard.stat().st_size == record["bytes"]
-                and _sha256(shard) == record["sha256"])
+                and sha256_file(shard) == record["sha256"])
     except (ValueError, KeyError, TypeError):  # a truncated or unparsable record: regenerate the shard
         return False
 
@@ -570,7 +570,7 @@ class TeacherCache:
         if not record:
             raise ValueError(f"teacher cache {self.path} holds no rationales (run_teacher_cache(rationales=True))")
         path = self.path / record["file"]
-        if _sha256(path) != record["sha256"]:
+        if sha256_file(path) != record["sha256"]:
             raise ValueError(f"{path}: sha256 differs from the manifest's (corrupt file); regenerate the cache")
         return {r["id"]: r for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
@@ -825,7 +825,7 @@ def _complete(cache: Path, fields: dict) -> bool:
         manifest = _read_manifest(cache)
         # the per-shard records too: a later partial regeneration trusts them
         return manifest["fields"] == fields and all(
-            (cache / r["file"]).is_file() and _sha256(cache / r["file"]) == r["sha256"]
+            (cache / r["file"]).is_file() and sha256_file(cache / r["file"]) == r["sha256"]
             and read_json(cache / r["file"].replace(".safetensors", ".json")) == r for r in manifest["shards"])
     except (ValueError, KeyError, TypeError):  # absent, truncated or malformed: regenerate
         return False
@@ -838,7 +838,7 @@ def _rationales_missing(cache: Path, max_new_tokens: int, mix: list[Example]) ->
         return True
     return not (record and record["max_new_tokens"] == max_new_tokens
                 and record["mix_fingerprint"] == mix_fingerprint(mix) and (cache / RATIONALES).is_file()
-                and _sha256(cache / RATIONALES) == record["sha256"])
+                and sha256_file(cache / RATIONALES) == record["sha256"])
 
 
 def main(argv: list[str] | None = None) -> None:
