@@ -527,9 +527,9 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
             sizes[run.meta["model"]] = count_model_parameters(model_dir)
     if rows:
-        results = pd.DataFrame(rows)[RESULT_COLUMNS]
+        results = pd.DataFrame(rows)[list(RESULT_COLUMNS)]
     else:
-        results = pd.DataFrame(columns=RESULT_COLUMNS)
+        results = pd.DataFrame(columns=list(RESULT_COLUMNS))
     write_atomic(study_dir / "results.csv", results.to_csv(index=False))
     sizes_df = pd.DataFrame([{"model": m, "n_params": s} for m, s in sizes.items() if s is not None])
     write_atomic(study_dir / "models.csv", sizes_df.to_csv(index=False))
