@@ -26,7 +26,10 @@ import importlib
 import importlib.util
 import io
 import re
+import runpy
 import shlex
+import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -107,7 +110,9 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 
 
 def _links() -> list[tuple[Path, str]]:
-    return [(page, target) for page in PAGES for target in LINK.findall(_prose(_text(page)))]
+    return [
+        (page, target) for page in PAGES for target in LINK.findall(_prose(_text(page)))
+    ]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -119,32 +124,45 @@ def test_relative_links_resolve(page: Path) -> None:
         path, _, anchor = target.partition("#")
         dest = (page.parent / path).resolve() if path else page
         if not dest.exists():
-            problems.append(f"{target}: no file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}")
+            problems.append(
+                f"{target}: no file {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}"
+            )
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
-            problems.append(f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}")
+            problems.append(
+                f"{target}: no heading with anchor #{anchor} in {dest.relative_to(ROOT)}"
+            )
     assert not problems, f"{page.relative_to(ROOT)}: " + "; ".join(problems)
 
 
 def test_readme_is_short() -> None:
     size = len(_text(ROOT / "README.md"))
-    assert size < README_LIMIT, f"README.md has {size} characters; the limit is {README_LIMIT}: move detail to docs/"
+    assert size < README_LIMIT, (
+        f"README.md has {size} characters; the limit is {README_LIMIT}: move detail to docs/"
+    )
 
 
 def test_every_docs_page_is_linked() -> None:
-    linked = {(page.parent / target.partition("#")[0]).resolve() for page, target in _links()}
+    linked = {
+        (page.parent / target.partition("#")[0]).resolve() for page, target in _links()
+    }
     unlinked = [p.name for p in PAGES[1:] if p.resolve() not in linked]
     assert not unlinked, f"docs pages no page links to: {unlinked}"
 
 
 def test_no_words_about_how_the_project_was_made() -> None:
-    banned = re.compile(r"#\d+\b|\bissues?\b|\bengineers?\b|\bthis session\b|\bhelpers?\b", re.IGNORECASE)
+    banned = re.compile(
+        r"#\d+\b|\bissues?\b|\bengineers?\b|\bthis session\b|\bhelpers?\b",
+        re.IGNORECASE,
+    )
     found = [
         f"{page.relative_to(ROOT)}:{number}: {match.group(0)!r}"
         for page in PAGES
         for number, line in enumerate(_prose(_text(page)).splitlines(), 1)
         for match in banned.finditer(line)
     ]
-    assert not found, "the docs speak of the project, not of how it was made: " + "; ".join(found)
+    assert not found, (
+        "the docs speak of the project, not of how it was made: " + "; ".join(found)
+    )
 
 
 def _commands() -> list[tuple[str, list[str]]]:
@@ -165,10 +183,19 @@ def _commands() -> list[tuple[str, list[str]]]:
                     if token not in OPERATORS:
                         simple.append(token)
                         continue
-                    while simple and (re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", simple[0]) or simple[0] in PREFIXES):
-                        simple = simple[2:] if simple[:2] == ["/usr/bin/time", "-v"] else simple[1:]
+                    while simple and (
+                        re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", simple[0])
+                        or simple[0] in PREFIXES
+                    ):
+                        simple = (
+                            simple[2:]
+                            if simple[:2] == ["/usr/bin/time", "-v"]
+                            else simple[1:]
+                        )
                     if simple:
-                        found.append((f"{page.relative_to(ROOT)}:{start + offset}", simple))
+                        found.append(
+                            (f"{page.relative_to(ROOT)}:{start + offset}", simple)
+                        )
                     simple = []
     return found
 
@@ -179,12 +206,17 @@ COMMANDS = _commands()
 def _help(module: str, *sub: str) -> str:
     """`python -m MODULE [SUB] --help`, run in this process; '' when MODULE has no command line."""
     mod = importlib.import_module(module)
-    if not hasattr(mod, "main"):
-        return ""
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as stop:
-        mod.main([*sub, "--help"])
-    assert stop.value.code == 0, f"python -m {module} {' '.join(sub)} --help exited with {stop.value.code}"
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        if hasattr(mod, "main"):
+            mod.main([*sub, "--help"])
+        else:  # a package with __main__.py, or a module whose entry point has another name: run it as -m does
+            with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+                warnings.simplefilter(
+                    "ignore", RuntimeWarning
+                )  # runpy: the module is already imported
+                patch.setattr(sys, "argv", [module, *sub, "--help"])
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
     return out.getvalue()
 
 
@@ -198,7 +230,11 @@ def _paths(tokens: list[str]) -> list[str]:
     paths = []
     for i, token in enumerate(tokens):
         value = token.split("=", 1)[1] if re.fullmatch(r"[A-Z_]+=.*", token) else token
-        if value.startswith("-") or PLACEHOLDER.search(value) or value.startswith(GENERATED):
+        if (
+            value.startswith("-")
+            or PLACEHOLDER.search(value)
+            or value.startswith(GENERATED)
+        ):
             continue
         if i and tokens[i - 1].startswith("--output"):  # a file the command writes
             continue
@@ -208,7 +244,9 @@ def _paths(tokens: list[str]) -> list[str]:
 
 
 def _make_targets() -> set[str]:
-    return set(re.findall(r"^([A-Za-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    return set(
+        re.findall(r"^([A-Za-z][\w-]*):", (ROOT / "Makefile").read_text(), re.MULTILINE)
+    )
 
 
 def _check_module_command(module: str, args: list[str], where: str) -> list[str]:
@@ -216,24 +254,35 @@ def _check_module_command(module: str, args: list[str], where: str) -> list[str]
         return [f"{where}: no module {module}"]
     if not module.startswith("kd_utils"):
         return []
+    if "usage:" not in _help(module):
+        return [
+            f"{where}: python -m {module} --help prints no usage: the module has no command line"
+        ]
     subs = _subcommands(module)
     problems, sub = [], []
     if subs:
         if not args or args[0] not in subs:
             if args and (module, args[0]) in PENDING_SUBCOMMANDS:
                 return []
-            return [f"{where}: python -m {module} has no subcommand {args[:1]} (it has {sorted(subs)})"]
+            return [
+                f"{where}: python -m {module} has no subcommand {args[:1]} (it has {sorted(subs)})"
+            ]
         sub = args[:1]
     usage = _help(module, *sub)
     for option in (a.split("=")[0] for a in args if a.startswith("--")):
         if option not in usage:
-            problems.append(f"{where}: python -m {module} {' '.join(sub)} has no option {option}")
+            problems.append(
+                f"{where}: python -m {module} {' '.join(sub)} has no option {option}"
+            )
     if module == "kd_utils.study":
-        from kd_utils.params import load_study
+        from kd_utils.params import ParamsError, load_study
 
         for path in _paths(args):
             if path.endswith((".yaml", ".yml")) and (ROOT / path).exists():
-                load_study(ROOT / path)  # raises ParamsError naming every problem
+                try:
+                    load_study(ROOT / path)
+                except ParamsError as err:
+                    problems.append(f"{where}: {path} does not validate: {err}")
     return problems
 
 
@@ -246,22 +295,32 @@ def test_commands_name_what_exists() -> None:
         missing = [p for p in _paths(tokens) if not (ROOT / p).exists()]
         problems += [f"{where}: no file {p}" for p in missing]
         if program == "make":
-            problems += [f"{where}: no make target {t}" for t in args if "=" not in t and t not in targets]
+            problems += [
+                f"{where}: no make target {t}"
+                for t in args
+                if "=" not in t and t not in targets
+            ]
         elif program in PYTHONS or program == "accelerate":
             if "-m" in args:
                 i = args.index("-m")
                 problems += _check_module_command(args[i + 1], args[i + 2 :], where)
             elif program == "accelerate" or not args or not args[0].endswith(".py"):
-                problems.append(f"{where}: neither `-m MODULE` nor a script: {shlex.join(tokens)}")
+                problems.append(
+                    f"{where}: neither `-m MODULE` nor a script: {shlex.join(tokens)}"
+                )
         elif program == "bash" or "/" in program:
             pass  # the script's path is among the checked paths
         else:
-            problems.append(f"{where}: {program!r} is in neither list of tests/test_docs.py: {shlex.join(tokens)}")
+            problems.append(
+                f"{where}: {program!r} is in neither list of tests/test_docs.py: {shlex.join(tokens)}"
+            )
     assert not problems, "\n".join(problems)
 
 
 @pytest.mark.embedded
-def test_dry_run_commands_run(embedded_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dry_run_commands_run(
+    embedded_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The dry runs in DRY_RUN, as the docs show them: the plan, the cost estimate and the design's power."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("KD_DATA_OFFLINE", "1")
@@ -281,14 +340,22 @@ def test_dry_run_commands_run(embedded_dir: Path, monkeypatch: pytest.MonkeyPatc
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             code = study.main(["run", *args])
-        assert code == 0, f"python -m kd_utils.study run {' '.join(args)} exited with {code}"
+        assert code == 0, (
+            f"python -m kd_utils.study run {' '.join(args)} exited with {code}"
+        )
         printed = out.getvalue()
-        assert re.search(r"^\s+(pending|done)\s+teacher-", printed, re.M), f"no teacher run in the plan:\n{printed}"
-        assert "design power" in printed, f"no design power in the dry run's output:\n{printed}"
+        assert re.search(r"^\s+(pending|done)\s+teacher-", printed, re.MULTILINE), (
+            f"no teacher run in the plan:\n{printed}"
+        )
+        assert "design power" in printed, (
+            f"no design power in the dry run's output:\n{printed}"
+        )
         ran += 1
     assert ran, f"no shown dry run is in DRY_RUN {sorted(DRY_RUN)}"
 
 
 def test_pending_subcommands_are_still_pending() -> None:
     landed = [f"{m} {s}" for m, s in PENDING_SUBCOMMANDS if s in _subcommands(m)]
-    assert not landed, f"{landed} now exist: remove them from PENDING_SUBCOMMANDS in tests/test_docs.py"
+    assert not landed, (
+        f"{landed} now exist: remove them from PENDING_SUBCOMMANDS in tests/test_docs.py"
+    )
