@@ -7,8 +7,8 @@ RUN (cheap):
   - `python -m kd_utils.X --help` for every kd_utils module a command names, and `--help` of the subcommand
     it calls; every `--option` the command passes must appear in that help;
   - `python -m kd_utils.study run P --dry-run` for P in DRY_RUN (test_dry_run_commands_run);
-  - every params file a `kd_utils.study` command names is loaded and validated (`kd_utils.params.load_study`),
-    which is the runner's first step; its dry run is not executed where it is outside DRY_RUN (the paper
+  - every params/ file a command names (`kd_utils.study run P`, `make study STUDY=P`) is loaded and validated
+    (`kd_utils.params.load_study`), which is the runner's first step; its dry run is not executed where it is outside DRY_RUN (the paper
     grids' dry runs ask the hub for tokenizers, the larger studies take ~10 s to count tokens).
 CHECKED only (too costly here, or they need a GPU, a cluster or the network):
   - `make TARGET`: the target is in the Makefile (make study / test / paper / mutation / setup / gpu-rehearsal);
@@ -274,16 +274,18 @@ def _check_module_command(module: str, args: list[str], where: str) -> list[str]
             problems.append(
                 f"{where}: python -m {module} {' '.join(sub)} has no option {option}"
             )
-    if module == "kd_utils.study":
-        from kd_utils.params import ParamsError, load_study
-
-        for path in _paths(args):
-            if path.endswith((".yaml", ".yml")) and (ROOT / path).exists():
-                try:
-                    load_study(ROOT / path)
-                except ParamsError as err:
-                    problems.append(f"{where}: {path} does not validate: {err}")
     return problems
+
+
+def _invalid_study(path: str, where: str) -> str:
+    """'' when the study file validates as the runner's first step does, else the problems it names."""
+    from kd_utils.params import ParamsError, load_study
+
+    try:
+        load_study(ROOT / path)
+    except ParamsError as err:
+        return f"{where}: {path} does not validate: {err}"
+    return ""
 
 
 def test_commands_name_what_exists() -> None:
@@ -294,6 +296,11 @@ def test_commands_name_what_exists() -> None:
         program, args = tokens[0], tokens[1:]
         missing = [p for p in _paths(tokens) if not (ROOT / p).exists()]
         problems += [f"{where}: no file {p}" for p in missing]
+        problems += [
+            _invalid_study(p, where)
+            for p in _paths(tokens)
+            if p.startswith("params/") and p not in missing
+        ]
         if program == "make":
             problems += [
                 f"{where}: no make target {t}"
@@ -314,6 +321,7 @@ def test_commands_name_what_exists() -> None:
             problems.append(
                 f"{where}: {program!r} is in neither list of tests/test_docs.py: {shlex.join(tokens)}"
             )
+    problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
 
 
