@@ -2,7 +2,7 @@
 
 Each known point where the authors' code (LCS2-IIITD/KD_generalization, ``generative/``) and our
 considered choice differ is one field here; training and evaluation read these fields and
-nothing else decides them. The README's "Protocols" section argues each ``improved`` choice.
+nothing else decides them. docs/protocols.md argues each ``improved`` choice.
 
 What ``paper`` cannot match: the authors' training files (LLM-Adapters' math_10k / commonsense_15k are
 rebuilt from public train splits, ``kd_utils.data.build_training_mix``: AQuA train, HellaSwag train and
