@@ -14,6 +14,7 @@ mix's content only, where a real one must also key the tokenizer, max_length and
 Each variant must give the same token rows as ``today`` (checked every round). Rounds interleave the variants
 (order rotating); the load average is recorded beside every timing, the machine being shared.
 
+    pip install datasets  # not a dependency of the project (this measurement is why)
     PYTHONPATH=. OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false python benchmarks/datasets_check.py \
         --rounds 3 --output benchmarks/results/datasets_check.json
 """
