@@ -17,8 +17,11 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = sorted(path.stem for path in NOTEBOOKS.glob("*.ipynb"))
 FORMATS = "ipynb,py:percent"
-SYNC = ("run: .venv/bin/jupytext --sync notebooks/*.ipynb (the more recently modified file of each pair is "
-        "the source; `touch` the one you edited first if unsure)")
+# jupytext --sync alone takes each pair's more recently modified file as the source, which after a merge or a
+# checkout need not be the edited one: these name the source.
+SYNC = ("after editing a .py run: .venv/bin/jupytext --update --to ipynb notebooks/*.py ; after editing or "
+        "merging a .ipynb run: .venv/bin/jupytext --to py:percent notebooks/*.ipynb && "
+        ".venv/bin/jupytext --sync notebooks/*.ipynb")
 
 
 def cells(notebook: nbformat.NotebookNode) -> list[tuple[str, str, dict]]:
