@@ -1,8 +1,8 @@
 """The teacher cache's format, pinned against values worked out by hand: fields and key, the encoding of each
 representation, shards and their records, a cache written by hand and read back, and what is refused.
 
-Fast (no teacher model except in the last tests): these are the tests that judge kd_utils/teacher_cache.py in
-its mutation run, beside tests/test_teacher_cache.py.
+Fast (no teacher model except in the last tests): these are the tests that judge the cache modules
+(kd_utils/teacher_cache.py and kd_utils/cache_*.py) in their mutation run, beside tests/test_teacher_cache.py.
 """
 
 import hashlib

@@ -1,7 +1,7 @@
 """The teacher cache across processes: two ranks writing shards, a SIGKILLed writer.
 
 Apart from tests/test_teacher_cache.py because each starts Python afresh: ~20 s together,
-which every mutant of kd_utils/teacher_cache.py would pay again. Its mutation run (pyproject.toml) leaves
+which every mutant of the cache modules would pay again. Its mutation run (pyproject.toml) leaves
 them out; what they exercise beyond the in-process tests is mostly generate_cache's rank loop, which
 mutmut does not mutate (a decorated function), and the atomic writes of kd_utils/io.py (tests/test_io.py).
 """
