@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_utils import (batches, cache_encoding, cache_writer, id_codes, losses, models, teacher_cache, teachers,
-                      training)
-from kd_utils.data import Example, mix_fingerprint
+from kd_utils import batches, cache_encoding, cache_writer, id_codes, losses, models, teacher_cache, teachers, training
+from kd_utils.data import mix_fingerprint
 from kd_utils.models import ModelError
 
 # at least the tiny tokenizer's vocabulary (k is capped at it): top-k must then reproduce the dense losses
@@ -110,12 +109,13 @@ def test_sampled_estimator_is_unbiased(fields):
 
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
-    base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m", max_length=256,
-                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0, epochs=1,
-                id_coding="fixed", vocab_size=512)
+    base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m",
+                max_length=256, representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0,
+                epochs=1, id_coding="fixed", vocab_size=512)
     key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
-    changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
+    changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2",
+                   max_length=128, k=16,
                    temperature=2.0, noise_sigma=1.0, seed=1, epochs=2)
     keys = {teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, name: value}))
             for name, value in changes.items()}
@@ -367,7 +367,8 @@ def test_a_cache_of_another_teacher_adapter_or_awareness_is_refused(tiny_model_d
     message = refused(teacher_cache.teacher_identity(tiny_model_dir, adapter))
     assert "adapter: cache has None, run expects '" in message and "teacher:" not in message
     message = refused({**teacher_cache.teacher_identity(tiny_model_dir, adapter, task_aware_teacher=False), "seed": 3})
-    assert "task_aware_teacher: cache has True, run expects False" in message and "seed: cache has 0, run expects 3" in message
+    assert "task_aware_teacher: cache has True, run expects False" in message
+    assert "seed: cache has 0, run expects 3" in message
     # the student run passes its teacher's identity: the wiring, end to end
     with pytest.raises(ValueError, match="teacher: cache has"):
         training.run_training(str(tiny_model_dir), tmp_path / "student", method="fkl", teacher=str(other),
@@ -400,7 +401,7 @@ def test_a_cache_whose_key_is_not_its_directory_is_refused(tiny_model_dir, data_
     manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
     manifest["fields"]["temperature"] = 2.0  # an edited manifest now claims another setting
     (path / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=f"hash to key .*, not the directory's name"):
+    with pytest.raises(ValueError, match="hash to key .*, not the directory's name"):
         teacher_cache.open_cache(path)
     renamed = path.rename(tmp_path / "c" / "renamed")
     manifest["fields"]["temperature"] = 1.0
@@ -556,7 +557,8 @@ def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_
     """As online (``teachers.teacher_rationales``): a generation cut at max_new_tokens ends its row without EOS."""
     def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished, precision):
         assert return_finished
-        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], [i % 2 == 0 for i in range(len(prompts))]
+        finished = [i % 2 == 0 for i in range(len(prompts))]
+        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], finished
 
     monkeypatch.setattr(teachers, "generate", generate)
     path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, rationales=True,

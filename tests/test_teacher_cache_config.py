@@ -49,7 +49,8 @@ def test_the_study_defaults_are_the_config_defaults():
 def test_every_field_has_one_line_of_help_and_its_allowed_values_where_checked():
     for f in dataclasses.fields(TeacherCacheConfig):
         assert f.metadata["help"] and "\n" not in f.metadata["help"], f.name
-    allowed = {f.name: {k: v for k, v in f.metadata.items() if k != "help"} for f in dataclasses.fields(TeacherCacheConfig)}
+    allowed = {f.name: {k: v for k, v in f.metadata.items() if k != "help"}
+               for f in dataclasses.fields(TeacherCacheConfig)}
     assert {name: a for name, a in allowed.items() if a} == {
         "domain": {"choices": ("math", "commonsense")}, "max_length": {"min": 8},
         "representation": {"choices": ("topk", "sampled", "topk_sampled")}, "k": {"min": 1}, "num_samples": {"min": 1},

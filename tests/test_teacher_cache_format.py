@@ -177,7 +177,8 @@ def test_encode_sampled_draws_systematically_and_stores_the_entropy():
     assert stored.keys() == {"ids", "entropy"} and stored["ids"].dtype == torch.uint16
     # one draw in each quarter of the CDF: every id exactly once, the draws sorted
     assert stored["ids"].tolist() == [[0, 1, 2, 3]] * 64
-    assert stored["entropy"].dtype == torch.float32 and torch.allclose(stored["entropy"], torch.full((64,), math.log(4)))
+    assert stored["entropy"].dtype == torch.float32
+    assert torch.allclose(stored["entropy"], torch.full((64,), math.log(4)))
     # a point mass: every draw is its id (not merged into one entry with a count)
     point = torch.full((2, 5), -math.inf)
     point[:, 3] = 0.0
@@ -441,7 +442,8 @@ def test_a_sampled_cache_batch_decodes_draws(tmp_path):
     # the hand-made shard has ids and log-probs; a sampled one has ids and entropy
     shard = path / "shard-00000.safetensors"
     tensors = {"ids": torch.tensor([[[1, 2]], [[3, 3]]], dtype=torch.uint16), "entropy": torch.tensor([[0.5], [0.25]]),
-               "input_ids": torch.tensor([7, 8, 9], dtype=torch.uint16), "lengths": torch.tensor([3], dtype=torch.int32)}
+               "input_ids": torch.tensor([7, 8, 9], dtype=torch.uint16),
+               "lengths": torch.tensor([3], dtype=torch.int32)}
     data = st_save(tensors, metadata={"example_ids": '["a"]'})
     shard.write_bytes(data)
     manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
@@ -568,8 +570,9 @@ def test_rationales_are_stored_as_jsonl_and_recorded_in_the_manifest(tmp_path):
         assert (path / "rationales.jsonl").read_bytes() == text.encode()
         manifest_text = (path / teacher_cache.MANIFEST).read_text()
         manifest = json.loads(manifest_text)
-        assert manifest["rationales"] == {"file": "rationales.jsonl", "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                          "max_new_tokens": 16, "mix_fingerprint": mix_fingerprint(mix), "examples": 2}
+        assert manifest["rationales"] == {"file": "rationales.jsonl",
+                                          "sha256": hashlib.sha256(text.encode()).hexdigest(), "max_new_tokens": 16,
+                                          "mix_fingerprint": mix_fingerprint(mix), "examples": 2}
         assert manifest_text.startswith('{\n "key": ')  # indented by one, as the generator writes it
         assert not cache_format.rationales_missing(path, 16, mix)
         assert teacher_cache.open_cache(path).rationales() == {

@@ -67,7 +67,8 @@ def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_d
     assert done.returncode == 0, done.stderr[-3000:]
     caches = sorted((tmp_path / "one").iterdir())
     assert [c.name for c in caches] == sorted(c.name for c in (tmp_path / "two").iterdir())  # same keys
-    assert len(caches) == 4 and len(writes) == 4 * len(json.loads((caches[0] / teacher_cache.MANIFEST).read_text())["shards"])
+    shards = len(json.loads((caches[0] / teacher_cache.MANIFEST).read_text())["shards"])
+    assert len(caches) == 4 and len(writes) == 4 * shards
     for path in caches:
         other = tmp_path / "two" / path.name
         manifest = json.loads((other / teacher_cache.MANIFEST).read_text())
@@ -79,7 +80,7 @@ def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_d
 
 
 def test_a_killed_writer_leaves_a_cache_that_regenerates_cleanly(tiny_model_dir, data_dir, tmp_path):
-    """A writer SIGKILLed inside a write (data in the temporary file, not yet renamed): the rerun completes the cache."""
+    """A writer SIGKILLed inside a write (data in the temporary file, not yet renamed): the rerun completes it."""
     import signal
     import subprocess
     import sys
