@@ -193,4 +193,3 @@ def field_differences(fields: dict, expect: dict) -> list[str]:
     # float(), keeps ints above 2**53 apart (a seed)
     return [f"{name}: cache has {fields[name]!r}, run expects {value!r}"
             for name, value in expect.items() if fields[name] != value]
-

@@ -186,6 +186,7 @@ def cached_rationales(path: str | Path, examples: list[Example], max_new_tokens:
     return [Example(e.id, e.task, e.domain, e.instruction, e.input, e.answer, generated[e.id]["rationale"],
                     complete=generated[e.id]["complete"]) for e in examples]
 
+
 def find_cache(root: str | Path, expect: dict) -> Path:
     """The one cache under ``root`` (a ``run_teacher_cache`` output_dir) whose fields match ``expect``.
 
