@@ -33,7 +33,8 @@ def main() -> None:
     load_before, started = tradeoff.load(), time.perf_counter()
     teacher, tokenizer = models.load_model(models.EMBEDDED_MODEL)
     vocab_size, pad_id = len(tokenizer.get_vocab()), tokenizer.pad_token_id
-    selection = teacher_cache.select_examples("math", 16, False, None, 0, 0.5)
+    selection = teacher_cache.select_examples("math", n_train=16, include_mawps=False, data_dir=None, seed=0,
+                                              val_fraction=0.5)
     rows = [batches.tokenize_example(tokenizer, e, 128) for e in selection.train[:4]]
     error_batch = batches.collate(rows, pad_id)
     mask = training.distill_mask(error_batch, training.TrainConfig(method="fkl"))

@@ -282,7 +282,8 @@ def main() -> None:
     started = time.perf_counter()
     teacher, tokenizer = models.load_model(models.EMBEDDED_MODEL)
     vocab_size, pad_id = len(tokenizer.get_vocab()), tokenizer.pad_token_id
-    selection = teacher_cache.select_examples("math", args.n_train, False, args.data_dir, 0, args.val_fraction)
+    selection = teacher_cache.select_examples("math", n_train=args.n_train, include_mawps=False, data_dir=args.data_dir,
+                                              seed=0, val_fraction=args.val_fraction)
     val_rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.val]
     rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.train[:args.error_rows]]
     error_batch = batches.collate(rows, pad_id)

@@ -19,8 +19,8 @@ from kd_utils.data import DEFAULT_MIX, MIXES
 from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
 from kd_utils.statistics.verdicts import CLAIMS
 from kd_utils.tasks import TASKS, tasks_for
-from kd_utils import teacher_cache
-from kd_utils.teacher_cache import cacheable_methods
+from kd_utils import cache_config
+from kd_utils.cache_config import cacheable_methods
 from kd_utils.constants import METHODS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -50,9 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "teacher_expertise": ["task_aware"],
     "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": None,
            "seqkd_max_new_tokens": 128},
-    "teacher_cache": {"enabled": False, "methods": ["fkl"], "representation": teacher_cache.DEFAULT_REPRESENTATION,
-                      "k": teacher_cache.DEFAULT_K, "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES,
-                      "id_coding": "fixed"},
+    "teacher_cache": {"enabled": False, "methods": ["fkl"],
+                      **{key: cache_config.defaults()[key] for key in cache_config.STUDY_FIELDS}},
     "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
     "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
                    "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True,
@@ -242,12 +241,8 @@ def validate(params: dict) -> list[str]:
         elif key not in ("partition", "account"):
             problems.append(f"execution.slurm.{key}: unknown key (expected partition or account)")
     cache = params["teacher_cache"]
-    if cache["representation"] not in teacher_cache.REPRESENTATIONS:
-        problems.append(f"teacher_cache.representation: expected one of {', '.join(teacher_cache.REPRESENTATIONS)}, "
-                        f"got {cache['representation']!r}")
-    if cache["id_coding"] not in teacher_cache.ID_CODINGS:
-        problems.append(f"teacher_cache.id_coding: expected one of {', '.join(teacher_cache.ID_CODINGS)}, "
-                        f"got {cache['id_coding']!r}")
+    # choices and minimums from kd_utils.cache_config.TeacherCacheConfig
+    problems += cache_config.setting_problems({key: cache[key] for key in cache_config.STUDY_FIELDS}, "teacher_cache")
     primaries = params["analysis"]["primary_hypotheses"]
     if primaries is not None and (not isinstance(primaries, list) or not primaries
                                   or any(h not in CLAIMS for h in primaries)):
@@ -258,9 +253,6 @@ def validate(params: dict) -> list[str]:
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "
                         f"{cache['representation']} cache can train; gkd's on-policy part needs the online teacher), "
                         f"got {cache['methods']!r}")
-    for key in ("k", "num_samples"):
-        if isinstance(cache[key], int) and cache[key] < 1:
-            problems.append(f"teacher_cache.{key}: must be >= 1, got {cache[key]}")
     if cache["enabled"] and params["training"]["student"]["val_examples"] is not None:
         problems.append("training.student.val_examples: the teacher cache selects its rows by val_fraction; "
                         "set val_examples: null or teacher_cache.enabled: false")

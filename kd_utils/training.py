@@ -317,9 +317,10 @@ def train(model, tokenizer, train_examples: list[Example], config: TrainConfig, 
         raise ValueError("no training examples")
     source = None  # the teacher source: the online model or the cache (kd_utils.teachers)
     if teacher_cache is not None:
-        source = cache_store.open_for_training(teacher_cache, tokenizer, train_examples, config.method,
-                                               config.temperature, config.noise_sigma, config.max_length,
-                                               config.epochs, teacher_cache_expect)
+        source = cache_store.open_for_training(
+            teacher_cache, tokenizer=tokenizer, train_examples=train_examples, method=config.method,
+            temperature=config.temperature, noise_sigma=config.noise_sigma, max_length=config.max_length,
+            epochs=config.epochs, expect=teacher_cache_expect)
     mixed = mixed_precision(config)
     if AcceleratorState._shared_state.get("_mixed_precision", mixed) != mixed:
         # one process training twice in different precisions (a notebook, a benchmark): accelerate keeps one
@@ -562,7 +563,8 @@ def run_training(model: str, output_dir: str | Path, method: str = "sft", domain
                                                 merge_adapter=True, device=default_device(),
                                                 dtype=torch.float16 if mixed_precision(config) == "fp16" else None)
     if method == "seqkd":
-        mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, cache_expect) if from_cache else
+        mix = (cache_store.cached_rationales(teacher_cache, mix, seqkd_max_new_tokens, expect=cache_expect)
+               if from_cache else
                teacher_rationales(teacher_model, teacher_tok, mix, seqkd_max_new_tokens, config.micro_batch_size * 4,
                                   config.protocol, precision.resolve(config.rules.precision)))
         teacher_model = teacher_cache = None

@@ -5,14 +5,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_utils import batches, losses, models, teacher_cache, teachers, training
-from kd_utils.data import Example, mix_fingerprint
+from kd_utils import batches, cache_encoding, cache_writer, id_codes, losses, models, teacher_cache, teachers, training
+from kd_utils.data import mix_fingerprint
 from kd_utils.models import ModelError
 
 # at least the tiny tokenizer's vocabulary (k is capped at it): top-k must then reproduce the dense losses
 VOCAB = 512
 COMMON = dict(max_length=96, val_fraction=0.25, seed=0)
-WRITE_SHARD = teacher_cache._write_shard
+WRITE_SHARD = cache_writer.write_shard
+
+
+def select(data_dir, n_train: int | None = None) -> teacher_cache.Selection:
+    """The rows a math run with COMMON's seed and val_fraction trains on."""
+    return teacher_cache.select_examples("math", n_train=n_train, include_mawps=False, data_dir=data_dir, seed=0,
+                                         val_fraction=0.25)
 
 
 @pytest.fixture(autouse=True)
@@ -39,13 +45,13 @@ def count_writes(monkeypatch, fail_after: int | None = None) -> list[int]:
     """Record the shard indices written; raise after ``fail_after`` writes (a killed run)."""
     written = []
 
-    def wrapper(cache, index, tensors, example_ids):
+    def wrapper(cache, index, tensors, *, example_ids):
         if fail_after is not None and len(written) == fail_after:
             raise Killed()
         written.append(index)
-        return WRITE_SHARD(cache, index, tensors, example_ids)
+        return WRITE_SHARD(cache, index, tensors, example_ids=example_ids)
 
-    monkeypatch.setattr(teacher_cache, "_write_shard", wrapper)
+    monkeypatch.setattr(cache_writer, "write_shard", wrapper)
     return written
 
 
@@ -53,7 +59,7 @@ def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model
     summary = make_cache(tiny_model_dir, data_dir, tmp_path / "cache", temperatures=(2.0,))
     cache = teacher_cache.open_cache(only_cache(summary))
     teacher, tok = models.load_model(tiny_model_dir)
-    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    selection = select(data_dir)
     rows = [batches.tokenize_example(tok, e, 96) for e in selection.train[:3]]
     batch = batches.collate(rows, tok.pad_token_id)
     with torch.no_grad():
@@ -103,12 +109,13 @@ def test_sampled_estimator_is_unbiased(fields):
 
 
 def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, data_dir, tmp_path):
-    base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m", max_length=256,
-                representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0, epochs=1,
-                id_coding="fixed", vocab_size=512)
+    base = dict(teacher_hash="t", adapter_hash=None, task_aware_teacher=True, tokenizer_fp="v", mix_fp="m",
+                max_length=256, representation="topk", k=8, num_samples=12, temperature=1.0, noise_sigma=0.0, seed=0,
+                epochs=1, id_coding="fixed", vocab_size=512)
     key = teacher_cache.cache_key(teacher_cache.cache_fields(**base))
     assert key == teacher_cache.cache_key(teacher_cache.cache_fields(**base))
-    changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2", max_length=128, k=16,
+    changes = dict(teacher_hash="t2", adapter_hash="a", task_aware_teacher=False, tokenizer_fp="v2", mix_fp="m2",
+                   max_length=128, k=16,
                    temperature=2.0, noise_sigma=1.0, seed=1, epochs=2)
     keys = {teacher_cache.cache_key(teacher_cache.cache_fields(**{**base, name: value}))
             for name, value in changes.items()}
@@ -127,8 +134,8 @@ def test_cache_key_changes_when_any_input_changes(tiny_model_dir, tiny_corpus, d
     reversed_tok = models.tiny_tokenizer([t[::-1] for t in tiny_corpus], 300)
     assert teacher_cache.tokenizer_fingerprint(reversed_tok) != teacher_cache.tokenizer_fingerprint(
         models.load_tokenizer(tiny_model_dir))
-    a = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
-    b = teacher_cache.select_examples("math", 5, False, data_dir, 0, 0.25).train
+    a = select(data_dir).train
+    b = select(data_dir, n_train=5).train
     assert mix_fingerprint(a) != mix_fingerprint(b)
     # end to end: a changed setting is a new cache, an unchanged one is not recomputed
     first = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4)
@@ -198,7 +205,7 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     summary = make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, representation="sampled")
     path = only_cache(summary)
     student, tok = models.load_model(tiny_model_dir)
-    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    examples = select(data_dir).train
     config = training.TrainConfig(method="fkl", epochs=1, batch_size=2, micro_batch_size=2, max_length=96, lora=False)
 
     def refused(config, examples=examples, tokenizer=tok):
@@ -267,7 +274,7 @@ def test_teacher_cache_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path
     summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert summary["method"] == "rkl" and summary["history"][-1]["kd_loss"] > 0
     # seqkd takes the teacher's generations from the cache
-    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    examples = select(data_dir).mix
     with_rationales = teacher_cache.cached_rationales(cache, examples, 4)
     teacher, tok = models.load_model(tiny_model_dir)
     online = teachers.teacher_rationales(teacher, tok, examples, max_new_tokens=4)
@@ -279,7 +286,7 @@ def test_teacher_cache_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path
 def test_a_run_finds_its_cache_among_a_stage_output_dirs(tiny_model_dir, data_dir, tmp_path):
     """A study's cache run writes one cache per temperature; each student run is given the stage's directory."""
     summary = make_cache(tiny_model_dir, data_dir, tmp_path / "stage", k=8, temperatures=(1.0, 2.0))
-    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    examples = select(data_dir).train
     tok = models.load_tokenizer(tiny_model_dir)
     expect = {"tokenizer": teacher_cache.tokenizer_fingerprint(tok), "mix_fingerprint": mix_fingerprint(examples),
               "max_length": 96, "noise_sigma": 0.0}
@@ -336,7 +343,7 @@ def fake_adapter(path: Path, content: bytes) -> Path:
 
 
 def training_expect(tiny_model_dir, data_dir) -> dict:
-    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    examples = select(data_dir).train
     tok = models.load_tokenizer(tiny_model_dir)
     return dict(tokenizer=tok, train_examples=examples, method="fkl", temperature=1.0, noise_sigma=0.0, max_length=96,
                 epochs=1)
@@ -360,7 +367,8 @@ def test_a_cache_of_another_teacher_adapter_or_awareness_is_refused(tiny_model_d
     message = refused(teacher_cache.teacher_identity(tiny_model_dir, adapter))
     assert "adapter: cache has None, run expects '" in message and "teacher:" not in message
     message = refused({**teacher_cache.teacher_identity(tiny_model_dir, adapter, task_aware_teacher=False), "seed": 3})
-    assert "task_aware_teacher: cache has True, run expects False" in message and "seed: cache has 0, run expects 3" in message
+    assert "task_aware_teacher: cache has True, run expects False" in message
+    assert "seed: cache has 0, run expects 3" in message
     # the student run passes its teacher's identity: the wiring, end to end
     with pytest.raises(ValueError, match="teacher: cache has"):
         training.run_training(str(tiny_model_dir), tmp_path / "student", method="fkl", teacher=str(other),
@@ -393,7 +401,7 @@ def test_a_cache_whose_key_is_not_its_directory_is_refused(tiny_model_dir, data_
     manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
     manifest["fields"]["temperature"] = 2.0  # an edited manifest now claims another setting
     (path / teacher_cache.MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=f"hash to key .*, not the directory's name"):
+    with pytest.raises(ValueError, match="hash to key .*, not the directory's name"):
         teacher_cache.open_cache(path)
     renamed = path.rename(tmp_path / "c" / "renamed")
     manifest["fields"]["temperature"] = 1.0
@@ -432,9 +440,9 @@ def test_float16_log_probs_keep_a_small_tail(representation):
     fields = dict(representation=representation, k=2, num_samples=3, temperature=1.0)
     stored = teacher_cache.encode(logits, fields, torch.Generator().manual_seed(0))
     true_tail = 1 - logits.softmax(-1)[:, :2].sum(-1)
-    nearest_tail = teacher_cache._tail(losses.teacher_topk(logits[None], 2, 1.0)[1][0].to(torch.float16))
+    nearest_tail = cache_encoding._tail(losses.teacher_topk(logits[None], 2, 1.0)[1][0].to(torch.float16))
     assert (nearest_tail < 0.5 * true_tail).any()  # the case the guard is for
-    kept_tail = teacher_cache._tail(stored["logprobs"])
+    kept_tail = cache_encoding._tail(stored["logprobs"])
     assert (kept_tail >= 0.5 * true_tail).all() and (kept_tail < 1e-2).all()
     if representation == "topk_sampled":  # the draws carry that tail as their weight
         counts = teacher_cache.decode(stored)["sample_counts"].double()
@@ -460,7 +468,7 @@ def test_each_epoch_reads_its_own_draw_set(tiny_model_dir, data_dir, tmp_path, o
     extra = summary["bytes_per_token"] - one_epoch["bytes_per_token"]
     assert extra == pytest.approx((sets - 1) * payload, abs=0.2)
     tok = models.load_tokenizer(tiny_model_dir)
-    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    selection = select(data_dir)
     batch = batches.collate([batches.tokenize_example(tok, e, 96) for e in selection.train[:3]], tok.pad_token_id)
     real = batch["attention_mask"][:, 1:].bool()
     first, second, third = (cache.batch(batch, epoch=epoch) for epoch in (1, 2, 3))
@@ -513,7 +521,7 @@ def test_a_resumed_run_reads_the_draw_set_an_uninterrupted_one_reads(tiny_model_
                                                                        monkeypatch):
     path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", representation="sampled",
                                  num_samples=4, epochs=2))
-    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    selection = select(data_dir)
     config = training.TrainConfig(method="fkl", epochs=2, batch_size=2, micro_batch_size=2, lr=3e-3, lora=False,
                                   loss_chunk_size=64, max_length=96, seed=0)
     read = []  # the set each batch was read from
@@ -549,12 +557,13 @@ def test_cached_rationales_get_eos_only_when_the_generation_finished(tiny_model_
     """As online (``teachers.teacher_rationales``): a generation cut at max_new_tokens ends its row without EOS."""
     def generate(model, tokenizer, prompts, max_new_tokens, batch_size, desc, return_finished, precision):
         assert return_finished
-        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], [i % 2 == 0 for i in range(len(prompts))]
+        finished = [i % 2 == 0 for i in range(len(prompts))]
+        return [f"step {i} so the answer is {i}" for i in range(len(prompts))], finished
 
     monkeypatch.setattr(teachers, "generate", generate)
     path = only_cache(make_cache(tiny_model_dir, data_dir, tmp_path / "c", k=4, rationales=True,
                                  rationale_max_new_tokens=4))
-    mix = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    mix = select(data_dir).mix
     cached = teacher_cache.cached_rationales(path, mix, 4)
     teacher, tok = models.load_model(tiny_model_dir)
     online = teachers.teacher_rationales(teacher, tok, mix, max_new_tokens=4)
@@ -576,10 +585,10 @@ def test_elias_fano_coded_ids_give_the_same_targets_in_fewer_bytes(tiny_model_di
     tok = models.load_tokenizer(tiny_model_dir)
     vocab = len(tok.get_vocab())
     # per position and set: 12 ids of 2 bytes, or their Elias-Fano code
-    saved = 12 * 2 - teacher_cache.id_codes.code_bytes(12, vocab)
+    saved = 12 * 2 - id_codes.code_bytes(12, vocab)
     # (within a byte: the shard headers name other tensors)
     assert saved > 0 and fixed["bytes_per_token"] - coded["bytes_per_token"] == pytest.approx(2 * saved, abs=1.0)
-    selection = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25)
+    selection = select(data_dir)
     batch = batches.collate([batches.tokenize_example(tok, e, 96) for e in selection.train[:3]], tok.pad_token_id)
     for epoch in (1, 2):
         x, y = a.batch(batch, epoch=epoch), b.batch(batch, epoch=epoch)

@@ -1,8 +1,8 @@
 """The teacher cache's format, pinned against values worked out by hand: fields and key, the encoding of each
 representation, shards and their records, a cache written by hand and read back, and what is refused.
 
-Fast (no teacher model except in the last tests): these are the tests that judge kd_utils/teacher_cache.py in
-its mutation run, beside tests/test_teacher_cache.py.
+Fast (no teacher model except in the last tests): these are the tests that judge the cache modules
+(kd_utils/teacher_cache.py and kd_utils/cache_*.py) in their mutation run, beside tests/test_teacher_cache.py.
 """
 
 import hashlib
@@ -15,7 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from kd_utils import batches, id_codes, losses, models, teacher_cache
+from kd_utils import (batches, cache_encoding, cache_format, cache_reader, cache_writer, id_codes, losses, models,
+                      teacher_cache)
 from kd_utils.data import Example, build_training_mix, mix_fingerprint
 from kd_utils.evaluation import sample_examples
 
@@ -100,7 +101,8 @@ def test_bad_settings_are_refused_naming_the_value(overrides, message):
 
 
 def test_validate_settings_defaults_are_valid():
-    assert teacher_cache.validate_settings("topk", 1, 1, [1.0], [0.0]) is None  # no epochs / id_coding given
+    # no epochs / id_coding given
+    assert teacher_cache.validate_settings("topk", k=1, num_samples=1, temperatures=[1.0], noise_sigmas=[0.0]) is None
 
 
 @pytest.mark.parametrize("vocab, dtype", [(10, torch.uint16), (65536, torch.uint16), (65537, torch.int32),
@@ -120,8 +122,8 @@ def test_only_a_topk_cache_serves_reverse_kl(representation, methods):
 
 def test_tail_is_one_minus_the_stored_mass_per_row():
     logprobs = torch.tensor([[math.log(0.5), math.log(0.25)], [math.log(0.9), math.log(0.1)]])
-    assert torch.allclose(teacher_cache._tail(logprobs), torch.tensor([0.25, 0.0], dtype=torch.float64), atol=1e-7)
-    assert teacher_cache._tail(logprobs).dtype == torch.float64
+    assert torch.allclose(cache_encoding._tail(logprobs), torch.tensor([0.25, 0.0], dtype=torch.float64), atol=1e-7)
+    assert cache_encoding._tail(logprobs).dtype == torch.float64
 
 
 def test_quantize_rounds_to_nearest_unless_the_tail_would_shrink_below_half():
@@ -129,14 +131,14 @@ def test_quantize_rounds_to_nearest_unless_the_tail_would_shrink_below_half():
     logprobs = torch.tensor([[math.log(0.3), math.log(0.3)], [-0.4801001352147964, -0.9642271193417806]],
                             dtype=torch.float64)
     nearest = logprobs.to(torch.float16)
-    assert teacher_cache._tail(nearest)[1] < 0.5 * teacher_cache._tail(logprobs)[1]
+    assert cache_encoding._tail(nearest)[1] < 0.5 * cache_encoding._tail(logprobs)[1]
     stored = teacher_cache.quantize_logprobs(logprobs, torch.float16, covers_vocab=False)
     assert stored.dtype == torch.float16 and torch.equal(stored[0], nearest[0])
     # toward -inf: never above the true value, within one float16 step of it
     assert (stored[1].double() <= logprobs[1]).all()
     below = torch.nextafter(nearest[1], torch.full_like(nearest[1], -math.inf))
     assert all(s in (n, b) for s, n, b in zip(stored[1].tolist(), nearest[1].tolist(), below.tolist()))
-    assert teacher_cache._tail(stored)[1] >= 0.5 * teacher_cache._tail(logprobs)[1]
+    assert cache_encoding._tail(stored)[1] >= 0.5 * cache_encoding._tail(logprobs)[1]
     # an exactly representable value is already rounded toward -inf: it stays
     exact = torch.tensor([[-0.5, math.log(1 - math.exp(-0.5) - 1e-7)]], dtype=torch.float64)
     assert teacher_cache.quantize_logprobs(exact, torch.float16, covers_vocab=False)[0, 0] == -0.5
@@ -164,7 +166,7 @@ def test_encode_topk_keeps_nearest_rounding_when_k_is_the_vocabulary():
         torch.tensor([1.0, 0.0, 0.0, 0.0])
     stored = teacher_cache.encode(logits, {"representation": "topk", "k": 4, "temperature": 1.0})
     logp = logits.double().log_softmax(-1)
-    assert (teacher_cache._tail(logp.to(torch.float16)) < 0).any()  # the case: a guard would round these down
+    assert (cache_encoding._tail(logp.to(torch.float16)) < 0).any()  # the case: a guard would round these down
     assert torch.equal(stored["logprobs"], logp.gather(1, stored["ids"].long()).to(torch.float16))
 
 
@@ -175,7 +177,8 @@ def test_encode_sampled_draws_systematically_and_stores_the_entropy():
     assert stored.keys() == {"ids", "entropy"} and stored["ids"].dtype == torch.uint16
     # one draw in each quarter of the CDF: every id exactly once, the draws sorted
     assert stored["ids"].tolist() == [[0, 1, 2, 3]] * 64
-    assert stored["entropy"].dtype == torch.float32 and torch.allclose(stored["entropy"], torch.full((64,), math.log(4)))
+    assert stored["entropy"].dtype == torch.float32
+    assert torch.allclose(stored["entropy"], torch.full((64,), math.log(4)))
     # a point mass: every draw is its id (not merged into one entry with a count)
     point = torch.full((2, 5), -math.inf)
     point[:, 3] = 0.0
@@ -302,24 +305,24 @@ def shard_tensors(lengths: list[int], width: int = 2, sets: int = 1, offset: int
 
 def test_a_shard_and_its_record(tmp_path):
     tensors = shard_tensors([3, 5])
-    record = teacher_cache._write_shard(tmp_path, 7, tensors, ["a", "b"])
+    record = cache_writer.write_shard(tmp_path, 7, tensors, example_ids=["a", "b"])
     data = (tmp_path / "shard-00007.safetensors").read_bytes()
     assert record == {"file": "shard-00007.safetensors", "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                       "examples": 2, "positions": 6, "example_ids_sha256": hashlib.sha256(b'["a", "b"]').hexdigest()}
     assert json.loads((tmp_path / "shard-00007.json").read_text()) == record
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
     assert header["__metadata__"] == {"example_ids": '["a", "b"]'}
-    assert teacher_cache._safetensors_metadata(data) == {"example_ids": '["a", "b"]'}
-    assert teacher_cache._safetensors_metadata(st_save({"x": torch.zeros(2)})) == {}
-    assert teacher_cache._shard_done(tmp_path, 7, ["a", "b"])
-    assert not teacher_cache._shard_done(tmp_path, 7, ["a", "c"])  # other examples
-    assert not teacher_cache._shard_done(tmp_path, 6, ["a", "b"])  # no such shard
+    assert cache_reader._safetensors_metadata(data) == {"example_ids": '["a", "b"]'}
+    assert cache_reader._safetensors_metadata(st_save({"x": torch.zeros(2)})) == {}
+    assert cache_format.shard_done(tmp_path, 7, ["a", "b"])
+    assert not cache_format.shard_done(tmp_path, 7, ["a", "c"])  # other examples
+    assert not cache_format.shard_done(tmp_path, 6, ["a", "b"])  # no such shard
 
 
 @pytest.mark.parametrize("damage", ["record-missing", "shard-missing", "record-key", "record-truncated", "size",
                                     "same-size-flip"])
 def test_a_damaged_shard_is_not_done(tmp_path, damage):
-    teacher_cache._write_shard(tmp_path, 0, shard_tensors([3, 5]), ["a", "b"])
+    cache_writer.write_shard(tmp_path, 0, shard_tensors([3, 5]), example_ids=["a", "b"])
     shard, record = tmp_path / "shard-00000.safetensors", tmp_path / "shard-00000.json"
     if damage == "record-missing":
         record.unlink()
@@ -335,14 +338,14 @@ def test_a_damaged_shard_is_not_done(tmp_path, damage):
         data = bytearray(shard.read_bytes())
         data[-1] ^= 1
         shard.write_bytes(bytes(data))
-    assert not teacher_cache._shard_done(tmp_path, 0, ["a", "b"])
+    assert not cache_format.shard_done(tmp_path, 0, ["a", "b"])
 
 
 def test_a_shard_whose_record_names_another_digest_is_not_done(tmp_path):
-    teacher_cache._write_shard(tmp_path, 0, shard_tensors([3, 5]), ["a", "b"])
+    cache_writer.write_shard(tmp_path, 0, shard_tensors([3, 5]), example_ids=["a", "b"])
     record = json.loads((tmp_path / "shard-00000.json").read_text())
     (tmp_path / "shard-00000.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
-    assert not teacher_cache._shard_done(tmp_path, 0, ["a", "b"])
+    assert not cache_format.shard_done(tmp_path, 0, ["a", "b"])
 
 
 # ---- a cache written by hand ------------------------------------------------------------------------
@@ -439,7 +442,8 @@ def test_a_sampled_cache_batch_decodes_draws(tmp_path):
     # the hand-made shard has ids and log-probs; a sampled one has ids and entropy
     shard = path / "shard-00000.safetensors"
     tensors = {"ids": torch.tensor([[[1, 2]], [[3, 3]]], dtype=torch.uint16), "entropy": torch.tensor([[0.5], [0.25]]),
-               "input_ids": torch.tensor([7, 8, 9], dtype=torch.uint16), "lengths": torch.tensor([3], dtype=torch.int32)}
+               "input_ids": torch.tensor([7, 8, 9], dtype=torch.uint16),
+               "lengths": torch.tensor([3], dtype=torch.int32)}
     data = st_save(tensors, metadata={"example_ids": '["a"]'})
     shard.write_bytes(data)
     manifest = json.loads((path / teacher_cache.MANIFEST).read_text())
@@ -559,29 +563,30 @@ def test_rationales_are_stored_as_jsonl_and_recorded_in_the_manifest(tmp_path):
     paths = [write_cache(tmp_path, SHARDS, fields_of("topk", temperature=t)) for t in (1.0, 2.0)]
     mix = [example(0), example(1)]
     generated = [example(1, "cut", False), example(0, "2 + 2 é 4", True)]
-    teacher_cache.write_rationales(paths, mix, generated, 16)
+    teacher_cache.write_rationales(paths, mix, generated, max_new_tokens=16)
     text = ('{"id": "ex-1", "rationale": "cut", "complete": false}\n'
             '{"id": "ex-0", "rationale": "2 + 2 é 4", "complete": true}\n')
     for path in paths:
         assert (path / "rationales.jsonl").read_bytes() == text.encode()
         manifest_text = (path / teacher_cache.MANIFEST).read_text()
         manifest = json.loads(manifest_text)
-        assert manifest["rationales"] == {"file": "rationales.jsonl", "sha256": hashlib.sha256(text.encode()).hexdigest(),
-                                          "max_new_tokens": 16, "mix_fingerprint": mix_fingerprint(mix), "examples": 2}
+        assert manifest["rationales"] == {"file": "rationales.jsonl",
+                                          "sha256": hashlib.sha256(text.encode()).hexdigest(), "max_new_tokens": 16,
+                                          "mix_fingerprint": mix_fingerprint(mix), "examples": 2}
         assert manifest_text.startswith('{\n "key": ')  # indented by one, as the generator writes it
-        assert not teacher_cache._rationales_missing(path, 16, mix)
+        assert not cache_format.rationales_missing(path, 16, mix)
         assert teacher_cache.open_cache(path).rationales() == {
             "ex-0": {"id": "ex-0", "rationale": "2 + 2 é 4", "complete": True},
             "ex-1": {"id": "ex-1", "rationale": "cut", "complete": False}}
-    cached = teacher_cache.cached_rationales(tmp_path, mix, 16, {"temperature": 2.0})
+    cached = teacher_cache.cached_rationales(tmp_path, mix, 16, expect={"temperature": 2.0})
     assert cached == [Example("ex-0", "gsm8k", "math", "question 0", "", "0", "2 + 2 é 4", True),
                       Example("ex-1", "gsm8k", "math", "question 1", "", "1", "cut", False)]
     with pytest.raises(ValueError, match=rf"^no teacher cache under {tmp_path} fits this run \(2 found\)"):
-        teacher_cache.cached_rationales(tmp_path, mix, 16, {"temperature": 3.0})
+        teacher_cache.cached_rationales(tmp_path, mix, 16, expect={"temperature": 3.0})
     # a cache directory named directly is checked against expect too
     with pytest.raises(ValueError, match=rf"^teacher cache {paths[0]} does not fit this run: temperature: cache has "
                                          r"1\.0, run expects 3\.0$"):
-        teacher_cache.cached_rationales(paths[0], mix, 16, {"temperature": 3.0})
+        teacher_cache.cached_rationales(paths[0], mix, 16, expect={"temperature": 3.0})
     # a stage's caches hold the same rationales: with no fields to tell them apart, the first is read
     assert [e.rationale for e in teacher_cache.cached_rationales(tmp_path, mix, 16)] == ["2 + 2 é 4", "cut"]
 
@@ -589,15 +594,15 @@ def test_rationales_are_stored_as_jsonl_and_recorded_in_the_manifest(tmp_path):
 def test_missing_stale_or_corrupt_rationales_are_detected(tmp_path):
     path = write_cache(tmp_path, SHARDS, fields_of("topk"))
     mix = [example(0)]
-    assert teacher_cache._rationales_missing(path, 16, mix)  # none recorded
-    assert teacher_cache._rationales_missing(tmp_path / "absent", 16, mix)
+    assert cache_format.rationales_missing(path, 16, mix)  # none recorded
+    assert cache_format.rationales_missing(tmp_path / "absent", 16, mix)
     with pytest.raises(ValueError, match=rf"^teacher cache {path} holds no rationales "
                                          r"\(run_teacher_cache\(rationales=True\)\)$"):
         teacher_cache.open_cache(path).rationales()
-    teacher_cache.write_rationales([path], mix, [example(0, "r")], 16)
-    assert not teacher_cache._rationales_missing(path, 16, mix)
-    assert teacher_cache._rationales_missing(path, 8, mix)  # another budget
-    assert teacher_cache._rationales_missing(path, 16, [example(1)])  # another mix
+    teacher_cache.write_rationales([path], mix, [example(0, "r")], max_new_tokens=16)
+    assert not cache_format.rationales_missing(path, 16, mix)
+    assert cache_format.rationales_missing(path, 8, mix)  # another budget
+    assert cache_format.rationales_missing(path, 16, [example(1)])  # another mix
     with pytest.raises(ValueError, match=rf"^the rationales in teacher cache {path} do not fit this run: "
                                          r"max_new_tokens: cache has 16, run expects 8$"):
         teacher_cache.cached_rationales(path, mix, 8)
@@ -608,12 +613,12 @@ def test_missing_stale_or_corrupt_rationales_are_detected(tmp_path):
                                          r"mix_fingerprint: cache has '[0-9a-f]{16}', run expects '[0-9a-f]{16}'$"):
         teacher_cache.cached_rationales(path, [example(1)], 8)
     (path / "rationales.jsonl").write_text('{"id": "ex-0", "rationale": "R", "complete": true}\n')
-    assert teacher_cache._rationales_missing(path, 16, mix)
+    assert cache_format.rationales_missing(path, 16, mix)
     with pytest.raises(ValueError, match=rf"^{path / 'rationales.jsonl'}: sha256 differs from the manifest's "
                                          r"\(corrupt file\); regenerate the cache$"):
         teacher_cache.open_cache(path).rationales()
     (path / "rationales.jsonl").unlink()
-    assert teacher_cache._rationales_missing(path, 16, mix)
+    assert cache_format.rationales_missing(path, 16, mix)
 
 
 # ---- identity -----------------------------------------------------------------------------------------
@@ -687,9 +692,9 @@ def test_the_stage_defaults_summary_and_manifest(tiny_model_dir, data_dir, tmp_p
     calls = []
     generate = teacher_cache.generate_cache
 
-    def spy(model, tokenizer, examples, targets, batch_size, shard_size, info, precision):
-        calls.append((batch_size, shard_size))
-        return generate(model, tokenizer, examples, targets, batch_size, shard_size, info, precision)
+    def spy(model, tokenizer, examples, **kwargs):
+        calls.append((kwargs["batch_size"], kwargs["shard_size"]))
+        return generate(model, tokenizer, examples, **kwargs)
 
     clock = iter([100.0, 102.345678])
     monkeypatch.setattr(teacher_cache, "generate_cache", spy)
@@ -804,7 +809,8 @@ def test_the_stage_stores_the_teachers_rationales_once(tiny_model_dir, data_dir,
     teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", **params)
     assert calls == []  # not asked for
     summary = teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", rationales=True, **params)
-    mix = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).mix
+    mix = teacher_cache.select_examples("math", n_train=None, include_mawps=False, data_dir=data_dir, seed=0,
+                                           val_fraction=0.25).mix
     assert calls == [(len(mix), 128, 3)] and summary["generated"] == [] and summary["rationales"] is True
     path = only_cache(summary)
     record = json.loads((path / teacher_cache.MANIFEST).read_text())["rationales"]
@@ -825,7 +831,8 @@ def test_training_refuses_a_method_a_cache_cannot_serve(tiny_model_dir, data_dir
     path = only_cache(teacher_cache.run_teacher_cache(str(tiny_model_dir), tmp_path / "c", data_dir=data_dir,
                                                       representation="sampled", num_samples=2, max_length=16,
                                                       val_fraction=0.25))
-    examples = teacher_cache.select_examples("math", None, False, data_dir, 0, 0.25).train
+    examples = teacher_cache.select_examples("math", n_train=None, include_mawps=False, data_dir=data_dir, seed=0,
+                                           val_fraction=0.25).train
     run = dict(tokenizer=models.load_tokenizer(tiny_model_dir), train_examples=examples, temperature=1.0,
                noise_sigma=0.0, max_length=16, epochs=1)
     assert teacher_cache.open_for_training(path, method="fkl", **run).path == path
@@ -884,7 +891,8 @@ def test_select_examples_is_run_trainings_selection(data_dir):
     mix, _ = build_training_mix("math", data_dir, include_mawps=True)
     sampled = sample_examples(mix, 4, 2)
     train, val = batches.split_train_val(sampled, 0.25, 2)
-    selection = teacher_cache.select_examples("math", 4, True, data_dir, 2, 0.25)
+    selection = teacher_cache.select_examples("math", n_train=4, include_mawps=True, data_dir=data_dir, seed=2,
+                                              val_fraction=0.25)
     assert (selection.mix, selection.train, selection.val) == (sampled, train, val)
     assert [e.id for e in selection.val] == ["gsm8k-train-1"]
 

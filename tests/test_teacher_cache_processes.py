@@ -1,12 +1,11 @@
-"""The teacher cache across processes: two ranks writing shards, a SIGKILLed writer, the notebook's defaults.
+"""The teacher cache across processes: two ranks writing shards, a SIGKILLed writer.
 
-Apart from tests/test_teacher_cache.py because each starts Python (or papermill) afresh: ~20 s together,
-which every mutant of kd_utils/teacher_cache.py would pay again. Its mutation run (pyproject.toml) leaves
+Apart from tests/test_teacher_cache.py because each starts Python afresh: ~20 s together,
+which every mutant of the cache modules would pay again. Its mutation run (pyproject.toml) leaves
 them out; what they exercise beyond the in-process tests is mostly generate_cache's rank loop, which
 mutmut does not mutate (a decorated function), and the atomic writes of kd_utils/io.py (tests/test_io.py).
 """
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -38,14 +37,14 @@ def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_d
     params = dict(representation="topk_sampled", k=4, num_samples=6, temperatures=(1.0, 2.0), noise_sigmas=(0.0, 0.5))
     script = tmp_path / "generate.py"
     script.write_text(
-        "import json, sys\nfrom accelerate import PartialState\nfrom kd_utils import teacher_cache\n"
-        "write = teacher_cache._write_shard\n"
-        "def logged(cache, index, *args):\n"
+        "import json, sys\nfrom accelerate import PartialState\nfrom kd_utils import cache_writer, teacher_cache\n"
+        "write = cache_writer.write_shard\n"
+        "def logged(cache, index, *args, **kwargs):\n"
         "    state = PartialState()\n"
         "    with open(sys.argv[4], 'a') as log:\n"
         "        log.write(json.dumps([state.process_index, state.num_processes, index]) + '\\n')\n"
-        "    return write(cache, index, *args)\n"
-        "teacher_cache._write_shard = logged\n"
+        "    return write(cache, index, *args, **kwargs)\n"
+        "cache_writer.write_shard = logged\n"
         f"teacher_cache.run_teacher_cache(sys.argv[1], sys.argv[2], data_dir=sys.argv[3], shard_size=2, batch_size=2,"
         f" max_length=96, val_fraction=0.25, seed=0, **{params!r})\n")
     log = tmp_path / "writes.jsonl"
@@ -68,7 +67,8 @@ def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_d
     assert done.returncode == 0, done.stderr[-3000:]
     caches = sorted((tmp_path / "one").iterdir())
     assert [c.name for c in caches] == sorted(c.name for c in (tmp_path / "two").iterdir())  # same keys
-    assert len(caches) == 4 and len(writes) == 4 * len(json.loads((caches[0] / teacher_cache.MANIFEST).read_text())["shards"])
+    shards = len(json.loads((caches[0] / teacher_cache.MANIFEST).read_text())["shards"])
+    assert len(caches) == 4 and len(writes) == 4 * shards
     for path in caches:
         other = tmp_path / "two" / path.name
         manifest = json.loads((other / teacher_cache.MANIFEST).read_text())
@@ -79,18 +79,8 @@ def test_two_processes_write_the_cache_one_process_writes(tiny_model_dir, data_d
         teacher_cache.open_cache(other)
 
 
-def test_notebook_defaults_are_the_module_defaults():
-    import papermill
-
-    notebook = Path(__file__).resolve().parents[1] / "notebooks" / "teacher_cache.ipynb"
-    declared = papermill.inspect_notebook(str(notebook))
-    defaults = {name: ast.literal_eval(declared[name]["default"]) for name in ("representation", "k", "num_samples")}
-    assert defaults == {"representation": teacher_cache.DEFAULT_REPRESENTATION, "k": teacher_cache.DEFAULT_K,
-                        "num_samples": teacher_cache.DEFAULT_NUM_SAMPLES}
-
-
 def test_a_killed_writer_leaves_a_cache_that_regenerates_cleanly(tiny_model_dir, data_dir, tmp_path):
-    """A writer SIGKILLed inside a write (data in the temporary file, not yet renamed): the rerun completes the cache."""
+    """A writer SIGKILLed inside a write (data in the temporary file, not yet renamed): the rerun completes it."""
     import signal
     import subprocess
     import sys

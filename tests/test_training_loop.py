@@ -143,8 +143,8 @@ def fkl_run_from_a_cache(tiny_model_dir: Path, mix: list, out: Path, patch: pyte
     source = FakeCacheSource(len(tok))
     opened = []
 
-    def open_for_training(*args):
-        opened.append(args)
+    def open_for_training(*args, **kwargs):
+        opened.append((args, kwargs))
         return source
 
     config = TrainConfig(**KD_CONFIG)
@@ -199,8 +199,10 @@ def check_cache_source_arguments_and_devices(run: dict, mix: list) -> None:
     held_out = {r["id"] for r in val_rows}
     assert len(held_out) == 3  # val_examples=3, not the improved protocol's val_fraction (0.1 x 16 -> 2)
     train_examples = [e for e in mix[:16] if e.id not in held_out]
-    (args,) = run["opened"]
-    assert args == ("the-cache", tok, train_examples, "fkl", 2.0, 0.5, 64, 2, expect)
+    (call,) = run["opened"]
+    assert call == (("the-cache",), {"tokenizer": tok, "train_examples": train_examples, "method": "fkl",
+                                     "temperature": 2.0, "noise_sigma": 0.5, "max_length": 64, "epochs": 2,
+                                     "expect": expect})
     assert run["source"].calls == [(CPU, 1)] * 4 + [(CPU, 2)] * 4
     assert {i for b in rec.batches for i in b["ids"]} <= {e.id for e in train_examples}
     assert rec.to_device and set(rec.to_device) == {CPU}
