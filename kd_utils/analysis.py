@@ -22,7 +22,7 @@ from kd_utils.constants import N_RESAMPLES
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
 from kd_utils.predictions import CORRECTNESS_FILE, as_predictions, read_correctness
-from kd_utils.statistics.hypothesis_tests import BLEU_DOMAINS
+from kd_utils.statistics.study_tests import BLEU_DOMAINS
 
 
 @dataclass
