@@ -139,8 +139,12 @@ def permutation_spearman(x: Sequence[float], y: Sequence[float], blocks: Sequenc
     permuted[:, base] = rx[perms]
     # ties between permuted and observed |rho| count as hits despite rounding
     values = permuted @ ry / denom
-    hits = int(np.sum(values <= rho + UNIT_SCALE_TIE) if alternative == "less" else np.sum(values >= rho - UNIT_SCALE_TIE)
-               if alternative == "greater" else np.sum(np.abs(values) >= abs(rho) - UNIT_SCALE_TIE))
+    if alternative == "less":
+        hits = int(np.sum(values <= rho + UNIT_SCALE_TIE))
+    elif alternative == "greater":
+        hits = int(np.sum(values >= rho - UNIT_SCALE_TIE))
+    else:
+        hits = int(np.sum(np.abs(values) >= abs(rho) - UNIT_SCALE_TIE))
     p = hits / len(perms) if total <= n_resamples else (hits + 1) / (n_resamples + 1)
     low = high = math.nan
     if n_eff > 3 and abs(rho) < 1:
