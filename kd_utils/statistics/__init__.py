@@ -11,7 +11,8 @@ Modules, one job each:
   :mod:`~kd_utils.statistics.permutation_tests`); Holm (:mod:`~kd_utils.statistics.multiple_testing`);
 - :mod:`~kd_utils.statistics.exact`: the exact tests over students (sign flips) and teachers
   (teacher relabellings) that procedure uses;
-- :mod:`~kd_utils.statistics.design`: what a design can test, before any result;
+- :mod:`~kd_utils.statistics.design`: what a design can test, before any result, and what a study's
+  results can resolve (the report's study-design numbers);
 - :mod:`~kd_utils.statistics.per_example`: the selection/estimation split, bootstrap
   intervals, McNemar tests;
 - :mod:`~kd_utils.statistics.models`: the mixed-effects model;
@@ -93,6 +94,6 @@ from kd_utils.statistics.results import (
     parse_model_size,
     validate_results,
 )
-from kd_utils.statistics.design import design_testability, study_testability
+from kd_utils.statistics.design import design_testability, study_design, study_testability
 from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
 from kd_utils.statistics.verdicts import CLAIMS, PRIMARY_HYPOTHESES, SECONDARY_HYPOTHESES, verdict_table
