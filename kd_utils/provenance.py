@@ -63,7 +63,7 @@ def _weights_sha256(path: Path, cache: dict[Path, str]) -> str | None:
 
 def data_files(files: Iterable[tuple[str, Path]]) -> list[dict]:
     """size and sha256 of each (name, path), and whether it matches the project's data manifest."""
-    from kd_utils.data import MANIFEST
+    from kd_utils.data_files import MANIFEST
 
     rows = []
     for name, path in files:
@@ -79,7 +79,8 @@ def data_files(files: Iterable[tuple[str, Path]]) -> list[dict]:
 
 def _study_data_files(study: Mapping, results: pd.DataFrame) -> list[tuple[str, Path]]:
     """The benchmark files a study read: the test files of its evaluated tasks and its training mixes."""
-    from kd_utils.data import DataError, resolve_data_dir, task_file, training_source_files
+    from kd_utils.data_files import DataError, resolve_data_dir, task_file
+    from kd_utils.training_mix import training_source_files
 
     try:
         root = resolve_data_dir(study.get("data_dir"))
@@ -93,7 +94,7 @@ def _study_data_files(study: Mapping, results: pd.DataFrame) -> list[tuple[str, 
 
 def _training_mixes(study: Mapping) -> list[tuple[str, str, str, bool]]:
     """(domain, role, mix, include_mawps) of each training stage of a study (a missing mix key: the default)."""
-    from kd_utils.data import DEFAULT_MIX
+    from kd_utils.training_mix import DEFAULT_MIX
 
     roles = {role: study.get("training", {}).get(role, {}) for role in ("teacher", "student")}
     return [(domain, role, t.get("mix", DEFAULT_MIX), bool(t.get("include_mawps")))
@@ -226,7 +227,7 @@ def provenance(parameters: Mapping[str, Any], results: pd.DataFrame, study_dir: 
         files = inputs + _study_data_files(study, results)
         models = model_identities(results, runs_dir, model_sizes, study_dir)
         stages = stage_times(runs_dir, results["run_id"].unique()) if runs_dir else []
-    from kd_utils.data import mix_description
+    from kd_utils.training_mix import mix_description
 
     mixes = [{"domain": d, "role": r, "mix": m, "what": mix_description(d, m, w)} for d, r, m, w in _training_mixes(study)]
     return {"study": study.get("study") or ("paper" if paper_dir is not None else None), "training_mixes": mixes,
