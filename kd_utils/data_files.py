@@ -229,6 +229,7 @@ def available_tasks(task_ids: list[str], data_dir: str | Path | None = None) -> 
 
 
 def load_all_tests(data_dir: str | Path | None = None) -> dict[str, list[Example]]:
-    """Every test set that can be read (hellaswag offline is skipped): what training mixes are decontaminated against."""
+    """Every test set that can be read (hellaswag offline is skipped): what the training mixes are decontaminated
+    against."""
     ok, _ = available_tasks(list(TASKS), data_dir)
     return {t: load_task(t, "test", data_dir) for t in ok}
