@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kd_utils.constants import PROJECT_ROOT
 from kd_utils.predictions import Predictions
 from kd_utils.statistics.results import RESULTS_COLUMNS, validate_results
 
@@ -240,7 +241,7 @@ def simulate_studies(design: Design, rng: np.random.Generator, n_studies: int
 
 
 #: where benchmarks/null_simulation.py writes its tables
-VALIDITY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "null_simulation.json"
+VALIDITY_RESULTS = PROJECT_ROOT / "benchmarks" / "results" / "null_simulation.json"
 VALIDITY_COLUMNS = ["scenario", "family", "rate", "se", "tests", "studies"]
 
 
