@@ -170,7 +170,8 @@ def stage_times(runs_dir: Path, run_ids: Iterable[str]) -> list[dict]:
         seconds = [s["seconds"] for s in per_stage[stage] if isinstance(s.get("seconds"), (int, float))]
         rows.append({"stage": stage, "runs": len(per_stage[stage]),
                      "done": sum(s.get("state") == "done" for s in per_stage[stage]),
-                     "seconds_total": round(sum(seconds), 1), "seconds_max": round(max(seconds), 1) if seconds else None})
+                     "seconds_total": round(sum(seconds), 1),
+                     "seconds_max": round(max(seconds), 1) if seconds else None})
     return rows
 
 
@@ -229,7 +230,8 @@ def provenance(parameters: Mapping[str, Any], results: pd.DataFrame, study_dir: 
         stages = stage_times(runs_dir, results["run_id"].unique()) if runs_dir else []
     from kd_utils.training_mix import mix_description
 
-    mixes = [{"domain": d, "role": r, "mix": m, "what": mix_description(d, m, w)} for d, r, m, w in _training_mixes(study)]
+    mixes = [{"domain": d, "role": r, "mix": m, "what": mix_description(d, m, w)}
+             for d, r, m, w in _training_mixes(study)]
     return {"study": study.get("study") or ("paper" if paper_dir is not None else None), "training_mixes": mixes,
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "project": project_version(), "machine": machine(), "stages": stages, "models": models,

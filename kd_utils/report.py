@@ -149,7 +149,8 @@ def render_report(notebook: str | Path, html_path: str | Path, parameters: Mappi
 
 def render_paper_report(output_dir: str | Path = "outputs/paper", data_dir: str | Path | None = None) -> Path:
     """The paper-mode report: the analysis notebook on the paper's published results, found (or downloaded)
-    through the data-directory lookup of :mod:`kd_utils.data_files`; writes ``<output_dir>/report.html`` and its CSVs."""
+    through the data-directory lookup of :mod:`kd_utils.data_files`; writes ``<output_dir>/report.html`` and its
+    CSVs."""
     from kd_utils.data_files import paper_results_dir
 
     output_dir = Path(output_dir).resolve()

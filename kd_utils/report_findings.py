@@ -71,7 +71,8 @@ def _can_say(verdicts: pd.DataFrame) -> str:
     if len(by["supported"]):
         sentences.append(f"It finds evidence for {names(by['supported'])}.")
     if len(by["not supported"]):
-        sentences.append(f"It rules out the effect of interest, or finds the opposite, in {names(by['not supported'])}.")
+        sentences.append("It rules out the effect of interest, or finds the opposite, in "
+                         f"{names(by['not supported'])}.")
     if len(by["inconclusive"]):
         sentences.append(f"Powered for the effect of interest, it still cannot decide {names(by['inconclusive'])}.")
     if len(by["underpowered"]):

@@ -140,7 +140,8 @@ def _upstream_choice_source(source: str, data_dir: str | Path | None) -> list[Ex
             text = siqa_instruction(row["context"], row["question"], row["answerA"], row["answerB"], row["answerC"])
             answer = f"answer{int(row['label'])}"
         else:
-            text, answer = winogrande_instruction(row["sentence"], row["option1"], row["option2"]), f"option{row['answer']}"
+            text = winogrande_instruction(row["sentence"], row["option1"], row["option2"])
+            answer = f"option{row['answer']}"
         if answer not in get_task(source).labels:
             raise DataError(f"{path} record {i}: label {answer!r} is not one of {', '.join(get_task(source).labels)}")
         examples.append(Example(f"{source}-train-{i}", source, "commonsense", text, "", answer,

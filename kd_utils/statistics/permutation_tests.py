@@ -74,7 +74,8 @@ def centered_ranks(values: np.ndarray, blocks: np.ndarray) -> np.ndarray:
 def _block_permutations(sizes: tuple[int, ...]) -> np.ndarray:
     """Every within-block permutation of consecutive blocks of ``sizes``, as position arrays."""
     starts = np.cumsum((0,) + sizes[:-1])
-    per_block = [[start + np.array(q) for q in itertools.permutations(range(size))] for start, size in zip(starts, sizes)]
+    per_block = [[start + np.array(q) for q in itertools.permutations(range(size))]
+                 for start, size in zip(starts, sizes)]
     return np.array([np.concatenate(p) for p in itertools.product(*per_block)])
 
 

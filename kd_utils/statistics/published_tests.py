@@ -67,7 +67,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> TestResult:
     return float(res.statistic), float(res.pvalue), ""
 
 
-def _published_test(kind: str, data: pd.DataFrame, x: str | None, min_points: int) -> tuple[float, float, int, str, float]:
+def _published_test(kind: str, data: pd.DataFrame, x: str | None, min_points: int
+                    ) -> tuple[float, float, int, str, float]:
     """One test of the paper's procedure on the rows of ``data`` without NaN: (statistic, p, n, note, power)."""
     data = data.dropna(subset=["improvement"] + ([x] if x else []))
     n = len(data)
