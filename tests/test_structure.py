@@ -18,6 +18,7 @@ need the other.
   own package's ``__init__`` (``from kd_utils.statistics import holm`` inside ``kd_utils.statistics``) does
   make an edge to the ``__init__``, and so a circle when that ``__init__`` imports the submodule: such an
   import works or fails with the order the modules happen to be loaded in.
+- Imports by string (``importlib.import_module``) are not statements and are not seen; kd_utils has none.
 """
 
 from __future__ import annotations
