@@ -122,6 +122,38 @@ def test_no_import_circle():
     assert not circles, "import circles among kd_utils modules: " + "; ".join(" <-> ".join(c) for c in circles)
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen, todo = set(), [start]
+    while todo:
+        for other in graph.get(todo.pop(), ()):
+            if other not in seen:
+                seen.add(other)
+                todo.append(other)
+    return seen
+
+
+#: data flows params -> plan -> runs -> results.csv -> analysis -> report: a module on the left of a pair
+#: (and, for a package, every module in it) must not reach any module on the right
+DOWNSTREAM = (
+    ("kd_utils.statistics", {"kd_utils.fidelity", "kd_utils.analysis", "kd_utils.pipeline_simulation",
+                             "kd_utils.report", "kd_utils.report_blocks", "kd_utils.report_findings",
+                             "kd_utils.provenance", "kd_utils.study"}),
+    ("kd_utils.analysis", {"kd_utils.report", "kd_utils.report_blocks", "kd_utils.report_findings",
+                           "kd_utils.provenance", "kd_utils.pipeline_simulation", "kd_utils.study"}),
+)
+
+
+def test_imports_follow_the_data_flow():
+    graph = import_graph()
+    wrong = {}
+    for lower, upper in DOWNSTREAM:
+        for name in [m for m in graph if m == lower or m.startswith(lower + ".")]:
+            if reachable(graph, name) & upper:
+                wrong[name] = sorted(reachable(graph, name) & upper)
+    assert not wrong, f"modules that import what comes after them in the data flow: {wrong}"
+
+
 def test_the_graph_sees_deferred_relative_and_parent_package_imports(tmp_path, monkeypatch):
     """The rules on a small package: a circle through an import inside a function, a relative import and the
     implicit import of a parent package are found; a package re-exporting its submodules is not a circle."""
