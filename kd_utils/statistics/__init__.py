@@ -20,7 +20,8 @@ Modules, one job each:
 - :mod:`~kd_utils.statistics.tolerances`: the numerical tolerances, each with its reason;
 - :mod:`~kd_utils.statistics.verdicts`: one verdict per hypothesis from the numbers;
 - :mod:`~kd_utils.statistics.paper`: the paper's files, its analysis as published, the re-analysis;
-- :mod:`~kd_utils.statistics.simulation` (imported on its own): whole-pipeline null simulations.
+- :mod:`~kd_utils.statistics.simulation` (imported on its own): synthetic studies with known truth, which
+  :mod:`kd_utils.pipeline_simulation` puts through the analysis (null and power simulations).
 
 The names below are re-exported so that ``from kd_utils import statistics as st`` serves
 the notebook and the tests.
