@@ -9,7 +9,7 @@ items) and go through the functions ``kd_utils.analysis.study_analysis`` runs fo
 ``fidelity_table``, ``improvement_table`` (mean over temperatures), ``attach_fidelity``,
 ``study_hypothesis_tests`` and ``agreement_gain_tests``; the split estimates and bootstrap
 intervals, which these families do not use, are skipped. Rates at alpha = 0.05 with standard
-errors that treat studies as clusters (:func:`kd_utils.statistics.simulation.rates`). The Friedman
+errors that treat studies as clusters (:func:`kd_utils.pipeline_simulation.rates`). The Friedman
 test reads results alone, so its studies are drawn without predictions (the same accuracies). The
 streams take turns, ``--batch`` studies at a time, and the JSON is rewritten after every batch
 (``complete`` false until each reaches its ``--studies``); a rerun with the same settings resumes.
@@ -29,6 +29,7 @@ import pandas as pd
 
 from kd_utils import fidelity as fd
 from kd_utils.io import write_atomic
+from kd_utils import pipeline_simulation as pipeline
 from kd_utils.statistics import simulation as sim
 from kd_utils.statistics.hypothesis_tests import agreement_gain_tests, study_hypothesis_tests
 from kd_utils.statistics.improvements import attach_fidelity, improvement_table
@@ -117,7 +118,7 @@ def main() -> None:
         state["seconds"] += time.time() - start
         state["loadavg"].append(loadavg()[0])
         per_study = [{f: tuple(v) for f, v in s.items()} for s in state["per_study"]]
-        state["rates"] = sim.rates(per_study).to_dict("records")
+        state["rates"] = pipeline.rates(per_study).to_dict("records")
         record["complete"] = all(len(s["per_study"]) >= targets[n] for n, s in record["scenarios"].items())
         write_atomic(output, json.dumps(record, indent=1, default=float) + "\n")
         summary = "; ".join(f"{r['family']} {r['rate']:.3f} ({r['se']:.3f})" for r in state["rates"])

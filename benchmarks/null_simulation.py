@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from kd_utils.io import write_atomic
+from kd_utils import pipeline_simulation as pipeline
 from kd_utils.statistics import simulation as sim
 
 TASKS = (("gsm8k", "math"), ("svamp", "math"), ("aqua", "math"),
@@ -48,12 +49,12 @@ def loadavg() -> list[float]:
 def markdown(table: pd.DataFrame) -> str:
     """The README's table: one column per scenario, a row per family, type I (SE)."""
     nulls = table[~table["scenario"].str.startswith("power")]
-    # families whose null a scenario does not satisfy are left out (kd_utils.statistics.simulation.not_under_the_null)
-    excluded = {(s, f) for s in nulls["scenario"].unique() for f in sim.not_under_the_null(sim.scenario(s))}
+    # families whose null a scenario does not satisfy are left out (kd_utils.pipeline_simulation.not_under_the_null)
+    excluded = {(s, f) for s in nulls["scenario"].unique() for f in pipeline.not_under_the_null(sim.scenario(s))}
     nulls = nulls[[(s, f) not in excluded for s, f in zip(nulls["scenario"], nulls["family"])]]
     wide = nulls.assign(cell=[f"{r:.3f} ({s:.3f})" for r, s in zip(nulls["rate"], nulls["se"])]).pivot_table(
         index="family", columns="scenario", values="cell", aggfunc="first", sort=False).fillna("")
-    order = [f for f in sim.FAMILIES if f in wide.index]
+    order = [f for f in pipeline.FAMILIES if f in wide.index]
     wide = wide.loc[order, [s for s in sim.SCENARIOS if s in wide.columns]]
     lines = ["| test family | " + " | ".join(wide.columns) + " |", "|---" * (len(wide.columns) + 1) + "|"]
     lines += [f"| {family} | " + " | ".join(row) + " |" for family, row in wide.iterrows()]
@@ -66,7 +67,7 @@ def one_scenario(name: str, args: argparse.Namespace) -> dict:
     large = len(design.teachers) > 3 or design.pairs is not None
     n = args.power_studies if name.startswith("power") else args.studies_large if large else args.studies
     load_start, start = loadavg(), time.time()
-    rates = sim.simulate(design, n, seed=args.seed, batch=10, n_bootstrap=args.bootstrap,
+    rates = pipeline.simulate(design, n, seed=args.seed, batch=10, n_bootstrap=args.bootstrap,
                          n_permutations=args.permutations)
     return {"description": sim.SCENARIOS[name][1], "design": sim.SCENARIOS[name][0], "studies": n,
             "seconds": time.time() - start, "loadavg_start": load_start, "loadavg_end": loadavg(),
@@ -112,8 +113,8 @@ def main() -> None:
                   f"{done[futures[future]]['seconds']:.0f} s, load {loadavg()}", flush=True)
     table = pd.DataFrame(record["table"])
     print(markdown(table))
-    valid = table[~table["scenario"].str.startswith("power") & ~table["family"].str.startswith(sim.COMPARISONS)]
-    valid = valid[[f not in sim.not_under_the_null(sim.scenario(s)) for s, f in zip(valid["scenario"],
+    valid = table[~table["scenario"].str.startswith("power") & ~table["family"].str.startswith(pipeline.COMPARISONS)]
+    valid = valid[[f not in pipeline.not_under_the_null(sim.scenario(s)) for s, f in zip(valid["scenario"],
                                                                                     valid["family"])]]
     over = valid[valid["rate"] > MAX_TYPE_I]
     print("families above 6%:", "none" if over.empty else over.to_string())

@@ -22,7 +22,7 @@ from kd_utils.constants import N_RESAMPLES
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
 from kd_utils.predictions import CORRECTNESS_FILE, as_predictions, read_correctness
-from kd_utils.statistics.hypothesis_tests import BLEU_DOMAINS
+from kd_utils.statistics.study_tests import BLEU_DOMAINS
 
 
 @dataclass
@@ -80,11 +80,9 @@ def study_analysis(results: pd.DataFrame, model_sizes: Mapping[str, float] | Non
 
 def analysis_tables(analysis: StudyAnalysis, results: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """The CSV files the analysis notebook writes in study mode, by file name (the empty ones it skips left out)."""
-    from kd_utils.report import study_design
-
     tables = {"improvements.csv": analysis.improvements, "hypothesis_tests.csv": analysis.tests,
               "verdicts.csv": analysis.verdicts, "mixed_effects.csv": analysis.mixed,
-              "study_design.csv": study_design(results, analysis.improvements),
+              "study_design.csv": st.study_design(results, analysis.improvements),
               "study_testability.csv": st.study_testability(analysis.improvements),
               **{f"ablation_{f}.csv": st.ablation_table(results, f) for f in st.ABLATION_FACTORS}}
     for name, table in (("fidelity.csv", analysis.fidelity), ("mcnemar.csv", analysis.mcnemar),

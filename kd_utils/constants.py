@@ -5,6 +5,11 @@ A light module (standard library only), so validating a study file or reading re
 
 from __future__ import annotations
 
+from pathlib import Path
+
+#: the checkout this package runs from (its notebooks, outputs, and ../shared/data beside it)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 #: method ids, in the order tables and plots show them
 METHODS = ("sft", "fkl", "rkl", "gkd", "seqkd")
 KD_METHODS = ("fkl", "rkl", "gkd", "seqkd")  # every distillation method

@@ -1,531 +1,107 @@
-"""Data layer: find or download the benchmark files, load tasks, build training mixes.
+"""The data layer, re-exported from one module per job:
 
-The data directory is resolved as: an explicit argument, then ``KD_DATA_DIR``, then
-``../shared/data`` beside the project root, and otherwise the upstream files are
-downloaded (checksummed) into ``$KD_CACHE_DIR/data`` (default ``~/.cache/kd-study``).
+- :mod:`kd_utils.data_files`: the benchmark files (where they are, download and checksums, :data:`MANIFEST`)
+  and reading a task's examples (:class:`Example`, :func:`load_task`);
+- :mod:`kd_utils.decontamination`: dropping training examples that overlap a test question;
+- :mod:`kd_utils.training_mix`: each domain's training mix (the authors' data rebuilt, or the older mix).
 """
 
-from __future__ import annotations
-
-import hashlib
-import json
-import os
-import random
-import re
-import tempfile
-import urllib.request
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
-
-import pandas as pd
-from tqdm.auto import tqdm
-
-from kd_utils.io import sha256_file
-from kd_utils.tasks import TASKS, get_task
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-LLM_ADAPTERS_URL = "https://raw.githubusercontent.com/LCS2-IIITD/KD_generalization/main/generative/dataset"
-GSM8K_URL = "https://raw.githubusercontent.com/openai/grade-school-math/master/grade_school_math/data"
-PAPER_RESULTS_URL = "https://raw.githubusercontent.com/LCS2-IIITD/KD_generalization/main/results"
-HELLASWAG_FILE = "llm-adapters/hellaswag/test.json"
-
-# relative path -> (size in bytes, sha256); None where upstream publishes no fixed copy we could hash.
-MANIFEST: dict[str, tuple[int, str] | None] = {
-    "gsm8k/test.jsonl": (749738, "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"),
-    "gsm8k/train.jsonl": (4166206, "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"),
-    "kd-paper-results/BLEU.csv": (3629, "c391034c126bca03e6839f598d97d3ff7ab325d2cd78a7104f3742b563be985a"),
-    "kd-paper-results/BLEU2.csv": (3691, "ef2052e3793db1b86f8d2cda6d0d0018e173580f3a350a394d8e37a8e9221e58"),
-    "kd-paper-results/EM1.csv": (3275, "389ae4fc196e654e4de803371126e1a167be5eb912cceaa20d17decd5c90f73a"),
-    "kd-paper-results/EM1_cs.csv": (4228, "748e0ba4ab83411396802d75d10d87f4d9acabb737558122f888ceaefe16a709"),
-    "kd-paper-results/EM2.csv": (3275, "c40d109b45e51a2e317c951ece469c3fa0331560f4776dc391fe5ab834ab2b83"),
-    "kd-paper-results/EM2_cs.csv": (4267, "e669ff492d5a52c51ebeb0c7ab1b59840c0b04c64e868c9d4b678297161f818f"),
-    "kd-paper-results/cs_results_main.csv": (5987, "6bec3505cbf71e5e41162accdc6b82f42f61b2203690da0ded8f7e66a4b134ed"),
-    "kd-paper-results/llama_cs_results.csv": (1152, "8ac66d3ada5ac24e68d74796f7991757f2e7eab8863822820d7f857844979e7e"),
-    "kd-paper-results/llama_math_results.csv": (980, "7247b92659f581b7122d6cb2855a09532a540b4b3b51a7bd7986232c173f6357"),
-    "kd-paper-results/math_results_main.csv": (5240, "375c370b37297f572841851e46d6b54986126a27f0b7d1cc58bd65760a17183a"),
-    "llm-adapters/AQuA/test.json": (152063, "de677f5f0139340009eb01f17c0db781b4161912cd1f4efa77292f2fcf3478ee"),
-    "llm-adapters/ARC-Challenge/test.json": (622510, "4a89ce368ae01a71d268d9851686738b2a0a1d84271116bab49a1dd2b48ecad7"),
-    "llm-adapters/ARC-Challenge/train.json": (585556, "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb"),
-    "llm-adapters/ARC-Easy/test.json": (1157216, "3f32a84716ca6d57d38728bf80cc8117aecd17445c2cf29a68b571b810eb82dc"),
-    "llm-adapters/ARC-Easy/train.json": (1092324, "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff"),
-    "llm-adapters/AddSub/test.json": (170411, "62a8662b1ad40879953c4df0e61883a749d03aa3fc5e71f1cdb842b816e139ff"),
-    "llm-adapters/MultiArith/test.json": (275458, "a40f426807c8a563802c2a5b66bda3bcd1eba9c099038fd1199f0dd57de5fd28"),
-    "llm-adapters/SVAMP/test.json": (459713, "ffed015784f738f317c5603177861d044c4fc94e09211d78b25e96d46c656e2c"),
-    "llm-adapters/SingleEq/test.json": (212001, "712b15edb851c97aab42a5de106d94008f94d917366c92537ed5400a8aacb207"),
-    "llm-adapters/boolq/test.json": (899151, "89df2397cbca81dc31adcc6f7f5b635821aa0565aafde46725b2b4bd39b4dfa9"),
-    "llm-adapters/boolq/train.json": (2599507, "5ccbaceebaddc69765e1c4a363632196b81851d303696672165ab59ec4e48c83"),
-    "llm-adapters/gsm8k/test.json": (824475, "2cc616a1e0b23ea1df29370476365cde71c4e0aa823fb06cc194c5a8a9381abe"),
-    "llm-adapters/mathqa/test.json": (1018708, "58715cb7aaccc7f3f2994586073800a57a3e44f77d22e62bee7fd7ff8315172c"),
-    "llm-adapters/mawps/test.json": (60202, "c1a708979cbf2b3df9ac4020baacf3e8e73fcf089e1de7dd1b305b810bfaa15f"),
-    "llm-adapters/mawps/trainset.json": (833527, "42e631004e46e71f5e050bfd6f0af2e27c9d76315cee66cc6412d66a19b47c1a"),
-    "llm-adapters/openbookqa/test.json": (202545, "8479930f7b8a26052c78250280b5465a4016ca7fc806af440d0f37e243f3099e"),
-    "llm-adapters/openbookqa/train.json": (1987446, "a1e094eeea01f70c0baa880f37497b26700ae99b243927b9c529984de9b1fe90"),
-    "llm-adapters/piqa/test.json": (913157, "3860d11b9b42e590b6b4bbc1643214d373ed0b0d4ac62fcc7bdceb8e044ad141"),
-    "llm-adapters/social_i_qa/test.json": (843748, "71543f41127451945379d106ffedaef502f1c8770dff6d2f543aca85e3080b1d"),
-    "llm-adapters/winogrande/test.json": (497409, "6946f5209e7114c65c6d04f8f644c5a061af20d730b1cfe158fff3dc44076fb9"),
-    HELLASWAG_FILE: None,
-}
-# The training mixes a run can use (training.<role>.mix): "llm_adapters" rebuilds the authors' data
-# (LLM-Adapters' math_10k / commonsense_15k, see COMMONSENSE_RECIPE) as far as public files allow;
-# "design" is the older project mix (commonsense: the boolq / ARC / OBQA train splits only).
-MIXES = ("llm_adapters", "design")
-DEFAULT_MIX = "llm_adapters"
-TRAIN_SOURCES = {"math": ["gsm8k"], "commonsense": ["boolq", "arc_e", "arc_c", "obqa"]}  # the "design" mix
-# LLM-Adapters' commonsense_170k is the eight commonsense train splits, each written in the instruction
-# template and answer format of its test file; commonsense_15k (the authors' train_args / README) is a
-# 15,000-row sample of it. Neither file nor the script that made them is public offline, so the recipe is
-# rebuilt: each task's share of the 15k is its train split's share of the eight, i.e. a uniform sample.
-# Sizes: the public train splits (WinoGrande: train_xl; HellaSwag: its 39,905-row train split, which the data
-# directory lacks, so its share is missing from the mix: the mix holds the other seven tasks' recipe counts).
-COMMONSENSE_RECIPE = {"boolq": 9427, "piqa": 16113, "siqa": 33410, "hellaswag": 39905, "winogrande": 40398,
-                      "arc_e": 2251, "arc_c": 1119, "obqa": 4957}
-COMMONSENSE_15K = 15000
-MIX_SEED = 0  # the rebuilt mix is one fixed file, as the authors' was: the run seed only samples n_train from it
-_TRAIN_FILES = {"gsm8k": "gsm8k/train.jsonl", "mawps": "llm-adapters/mawps/trainset.json",
-                "piqa": "piqa/train.jsonl", "siqa": "siqa/train.jsonl", "winogrande": "winogrande/train_xl.jsonl"}
-_LABEL_FILES = {"piqa": "piqa/train-labels.lst", "siqa": "siqa/train-labels.lst"}  # upstream: labels beside the items
-
-
-class DataError(RuntimeError):
-    """A data file is missing, unavailable offline, or malformed."""
-
-
-@dataclass
-class Example:
-    id: str
-    task: str
-    domain: str
-    instruction: str
-    input: str
-    answer: str
-    rationale: str | None = None
-    complete: bool = True  # False: a generated rationale cut at its token budget (its row gets no EOS)
-
-
-def upstream_url(rel_path: str, mirror: str | None = None) -> str:
-    """Where a manifest file lives upstream (or under ``mirror``, same layout)."""
-    if mirror:
-        return f"{mirror.rstrip('/')}/{rel_path}"
-    top, rest = rel_path.split("/", 1)
-    base = {"llm-adapters": LLM_ADAPTERS_URL, "gsm8k": GSM8K_URL, "kd-paper-results": PAPER_RESULTS_URL}[top]
-    return f"{base}/{rest}"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KD_CACHE_DIR", Path.home() / ".cache" / "kd-study"))
-
-
-def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
-    """The data directory to read: argument, then $KD_DATA_DIR, then ../shared/data, else the cache.
-
-    The cache directory is returned even if still empty; files are downloaded on first use.
-    """
-    for candidate, source in ((data_dir, "data_dir"), (os.environ.get("KD_DATA_DIR"), "KD_DATA_DIR")):
-        if candidate:
-            path = Path(candidate).expanduser()
-            if not path.is_dir():
-                raise DataError(f"{source}={str(candidate)!r} is not a directory")
-            return path
-    shared = PROJECT_ROOT.parent / "shared" / "data"
-    if shared.is_dir():
-        return shared
-    return cache_dir() / "data"
-
-
-def download_file(rel_path: str, dest_dir: Path, mirror: str | None = None,
-                  manifest: dict[str, tuple[int, str] | None] = MANIFEST) -> Path:
-    """Download one manifest file into dest_dir atomically, verifying size and sha256."""
-    if rel_path not in manifest:
-        raise DataError(f"{rel_path!r} is not a known data file")
-    url, target = upstream_url(rel_path, mirror), dest_dir / rel_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=rel_path, leave=False) as bar:
-                for block in iter(lambda: response.read(1 << 16), b""):
-                    out.write(block)
-                    bar.update(len(block))
-        expected = manifest[rel_path]
-        if expected is not None:
-            size, sha = expected
-            if tmp.stat().st_size != size or sha256_file(tmp) != sha:
-                raise DataError(f"download of {url} failed its checksum (expected {size} bytes, sha256 {sha[:12]}...)")
-        os.replace(tmp, target)
-    except OSError as err:
-        raise DataError(f"could not download {url}: {err}. Set KD_DATA_DIR to a directory holding {rel_path}.") from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
-
-
-def data_file(rel_path: str, data_dir: str | Path | None = None, mirror: str | None = None) -> Path:
-    """Path to a data file, downloading it into the cache when the cache is the data directory."""
-    root = resolve_data_dir(data_dir)
-    path = root / rel_path
-    if path.is_file():
-        return path
-    if rel_path not in MANIFEST:  # the upstream PIQA / Social IQa / WinoGrande train splits: no single-file source
-        raise DataError(f"missing data file {path}. It has no automatic download: put the upstream file "
-                        f"{rel_path} into the data directory (KD_DATA_DIR or data_dir), see the data README, "
-                        f"or train with mix: design.")
-    if root == cache_dir() / "data" and (mirror or os.environ.get("KD_DATA_OFFLINE") != "1"):
-        return download_file(rel_path, root, mirror or os.environ.get("KD_DATA_MIRROR"))
-    raise DataError(f"missing data file {path}. Point KD_DATA_DIR (or data_dir) at a directory holding "
-                    f"{rel_path}, or unset it to download from {upstream_url(rel_path)}.")
-
-
-def paper_results_dir(data_dir: str | Path | None = None) -> Path:
-    """The directory of the paper's published result CSVs, every one present (downloaded into the cache if needed)."""
-    files = [data_file(rel, data_dir) for rel in MANIFEST if rel.startswith("kd-paper-results/")]
-    return files[0].parent
-
-
-def read_json(path: Path) -> list[dict]:
-    """Read a .json list or a .jsonl file, naming the file and line on malformed input."""
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            rows = []
-            for line_no, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise DataError(f"malformed JSON in {path} line {line_no}: {err.msg}") from None
-            return rows
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"malformed JSON in {path} (line {err.lineno}): {err.msg}") from None
-    if not isinstance(rows, list):
-        raise DataError(f"{path} should hold a JSON list of records, found {type(rows).__name__}")
-    return rows
-
-
-def _require(row: dict, keys: tuple[str, ...], path: Path, index: int) -> None:
-    missing = [k for k in keys if k not in row]
-    if missing:
-        raise DataError(f"{path} record {index} lacks {', '.join(missing)}")
-
-
-def task_file(task_id: str, split: str = "test") -> str:
-    """A task split's file, relative to the data directory (LLM-Adapters layout)."""
-    return f"llm-adapters/{get_task(task_id).data_name}/{split}.json"
-
-
-def training_source_file(source: str) -> str:
-    """The file a training source (gsm8k, mawps, or a commonsense task's train split) is read from."""
-    return _TRAIN_FILES.get(source) or task_file(source, "train")
-
-
-def load_task(task_id: str, split: str = "test", data_dir: str | Path | None = None) -> list[Example]:
-    """All examples of a task's split in one record type (LLM-Adapters format on disk)."""
-    task = get_task(task_id)
-    rel = task_file(task_id, split)
-    if task_id == "hellaswag" and split == "test":
-        try:
-            path = data_file(rel, data_dir)
-        except DataError as err:
-            raise DataError(f"hellaswag is not available offline ({err})") from None
-    else:
-        path = data_file(rel, data_dir)
-    examples = []
-    for i, row in enumerate(read_json(path)):
-        _require(row, ("instruction", "answer"), path, i)
-        examples.append(Example(
-            id=f"{task_id}-{split}-{i}", task=task_id, domain=task.domain,
-            instruction=row["instruction"], input=row.get("input") or "",
-            answer=str(row["answer"]).strip(), rationale=row.get("output") or None,
-        ))
-    return examples
-
-
-def available_tasks(task_ids: list[str], data_dir: str | Path | None = None) -> tuple[list[str], dict[str, str]]:
-    """Split task ids into those whose test file can be read and those that cannot (with why)."""
-    ok, missing = [], {}
-    for task_id in task_ids:
-        try:
-            data_file(task_file(task_id), data_dir)
-            ok.append(task_id)
-        except DataError as err:
-            missing[task_id] = str(err)
-    return ok, missing
-
-
-# ---- training mixes -------------------------------------------------------------------
-
-def _format_number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else f"{value:g}"
-
-
-def gsm8k_rationale(solution: str) -> tuple[str, str]:
-    """GSM8K's "... <<48/2=24>>24 ... #### 72" -> ("... 24 ... The answer is 72.", "72")."""
-    if "####" not in solution:
-        raise DataError(f"GSM8K solution without '####' answer line: {solution[:60]!r}")
-    steps, answer = solution.rsplit("####", 1)
-    answer = answer.strip().replace(",", "")
-    steps = re.sub(r"<<[^>]*>>", "", steps)
-    steps = " ".join(line.strip() for line in steps.strip().splitlines() if line.strip())
-    return f"{steps} The answer is {answer}.", answer
-
-
-def mawps_rationale(equation: str, answer: float) -> str:
-    """MAWPS "X=((22.0-14.0)/4.0)" -> "((22 - 14) / 4) = 2. The answer is 2."."""
-    expr = equation.split("=", 1)[1] if "=" in equation else equation
-    expr = re.sub(r"(\d+\.\d+|\d+)", lambda m: _format_number(float(m.group())), expr)
-    expr = re.sub(r"\s*([-+*/])\s*", r" \1 ", expr).strip()
-    value = _format_number(float(answer))
-    return f"{expr} = {value}. The answer is {value}."
-
-
-def load_training_source(source: str, data_dir: str | Path | None = None) -> list[Example]:
-    """One training source as Examples with rationales: gsm8k, mawps, or a commonsense train split."""
-    if source == "gsm8k":
-        path = data_file(training_source_file(source), data_dir)
-        examples = []
-        for i, row in enumerate(read_json(path)):
-            _require(row, ("question", "answer"), path, i)
-            rationale, answer = gsm8k_rationale(row["answer"])
-            examples.append(Example(f"gsm8k-train-{i}", "gsm8k", "math", row["question"], "", answer, rationale))
-        return examples
-    if source == "mawps":
-        path = data_file(training_source_file(source), data_dir)
-        examples = []
-        for i, row in enumerate(read_json(path)):
-            _require(row, ("original_text", "equation", "ans"), path, i)
-            examples.append(Example(f"mawps-train-{i}", "mawps", "math", row["original_text"].strip(), "",
-                                    _format_number(float(row["ans"])), mawps_rationale(row["equation"], row["ans"])))
-        return examples
-    if source in ("piqa", "siqa", "winogrande"):
-        return _upstream_choice_source(source, data_dir)
-    return load_task(source, "train", data_dir)
-
-
-# The LLM-Adapters test files' templates (checked byte for byte against the PIQA and Social IQa dev splits,
-# tests/test_data.py), applied to the upstream train splits.
-def piqa_instruction(goal: str, sol1: str, sol2: str) -> str:
-    return (f"Please choose the correct solution to the question: {goal}\n\nSolution1: {sol1}\n\n"
-            f"Solution2: {sol2}\n\nAnswer format: solution1/solution2")
-
-
-def siqa_instruction(context: str, question: str, a: str, b: str, c: str) -> str:
-    return (f"Please choose the correct answer to the question: {context} {question}\n\nAnswer1: {a} "
-            f"Answer2: {b} Answer3: {c}\n\nAnswer format: answer1/answer2/answer3")
-
-
-def winogrande_instruction(sentence: str, option1: str, option2: str) -> str:
-    return (f"Please choose the correct answer to fill in the blank to complete the given sentence: {sentence}"
-            f"\n\nOption1: {option1} Option2: {option2} Answer format: option1/option2")
-
-
-def _upstream_choice_source(source: str, data_dir: str | Path | None) -> list[Example]:
-    """PIQA / Social IQa / WinoGrande train in their upstream layouts, as LLM-Adapters-format Examples."""
-    path = data_file(_TRAIN_FILES[source], data_dir)
-    rows = read_json(path)
-    if source in _LABEL_FILES:
-        label_path = data_file(_LABEL_FILES[source], data_dir)
-        labels = [line.strip() for line in label_path.read_text().splitlines() if line.strip()]
-        if len(labels) != len(rows):
-            raise DataError(f"{label_path} has {len(labels)} labels for the {len(rows)} items of {path}")
-        rows = [{**row, "label": label} for row, label in zip(rows, labels)]
-    keys = {"piqa": ("goal", "sol1", "sol2", "label"), "siqa": ("context", "question", "answerA", "answerB",
-                                                               "answerC", "label"),
-            "winogrande": ("sentence", "option1", "option2", "answer")}[source]
-    examples = []
-    for i, row in enumerate(rows):
-        _require(row, keys, path, i)
-        if source == "piqa":
-            text, answer = piqa_instruction(row["goal"], row["sol1"], row["sol2"]), f"solution{int(row['label']) + 1}"
-        elif source == "siqa":
-            text = siqa_instruction(row["context"], row["question"], row["answerA"], row["answerB"], row["answerC"])
-            answer = f"answer{int(row['label'])}"
-        else:
-            text, answer = winogrande_instruction(row["sentence"], row["option1"], row["option2"]), f"option{row['answer']}"
-        if answer not in get_task(source).labels:
-            raise DataError(f"{path} record {i}: label {answer!r} is not one of {', '.join(get_task(source).labels)}")
-        examples.append(Example(f"{source}-train-{i}", source, "commonsense", text, "", answer,
-                                f"the correct answer is {answer}"))
-    return examples
-
-
-_PROMPT_PREFIX = re.compile(r"^please (?:choose|answer) [^:]*:\s*", re.IGNORECASE)
-_ANSWER_FORMAT = re.compile(r"\s*answer format:.*$", re.IGNORECASE | re.DOTALL)
-
-
-def normalize_question(text: str) -> str:
-    """Question text without the LLM-Adapters template, lower-cased, punctuation folded."""
-    text = _ANSWER_FORMAT.sub("", _PROMPT_PREFIX.sub("", text.strip()))
-    return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())
-
-
-def ngrams(text: str, n: int = 13) -> set[tuple[str, ...]]:
-    words = text.split()
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
-
-
-@dataclass
-class DecontaminationReport:
-    """What decontamination removed: one row per removed training example."""
-    removed: list[dict] = field(default_factory=list)
-    kept: int = 0
-
-    def summary(self) -> pd.DataFrame:
-        """Counts of removed examples per (train source, test task, reason)."""
-        if not self.removed:
-            return pd.DataFrame(columns=["train_source", "test_task", "reason", "removed"])
-        df = pd.DataFrame(self.removed)
-        return df.groupby(["train_source", "test_task", "reason"]).size().rename("removed").reset_index()
-
-
-class TestIndex:
-    """Every test question (normalised) and its n-grams, to check training examples against."""
-
-    def __init__(self, tests: dict[str, list[Example]], n: int = 13):
-        self.n = n
-        self.exact: dict[str, str] = {}
-        self.grams: dict[tuple[str, ...], str] = {}
-        for task_id, examples in tests.items():
-            for ex in examples:
-                q = normalize_question(ex.instruction + " " + ex.input)
-                self.exact.setdefault(q, task_id)
-                for g in ngrams(q, n):
-                    self.grams.setdefault(g, task_id)
-
-    def hit(self, ex: Example) -> dict | None:
-        """The removal record of a contaminated example (equal question, or a shared n-gram), else None."""
-        q = normalize_question(ex.instruction + " " + ex.input)
-        hit, reason = self.exact.get(q), "exact"
-        if hit is None:
-            hit = next((self.grams[g] for g in ngrams(q, self.n) if g in self.grams), None)
-            reason = f"{self.n}-gram"
-        return None if hit is None else {"train_id": ex.id, "train_source": ex.task, "test_task": hit,
-                                         "reason": reason}
-
-
-def decontaminate(train: list[Example], tests: dict[str, list[Example]], n: int = 13
-                  ) -> tuple[list[Example], DecontaminationReport]:
-    """Drop training examples whose question equals a test question (normalised) or shares an n-gram."""
-    index, report, kept = TestIndex(tests, n), DecontaminationReport(), []
-    for ex in train:
-        record = index.hit(ex)
-        if record is None:
-            kept.append(ex)
-        else:
-            report.removed.append(record)
-    report.kept = len(kept)
-    return kept, report
-
-
-def load_all_tests(data_dir: str | Path | None = None) -> dict[str, list[Example]]:
-    """Every test set that can be read (hellaswag offline is skipped)."""
-    ok, _ = available_tasks(list(TASKS), data_dir)
-    return {t: load_task(t, "test", data_dir) for t in ok}
-
-
-def _check_mix(mix: str) -> None:
-    if mix not in MIXES:
-        raise ValueError(f"mix={mix!r} is not one of {', '.join(MIXES)}")
-
-
-def training_sources(domain: str, include_mawps: bool = False, mix: str = DEFAULT_MIX) -> list[str]:
-    """The training sources of a domain's mix (MAWPS optional, math only; math is the same under both mixes)."""
-    if domain not in TRAIN_SOURCES:
-        raise ValueError(f"unknown domain {domain!r}; expected one of {list(TRAIN_SOURCES)}")
-    _check_mix(mix)
-    if domain == "commonsense" and mix == "llm_adapters":
-        return [t for t in COMMONSENSE_RECIPE if t != "hellaswag"]
-    return TRAIN_SOURCES[domain] + (["mawps"] if include_mawps and domain == "math" else [])
-
-
-def training_source_files(domain: str, include_mawps: bool = False, mix: str = DEFAULT_MIX) -> list[str]:
-    """Every file a domain's mix reads (train items and, for PIQA / Social IQa, their label files)."""
-    return [f for s in training_sources(domain, include_mawps, mix)
-            for f in (training_source_file(s), _LABEL_FILES.get(s)) if f]
-
-
-def mix_description(domain: str, mix: str = DEFAULT_MIX, include_mawps: bool = False) -> str:
-    """One line saying what a domain's mix holds and how it differs from the authors' file."""
-    _check_mix(mix)
-    if domain == "math":
-        sources = "GSM8K train" + (" + MAWPS train" if include_mawps else "")
-        return (f"{sources}, decontaminated; the closest to LLM-Adapters' math_10k"
-                + ("" if include_mawps else " with include_mawps") + ", which also holds 1,000 AQuA train items "
-                "(not available) and ChatGPT rationales (ours: GSM8K's own, MAWPS's equations)")
-    if mix == "design":
-        return "boolq, ARC-e, ARC-c and OBQA train, every row, decontaminated (not the authors' data)"
-    counts = recipe_counts()
-    kept = {t: n for t, n in counts.items() if t != "hellaswag"}
-    return (f"LLM-Adapters' commonsense_15k rebuilt: {sum(kept.values()):,} decontaminated rows of "
-            + ", ".join(f"{t} {n:,}" for t, n in kept.items())
-            + f" (uniform-sample shares); HellaSwag's {counts['hellaswag']:,} are missing (no train split)")
-
-
-def recipe_counts(total: int = COMMONSENSE_15K) -> dict[str, int]:
-    """Rows per task of a ``total``-row uniform sample of the eight train splits (largest remainders)."""
-    size = sum(COMMONSENSE_RECIPE.values())
-    exact = {t: total * n / size for t, n in COMMONSENSE_RECIPE.items()}
-    counts = {t: int(v) for t, v in exact.items()}
-    for t in sorted(exact, key=lambda t: counts[t] - exact[t])[:total - sum(counts.values())]:
-        counts[t] += 1
-    return counts
-
-
-def _recipe_mix(data_dir, index: TestIndex, total: int) -> tuple[list[Example], DecontaminationReport]:
-    """commonsense_15k rebuilt: each available task's recipe count of decontaminated rows, fixed-seed.
-
-    Rows are drawn in a fixed random order and checked as drawn, so a removed row is replaced by the next
-    and only the rows drawn are checked (the build stays fast); a task with too few rows keeps all it has.
-    """
-    report, mix = DecontaminationReport(), []
-    for task, count in recipe_counts(total).items():
-        if task == "hellaswag":
-            continue  # its train split is not available (COMMONSENSE_RECIPE)
-        rows = load_training_source(task, data_dir)
-        order = list(range(len(rows)))
-        random.Random(f"{MIX_SEED}-{task}").shuffle(order)
-        chosen = []
-        for i in order:
-            if len(chosen) == count:
-                break
-            record = index.hit(rows[i])
-            if record is None:
-                chosen.append(i)
-            else:
-                report.removed.append(record)
-        mix += [rows[i] for i in sorted(chosen)]
-    report.kept = len(mix)
-    return mix, report
-
-
-def build_training_mix(domain: str, data_dir: str | Path | None = None, include_mawps: bool = False,
-                       decontaminate_against: dict[str, list[Example]] | None = None, mix: str = DEFAULT_MIX,
-                       recipe_total: int = COMMONSENSE_15K) -> tuple[list[Example], DecontaminationReport]:
-    """A domain's training mix, decontaminated against every test set.
-
-    ``mix="llm_adapters"`` (default): math = GSM8K train (+ MAWPS with ``include_mawps``), the closest
-    to LLM-Adapters' math_10k the public data allows (AQuA train is missing; rationales are GSM8K's human
-    ones and MAWPS's equations, not math_10k's ChatGPT ones); commonsense = commonsense_15k rebuilt
-    (``recipe_counts(recipe_total)``, HellaSwag's share missing). ``mix="design"``: the older mix
-    (commonsense: boolq, ARC-e, ARC-c, OBQA train, all rows).
-    """
-    _check_mix(mix)
-    tests = decontaminate_against if decontaminate_against is not None else load_all_tests(data_dir)
-    if domain == "commonsense" and mix == "llm_adapters":
-        return _recipe_mix(data_dir, TestIndex(tests), recipe_total)
-    train = [ex for s in training_sources(domain, include_mawps, mix) for ex in load_training_source(s, data_dir)]
-    return decontaminate(train, tests)
-
-
-def mix_fingerprint(examples: list[Example]) -> str:
-    """A content hash of a training mix (used in cache keys and run ids)."""
-    digest = hashlib.sha256()
-    for ex in examples:
-        digest.update(json.dumps([ex.id, ex.instruction, ex.input, ex.rationale], ensure_ascii=False).encode())
-    return digest.hexdigest()[:16]
-
-
-def source_counts(examples: list[Example]) -> dict[str, int]:
-    return dict(Counter(ex.task for ex in examples))
+from kd_utils.constants import PROJECT_ROOT
+from kd_utils.data_files import (
+    DataError,
+    Example,
+    GSM8K_URL,
+    HELLASWAG_FILE,
+    LLM_ADAPTERS_URL,
+    MANIFEST,
+    PAPER_RESULTS_URL,
+    available_tasks,
+    cache_dir,
+    data_file,
+    download_file,
+    load_all_tests,
+    load_task,
+    paper_results_dir,
+    read_json,
+    require_keys,
+    resolve_data_dir,
+    task_file,
+    upstream_url,
+)
+from kd_utils.decontamination import (
+    DecontaminationReport,
+    TestIndex,
+    decontaminate,
+    ngrams,
+    normalize_question,
+)
+from kd_utils.training_mix import (
+    COMMONSENSE_15K,
+    COMMONSENSE_RECIPE,
+    DEFAULT_MIX,
+    MIXES,
+    MIX_SEED,
+    TRAIN_SOURCES,
+    build_training_mix,
+    gsm8k_rationale,
+    load_training_source,
+    mawps_rationale,
+    mix_description,
+    mix_fingerprint,
+    piqa_instruction,
+    recipe_counts,
+    siqa_instruction,
+    source_counts,
+    training_source_file,
+    training_source_files,
+    training_sources,
+    winogrande_instruction,
+)
+
+__all__ = [
+    "COMMONSENSE_15K",
+    "COMMONSENSE_RECIPE",
+    "DEFAULT_MIX",
+    "DataError",
+    "DecontaminationReport",
+    "Example",
+    "GSM8K_URL",
+    "HELLASWAG_FILE",
+    "LLM_ADAPTERS_URL",
+    "MANIFEST",
+    "MIXES",
+    "MIX_SEED",
+    "PAPER_RESULTS_URL",
+    "PROJECT_ROOT",
+    "TRAIN_SOURCES",
+    "TestIndex",
+    "available_tasks",
+    "build_training_mix",
+    "cache_dir",
+    "data_file",
+    "decontaminate",
+    "download_file",
+    "gsm8k_rationale",
+    "load_all_tests",
+    "load_task",
+    "load_training_source",
+    "mawps_rationale",
+    "mix_description",
+    "mix_fingerprint",
+    "ngrams",
+    "normalize_question",
+    "paper_results_dir",
+    "piqa_instruction",
+    "read_json",
+    "recipe_counts",
+    "require_keys",
+    "resolve_data_dir",
+    "siqa_instruction",
+    "source_counts",
+    "task_file",
+    "training_source_file",
+    "training_source_files",
+    "training_sources",
+    "upstream_url",
+    "winogrande_instruction",
+]

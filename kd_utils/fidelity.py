@@ -25,7 +25,7 @@ import pandas as pd
 from scipy import stats
 
 from kd_utils.predictions import PREDICTION_KEYS, Predictions, as_predictions, load_predictions, predictions_path
-from kd_utils.statistics.hypothesis_tests import holm_adjust
+from kd_utils.statistics.multiple_testing import holm_adjust
 from kd_utils.statistics.improvements import KEYS, main_pairs
 from kd_utils.statistics.per_example import mcnemar_pvalues
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from kd_utils.data import cache_dir
+from kd_utils.data_files import cache_dir
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -182,11 +181,6 @@ def build_student_dir(base: str | Path, keep_layers: int, target: Path) -> Path:
     return save_model_dir(student, tokenizer, target)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def tiny_tokenizer(corpus: list[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A small byte-level BPE tokenizer trained on ``corpus`` (for tests and smoke studies)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -214,13 +208,6 @@ def tiny_llama_dir(target: Path, corpus: list[str], hidden_size: int = 32, num_l
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     return save_model_dir(model, tokenizer, target)
-
-
-def model_info(path: str | Path) -> dict:
-    """Name and size of a model directory (for results and the report)."""
-    config = json.loads((Path(resolve_model_path(path)) / "config.json").read_text())
-    return {"model_type": config.get("model_type"), "num_hidden_layers": config.get("num_hidden_layers"),
-            "vocab_size": config.get("vocab_size")}
 
 
 def default_device() -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_utils import data
+from kd_utils import data, data_files, training_mix
 from kd_utils.tasks import TASKS, get_task, is_correct
 
 
@@ -133,7 +133,7 @@ def test_commonsense_mix_follows_the_llm_adapters_recipe(data_dir):
 def test_a_contaminated_row_of_the_recipe_is_replaced_by_the_next(data_dir, monkeypatch):
     # a recipe of 7 PIQA rows out of 8: the planted goal (13 words shared with a test question) is dropped
     # and the remaining seven fill the count
-    monkeypatch.setattr(data, "COMMONSENSE_RECIPE", {"piqa": 7, "hellaswag": 1})
+    monkeypatch.setattr(training_mix, "COMMONSENSE_RECIPE", {"piqa": 7, "hellaswag": 1})
     mix, report = data.build_training_mix("commonsense", data_dir, recipe_total=8)
     assert [r["train_id"] for r in report.removed] == ["piqa-train-3"] and report.removed[0]["reason"] == "13-gram"
     assert sorted(ex.id for ex in mix) == [f"piqa-train-{i}" for i in range(8) if i != 3]
@@ -205,7 +205,7 @@ def test_cache_is_used_when_nothing_else_is_there(local_server, tmp_path, monkey
     monkeypatch.setenv("KD_CACHE_DIR", str(tmp_path / "kdcache"))
     monkeypatch.setenv("KD_DATA_MIRROR", url)
     monkeypatch.delenv("KD_DATA_DIR", raising=False)
-    monkeypatch.setattr(data, "PROJECT_ROOT", tmp_path / "no-project")  # no ../shared/data beside it
+    monkeypatch.setattr(data_files, "PROJECT_ROOT", tmp_path / "no-project")  # no ../shared/data beside it
     monkeypatch.setitem(data.MANIFEST, "llm-adapters/SVAMP/test.json", (len(payload), hashlib.sha256(payload).hexdigest()))
     examples = data.load_task("svamp")
     assert len(examples) == 1 and (tmp_path / "kdcache" / "data" / "llm-adapters" / "SVAMP" / "test.json").is_file()

@@ -17,6 +17,7 @@ import pytest
 
 from kd_utils import statistics as st
 from kd_utils.analysis import study_analysis
+from kd_utils import pipeline_simulation as pipeline
 from kd_utils.statistics import simulation as sim
 
 TASKS = (("gsm8k", "math"), ("aqua", "math"), ("boolq", "commonsense"), ("arc_e", "commonsense"))
@@ -31,12 +32,12 @@ def upper(row: pd.Series) -> float:
 @pytest.fixture(scope="module")
 def realistic() -> pd.DataFrame:
     design = sim.scenario("realistic, 3 x 3", tasks=TASKS, temperatures=(1.0, 2.0))
-    return sim.simulate(design, n_studies=12, seed=11, batch=12, n_bootstrap=100, n_permutations=199)
+    return pipeline.simulate(design, n_studies=12, seed=11, batch=12, n_bootstrap=100, n_permutations=199)
 
 
 def test_type_one_error_of_every_study_mode_family_under_the_realistic_null(realistic):
     table = realistic.set_index("family")
-    valid = table[~table.index.str.startswith(sim.COMPARISONS)]
+    valid = table[~table.index.str.startswith(pipeline.COMPARISONS)]
     for family, row in valid.iterrows():
         assert row["rate"] <= upper(row), (family, row["rate"], row["tests"])
     # 3 x 3: H1 over 3 students and H2/H4/H5 over 3 teachers cannot reach p < 0.05 and are never tested
@@ -59,7 +60,7 @@ def test_the_replaced_procedures_fail_the_same_simulation(realistic):
 def test_power_for_a_true_gain_in_a_five_by_five_design():
     design = sim.scenario("power: gain 3 pp, 5 x 5", tasks=TASKS[:1] + TASKS[2:3], temperatures=(1.0,),
                           gain=10.0, predictions=False)
-    table = sim.simulate(design, n_studies=4, seed=13, batch=4, n_bootstrap=100, n_permutations=199).set_index(
+    table = pipeline.simulate(design, n_studies=4, seed=13, batch=4, n_bootstrap=100, n_permutations=199).set_index(
         "family")
     assert table.loc["H1 sign-flip over students, average task, methods pooled", "rate"] > 0.5
     assert table.loc["bootstrap 95% interval misses the truth", "rate"] < 0.1

@@ -7,7 +7,7 @@ gain repeats in every student's block. The tests here count those units:
 - :func:`sign_flip_test`: H1 over students, exact (every sign pattern) for symmetric
   unit effects, with the interval obtained by inverting the same test;
 - :func:`teacher_permutation_spearman`: H2, H4, H5; the aligned-rank Spearman of
-  :func:`~kd_utils.statistics.hypothesis_tests.permutation_spearman` within students,
+  :func:`~kd_utils.statistics.permutation_tests.permutation_spearman` within students,
   its p-value from permuting the *teachers* jointly across all students (a teacher-level
   x such as teacher accuracy moves with its teacher; a pair-level x such as agreement is
   permuted only by teacher relabellings that map the design's pairs onto themselves);
@@ -24,7 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from kd_utils.constants import ALPHA, N_RESAMPLES
+from kd_utils.statistics.permutation_tests import centered_ranks
 from kd_utils.statistics.power import correlation_power
+from kd_utils.statistics.tolerances import CONSTANT_VALUES, INPUT_SCALE_TIE, UNIT_SCALE_TIE
 
 #: beyond this many units the sign-flip and teacher permutations are sampled instead of enumerated
 MAX_EXACT = 4096
@@ -40,7 +42,7 @@ def _flips(n: int, n_resamples: int, rng: np.random.Generator) -> tuple[np.ndarr
 def sign_flip_pvalue(values: np.ndarray, flips: np.ndarray, exact: bool, alternative: str) -> float:
     """p-value of the sum of ``values`` against its sign-flip distribution (identity included when exact)."""
     return tail_pvalue(float(values.sum()), flips @ values, alternative, exact,
-                       tol=1e-9 * max(1.0, float(np.abs(values).sum())))
+                       tol=INPUT_SCALE_TIE * max(1.0, float(np.abs(values).sum())))
 
 
 def tail_pvalue(observed: float, null: np.ndarray, alternative: str, exact: bool, tol: float) -> float:
@@ -83,7 +85,7 @@ def sign_flip_test(values: Sequence[float], alternative: str = "greater", alpha:
     if not n or min_p > alpha:
         return out | {"note": f"not testable: {n} student(s) allow a smallest p of {min_p:.3g} > {alpha}; "
                               f"needs {students_needed(alpha, sided)} students"}
-    if np.allclose(y, y[0], rtol=0.0, atol=1e-9):
+    if np.allclose(y, y[0], rtol=0.0, atol=CONSTANT_VALUES):
         return out | {"note": "not testable: constant values (zero variance)"}
     flips, exact = _flips(n, n_resamples, np.random.default_rng(seed))
     p = sign_flip_pvalue(y, flips, exact, alternative)
@@ -148,8 +150,6 @@ def teacher_permutation_spearman(x: Sequence[float], y: Sequence[float], teacher
     within-student information and are left out, and so are teachers only they had.
     A design whose relabellings cannot reach p <= alpha is "not testable".
     """
-    from kd_utils.statistics.hypothesis_tests import _centered_ranks
-
     x, y = np.asarray(x, float), np.asarray(y, float)
     teachers, students = np.asarray(teachers, str), np.asarray(students, str)
     keep = ~(np.isnan(x) | np.isnan(y))
@@ -178,10 +178,10 @@ def teacher_permutation_spearman(x: Sequence[float], y: Sequence[float], teacher
             f"not testable: {n_teachers} teachers allow {size} teacher relabelling(s), smallest p {min_p:.3g} > "
             f"{alpha}; the teachers are the units: needs {needed} or more teachers, each shared by students "
             f"(a crossed design)")}
-    ry = _centered_ranks(y, students)
+    ry = centered_ranks(y, students)
 
     def rho_of(xv: np.ndarray) -> float:
-        rx = _centered_ranks(xv, students)
+        rx = centered_ranks(xv, students)
         denom = math.sqrt(float(rx @ rx) * float(ry @ ry))
         return float(rx @ ry) / denom if denom > 0 else math.nan
 
@@ -189,7 +189,7 @@ def teacher_permutation_spearman(x: Sequence[float], y: Sequence[float], teacher
     if math.isnan(rho):
         return out | {"note": "not testable: constant input within every student, rho undefined"}
     permuted = np.array([rho_of(per_teacher[g] if teacher_level else x[g]) for g in group])
-    p = tail_pvalue(rho, np.nan_to_num(permuted), alternative, exact, tol=1e-12)
+    p = tail_pvalue(rho, np.nan_to_num(permuted), alternative, exact, tol=UNIT_SCALE_TIE)
     return out | {"statistic": rho, "pvalue": p, "estimate": rho}
 
 

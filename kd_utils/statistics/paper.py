@@ -19,12 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from kd_utils.constants import N_RESAMPLES
-from kd_utils.statistics.hypothesis_tests import (
-    hypothesis_tests,
-    study_hypothesis_tests,
-)
 from kd_utils.statistics.improvements import attach_fidelity, improvement_table
 from kd_utils.statistics.per_example import split_counts, split_estimates
+from kd_utils.statistics.published_tests import TEST_COLUMNS, hypothesis_tests
 from kd_utils.statistics.results import (
     BASE_TEACHER_SUFFIX,
     KD_METHODS,
@@ -33,9 +30,8 @@ from kd_utils.statistics.results import (
     method_label,
     sort_rows,
 )
+from kd_utils.statistics.study_tests import study_hypothesis_tests
 from kd_utils.statistics.verdicts import summarise, survives, verdict_table
-
-TEST_COLUMNS = ("domain", "hypothesis", "method", "task", "statistic", "pvalue", "n")
 
 #: column names of the paper's result files -> canonical task ids (paper's column order)
 PAPER_COLUMN_TASKS = {

@@ -27,7 +27,7 @@ from scipy import stats
 
 from kd_utils.predictions import Predictions, as_predictions
 from kd_utils.statistics.improvements import KEYS, main_pairs
-from kd_utils.statistics.hypothesis_tests import holm_adjust
+from kd_utils.statistics.multiple_testing import holm_adjust
 
 SPLIT_EXAMPLES = "examples"  # halves of the examples themselves (predictions)
 SPLIT_COUNTS = "counts"  # hypergeometric halves of n/correct (results.csv only)

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kd_utils.constants import ALPHA
-from kd_utils.statistics.hypothesis_tests import holm
+from kd_utils.statistics.multiple_testing import holm
 from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT
 
 #: hypothesis id -> (claim in words, claimed direction: "greater", "less" or None for any, effect of interest or None)

@@ -46,7 +46,7 @@ MUTANTS = [
            "targets = labels[:, 1:].flatten()\n    summed = torch.nn.functional.cross_entropy(logits[:, :-1]",
            "targets = labels.flatten()\n    summed = torch.nn.functional.cross_entropy(logits",
            ("tests/test_training_signal.py::test_lm_loss_is_the_next_token_cross_entropy_on_the_literal_positions",)),
-    Mutant("holm_adjust family without method", "kd_utils/statistics/hypothesis_tests.py",
+    Mutant("holm_adjust family without method", "kd_utils/statistics/multiple_testing.py",
            'family: Sequence[str] = ("domain", "hypothesis", "method")', 'family: Sequence[str] = ("domain", "hypothesis")',
            ("tests/test_multiple_testing.py::test_holm_families_are_domain_hypothesis_and_method",)),
     Mutant("noise RNG state not restored on resume", "kd_utils/teachers.py",
@@ -62,7 +62,7 @@ MUTANTS = [
            'accelerator.load_state(str(path / "state"), strict=False)',
            'accelerator.load_state(str(path / "state"), strict=False); torch.manual_seed(1)',
            ("tests/test_resume.py::test_killed_and_resumed_run_equals_an_uninterrupted_one[gkd-on-policy]",)),
-    Mutant("download check by size only", "kd_utils/data.py",
+    Mutant("download check by size only", "kd_utils/data_files.py",
            "if tmp.stat().st_size != size or sha256_file(tmp) != sha:", "if tmp.stat().st_size != size:",
            ("tests/test_data.py::test_tampered_download_of_the_right_size_is_refused",)),
 ]
