@@ -83,7 +83,8 @@ from safetensors.torch import save as st_save
 from tqdm.auto import tqdm
 
 from kd_utils import id_codes, losses, precision as precisions
-from kd_utils.constants import MIN_MAX_LENGTH
+from kd_utils.constants import (CACHE_ID_CODINGS, CACHE_REPRESENTATIONS, DEFAULT_CACHE_K, DEFAULT_CACHE_NUM_SAMPLES,
+                                DEFAULT_CACHE_REPRESENTATION, MIN_MAX_LENGTH, SPARSE_KD_METHODS, cacheable_methods)
 from kd_utils.batches import collate, forward, split_train_val, tokenize_example
 from kd_utils.data import Example, build_training_mix, cache_dir, mix_fingerprint
 from kd_utils.evaluation import sample_examples
@@ -91,22 +92,15 @@ from kd_utils.io import read_json, sha256_file, run_from_params_file, write_atom
 from kd_utils.models import check_adapter_dir, load_model, load_tokenizer, resolve_model_path
 
 CACHE_FORMAT_VERSION = 4  # 4: one draw set per epoch; rationales record whether each generation finished
-REPRESENTATIONS = ("topk", "sampled", "topk_sampled")
-ID_CODINGS = ("fixed", "elias_fano")  # the draws' ids as uint16 / int32, or sorted and Elias-Fano coded
-# unbiased fkl with the smallest gradient error within the 64-byte budget; see the module docstring
-DEFAULT_REPRESENTATION = "topk_sampled"
-DEFAULT_K = 4
-DEFAULT_NUM_SAMPLES = 20
+# the settings a study file validates without this module (kd_utils.constants); the representation's choice
+# is argued in the module docstring
+REPRESENTATIONS, ID_CODINGS = CACHE_REPRESENTATIONS, CACHE_ID_CODINGS
+DEFAULT_REPRESENTATION, DEFAULT_K, DEFAULT_NUM_SAMPLES = (DEFAULT_CACHE_REPRESENTATION, DEFAULT_CACHE_K,
+                                                          DEFAULT_CACHE_NUM_SAMPLES)
 LOGPROB_DTYPE = torch.float16
 MANIFEST = "manifest.json"
 RATIONALES = "rationales.jsonl"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
-SPARSE_KD_METHODS = ("fkl", "rkl")  # the methods that can train from a cache
-
-
-def cacheable_methods(representation: str) -> tuple[str, ...]:
-    """The methods a teacher cache of ``representation`` can train: rkl needs the top-k + tail partition."""
-    return SPARSE_KD_METHODS if representation == "topk" else ("fkl",)
 
 
 # ---- identity ------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from transformers import get_scheduler
 from kd_utils import losses, precision, teacher_cache as cache_store
 from kd_utils.batches import (collate, epoch_batches, forward, left_pad, prompt_ids, split_train_val, to_device,
                               tokenize_example)
-from kd_utils.constants import METHODS, MIN_MAX_LENGTH, PAPER_METHOD_NAMES, TOKEN_KD_METHODS
+from kd_utils.config import TrainingConfig
+from kd_utils.constants import PAPER_METHOD_NAMES, TOKEN_KD_METHODS
 from kd_utils.data import DEFAULT_MIX, Example, build_training_mix, source_counts
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import run_from_params_file, standard_json, write_atomic
@@ -41,66 +42,7 @@ from kd_utils.teachers import OnlineTeacher, check_same_tokenizer, teacher_ratio
 KD_METHODS = TOKEN_KD_METHODS  # the methods below that need a teacher at every step
 
 
-@dataclass
-class TrainConfig:
-    method: str = "sft"
-    epochs: int = 1
-    batch_size: int = 16  # effective batch (micro batch x accumulation x processes)
-    micro_batch_size: int = 4
-    lr: float = 3e-4
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    warmup_steps: int | None = None  # None: the protocol's (paper 100; improved: warmup_ratio)
-    weight_decay: float = 0.0
-    max_length: int = 256
-    lora: bool = True
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
-    temperature: float = 1.0
-    noise_sigma: float = 0.0
-    kd_weight: float = 1.0  # alpha in (1 - alpha) * CE + alpha * KD
-    beta: float = 0.5  # gkd's JSD mixture weight
-    lmbda: float = 0.5  # gkd's probability of an on-policy batch
-    gkd_max_new_tokens: int = 128
-    protocol: str = DEFAULT_PROTOCOL  # "paper" or "improved" (kd_utils.protocols)
-    distill_positions: str | None = None  # fkl / rkl: protocols.KD_POSITIONS; None: the protocol's
-    loss_chunk_size: int | None = None  # positions per KD-loss chunk; None: ~64 MiB of fp32 per chunk buffer
-    val_fraction: float = 0.1
-    val_examples: int | None = None  # None: the protocol's (paper 500; improved: val_fraction)
-    max_steps: int | None = None  # cap on optimizer steps per epoch (smoke runs)
-    seed: int = 0
-
-    def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first bad field, before any work."""
-        checks = [
-            (self.method in METHODS, f"method={self.method!r} is not one of {', '.join(METHODS)}"),
-            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
-            (self.noise_sigma >= 0, f"noise_sigma must be >= 0, got {self.noise_sigma}"),
-            (0 <= self.beta <= 1, f"beta must be in [0, 1], got {self.beta}"),
-            (0 <= self.lmbda <= 1, f"lmbda must be in [0, 1], got {self.lmbda}"),
-            (0 <= self.kd_weight <= 1, f"kd_weight must be in [0, 1], got {self.kd_weight}"),
-            (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
-            (self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size == 0,
-             f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"),
-            (self.distill_positions in (None, *KD_POSITIONS),
-             f"distill_positions must be one of {', '.join(KD_POSITIONS)} or None, got {self.distill_positions!r}"),
-            (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.max_length >= MIN_MAX_LENGTH, f"max_length must be >= {MIN_MAX_LENGTH}, got {self.max_length}"),
-            # the KD losses would refuse it only at the first step, after loading and the epoch-0 validation
-            (self.loss_chunk_size is None or self.loss_chunk_size >= 1,
-             f"loss_chunk_size must be >= 1 or None (automatic), got {self.loss_chunk_size}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        self.protocol = get_protocol(self.protocol).name  # raises naming the allowed protocols
-        return self
-
-    @property
-    def rules(self) -> Protocol:
-        return get_protocol(self.protocol)
+TrainConfig = TrainingConfig  # the name this module has always used
 
 
 # ---- the loop -----------------------------------------------------------------------------
