@@ -56,7 +56,7 @@ class TrainingConfig:
     max_length: int = option(256, "tokens per training row (prompt and response), longer rows cut",
                              ge=MIN_MAX_LENGTH)
     lora: bool = option(True, "train LoRA adapters (false: every weight)")
-    lora_r: int = option(8, "LoRA rank", ge=1)
+    lora_r: int = option(8, "LoRA rank r of the adapter matrices", ge=1)
     lora_alpha: int = option(16, "LoRA scaling numerator (scale alpha / r)", ge=1)
     lora_dropout: float = option(0.05, "dropout on the LoRA input", ge=0, lt=1)
     lora_target_modules: list[str] = option(list(LORA_TARGET_MODULES), "module names LoRA wraps")
@@ -209,3 +209,8 @@ def batch_problems(batch_size: Any, micro_batch_size: Any, where: str = "") -> l
 
 def _field(cls: type, name: str) -> dataclasses.Field:
     return cls.__dataclass_fields__[name]
+
+
+def field_values(cls: type, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``cls``'s fields that ``namespace`` holds (a notebook's parameters: ``globals()``)."""
+    return {f.name: namespace[f.name] for f in dataclasses.fields(cls) if f.name in namespace}
