@@ -46,7 +46,8 @@ def check_checkpoint_weights(model, state_dir: Path) -> None:
 
 def last_checkpoint(output_dir: Path) -> tuple[int, Path] | None:
     """The highest complete epoch checkpoint (a ``done`` marker is written last)."""
-    found = [(int(p.name.split("-")[1]), p) for p in (output_dir / "checkpoints").glob("epoch-*") if (p / "done").is_file()]
+    found = [(int(p.name.split("-")[1]), p) for p in (output_dir / "checkpoints").glob("epoch-*")
+             if (p / "done").is_file()]
     return max(found) if found else None
 
 

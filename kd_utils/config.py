@@ -172,7 +172,8 @@ def value_problems(cls: type, name: str, value: Any, path: str | None = None) ->
     if meta["choices"] is not None and value not in meta["choices"]:
         allowed = ", ".join(meta["choices"]) + (" or null" if type(None) in types else "")
         close = difflib.get_close_matches(str(value), meta["choices"], n=1)
-        return [f"{path}: expected one of {allowed}, got {value!r}" + (f" (did you mean '{close[0]}'?)" if close else "")]
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return [f"{path}: expected one of {allowed}, got {value!r}{hint}"]
     rule = bounds(cls, name)
     if rule and not _within(value, meta):
         return [f"{path}: {value!r} must be {rule}"]

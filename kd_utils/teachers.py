@@ -69,7 +69,7 @@ class OnlineTeacher:
 
     @torch.no_grad()
     def targets(self, batch: dict, device=None, epoch: int = 1) -> torch.Tensor:
-        """Dense teacher logits [B, T, V] for the batch (noise added; fresh at every step, so ``epoch`` plays no part)."""
+        """Dense teacher logits [B, T, V] for the batch, noise added (fresh at every step: ``epoch`` plays no part)."""
         # fp32 logits (and noise) whatever precision the forward pass ran in
         return teacher_signal(forward(self.model, batch).float(), self.noise_sigma, self.generator)
 

@@ -348,7 +348,8 @@ def run_training(model: str, output_dir: str | Path, *, method: str = "sft", dom
     output_dir = Path(output_dir)
     base = model
     if student_layers:
-        base = str(build_student_dir(model, student_layers, output_dir.parent / f"student-{Path(model).name}-L{student_layers}"))
+        base = str(build_student_dir(model, student_layers,
+                                     output_dir.parent / f"student-{Path(model).name}-L{student_layers}"))
     mix, report = build_training_mix(domain, data_dir, include_mawps=config.include_mawps, mix=config.mix)
     mix_sources = dict(Counter(e.task for e in mix))  # the whole mix, before n_train samples it
     mix = sample_examples(mix, config.n_train, config.seed)
