@@ -47,7 +47,7 @@ def distill_mask(batch: dict, config: TrainingConfig) -> torch.Tensor:
     return target & real[:, :-1]
 
 
-def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: torch.Tensor, config: TrainingConfig,
+def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: torch.Tensor, *, config: TrainingConfig,
             vocab_size: int) -> torch.Tensor:
     """KD loss against dense teacher logits [B, T, V] or a teacher cache's sparse targets (a dict).
 
@@ -66,19 +66,19 @@ def kd_loss(student_logits: torch.Tensor, teacher: torch.Tensor | dict, mask: to
     return losses.generalized_jsd(s, t, mask, config.beta, tau, chunk_size=config.loss_chunk_size)
 
 
-def training_loss(logits: torch.Tensor, batch: dict, teacher: torch.Tensor | dict | None, config: TrainingConfig,
+def training_loss(logits: torch.Tensor, batch: dict, teacher: torch.Tensor | dict | None, *, config: TrainingConfig,
                   vocab_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, ce, kd) of one micro-batch: CE alone for sft / seqkd, (1 - kd_weight) * CE + kd_weight * KD else."""
     ce = lm_loss(logits, batch["labels"])
     if config.method not in KD_METHODS:
         return ce, ce, torch.zeros(())
-    kd = kd_loss(logits, teacher, distill_mask(batch, config), config, vocab_size)
+    kd = kd_loss(logits, teacher, distill_mask(batch, config), config=config, vocab_size=vocab_size)
     loss = (1 - config.kd_weight) * ce + config.kd_weight * kd if config.kd_weight < 1 else kd
     return loss, ce, kd
 
 
 @torch.no_grad()
-def on_policy_batch(student, tokenizer, batch: dict, config: TrainingConfig, device) -> dict:
+def on_policy_batch(student, tokenizer, batch: dict, *, config: TrainingConfig, device) -> dict:
     """Replace the responses by the student's own samples (temperature 1, top_k 0, top_p 1), left-padded.
 
     The prompt is each row's first ``prompt_len`` training tokens (``policy_prompt="joint"``, the authors'

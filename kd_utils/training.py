@@ -215,14 +215,14 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
     for micro in bar:
         batch = to_device(collate(micro, run.tokenizer.pad_token_id), device)
         if config.method == "gkd" and run.policy_rng.random() < config.lmbda:
-            batch = on_policy_batch(accelerator.unwrap_model(model), run.tokenizer, batch, config, device)
+            batch = on_policy_batch(accelerator.unwrap_model(model), run.tokenizer, batch, config=config, device=device)
         with accelerator.accumulate(model):
             logits = forward(model, batch)
             target = None
             if config.method in KD_METHODS:
                 with torch.no_grad(), accelerator.autocast():  # an online teacher in the student's precision
                     target = run.source.targets(batch, device, epoch)
-            loss, ce, kd = training_loss(logits, batch, target, config, run.vocab_size)
+            loss, ce, kd = training_loss(logits, batch, target, config=config, vocab_size=run.vocab_size)
             accelerator.backward(loss)
             if accelerator.sync_gradients and rules.max_grad_norm is not None:
                 accelerator.clip_grad_norm_(model.parameters(), rules.max_grad_norm)

@@ -79,8 +79,8 @@ class Recorders:
         real_on_policy, real_scheduler = training.on_policy_batch, training.get_scheduler
         scripted = list(scripted_val or [])
 
-        def training_loss(logits, batch, teacher, config, vocab_size):
-            out = real_loss(logits, batch, teacher, config, vocab_size)
+        def training_loss(logits, batch, teacher, *, config, vocab_size):
+            out = real_loss(logits, batch, teacher, config=config, vocab_size=vocab_size)
             self.losses.append(tuple(float(v.detach()) for v in out))
             self.batches.append(batch)
             return out
@@ -94,9 +94,9 @@ class Recorders:
             self.to_device.append(device)
             return real_to_device(batch, device)
 
-        def on_policy_batch(student, tokenizer, batch, config, device):
+        def on_policy_batch(student, tokenizer, batch, *, config, device):
             self.on_policy.append((len(self.losses), device))
-            return real_on_policy(student, tokenizer, batch, config, device)
+            return real_on_policy(student, tokenizer, batch, config=config, device=device)
 
         def get_scheduler(name, optimizer, num_warmup_steps, num_training_steps):
             self.schedulers.append({"warmup": num_warmup_steps, "total": num_training_steps})
