@@ -693,3 +693,14 @@ def test_wrap_lora_names_missing_modules(tiny_model_dir):
     model, _ = models.load_model(tiny_model_dir)
     with pytest.raises(ValueError, match=exactly("lora_target_modules ['c_attn', 'wq'] are not modules of this model")):
         training.wrap_lora(model, TrainConfig(lora_target_modules=["q_proj", "c_attn", "wq"]))
+
+
+def test_named_random_streams_are_fixed_by_the_seed_and_the_name():
+    streams = {(seed, name): seeds.stream_seed(seed, name) for seed in (0, 1, 2)
+               for name in (seeds.ON_POLICY, seeds.TEACHER_NOISE)}
+    assert len(set(streams.values())) == 6  # no stream of one seed is a stream of another (as seed + 1 was)
+    assert seeds.stream_seed(0, seeds.ON_POLICY) == streams[0, seeds.ON_POLICY]
+    # the teacher cache's per-example draws are seeded by the same derivation
+    from kd_utils import teacher_cache
+
+    assert teacher_cache.example_generator(3, "ex-1", "draws").initial_seed() == seeds.stream_seed(3, "ex-1", "draws")
