@@ -87,7 +87,7 @@ def gkd_switches(output: Path, work: Path, seeds: list[int]) -> None:
 
     import torch
 
-    from kd_utils import models, training
+    from kd_utils import models, teachers, training
     from kd_utils.data import build_training_mix
     from kd_utils.evaluation import sample_examples
 
@@ -119,8 +119,8 @@ def gkd_switches(output: Path, work: Path, seeds: list[int]) -> None:
                                           micro_batch_size=4, lr=1e-3, warmup_steps=2, max_length=96,
                                           gkd_max_new_tokens=16, seed=seed)
             start, norms[:] = time.time(), []
-            result = training.train(student, tok, train_rows, config, work / f"{name}-{seed}", teacher=teacher,
-                                    teacher_tokenizer=tok, val_examples=val)
+            result = training.train(student, tok, train_rows, config, work / f"{name}-{seed}",
+                                    teacher=teachers.OnlineTeacher(teacher, tok), val_examples=val)
             done.append({"protocol": name, "seed": seed, "held_out_ce": result["final_val_loss"],
                          "before_training": result["history"][0]["val_loss"], "seconds": round(time.time() - start),
                          "grad_norms": [round(n, 4) for n in norms]})

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import teacher_cache_tradeoff as tradeoff
-from kd_utils import batches, id_codes, models, teacher_cache, training
+from kd_utils import batches, id_codes, models, objectives, teacher_cache, training
 from kd_utils.io import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_cache_id_coding.json"
@@ -37,7 +37,7 @@ def main() -> None:
                                               val_fraction=0.5)
     rows = [batches.tokenize_example(tokenizer, e, 128) for e in selection.train[:4]]
     error_batch = batches.collate(rows, pad_id)
-    mask = training.distill_mask(error_batch, training.TrainConfig(method="fkl"))
+    mask = objectives.distill_mask(error_batch, training.TrainConfig(method="fkl"))
     with torch.no_grad():
         t_logits = batches.forward(teacher, error_batch)[:, :-1, :vocab_size].float()
     errors = []

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from kd_utils import batches, losses, models, teacher_cache, training
+from kd_utils import batches, losses, models, objectives, teacher_cache, teachers, training
 from kd_utils.io import write_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results" / "teacher_cache_tradeoff.json"
@@ -155,7 +155,7 @@ def held_out_fkl(student, teacher, rows: list[dict], temperature: float, pad_id:
     total = 0.0
     for start in range(0, len(rows), batch_size):
         batch = batches.collate(rows[start:start + batch_size], pad_id)
-        mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
+        mask = objectives.distill_mask(batch, training.TrainConfig(method="fkl"))
         s, t = batches.forward(student, batch)[:, :-1], batches.forward(teacher, batch)[:, :-1]
         s, t = losses.align_vocab(s, t, min(s.shape[-1], t.shape[-1]))
         total += float(losses.forward_kl(s.float(), t.float(), mask, temperature)) * len(batch["input_ids"])
@@ -287,7 +287,7 @@ def main() -> None:
     val_rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.val]
     rows = [batches.tokenize_example(tokenizer, e, args.max_length) for e in selection.train[:args.error_rows]]
     error_batch = batches.collate(rows, pad_id)
-    mask = training.distill_mask(error_batch, training.TrainConfig(method="fkl"))
+    mask = objectives.distill_mask(error_batch, training.TrainConfig(method="fkl"))
     with torch.no_grad():
         t_logits = batches.forward(teacher, error_batch)[:, :-1, :vocab_size].float()
     errors, floors, distilled, generation, rounds = [], [], [], [], []
@@ -326,8 +326,8 @@ def main() -> None:
                     untrained, _ = models.load_model(student_dir)
                     starts[seed, tau] = held_out_fkl(untrained, teacher, val_rows, tau, pad_id, args.batch_size)
                 for name in order:
-                    source = ({"teacher": teacher, "teacher_tokenizer": tokenizer} if name == "online teacher" else
-                              {"teacher_cache": caches[name.removeprefix("cache "), tau]})
+                    source = {"teacher": teachers.OnlineTeacher(teacher, tokenizer) if name == "online teacher" else
+                              teachers.CachedTeacher(caches[name.removeprefix("cache "), tau])}
                     seconds, later, trained, history = train_student(
                         student_dir, tokenizer, selection, config, tmp / "runs" / f"{seed}-{tau}-{name}", **source)
                     distilled.append({"source": name, "temperature": tau, "seed": seed, "round": index,

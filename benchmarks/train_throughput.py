@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kd_utils import batches, models, training
+from kd_utils import batches, models, objectives, teachers, training
 from kd_utils.data import build_training_mix
 from kd_utils.evaluation import sample_examples
 from kd_utils.io import write_atomic
@@ -51,21 +51,22 @@ def measure(method: str, student_dir: Path, teacher, tokenizer, examples, args) 
     micro = batches.epoch_batches(rows, args.micro_batch_size, config.seed, 1)[:steps * accumulation]
     micro_tokens = [sum(len(r["input_ids"]) for r in m) for m in micro]
     stamps = []
-    inner = training.lm_loss
+    inner = objectives.lm_loss  # the training micro batches' cross-entropy (val_examples=[]: no held-out pass)
 
     def timed_lm_loss(logits, labels):
         stamps.append(time.perf_counter())
         return inner(logits, labels)
 
-    training.lm_loss = timed_lm_loss
+    objectives.lm_loss = timed_lm_loss
     try:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             training.train(student, tokenizer, examples, config, out,
-                           teacher=teacher if method != "sft" else None, teacher_tokenizer=tokenizer, val_examples=[])
+                           teacher=teachers.OnlineTeacher(teacher, tokenizer) if method != "sft" else None,
+                           val_examples=[])
             seconds = time.perf_counter() - start
     finally:
-        training.lm_loss = inner
+        objectives.lm_loss = inner
     if len(stamps) != len(micro):
         raise RuntimeError(f"expected {len(micro)} training micro batches, timed {len(stamps)}")
     tokens = sum(micro_tokens)

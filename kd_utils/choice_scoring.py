@@ -36,12 +36,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kd_utils.constants import CHOICE_TASKS, DEFAULT_LOGLIK_METRIC, LOGLIK_METRICS, SCORINGS  # noqa: F401 (public here too)
 from kd_utils.tasks import get_task
 
-METRICS = ("acc", "acc_norm")
-DEFAULT_METRIC = "acc_norm"
-SCORINGS = ("generate", "loglik")
-CHOICE_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
+METRICS, DEFAULT_METRIC = LOGLIK_METRICS, DEFAULT_LOGLIK_METRIC
 
 
 class ChoiceParseError(ValueError):

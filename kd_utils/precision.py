@@ -21,7 +21,8 @@ from functools import lru_cache
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from kd_utils.constants import PRECISIONS
+
 RESOLVED = ("fp32", "bf16", "fp16")
 AUTO_ENV = "KD_AUTO_PRECISION"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -22,7 +22,7 @@ import re
 
 from dataclasses import asdict, dataclass, field, fields, replace
 
-from kd_utils.precision import PRECISIONS
+from kd_utils.constants import PRECISIONS
 from kd_utils.tasks import PROMPT_TEMPLATES
 
 

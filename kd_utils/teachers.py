@@ -1,20 +1,26 @@
-"""The teacher side of distillation: tokenizer checks, the online teacher, teacher generations.
+"""The teacher side of distillation: tokenizer checks, the teachers a run distils from, teacher generations.
 
-Training consumes a *teacher source*, an object with ``targets(batch, device, epoch)`` (the teacher's
-output for a batch of epoch ``epoch``, counted from 1, in the form ``training.kd_loss`` takes) and ``state()`` /
-``load_state(state)`` (what a resumed run must restore). Two exist: :class:`OnlineTeacher`
-here (dense logits from the model on every batch) and ``teacher_cache.TeacherCache`` (sparse
-targets read from disk).
+``training.train`` takes one *teacher*: :class:`OnlineTeacher` (the model run on every batch) or
+:class:`CachedTeacher` (a teacher cache directory). ``open(...)`` binds it to a run (its tokenizer, training
+rows, config and device) and returns the *teacher source* the loop reads: an object with
+``targets(batch, device, epoch)`` (the teacher's output for a batch of epoch ``epoch``, counted from 1, in the
+form ``objectives.kd_loss`` takes) and ``state()`` / ``load_state(state)`` (what a resumed run must restore):
+the online teacher itself (dense logits), or ``teacher_cache.TeacherCache`` (sparse targets read from disk).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
+from kd_utils import teacher_cache as cache_store
 from kd_utils.batches import forward
+from kd_utils.config import TrainingConfig
 from kd_utils.data import Example
 from kd_utils.evaluation import generate
 from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol
+from kd_utils.seeds import TEACHER_NOISE, stream_seed
 from kd_utils.tasks import build_prompt
 
 
@@ -43,16 +49,27 @@ def teacher_signal(teacher_logits: torch.Tensor, noise_sigma: float, generator: 
 
 
 class OnlineTeacher:
-    """The teacher model run on every batch; with ``noise_sigma`` > 0, fresh noise on its logits at every step."""
+    """The teacher model run on every batch; with ``noise_sigma`` > 0, fresh noise on its logits at every step.
 
-    def __init__(self, model, noise_sigma: float = 0.0, seed: int = 0, device=None):
-        self.model = (model.to(device) if device is not None else model).eval()
-        self.noise_sigma = noise_sigma
-        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(seed + 1)
+    ``tokenizer``: the teacher's, checked against the student's (None: the student's own).
+    """
+
+    def __init__(self, model, tokenizer=None):
+        self.model, self.tokenizer = model, tokenizer
+        self.noise_sigma, self.generator = 0.0, None
+
+    def open(self, *, tokenizer, train_examples: list[Example], config: TrainingConfig, device=None) -> "OnlineTeacher":
+        """Bound to a run: the shared vocabulary checked, the model on ``device``, the noise stream seeded."""
+        check_same_tokenizer(tokenizer, self.tokenizer or tokenizer)
+        self.model = (self.model.to(device) if device is not None else self.model).eval()
+        self.noise_sigma = config.noise_sigma
+        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(
+            stream_seed(config.seed, TEACHER_NOISE))
+        return self
 
     @torch.no_grad()
     def targets(self, batch: dict, device=None, epoch: int = 1) -> torch.Tensor:
-        """Dense teacher logits [B, T, V] for the batch (noise added; fresh at every step, so ``epoch`` plays no part)."""
+        """Dense teacher logits [B, T, V] for the batch, noise added (fresh at every step: ``epoch`` plays no part)."""
         # fp32 logits (and noise) whatever precision the forward pass ran in
         return teacher_signal(forward(self.model, batch).float(), self.noise_sigma, self.generator)
 
@@ -61,6 +78,24 @@ class OnlineTeacher:
 
     def load_state(self, state: dict) -> None:
         self.generator.set_state(torch.tensor(state["noise_gen"], dtype=torch.uint8))  # a CPU ByteTensor on any device
+
+
+class CachedTeacher:
+    """A teacher cache directory (``teacher_cache.run_teacher_cache``) in place of the teacher: fkl and rkl.
+
+    ``expect``: further cache fields it must match (``teacher_cache.open_for_training``), such as the
+    teacher's identity and the seed.
+    """
+
+    def __init__(self, path: str | Path, expect: dict | None = None):
+        self.path, self.expect = path, expect
+
+    def open(self, *, tokenizer, train_examples: list[Example], config: TrainingConfig, device=None):
+        """The cache after checking that it was made for this run (ValueError naming each differing field)."""
+        return cache_store.open_for_training(self.path, tokenizer=tokenizer, train_examples=train_examples,
+                                             method=config.method, temperature=config.temperature,
+                                             noise_sigma=config.noise_sigma, max_length=config.max_length,
+                                             epochs=config.epochs, expect=self.expect)
 
 
 def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,

@@ -25,14 +25,13 @@ from kd_utils.data_files import (
     require_keys,
     task_file,
 )
+from kd_utils.constants import DEFAULT_MIX, MIXES
 from kd_utils.decontamination import DecontaminationReport, TestIndex, decontaminate
 from kd_utils.tasks import get_task
 
 # The training mixes a run can use (training.<role>.mix): "llm_adapters" rebuilds the authors' data
 # (LLM-Adapters' math_10k / commonsense_15k, see COMMONSENSE_RECIPE) as far as public files allow;
 # "design" is the older project mix (commonsense: the boolq / ARC / OBQA train splits only).
-MIXES = ("llm_adapters", "design")
-DEFAULT_MIX = "llm_adapters"
 TRAIN_SOURCES = {"math": ["gsm8k"], "commonsense": ["boolq", "arc_e", "arc_c", "obqa"]}  # the "design" mix
 # LLM-Adapters' commonsense_170k is the eight commonsense train splits, each written in the instruction
 # template and answer format of its test file; commonsense_15k (the authors' train_args / README) is a

@@ -257,7 +257,7 @@ def test_bos_is_the_same_in_training_on_policy_sampling_and_evaluation(tok):
     config = training.TrainConfig(method="gkd", max_length=256, gkd_max_new_tokens=1)
     model.train()
     batch = training.on_policy_batch(model, bos_tok, {"prompts": [row["prompt"]], "prompt_ids": [
-        row["input_ids"][:row["prompt_len"]]]}, config, "cpu")
+        row["input_ids"][:row["prompt_len"]]]}, config=config, device="cpu")
     assert batch["input_ids"][0, :row["prompt_len"]].tolist() == row["input_ids"][:row["prompt_len"]]
 
 
@@ -326,7 +326,8 @@ def on_policy(tokenizer, protocol: str, continuation: list[int], examples=(EXAMP
     rows = [batches.tokenize_example(tokenizer, e, 256, protocol) for e in examples]
     model = FakeModel(continuation)
     config = training.TrainConfig(method="gkd", protocol=protocol, max_length=256, **config)
-    out = training.on_policy_batch(model, tokenizer, batches.collate(rows, tokenizer.pad_token_id), config, "cpu")
+    out = training.on_policy_batch(model, tokenizer, batches.collate(rows, tokenizer.pad_token_id), config=config,
+                                   device="cpu")
     return model.calls[0], out
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kd_utils import models, training
+from kd_utils import models, teachers, training
 from kd_utils.training import TrainConfig
 from test_training import mix  # noqa: F401 (the training tests' examples, a fixture)
 
@@ -43,7 +43,7 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, stud
     def run(name: str, **kwargs) -> dict:
         teacher, tok = models.load_model(tiny_model_dir)
         student, _ = models.load_model(student_dir)
-        return training.train(student, tok, mix[:8], config, tmp_path / name, teacher=teacher, teacher_tokenizer=tok,
+        return training.train(student, tok, mix[:8], config, tmp_path / name, teacher=teachers.OnlineTeacher(teacher, tok),
                               **kwargs)
 
     full = run("full")

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import accelerate
 import pytest
 
-from kd_utils import training
+from kd_utils import teachers, training
 from kd_utils.data import DecontaminationReport, Example
 from kd_utils.models import ModelError
 from kd_utils.training import TrainConfig
@@ -67,12 +67,10 @@ def fakes(monkeypatch) -> SimpleNamespace:
         return {"teacher": f"hash({teacher})", "adapter": f"hash({teacher_adapter})",
                 "task_aware_teacher": task_aware_teacher}
 
-    def train(model, tokenizer, train_examples, config, output_dir, teacher=None, teacher_tokenizer=None,
-              val_examples=None, on_epoch_end=None, teacher_cache=None, teacher_cache_expect=None):
+    def train(model, tokenizer, train_examples, config, output_dir, *, teacher=None, val_examples=None,
+              on_epoch_end=None):
         calls.train.append({"model": model, "tokenizer": tokenizer, "examples": train_examples, "config": config,
-                            "output_dir": output_dir, "teacher": teacher, "teacher_tokenizer": teacher_tokenizer,
-                            "val_examples": val_examples, "teacher_cache": teacher_cache,
-                            "teacher_cache_expect": teacher_cache_expect})
+                            "output_dir": output_dir, "teacher": teacher_of(teacher), "val_examples": val_examples})
         # a Path is not JSON: the summary file must hold its text
         return {"history": HISTORY, "final_val_loss": 1.25, "kept_epoch": 1, "saved_to": Path(output_dir) / "adapter"}
 
@@ -92,6 +90,16 @@ def adapter(tmp_path) -> str:
     path.mkdir()
     (path / "adapter_config.json").write_text("{}")
     return str(path)
+
+
+def teacher_of(teacher) -> tuple | None:
+    """What train was given as its teacher: ("online", model, tokenizer), ("cache", path, expect) or None."""
+    if isinstance(teacher, teachers.OnlineTeacher):
+        return "online", teacher.model, teacher.tokenizer
+    if isinstance(teacher, teachers.CachedTeacher):
+        return "cache", teacher.path, teacher.expect
+    assert teacher is None
+    return None
 
 
 def only_train_call(fakes) -> dict:
@@ -114,9 +122,8 @@ def test_an_sft_run_trains_the_sampled_mix_and_writes_its_summary(fakes, tmp_pat
     assert (call["model"], call["tokenizer"], call["output_dir"]) == ("model:base/m", "tok:base/m", out)
     assert call["examples"] == MIX[:3]
     assert call["config"] == TrainConfig(method="sft", seed=5, epochs=2, micro_batch_size=2, batch_size=4,
-                                         protocol="improved")
-    assert [call[k] for k in ("teacher", "teacher_tokenizer", "val_examples", "teacher_cache",
-                              "teacher_cache_expect")] == [None] * 5
+                                         n_train=3, protocol="improved")
+    assert [call[k] for k in ("teacher", "val_examples")] == [None] * 2
     expected = {"base_model": "base/m", "method": "sft", "domain": "math", "protocol": "improved", "n_train": 3,
                 "mix": "llm_adapters", "mix_sources": {"gsm8k": 5},  # the whole mix, before n_train samples it
                 "decontamination_removed": 2, "history": HISTORY, "final_val_loss": 1.25, "kept_epoch": 1,
@@ -150,8 +157,7 @@ def test_fkl_loads_the_task_aware_teacher_merged_on_the_training_device(fakes, t
     training.run_training("m", tmp_path / "run", method="fkl", teacher="t", teacher_adapter=adapter, epochs=3)
     assert fakes.load == [("t", adapter, True, "cuda:7"), ("m", None, False, None)]  # the teacher first
     call = only_train_call(fakes)
-    assert (call["teacher"], call["teacher_tokenizer"]) == ("model:t", "tok:t")
-    assert (call["teacher_cache"], call["teacher_cache_expect"]) == (None, None)
+    assert call["teacher"] == ("online", "model:t", "tok:t")
     assert (call["config"].method, call["config"].epochs) == ("fkl", 3)
     assert fakes.rationales == fakes.identity == []
 
@@ -185,7 +191,7 @@ def test_seqkd_trains_on_the_teachers_rationales_without_the_teacher(fakes, tmp_
     assert fakes.cached == []
     call = only_train_call(fakes)
     assert call["examples"] == RATIONALES
-    assert (call["teacher"], call["teacher_cache"], call["teacher_cache_expect"]) == (None, None, None)
+    assert call["teacher"] is None
     assert summary["n_train"] == len(RATIONALES)
 
 
@@ -200,7 +206,7 @@ def test_seqkd_from_a_cache_reads_its_rationales_for_this_teacher_and_seed(fakes
     call = only_train_call(fakes)
     assert call["examples"] == CACHED
     # the rationales are the training set: train gets neither the teacher nor the cache
-    assert (call["teacher"], call["teacher_cache"], call["teacher_cache_expect"]) == (None, None, expect)
+    assert call["teacher"] is None
 
 
 def test_fkl_from_a_cache_expects_the_named_teacher(fakes, tmp_path):
@@ -210,15 +216,14 @@ def test_fkl_from_a_cache_expects_the_named_teacher(fakes, tmp_path):
     assert fakes.identity == [("t", "a", False)]
     assert fakes.load == [("m", None, False, None)]
     call = only_train_call(fakes)
-    assert (call["teacher"], call["teacher_tokenizer"]) == (None, None)
-    assert (call["teacher_cache"], call["teacher_cache_expect"]) == ("cache-dir", expect)
+    assert call["teacher"] == ("cache", "cache-dir", expect)
 
 
 def test_a_cache_without_a_named_teacher_expects_nothing_of_it(fakes, tmp_path):
     training.run_training("m", tmp_path / "run", method="rkl", teacher_cache="cache-dir")
     assert fakes.identity == []
     call = only_train_call(fakes)
-    assert (call["teacher_cache"], call["teacher_cache_expect"]) == ("cache-dir", None)
+    assert call["teacher"] == ("cache", "cache-dir", None)
 
 
 @pytest.mark.parametrize("params, message", [
@@ -228,8 +233,8 @@ def test_a_cache_without_a_named_teacher_expects_nothing_of_it(fakes, tmp_path):
     ({"method": "sft", "teacher_cache": "c"}, "method 'sft' cannot use teacher_cache: it serves fkl, rkl and seqkd"),
     ({"method": "fkl"}, "method 'fkl' needs a teacher (or a teacher_cache)"),
     ({"method": "seqkd"}, "method 'seqkd' needs a teacher (or a teacher_cache)"),
-    ({"method": "distill", "teacher": "t"}, "method='distill' is not one of sft, fkl, rkl, gkd, seqkd"),
-    ({"teacher": "t", "epochs": 0}, "epochs must be >= 1, got 0"),
+    ({"method": "distill", "teacher": "t"}, "method: expected one of sft, fkl, rkl, gkd, seqkd, got 'distill'"),
+    ({"teacher": "t", "epochs": 0}, "epochs: 0 must be >= 1"),
 ])
 def test_bad_parameters_are_named_before_any_work(fakes, tmp_path, params, message):
     with pytest.raises(ValueError, match=exact(message)):

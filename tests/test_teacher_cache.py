@@ -211,7 +211,7 @@ def test_mismatched_cache_is_refused_naming_the_field(tiny_model_dir, tiny_corpu
     def refused(config, examples=examples, tokenizer=tok):
         with pytest.raises(ValueError) as err:
             training.train(student, tokenizer, examples, config, tmp_path / "out", val_examples=[],
-                           teacher_cache=path)
+                           teacher=teachers.CachedTeacher(path))
         assert not (tmp_path / "out").exists()
         return str(err.value)
 
@@ -536,7 +536,7 @@ def test_a_resumed_run_reads_the_draw_set_an_uninterrupted_one_reads(tiny_model_
     def run(name: str, **kwargs) -> dict:
         student, tok = models.load_model(tiny_model_dir)
         return training.train(student, tok, selection.train, config, tmp_path / name, val_examples=selection.val,
-                              teacher_cache=path, **kwargs)
+                              teacher=teachers.CachedTeacher(path), **kwargs)
 
     def kill(epoch: int) -> None:
         raise KilledAfterEpochOne()

@@ -6,7 +6,7 @@ from functools import partial
 import pytest
 import torch
 
-from kd_utils import batches, models, teachers, training
+from kd_utils import batches, models, objectives, teachers, training
 from kd_utils.data import Example
 from kd_utils.training import TrainConfig
 
@@ -70,7 +70,7 @@ def test_distillation_trains_without_nan_and_kd_loss_decreases(tiny_model_dir, m
     teacher, _ = models.load_model(tmp_path / "teacher" / "model")
     student, _ = models.load_model(models.build_student_dir(tiny_model_dir, 1, tmp_path / "student-base"))
     config = tiny_config(method=method, epochs=3, temperature=2.0, noise_sigma=0.5 if method == "fkl" else 0.0)
-    result = training.train(student, tok, mix, config, tmp_path / method, teacher=teacher, teacher_tokenizer=tok)
+    result = training.train(student, tok, mix, config, tmp_path / method, teacher=teachers.OnlineTeacher(teacher, tok))
     kd = [h["kd_loss"] for h in result["history"][1:]]
     assert all(torch.isfinite(torch.tensor(kd))) and kd[-1] < kd[0]
 
@@ -82,11 +82,11 @@ def test_seqkd_uses_teacher_generations(tiny_model_dir, mix):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("method", "kd", "method='kd' is not one of"),
-    ("temperature", 0.0, "temperature must be > 0"),
-    ("noise_sigma", -1.0, "noise_sigma must be >= 0"),
-    ("lmbda", 1.5, "lmbda must be in"),
-    ("beta", -0.1, "beta must be in"),
+    ("method", "kd", "method: expected one of"),
+    ("temperature", 0.0, "temperature: 0.0 must be > 0"),
+    ("noise_sigma", -1.0, "noise_sigma: -1.0 must be >= 0"),
+    ("lmbda", 1.5, "lmbda: 1.5 must be in"),
+    ("beta", -0.1, "beta: -0.1 must be in"),
 ])
 def test_bad_config_fails_before_training(tiny_model_dir, mix, tmp_path, field, value, message):
     model, tok = models.load_model(tiny_model_dir)
@@ -100,8 +100,8 @@ def test_tokenizer_mismatch_is_refused(tiny_model_dir, tiny_corpus, mix, tmp_pat
     teacher, teacher_tok = models.load_model(other)
     student, tok = models.load_model(tiny_model_dir)
     with pytest.raises(ValueError, match="tokenizers differ"):
-        training.train(student, tok, mix, tiny_config(method="fkl"), tmp_path / "out", teacher=teacher,
-                       teacher_tokenizer=teacher_tok)
+        training.train(student, tok, mix, tiny_config(method="fkl"), tmp_path / "out",
+                       teacher=teachers.OnlineTeacher(teacher, teacher_tok))
     assert not (tmp_path / "out").exists()
 
 
@@ -112,11 +112,11 @@ def test_prompt_tokens_are_masked_from_the_labels_under_improved(tiny_model_dir,
     assert row["labels"][:n_prompt] == [-100] * n_prompt and row["labels"][n_prompt:] == row["input_ids"][n_prompt:]
     assert row["input_ids"][-1] == tok.eos_token_id
     batch = batches.collate([row, batches.tokenize_example(tok, mix[1], 20)], tok.pad_token_id)
-    real = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="next_token"))
-    response = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
+    real = objectives.distill_mask(batch, TrainConfig(method="fkl", distill_positions="next_token"))
+    response = objectives.distill_mask(batch, TrainConfig(method="fkl", distill_positions="response"))
     assert real.sum() > response.sum() > 0 and not (response & ~real).any()
     # the authors' positions: the attention mask itself, one more (the last real position) per row
-    paper = training.distill_mask(batch, TrainConfig(method="fkl", distill_positions="paper"))
+    paper = objectives.distill_mask(batch, TrainConfig(method="fkl", distill_positions="paper"))
     assert torch.equal(paper, batch["attention_mask"].bool()) and paper.sum() == real.sum() + 2
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from kd_utils import models, training
+from kd_utils import checkpoints, models, seeds, teachers, training
 from kd_utils.training import TrainConfig
 from test_training import mix  # noqa: F401 (the training tests' 20 examples, a fixture)
 
@@ -79,23 +79,24 @@ class Recorders:
         real_on_policy, real_scheduler = training.on_policy_batch, training.get_scheduler
         scripted = list(scripted_val or [])
 
-        def training_loss(logits, batch, teacher, config, vocab_size):
-            out = real_loss(logits, batch, teacher, config, vocab_size)
+        def training_loss(logits, batch, teacher, *, config, vocab_size):
+            out = real_loss(logits, batch, teacher, config=config, vocab_size=vocab_size)
             self.losses.append(tuple(float(v.detach()) for v in out))
             self.batches.append(batch)
             return out
 
-        def validation_loss(model, rows, micro_batch_size, pad_id, device):
+        def validation_loss(model, rows, *, micro_batch_size, pad_id, device):
             self.val_calls.append((rows, device))
-            return scripted.pop(0) if scripted else real_val(model, rows, micro_batch_size, pad_id, device)
+            return scripted.pop(0) if scripted else real_val(model, rows, micro_batch_size=micro_batch_size,
+                                                             pad_id=pad_id, device=device)
 
         def to_device(batch, device):
             self.to_device.append(device)
             return real_to_device(batch, device)
 
-        def on_policy_batch(student, tokenizer, batch, config, device):
+        def on_policy_batch(student, tokenizer, batch, *, config, device):
             self.on_policy.append((len(self.losses), device))
-            return real_on_policy(student, tokenizer, batch, config, device)
+            return real_on_policy(student, tokenizer, batch, config=config, device=device)
 
         def get_scheduler(name, optimizer, num_warmup_steps, num_training_steps):
             self.schedulers.append({"warmup": num_warmup_steps, "total": num_training_steps})
@@ -143,8 +144,8 @@ def fkl_run_from_a_cache(tiny_model_dir: Path, mix: list, out: Path, patch: pyte
     source = FakeCacheSource(len(tok))
     opened = []
 
-    def open_for_training(*args, **kwargs):
-        opened.append((args, kwargs))
+    def open_for_training(path, **kwargs):
+        opened.append((path, kwargs))
         return source
 
     config = TrainConfig(**KD_CONFIG)
@@ -153,8 +154,7 @@ def fkl_run_from_a_cache(tiny_model_dir: Path, mix: list, out: Path, patch: pyte
     rec = Recorders(patch, SCRIPTED_VAL)
     patch.setattr(training.cache_store, "open_for_training", open_for_training)
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
-        result = training.train(model, tok, mix[:16], config, out, teacher_cache="the-cache",
-                                teacher_cache_expect=expect)
+        result = training.train(model, tok, mix[:16], config, out, teacher=teachers.CachedTeacher("the-cache", expect))
     return {"result": result, "rec": rec, "source": source, "opened": opened, "out": out, "tok": tok, "config": config,
             "expect": expect, "stderr": err.getvalue(), "stdout": stdout.getvalue()}
 
@@ -199,10 +199,10 @@ def check_cache_source_arguments_and_devices(run: dict, mix: list) -> None:
     held_out = {r["id"] for r in val_rows}
     assert len(held_out) == 3  # val_examples=3, not the improved protocol's val_fraction (0.1 x 16 -> 2)
     train_examples = [e for e in mix[:16] if e.id not in held_out]
-    (call,) = run["opened"]
-    assert call == (("the-cache",), {"tokenizer": tok, "train_examples": train_examples, "method": "fkl",
-                                     "temperature": 2.0, "noise_sigma": 0.5, "max_length": 64, "epochs": 2,
-                                     "expect": expect})
+    (opened,) = run["opened"]
+    assert opened == ("the-cache", {"tokenizer": tok, "train_examples": train_examples, "method": "fkl",
+                                    "temperature": 2.0, "noise_sigma": 0.5, "max_length": 64, "epochs": 2,
+                                    "expect": expect})
     assert run["source"].calls == [(CPU, 1)] * 4 + [(CPU, 2)] * 4
     assert {i for b in rec.batches for i in b["ids"]} <= {e.id for e in train_examples}
     assert rec.to_device and set(rec.to_device) == {CPU}
@@ -231,8 +231,9 @@ def check_checkpoint_holds_what_a_resume_needs(run: dict, mix: list) -> None:
     assert trainer["config"] == json.loads(json.dumps(asdict(config)))
     assert trainer["config"]["method"] == "fkl" and trainer["config"]["kd_weight"] == 0.25
     rng = random.Random()
-    rng.setstate(training._as_tuple(trainer["policy_rng"]))
-    assert rng.random() == random.Random(2).random()  # seed + 2, not drawn from by fkl
+    rng.setstate(checkpoints.random_state(trainer["policy_rng"]))
+    # gkd's own stream (seeds.ON_POLICY), not drawn from by fkl
+    assert rng.random() == random.Random(seeds.stream_seed(0, seeds.ON_POLICY)).random()
     assert not (out / "checkpoints" / "epoch-2" / "stale.txt").exists()  # a checkpoint dir is cleared before saving
     assert (out / "checkpoints" / "epoch-2" / "done").is_file()
 
@@ -306,13 +307,13 @@ def test_paper_validates_every_eval_steps_and_keeps_the_best_step(tiny_model_dir
     config = TrainConfig(method="sft", protocol="paper[eval_steps=3]", epochs=2, batch_size=2, micro_batch_size=2,
                          lr=1e-2, max_length=24, lora=True, lora_r=2, seed=0)
     saved = {}
-    real_save = training.save_trained
+    real_save = checkpoints.save_trained
 
     def save_trained(model, tokenizer, target):
         real_save(model, tokenizer, target)
         saved[target] = (target / "adapter_model.safetensors").read_bytes()
 
-    monkeypatch.setattr(training, "save_trained", save_trained)
+    monkeypatch.setattr(training, "save_trained", save_trained)  # the step evaluations' saves
     rec = Recorders(monkeypatch, [5.0, 2.0, 0.5, 1.0, 0.4])  # the epoch evaluations are not candidates
     with contextlib.redirect_stderr(io.StringIO()):
         result = training.train(model, tok, mix[:12], config, out)
@@ -370,18 +371,18 @@ def test_gkd_draws_on_policy_batches_with_probability_lmbda(tiny_model_dir, mix,
     student, _ = models.load_model(tiny_model_dir)
     made = []
 
-    class RecordingTeacher(training.OnlineTeacher):
-        def __init__(self, model, noise_sigma, seed, device):
-            made.append((noise_sigma, seed, device))
-            super().__init__(model, noise_sigma, seed, device)
+    class RecordingTeacher(teachers.OnlineTeacher):
+        def open(self, *, tokenizer, train_examples, config, device=None):
+            made.append((config.noise_sigma, config.seed, device))
+            return super().open(tokenizer=tokenizer, train_examples=train_examples, config=config, device=device)
 
-    monkeypatch.setattr(training, "OnlineTeacher", RecordingTeacher)
     rec = Recorders(monkeypatch)
     config = TrainConfig(method="gkd", epochs=1, batch_size=1, micro_batch_size=1, max_length=64, lora=False,
                          lmbda=0.5, noise_sigma=0.25, gkd_max_new_tokens=3, seed=3)
     with contextlib.redirect_stderr(io.StringIO()):
-        training.train(student, tok, mix[:8], config, tmp_path / "out", teacher=teacher, val_examples=[])
-    draws = random.Random(3 + 2)
+        training.train(student, tok, mix[:8], config, tmp_path / "out", teacher=RecordingTeacher(teacher),
+                       val_examples=[])
+    draws = random.Random(seeds.stream_seed(3, seeds.ON_POLICY))
     expected = [i for i in range(8) if draws.random() < 0.5]
     assert 0 < len(expected) < 8
     assert rec.on_policy == [(i, CPU) for i in expected]
@@ -589,9 +590,8 @@ def test_bf16_on_a_gpu_without_it_is_refused_naming_the_switch(monkeypatch):
 def test_errors_before_training(tiny_model_dir, mix, tmp_path):
     model, tok = models.load_model(tiny_model_dir)
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match=exactly("pass either teacher or teacher_cache, not both")):
-        training.train(model, tok, mix, TrainConfig(method="fkl"), out, teacher=model, teacher_cache="cache")
-    with pytest.raises(ValueError, match=exactly("method 'rkl' needs a teacher or a teacher_cache")):
+    with pytest.raises(ValueError, match=exactly("method 'rkl' needs a teacher (teachers.OnlineTeacher or "
+                                                 "teachers.CachedTeacher)")):
         training.train(model, tok, mix, TrainConfig(method="rkl"), out)
     with pytest.raises(ValueError, match=exactly("no training examples")):
         training.train(model, tok, [], TrainConfig(), out, val_examples=mix[:2])
@@ -603,23 +603,26 @@ def test_errors_before_training(tiny_model_dir, mix, tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("method", "kd", "method='kd' is not one of sft, fkl, rkl, gkd, seqkd"),
-    ("beta", 1.0001, "beta must be in [0, 1], got 1.0001"),
-    ("beta", -0.5, "beta must be in [0, 1], got -0.5"),
-    ("lmbda", 1.5, "lmbda must be in [0, 1], got 1.5"),
-    ("lmbda", -0.1, "lmbda must be in [0, 1], got -0.1"),
-    ("kd_weight", 1.5, "kd_weight must be in [0, 1], got 1.5"),
-    ("kd_weight", -0.1, "kd_weight must be in [0, 1], got -0.1"),
-    ("epochs", 0, "epochs must be >= 1, got 0"),
-    ("micro_batch_size", 0, "batch_size=16 must be a multiple of micro_batch_size=0"),
-    ("micro_batch_size", 3, "batch_size=16 must be a multiple of micro_batch_size=3"),
-    ("distill_positions", "all", "distill_positions must be one of paper, next_token, response or None, got 'all'"),
-    ("val_fraction", 1.0, "val_fraction must be in [0, 1), got 1.0"),
-    ("val_fraction", 1.5, "val_fraction must be in [0, 1), got 1.5"),
-    ("max_length", 7, "max_length must be >= 8, got 7"),
-    ("temperature", 0.0, "temperature must be > 0, got 0.0"),
-    ("noise_sigma", -1.0, "noise_sigma must be >= 0, got -1.0"),
-    ("loss_chunk_size", 0, "loss_chunk_size must be >= 1 or None (automatic), got 0"),
+    ("method", "kd", "method: expected one of sft, fkl, rkl, gkd, seqkd, got 'kd' (did you mean 'gkd'?)"),
+    ("beta", 1.0001, "beta: 1.0001 must be in [0, 1]"),
+    ("beta", -0.5, "beta: -0.5 must be in [0, 1]"),
+    ("lmbda", 1.5, "lmbda: 1.5 must be in [0, 1]"),
+    ("lmbda", -0.1, "lmbda: -0.1 must be in [0, 1]"),
+    ("kd_weight", 1.5, "kd_weight: 1.5 must be in [0, 1]"),
+    ("kd_weight", -0.1, "kd_weight: -0.1 must be in [0, 1]"),
+    ("epochs", 0, "epochs: 0 must be >= 1"),
+    ("micro_batch_size", 0, "micro_batch_size: 0 must be >= 1"),
+    ("micro_batch_size", 3, "batch_size: 16 must be a multiple of micro_batch_size 3"),
+    ("distill_positions", "all", "distill_positions: expected one of paper, next_token, response or null, got 'all'"),
+    ("val_fraction", 1.0, "val_fraction: 1.0 must be in [0, 1)"),
+    ("val_fraction", 1.5, "val_fraction: 1.5 must be in [0, 1)"),
+    ("max_length", 7, "max_length: 7 must be >= 8"),
+    ("temperature", 0.0, "temperature: 0.0 must be > 0"),
+    ("temperature", math.nan, "temperature: nan must be > 0"),
+    ("noise_sigma", -1.0, "noise_sigma: -1.0 must be >= 0"),
+    ("loss_chunk_size", 0, "loss_chunk_size: 0 must be >= 1"),
+    ("lr", "fast", "lr: expected a number, got 'fast'"),
+    ("lora", 1, "lora: expected true or false, got 1"),
 ])
 def test_validate_names_the_bad_value(field, value, message):
     with pytest.raises(ValueError, match=exactly(message)):
@@ -690,3 +693,14 @@ def test_wrap_lora_names_missing_modules(tiny_model_dir):
     model, _ = models.load_model(tiny_model_dir)
     with pytest.raises(ValueError, match=exactly("lora_target_modules ['c_attn', 'wq'] are not modules of this model")):
         training.wrap_lora(model, TrainConfig(lora_target_modules=["q_proj", "c_attn", "wq"]))
+
+
+def test_named_random_streams_are_fixed_by_the_seed_and_the_name():
+    streams = {(seed, name): seeds.stream_seed(seed, name) for seed in (0, 1, 2)
+               for name in (seeds.ON_POLICY, seeds.TEACHER_NOISE)}
+    assert len(set(streams.values())) == 6  # no stream of one seed is a stream of another (as seed + 1 was)
+    assert seeds.stream_seed(0, seeds.ON_POLICY) == streams[0, seeds.ON_POLICY]
+    # the teacher cache's per-example draws are seeded by the same derivation
+    from kd_utils import teacher_cache
+
+    assert teacher_cache.example_generator(3, "ex-1", "draws").initial_seed() == seeds.stream_seed(3, "ex-1", "draws")

@@ -9,7 +9,7 @@ computed here from their definitions in float64.
 import pytest
 import torch
 
-from kd_utils import training
+from kd_utils import objectives
 from kd_utils.training import TrainConfig
 
 P, R, E, PAD = 7, 3, 2, 0  # a prompt token, a response token, EOS, padding (their ids do not matter)
@@ -102,19 +102,19 @@ def reference_ce(x: torch.Tensor, labels: torch.Tensor, positions: list[tuple[in
 def test_lm_loss_is_the_next_token_cross_entropy_on_the_literal_positions(protocol):
     x = logits(0)
     expected = reference_ce(x, LABELS[protocol], CE_POSITIONS[protocol])
-    assert training.lm_loss(x, LABELS[protocol]).double() == pytest.approx(expected, rel=1e-6)
+    assert objectives.lm_loss(x, LABELS[protocol]).double() == pytest.approx(expected, rel=1e-6)
 
 
 def test_lm_loss_without_any_labelled_token_is_zero_not_nan():
     x = logits(0).requires_grad_()
-    loss = training.lm_loss(x, torch.full((5, 6), -100))
+    loss = objectives.lm_loss(x, torch.full((5, 6), -100))
     loss.backward()
     assert loss.item() == 0.0 and torch.isfinite(x.grad).all() and not x.grad.any()
 
 
 @pytest.mark.parametrize("method, protocol", sorted(KD_MASKS))
 def test_distill_mask_of_each_method_and_protocol(method, protocol):
-    mask = training.distill_mask(BATCHES[protocol], TrainConfig(method=method, protocol=protocol))
+    mask = objectives.distill_mask(BATCHES[protocol], TrainConfig(method=method, protocol=protocol))
     assert mask.tolist() == [[bool(v) for v in row] for row in KD_MASKS[method, protocol]]
 
 
@@ -123,7 +123,7 @@ def test_distill_mask_of_each_method_and_protocol(method, protocol):
 def test_distill_positions_overrides_the_protocol_for_fkl_rkl(method, positions, expected):
     for protocol in ("paper", "improved"):
         config = TrainConfig(method=method, protocol=protocol, distill_positions=positions)
-        assert training.distill_mask(BATCHES[protocol], config).tolist() == [[bool(v) for v in r] for r in expected]
+        assert objectives.distill_mask(BATCHES[protocol], config).tolist() == [[bool(v) for v in r] for r in expected]
 
 
 def reference_kd(method: str, s: torch.Tensor, t: torch.Tensor, mask: list[list[int]], tau: float,
@@ -155,7 +155,7 @@ def test_training_loss_is_ce_plus_kd_computed_by_hand(method, protocol):
     dropping the vocabulary rows beyond the tokenizer's (padding of the output layer)."""
     config = TrainConfig(method=method, protocol=protocol, temperature=2.0, kd_weight=0.25)
     s, t = logits(1, vocab=13), logits(2, vocab=13)
-    loss, ce, kd = training.training_loss(s, BATCHES[protocol], t, config, vocab_size=11)
+    loss, ce, kd = objectives.training_loss(s, BATCHES[protocol], t, config=config, vocab_size=11)
     expected_kd = reference_kd(method, s[..., :11], t[..., :11], KD_MASKS[method, protocol], tau=KD_TAU[method, protocol])
     expected_ce = reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol])
     assert kd.double().item() == pytest.approx(expected_kd, rel=1e-5)
@@ -167,8 +167,8 @@ def test_training_loss_is_ce_plus_kd_computed_by_hand(method, protocol):
 @pytest.mark.parametrize("protocol", ["improved", "paper"])
 def test_sft_and_seqkd_train_on_the_cross_entropy_alone(method, protocol):
     s = logits(1)
-    loss, ce, kd = training.training_loss(s, BATCHES[protocol], None, TrainConfig(method=method, protocol=protocol),
-                                          vocab_size=11)
+    loss, ce, kd = objectives.training_loss(s, BATCHES[protocol], None,
+                                            config=TrainConfig(method=method, protocol=protocol), vocab_size=11)
     assert loss.item() == ce.item() == pytest.approx(reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol]), rel=1e-6)
     assert kd.item() == 0.0
 
@@ -210,12 +210,12 @@ def test_paper_fkl_rkl_equal_the_authors_losses_with_the_last_position(method, t
     for seed in range(3):
         s, t = logits(30 + seed), logits(40 + seed)
         config = TrainConfig(method=method, protocol="paper", temperature=temperature)
-        ours = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], config), config, vocab_size=11)
+        ours = objectives.kd_loss(s, t, objectives.distill_mask(BATCHES["paper"], config), config=config, vocab_size=11)
         theirs = authors_sequence_kl(s, t, temperature, ATTENTION, reverse=method == "rkl")
         assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-6)
         # the last position matters: dropping it (next_token) gives another value
         dropped = TrainConfig(method=method, protocol="paper[kd_positions=next_token]", temperature=temperature)
-        other = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], dropped), dropped, vocab_size=11)
+        other = objectives.kd_loss(s, t, objectives.distill_mask(BATCHES["paper"], dropped), config=dropped, vocab_size=11)
         assert other.double().item() != pytest.approx(theirs.item(), rel=1e-5)
 
 
@@ -226,7 +226,7 @@ def test_paper_gkd_equals_the_authors_generalized_jsd_loss_without_temperature(t
     for seed in range(3):
         s, t = logits(10 + seed), logits(20 + seed)
         config = TrainConfig(method="gkd", protocol="paper", temperature=temperature)
-        ours = training.kd_loss(s, t, training.distill_mask(BATCHES["paper"], config), config, vocab_size=11)
+        ours = objectives.kd_loss(s, t, objectives.distill_mask(BATCHES["paper"], config), config=config, vocab_size=11)
         theirs = authors_generalized_jsd_loss(s, t, LABELS["paper"])
         assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-5)
 
@@ -236,7 +236,7 @@ def test_lm_loss_with_one_labelled_token_is_that_tokens_cross_entropy():
     labels = torch.full((5, 6), -100)
     labels[1, 3] = R  # predicted at position 2
     expected = -torch.log_softmax(x[1, 2].double(), -1)[R].item()
-    assert training.lm_loss(x, labels).double().item() == pytest.approx(expected, rel=1e-6)
+    assert objectives.lm_loss(x, labels).double().item() == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("method", ["fkl", "rkl"])
@@ -247,7 +247,7 @@ def test_kd_loss_against_a_cache_covering_the_whole_vocabulary_is_the_dense_loss
     s, t = logits(1, vocab=13), logits(2, vocab=11)
     logprobs, ids = torch.log_softmax(t[:, :5].double() / 2.0, -1).sort(-1, descending=True)
     teacher = {"topk_ids": ids, "topk_logprobs": logprobs.float()}
-    loss = training.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config, vocab_size=11)
+    loss = objectives.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config=config, vocab_size=11)
     expected = reference_kd(method, s[..., :11], t, NEXT_TOKEN_MASK, tau=2.0)
     assert loss.double().item() == pytest.approx(expected, rel=1e-5)
 
@@ -261,4 +261,4 @@ def test_kd_loss_passes_the_configured_chunk_size_to_the_loss(method, sparse):
     logprobs, ids = torch.log_softmax(t[:, :5], -1).topk(3, -1)
     teacher = {"topk_ids": ids, "topk_logprobs": logprobs} if sparse else t
     with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
-        training.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config, vocab_size=11)
+        objectives.kd_loss(s, teacher, torch.tensor(NEXT_TOKEN_MASK).bool(), config=config, vocab_size=11)
