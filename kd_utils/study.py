@@ -30,8 +30,9 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kd_utils import costs
 from kd_utils.constants import RESULT_COLUMNS, STAGES
+from kd_utils.cost_table import default_table_path, load_table
+from kd_utils.dry_run import format_estimate
 from kd_utils.executors import (  # noqa: F401
     NOTEBOOKS,
     PROJECT_ROOT,
@@ -322,7 +323,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
                   + (f"\n           redo: {statuses[r.id]['redo']}" if "redo" in statuses[r.id] else ""))
         if note := unverified_note(statuses):
             print(note)
-        print(costs.format_estimate(params, runs, costs.load_table(), costs.default_table_path()))
+        print(format_estimate(params, runs, load_table(), default_table_path()))
         return 0
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
