@@ -365,25 +365,40 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     return 1 if failed else 0
 
 
+def analysis_problems(analysis: Run, study_dir: Path) -> list[str]:
+    """What does not verify of the analysis of the current results, and of report.html copied from it."""
+    status = check_runs([analysis], study_dir)[analysis.id]
+    if "redo" in status:
+        return [f"{analysis.label} ({analysis.id}): {status['redo']}"]
+    html, report_html = study_dir / "runs" / analysis.id / "analysis.html", study_dir / "report.html"
+    if status["state"] == "done" and report_html.is_file() and report_html.read_bytes() != html.read_bytes():
+        return ["report.html: differs from its analysis run's analysis.html (running the study again rewrites it)"]
+    return []
+
+
 def verify_study(params_path: str | Path, output_root: str | Path | None = None) -> int:
     """Check a study on disk without running anything: every finished run's outputs against the sizes and
     sha256 it recorded, results.csv against the finished evaluations, and the analysis of those results.
     Prints what does not verify; returns 0 when everything verifies, 1 otherwise."""
     params = load_study(params_path)
     study_dir = study_directory(params, output_root)
+    if not (study_dir / "runs").is_dir():
+        print(f"no study at {study_dir} (no runs directory); is --output-root right?", file=sys.stderr)
+        return 2
     runs = plan(params)
     statuses = check_runs(runs, study_dir)
     problems = [f"{r.label} ({r.id}): {statuses[r.id]['redo']}" for r in runs if "redo" in statuses[r.id]]
     results_path = study_dir / "results.csv"
     if results_path.is_file():
-        results, _ = results_table(params, runs, statuses, study_dir)
-        if results.to_csv(index=False) != results_path.read_text(encoding="utf-8"):
-            problems.append("results.csv: differs from the finished evaluations' metrics.csv (edited, or runs "
-                            "finished or changed since it was written; running the study again rewrites it)")
-        analysis = analysis_run(params, results)
-        analysed = check_runs([analysis], study_dir)[analysis.id]
-        if "redo" in analysed:
-            problems.append(f"{analysis.label} ({analysis.id}): {analysed['redo']}")
+        try:
+            results, _ = results_table(params, runs, statuses, study_dir)
+        except (OSError, ValueError) as err:  # e.g. an unverifiable run's metrics.csv missing or torn
+            problems.append(f"results.csv: cannot be rebuilt from the finished evaluations ({err})")
+        else:
+            if results.to_csv(index=False).encode() != results_path.read_bytes():  # as collect_results wrote it
+                problems.append("results.csv: differs from the finished evaluations' metrics.csv (edited, or runs "
+                                "finished or changed since it was written; running the study again rewrites it)")
+            problems += analysis_problems(analysis_run(params, results), study_dir)
     done = sum(statuses[r.id]["state"] == "done" for r in runs)
     verified = done - sum(bool(statuses[r.id].get("unverified")) for r in runs)
     print(f"study {params['study']} in {study_dir}: {done} of {len(runs)} runs finished, {verified} of them verified"
@@ -394,7 +409,8 @@ def verify_study(params_path: str | Path, output_root: str | Path | None = None)
             if statuses[r.id].get("unverified"):
                 print(f"  not verifiable: {r.label} ({r.id})")
     if problems:
-        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} (a rerun redoes these runs):")
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} (running the study again redoes these runs and "
+              "rewrites these files):")
         for problem in problems:
             print(f"  {problem}")
     return 1 if problems else 0

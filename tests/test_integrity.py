@@ -11,8 +11,8 @@ import json
 import shutil
 from pathlib import Path
 
-import papermill
 import pandas as pd
+import papermill
 import pytest
 
 from kd_utils import report, study
@@ -167,18 +167,25 @@ def test_damaged_output_is_found_by_verify_and_redone_by_a_rerun(copy, mini_para
     assert verify(mini_params, copy, capsys)[0] == 0
 
 
-def test_an_edited_results_csv_is_found_and_rewritten(copy, mini_params, fake_notebooks, capsys):
-    results = copy / "mini" / "results.csv"
-    original = results.read_text()
+def test_an_edited_results_csv_and_report_are_found_and_rewritten(copy, mini_params, fake_notebooks, capsys):
+    results, html = copy / "mini" / "results.csv", copy / "mini" / "report.html"
+    original, original_html = results.read_text(), html.read_text()
     edited = pd.read_csv(results)
     edited.loc[0, "correct"] += 1
     edited.to_csv(results, index=False)
     assert results.read_text() != original
     code, out = verify(mini_params, copy, capsys)
     assert code == 1 and "results.csv: differs" in out, out
+    results.write_text(original)
+    html.write_text(original_html.replace("html", "HTML"))
+    code, out = verify(mini_params, copy, capsys)
+    assert code == 1 and "report.html: differs" in out and "results.csv" not in out, out
+    results.write_bytes(original.replace("\n", "\r\n").encode())  # the same table in other bytes: found too
+    assert "results.csv: differs" in verify(mini_params, copy, capsys)[1]
     before = started(copy)
     assert study.run_study(mini_params, output_root=copy) == 0
-    assert started(copy) == before and results.read_text() == original  # no run redone: the table rewritten
+    assert started(copy) == before  # no run redone: the table and the report rewritten
+    assert results.read_text() == original and html.read_text() == original_html
     assert verify(mini_params, copy, capsys)[0] == 0
 
 
