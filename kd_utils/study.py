@@ -1,383 +1,99 @@
-"""Run a whole study: expand the params grid into runs, execute each run's notebook with papermill.
+"""Run a whole study: plan its runs, execute each run's notebook with papermill, collect results.csv, analyse.
 
     python -m kd_utils.study run params/default.yaml [--dry-run] [--executor local|slurm] [--only STAGE]
+    python -m kd_utils.study verify params/default.yaml [--output-root DIR]
 
-Run graph: teacher fine-tune -> teacher cache -> student SFT / KD runs -> evaluation of the base model, the
-teacher and every student -> results.csv -> analysis notebook -> report.html. Run ids are
-content hashes of a run's resolved parameters (upstream runs enter by id), so a re-run skips
-completed runs and redoes incomplete ones. A failing run is recorded with its error, its
-dependents are skipped (on Slurm: cancelled), independent runs go on, and the exit code is non-zero.
-One submission of a study at a time (a lock file in the study directory); Slurm job ids are
-recorded in each run's status, so a rerun waits for jobs still queued or running instead of
-submitting them again.
+Run graph (:mod:`kd_utils.plan`): teacher fine-tune -> teacher cache -> student SFT / KD runs -> evaluation of
+the base model, the teacher and every student -> results.csv -> analysis notebook -> report.html. Run ids are
+content hashes of a run's resolved parameters, so a re-run skips completed runs and redoes incomplete ones.
+A finished run is skipped only while the outputs it recorded (size and sha256, :mod:`kd_utils.run_records`)
+verify; a run whose outputs are missing or changed is redone from scratch, with every finished run downstream
+of it, and the runner says which file. ``verify`` checks a whole study that way without running anything.
+A failing run is recorded with its error, its dependents are skipped (on Slurm: cancelled), independent runs
+go on, and the exit code is non-zero. One submission of a study at a time (a lock file in the study
+directory); Slurm job ids are recorded in each run's status, so a rerun waits for jobs still queued or running
+instead of submitting them again. The executors are in :mod:`kd_utils.executors`; their names, and the plan's,
+are also importable from here, as before the modules were split.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
-import hashlib
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
-import traceback
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kd_utils import costs
 from kd_utils.constants import RESULT_COLUMNS, STAGES
+from kd_utils.cost_table import default_table_path, load_table
+from kd_utils.dry_run import format_estimate
+from kd_utils.executors import (  # noqa: F401
+    NOTEBOOKS,
+    PROJECT_ROOT,
+    SLURM_ACTIVE,
+    LocalExecutor,
+    RunJob,
+    SubmititExecutor,
+    execute_run,
+    slurm_states,
+)
 from kd_utils.io import write_atomic
-from kd_utils.params import ParamsError, load_study, teacher_specs
-from kd_utils.precision import AUTO_ENV, resolve as resolve_precision
+from kd_utils.params import ParamsError, load_study
+from kd_utils.plan import (  # noqa: F401
+    STUDY_PREFIX,
+    Run,
+    TeacherRun,
+    analysis_run,
+    cache_run,
+    plan,
+    resolve,
+)
+from kd_utils.precision import AUTO_ENV
+from kd_utils.precision import resolve as resolve_precision
 from kd_utils.predictions import CORRECTNESS_FILE, export_correctness
-from kd_utils.protocols import get_protocol
-from kd_utils.tasks import tasks_for
+from kd_utils.run_records import (
+    UNVERIFIABLE,
+    clear_run_dir,
+    output_problems,
+    read_status,
+    write_status,
+)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = PROJECT_ROOT / "notebooks"
-STUDY_PREFIX = "@study/"  # parameters that point into the study directory (resolved at execution)
+# ---- what is on disk: statuses, their outputs verified -------------------------------------
 
+def check_runs(runs: list[Run], study_dir: Path, known: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Every run's status from its directory, a finished run's outputs verified (``runs`` in plan order).
 
-@dataclass
-class Run:
-    stage: str
-    notebook: str
-    parameters: dict
-    deps: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)  # the results.csv columns this run contributes
-    label: str = ""
-    id: str = ""
-
-    def __post_init__(self):
-        if not self.id:
-            payload = json.dumps([self.stage, self.notebook, self.parameters, sorted(self.deps)], sort_keys=True)
-            self.id = f"{self.stage}-{hashlib.sha256(payload.encode()).hexdigest()[:12]}"
-
-
-def _training_params(params: dict, role: str) -> dict:
-    return {**params["training"][role], "protocol": params["protocol"]}
-
-
-@dataclass
-class TeacherRun:
-    """One fine-tuned teacher of a domain: its run, how students load it, its name in results and labels."""
-
-    run: Run
-    model: str
-    adapter: str | None
-    name: str  # results.csv's teacher column of its students, and its own eval's model
-    label: str  # how run labels name it ("" for a study's only teacher: labels as before)
-
-
-def _teachers(params: dict, domain: str, seed0: int) -> list[TeacherRun]:
-    """The domain's teacher runs: one per ``models.teachers`` entry (each with its own training budget), or
-    the one ``models.teacher`` (whose run parameters and names are those of single-teacher studies)."""
-    out = []
-    for spec in teacher_specs(params):
-        run = Run("teacher", "finetune.ipynb", {"model": spec["model"], "domain": domain, "seed": seed0,
-                                                "data_dir": params["data_dir"], **spec["training"],
-                                                "protocol": params["protocol"]})
-        name, detail = spec["name"] or spec["model"], ""
-        if spec["name"]:  # the label says what sets this teacher apart: its model and budget
-            budget = [f"{k}={v}" for k, v in spec["training"].items() if params["training"]["teacher"][k] != v]
-            detail = f" ({', '.join([spec['model']] + budget)})"
-        run.label = f"fine-tune teacher {name}{detail} on {domain}"
-        adapter = f"{STUDY_PREFIX}runs/{run.id}/adapter" if spec["training"]["lora"] else None
-        model = f"{STUDY_PREFIX}runs/{run.id}/model" if adapter is None else spec["model"]
-        out.append(TeacherRun(run, model, adapter, f"{name}:{domain}-expert", spec["name"] or ""))
-    return out
-
-
-def plan(params: dict) -> list[Run]:
-    """Expand a validated study into runs, in dependency order.
-
-    Every student is distilled from every teacher; its SFT runs (no teacher) are shared by all of them.
+    A finished run whose outputs are missing or changed, or that is downstream of such a run (it was made from
+    what is redone), is pending again, the reason in its status' ``redo``; a run finished before outputs were
+    recorded stays done, marked ``unverified``. ``known``: statuses of upstream runs outside ``runs``.
     """
-    teacher_base = params["models"]["teacher"]  # also the base that layer-subset students are cut from
-    ev = params["evaluation"]
-    task_ids = [t.id for t in tasks_for(ev["tasks"])]
-    eval_common = {"tasks": task_ids, "n_per_task": ev["n_per_task"], "batch_size": ev["batch_size"],
-                   "max_new_tokens_math": ev["max_new_tokens"]["math"],
-                   "max_new_tokens_commonsense": ev["max_new_tokens"]["commonsense"], "do_sample": ev["do_sample"],
-                   "data_dir": params["data_dir"], "protocol": params["protocol"]}
-    if ev["scoring"] != "generate":  # left out at the default: the run ids of generate-scored studies stay the same
-        eval_common |= {"scoring": ev["scoring"], "loglik_metric": ev["loglik_metric"]}
-    seed0 = params["seeds"][0]
-    cached_methods = params["teacher_cache"]["methods"] if params["teacher_cache"]["enabled"] else []
-    runs: list[Run] = []
-
-    def evaluate(model: str, adapter: str | None, upstream: Run | None, meta: dict, label: str) -> None:
-        runs.append(Run("eval", "evaluate.ipynb", {**eval_common, "model": model, "adapter": adapter, "seed": seed0},
-                        [upstream.id] if upstream else [], meta, f"eval {label}"))
-
-    if ev["eval_base"]:
-        evaluate(teacher_base, None, None, {"role": "base", "model": teacher_base, "teacher": "", "method": "",
-                                            "seed": seed0}, teacher_base)
-    multi_domain = len(params["domains"]) > 1
-    for domain in params["domains"]:
-        teachers = _teachers(params, domain, seed0)
-        for t in teachers:
-            runs.append(t.run)
-            evaluate(t.model, t.adapter, t.run, {"role": "teacher", "model": t.name, "teacher": "",
-                                                 "method": "sft", "seed": seed0}, t.name)
-        caches: dict[tuple, Run] = {}  # (teacher, seed, task-aware) -> the cache run students of that seed share
-        for student in params["models"]["students"]:
-            name = f"{student['name']}@{domain}" if multi_domain else student["name"]
-            if "layers" in student:
-                base_args = {"model": teacher_base, "student_layers": student["layers"]}
-                student_base = f"{STUDY_PREFIX}runs/student-{Path(teacher_base).name}-L{student['layers']}"
-            else:
-                base_args, student_base = {"model": student["model"], "student_layers": None}, student["model"]
-            for seed in params["seeds"]:
-                for method, tau, sigma, expertise in _grid(params):
-                    aware = expertise == "task_aware"
-                    for t in teachers[:1] if method == "sft" else teachers:  # sft has no teacher: one run
-                        run_params = {**base_args, "method": method, "domain": domain, "seed": seed,
-                                      "data_dir": params["data_dir"], **_training_params(params, "student")}
-                        deps, source = [], ""
-                        if method != "sft":
-                            run_params.update({"teacher": t.model, "teacher_adapter": t.adapter,
-                                               "task_aware_teacher": aware, "temperature": tau, "noise_sigma": sigma,
-                                               **params["kd"]})
-                            deps = [t.run.id]
-                        if method in cached_methods:
-                            key = (t.run.id, seed, aware)
-                            if key not in caches:
-                                caches[key] = cache_run(params, domain, t, aware, seed)
-                                runs.append(caches[key])
-                            run_params["teacher_cache"] = f"{STUDY_PREFIX}runs/{caches[key].id}"
-                            deps, source = [caches[key].id], " (teacher cache)"
-                        who = f"{name} from {t.label}" if t.label and method != "sft" else name
-                        train = Run("student", "distill.ipynb", run_params, deps,
-                                    label=f"{method}{source} {who} tau={tau} sigma={sigma} {expertise} seed={seed}")
-                        runs.append(train)
-                        student_adapter = f"{STUDY_PREFIX}runs/{train.id}/adapter" if run_params["lora"] else None
-                        student_model = student_base if student_adapter else f"{STUDY_PREFIX}runs/{train.id}/model"
-                        t_name = "" if method == "sft" else (t.name if aware else f"{teacher_base}:base")
-                        evaluate(student_model, student_adapter, train,
-                                 {"role": "student", "model": name, "teacher": t_name, "method": method,
-                                  "temperature": tau if method != "sft" else None,
-                                  "noise_sigma": sigma if method != "sft" else 0.0, "seed": seed},
-                                 f"{method} {who} tau={tau} sigma={sigma} {expertise}")
-    return runs
+    statuses = dict(known or {})
+    for run in runs:
+        status = read_status(study_dir / "runs" / run.id)
+        if status["state"] == "done":
+            problems = output_problems(study_dir / "runs" / run.id, status)
+            upstream = next((d for d in run.deps if "redo" in statuses.get(d, {})), None)
+            if problems:
+                status = {**status, "state": "pending", "redo": "; ".join(problems)}
+            elif upstream:
+                status = {**status, "state": "pending", "redo": f"upstream run {upstream} is redone"}
+            elif problems is None:
+                status = {**status, "unverified": True}
+        statuses[run.id] = status
+    return statuses
 
 
-def cache_run(params: dict, domain: str, teacher: TeacherRun, aware: bool, seed: int) -> Run:
-    """Teacher logit generation over the students' training mix, for every temperature and sigma at once."""
-    student = params["training"]["student"]
-    cache = params["teacher_cache"]
-    return Run("cache", "teacher_cache.ipynb", {
-        "teacher": teacher.model, "teacher_adapter": teacher.adapter, "task_aware_teacher": aware, "domain": domain,
-        "n_train": student["n_train"], "include_mawps": student["include_mawps"], "data_dir": params["data_dir"],
-        "seed": seed, "max_length": student["max_length"], "val_fraction": student["val_fraction"],
-        "representation": cache["representation"], "k": cache["k"], "num_samples": cache["num_samples"],
-        "temperatures": list(params["temperatures"]), "noise_sigmas": list(params["noise_sigmas"]),
-        "epochs": student["epochs"],
-        # at its default the key is left out, so the run ids of studies planned before it existed stay the same
-        **({"id_coding": cache["id_coding"]} if cache["id_coding"] != "fixed" else {}),
-        # the protocol's precision when it is not auto (the teacher cache has no protocol of its own)
-        **({"precision": precision} if (precision := get_protocol(params["protocol"]).precision) != "auto" else {})},
-        [teacher.run.id], label=f"teacher cache {teacher.label or teacher.model} on {domain} "
-                                f"({cache['representation']}) seed={seed}" + ("" if aware else " task-unaware"))
-
-
-def _grid(params: dict):
-    """(method, tau, sigma, expertise) combinations; sft has no teacher, seqkd no temperature or noise."""
-    seen = set()
-    for method in params["methods"]:
-        for tau in params["temperatures"]:
-            for sigma in params["noise_sigmas"]:
-                for expertise in params["teacher_expertise"]:
-                    combo = ((method, 1.0, 0.0, "task_aware") if method == "sft" else
-                             (method, 1.0, 0.0, expertise) if method == "seqkd" else (method, tau, sigma, expertise))
-                    if combo not in seen:
-                        seen.add(combo)
-                        yield combo
-
-
-# ---- executing one run ------------------------------------------------------------------
-
-def resolve(value, study_dir: Path):
-    if isinstance(value, str) and value.startswith(STUDY_PREFIX):
-        return str(study_dir / value[len(STUDY_PREFIX):])
-    return value
-
-
-def read_status(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {"state": "pending"}
-
-
-def write_status(run_dir: Path, **status) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / "status.json", json.dumps(status, indent=1))
-
-
-def execute_run(run: Run, study_dir: str | Path) -> dict:
-    """Execute one run's notebook into its run directory; the status records success or the error."""
-    import papermill as pm
-
-    from kd_utils.report import notebook_to_html
-
-    study_dir = Path(study_dir)
-    run_dir = study_dir / "runs" / run.id
-    run_dir.mkdir(parents=True, exist_ok=True)
-    parameters = {k: resolve(v, study_dir) for k, v in run.parameters.items()}
-    parameters["output_dir"] = str(run_dir)
-    write_atomic(run_dir / "params.json", json.dumps({"run": asdict(run), "resolved": parameters}, indent=1))
-    started = time.time()
-    job = {"job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}
-    write_status(run_dir, state="running", started=started, label=run.label, **job)
-    executed = run_dir / run.notebook
-    partial = run_dir / f".partial.{run.notebook}"  # ends in .ipynb, as papermill expects
-    try:
-        pm.execute_notebook(str(NOTEBOOKS / run.notebook), str(partial), parameters=parameters,
-                            cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
-        partial.replace(executed)
-        notebook_to_html(executed, executed.with_suffix(".html"))
-        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label, **job}
-    except Exception as err:  # noqa: BLE001 - any failure of a run is recorded, not raised
-        status = {"state": "failed", "started": started, "seconds": time.time() - started, "label": run.label,
-                  "error": f"{type(err).__name__}: {getattr(err, 'evalue', None) or err}",
-                  "traceback": traceback.format_exc(), **job}
-    write_status(run_dir, **status)
-    return status
-
-
-# ---- executors --------------------------------------------------------------------------
-
-class LocalExecutor:
-    """Runs on this machine, ``parallel`` independent runs at a time (each notebook has its own kernel)."""
-
-    submits_with_dependencies = False
-
-    def __init__(self, parallel: int = 1):
-        self.capacity = max(1, parallel)  # execute() submits no more: a queued run could not be overtaken
-        self.pool = ThreadPoolExecutor(max_workers=self.capacity)
-
-    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
-        return self.pool.submit(execute_run, run, study_dir)
-
-    @staticmethod
-    def attach(status: dict, study_dir: Path):
-        return None  # nothing outlives this process: a run left "running" was interrupted
-
-    @staticmethod
-    def wait_any(jobs: list):
-        return next(iter(wait(jobs, return_when=FIRST_COMPLETED).done))
-
-    @staticmethod
-    def result(job) -> dict:
-        return job.result()
-
-    @staticmethod
-    def cancel(job) -> None:
-        job.cancel()
-
-
-class RunJob:
-    """One run as a submitit job. Checkpointable, so a job that reaches its time limit is requeued
-    like a preempted one (submitit requeues those anyway); the requeued job executes the run again,
-    and training resumes from the run's last epoch checkpoint."""
-
-    def __call__(self, run: Run, study_dir: Path) -> dict:
-        return execute_run(run, study_dir)
-
-    def checkpoint(self, run: Run, study_dir: Path):
-        import submitit
-
-        return submitit.helpers.DelayedSubmission(self, run, study_dir)
-
-
-# Slurm job states in which a job may still run (squeue's long names)
-SLURM_ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
-                "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
-
-
-def slurm_states() -> dict[str, str]:
-    """job id -> state of this user's jobs that Slurm still lists (squeue; works without accounting)."""
-    out = subprocess.run(["squeue", "-h", "--me", "-t", "all", "-o", "%i %T"], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
-    return dict(line.split() for line in out.splitlines() if line.strip())
-
-
-class SubmititExecutor:
-    """Each run a job through submitit: Slurm with afterok dependencies, or submitit's local executor.
-
-    Resources come per stage from ``execution.slurm_resources``; dependents of a failed job are
-    cancelled by Slurm (--kill-on-invalid-dep=yes) and by the runner.
-    """
-
-    def __init__(self, study_dir: Path, cluster: str = "slurm", slurm: dict | None = None,
-                 resources: dict[str, dict] | None = None):
-        import submitit
-
-        slurm = slurm or {}
-        self.slurm = cluster == "slurm"
-        self.submits_with_dependencies = self.slurm
-        self.folder = study_dir / "submitit" / "%j"
-        self.executor = submitit.AutoExecutor(folder=str(self.folder), cluster=cluster)
-        self.resources = {}
-        for stage, res in (resources or {}).items():
-            res = dict(res)
-            if not self.slurm or not res.get("gpus_per_node"):
-                res["gpus_per_node"] = None  # no --gpus-per-node line: clusters without GPUs reject even 0
-            self.resources[stage] = res
-        self.common = {f"slurm_{k}": v for k, v in (("partition", slurm.get("partition")),
-                                                   ("account", slurm.get("account"))) if v and self.slurm}
-
-    def submit(self, run: Run, study_dir: Path, dep_jobs: list):
-        additional = {"kill-on-invalid-dep": "yes"} if self.slurm else {}
-        if dep_jobs:
-            additional["dependency"] = "afterok:" + ":".join(j.job_id for j in dep_jobs)
-        self.executor.update_parameters(name=run.id, **self.resources.get(run.stage, {}), **self.common,
-                                        **({"slurm_additional_parameters": additional} if self.slurm else {}))
-        job = self.executor.submit(RunJob(), run, study_dir)
-        if self.slurm:  # recorded so that a later submission waits for this job instead of repeating it
-            write_status(study_dir / "runs" / run.id, state="queued", label=run.label, job_id=job.job_id,
-                         submitted=time.time())
-        return job
-
-    def attach(self, status: dict, study_dir: Path):
-        """The Slurm job of a run an earlier submission queued, while Slurm still may run it."""
-        import submitit
-
-        job_id = status.get("job_id")
-        if not self.slurm or status["state"] not in ("queued", "running") or not job_id:
-            return None
-        if slurm_states().get(job_id) not in SLURM_ACTIVE:
-            return None
-        return submitit.SlurmJob(folder=self.folder, job_id=job_id)
-
-    def wait_any(self, jobs: list):
-        """The first finished job. On Slurm a job is finished when it wrote its result or Slurm
-        no longer has it active (cancelled, failed, killed for an invalid dependency); squeue is asked,
-        not sacct, which needs accounting."""
-        while True:
-            states = slurm_states() if self.slurm else {}
-            for job in jobs:
-                if job.paths.result_pickle.exists() or (
-                        job.done() if not self.slurm else states.get(job.job_id) not in SLURM_ACTIVE):
-                    return job
-            time.sleep(1.0)
-
-    def result(self, job) -> dict:
-        if self.slurm and not job.paths.result_pickle.exists():
-            state = slurm_states().get(job.job_id, "no longer listed by Slurm")
-            raise RuntimeError(f"Slurm job {job.job_id} ended {state} without a result (log: {job.paths.stderr})")
-        return job.result()
-
-    def cancel(self, job) -> None:
-        job.cancel(check=False)
+def unverified_note(statuses: dict[str, dict]) -> str | None:
+    """One line for the runs trusted without verification (finished before outputs were recorded)."""
+    n = sum(bool(s.get("unverified")) for s in statuses.values())
+    return f"note: {n} finished run{'s' * (n != 1)} {UNVERIFIABLE} (trusted as they are)" if n else None
 
 
 def _dependents(runs: list[Run], failed: str) -> list[str]:
@@ -393,12 +109,18 @@ def _dependents(runs: list[Run], failed: str) -> list[str]:
 def execute(runs: list[Run], study_dir: Path, executor, statuses: dict[str, dict] | None = None) -> dict[str, dict]:
     """Execute the runs not yet done, respecting dependencies; returns every run's final status.
 
-    ``statuses`` holds the known state of runs outside ``runs`` (dependencies of an --only selection).
-    Runs whose Slurm job an earlier submission queued are waited for, not submitted again.
+    ``statuses``: the known (:func:`check_runs`) states of runs, also of runs outside ``runs`` (dependencies of an
+    --only selection); runs without one are read and verified here. A run to redo because its outputs changed
+    is said so and starts from an empty directory. Runs whose Slurm job an earlier submission queued are waited
+    for, not submitted again.
     """
     statuses = dict(statuses or {})
-    statuses.update({r.id: read_status(study_dir / "runs" / r.id) for r in runs})
+    statuses = check_runs([r for r in runs if r.id not in statuses], study_dir, statuses)
     todo = [r for r in runs if statuses[r.id]["state"] != "done"]
+    for run in todo:
+        if "redo" in statuses[run.id]:
+            tqdm.write(f"[redo] {run.label} ({run.id}): {statuses[run.id]['redo']}")
+            clear_run_dir(study_dir / "runs" / run.id)
     scheduled = {r.id for r in todo}
     by_id = {r.id: r for r in runs}
     jobs: dict[str, object] = {}
@@ -511,12 +233,20 @@ def count_model_parameters(path: str) -> int | None:
     return total
 
 
-def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], study_dir: Path) -> pd.DataFrame:
-    """results.csv (the design card's contract) from every finished evaluation run, plus models.csv."""
+class OutputsChanged(RuntimeError):
+    """A finished evaluation's outputs no longer match what it recorded: nothing may read them."""
+
+
+def results_table(params: dict, runs: list[Run], statuses: dict[str, dict], study_dir: Path
+                  ) -> tuple[pd.DataFrame, dict[str, int | None]]:
+    """results.csv's rows (the design card's contract) from every finished evaluation run, each run's outputs
+    verified before they are read, and the parameters of each local model directory evaluated."""
     rows, sizes = [], {}
     for run in runs:
         if run.stage != "eval" or statuses[run.id]["state"] != "done":
             continue
+        if problems := output_problems(study_dir / "runs" / run.id, statuses[run.id]):
+            raise OutputsChanged(f"{run.label} ({run.id}): {'; '.join(problems)}; run the study again to redo it")
         metrics = pd.read_csv(study_dir / "runs" / run.id / "metrics.csv")
         for rec in metrics.to_dict("records"):
             # precision stays empty for a metrics.csv from before it was recorded (fp32 on a CPU, bf16 weights on a GPU)
@@ -526,10 +256,13 @@ def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], st
         model_dir = resolve(run.parameters["model"], study_dir)
         if run.meta["model"] not in sizes and Path(model_dir).is_dir():
             sizes[run.meta["model"]] = count_model_parameters(model_dir)
-    if rows:
-        results = pd.DataFrame(rows)[list(RESULT_COLUMNS)]
-    else:
-        results = pd.DataFrame(columns=list(RESULT_COLUMNS))
+    results = pd.DataFrame(rows)[list(RESULT_COLUMNS)] if rows else pd.DataFrame(columns=list(RESULT_COLUMNS))
+    return results, sizes
+
+
+def collect_results(params: dict, runs: list[Run], statuses: dict[str, dict], study_dir: Path) -> pd.DataFrame:
+    """results.csv, models.csv and the per-example correctness export from every finished evaluation run."""
+    results, sizes = results_table(params, runs, statuses, study_dir)
     write_atomic(study_dir / "results.csv", results.to_csv(index=False))
     sizes_df = pd.DataFrame([{"model": m, "n_params": s} for m, s in sizes.items() if s is not None])
     write_atomic(study_dir / "models.csv", sizes_df.to_csv(index=False))
@@ -557,16 +290,6 @@ def pin_auto_precision(study_dir: Path) -> str:
     return pinned
 
 
-def analysis_run(params: dict, results: pd.DataFrame) -> Run:
-    """The analysis notebook over results.csv; its id changes whenever the results do."""
-    parameters = {"results_source": "study", "results_path": f"{STUDY_PREFIX}results.csv",
-                  "runs_dir": f"{STUDY_PREFIX}runs", "models_path": f"{STUDY_PREFIX}models.csv",
-                  "report_dir": STUDY_PREFIX, **params["analysis"]}  # report.html is read from the study directory
-    digest = hashlib.sha256(json.dumps(parameters, sort_keys=True).encode() + results.to_csv(index=False).encode())
-    return Run("analysis", "analysis.ipynb", parameters, label="analysis and report",
-               id=f"analysis-{digest.hexdigest()[:12]}")
-
-
 def keep_analysis_tables(run_dir: Path, target: Path) -> None:
     """The analysis run's CSVs and provenance.json, copied beside results.csv (what a committed study keeps)."""
     target.mkdir(exist_ok=True)
@@ -577,23 +300,30 @@ def keep_analysis_tables(run_dir: Path, target: Path) -> None:
             write_atomic(target / path.name, path.read_bytes())
 
 
+def study_directory(params: dict, output_root: str | Path | None = None) -> Path:
+    root = Path(output_root or params["output_dir"])
+    return (root if root.is_absolute() else PROJECT_ROOT / root) / params["study"]
+
+
 def run_study(params_path: str | Path, executor_name: str | None = None, dry_run: bool = False,
               only: str | None = None, output_root: str | Path | None = None) -> int:
     """Plan and execute a study; returns the process exit code (0 when every run succeeded)."""
     params = load_study(params_path)
-    root = Path(output_root or params["output_dir"])
-    study_dir = (root if root.is_absolute() else PROJECT_ROOT / root) / params["study"]
+    study_dir = study_directory(params, output_root)
     runs = plan(params)
-    if only is not None:
-        if only not in STAGES:
-            raise ParamsError("--only", [f"unknown stage {only!r}; expected one of {', '.join(STAGES)}"])
-    statuses = {r.id: read_status(study_dir / "runs" / r.id) for r in runs}
+    if only is not None and only not in STAGES:
+        raise ParamsError("--only", [f"unknown stage {only!r}; expected one of {', '.join(STAGES)}"])
     if dry_run:
+        statuses = check_runs(runs, study_dir)
         print(f"study {params['study']}: {len(runs)} runs (+ analysis) into {study_dir}")
         for r in runs:
-            print(f"  {statuses[r.id]['state']:8s} {r.id:22s} {r.label} [protocol {r.parameters.get('protocol', params['protocol'])}]"
-                  + (f"  <- {', '.join(r.deps)}" if r.deps else ""))
-        print(costs.format_estimate(params, runs, costs.load_table(), costs.default_table_path()))
+            state = "redo" if "redo" in statuses[r.id] else statuses[r.id]["state"]
+            print(f"  {state:8s} {r.id:22s} {r.label} [protocol {r.parameters.get('protocol', params['protocol'])}]"
+                  + (f"  <- {', '.join(r.deps)}" if r.deps else "")
+                  + (f"\n           redo: {statuses[r.id]['redo']}" if "redo" in statuses[r.id] else ""))
+        if note := unverified_note(statuses):
+            print(note)
+        print(format_estimate(params, runs, load_table(), default_table_path()))
         return 0
     study_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -608,10 +338,17 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     executor = (LocalExecutor(execution["parallel"]) if name == "local" else
                 SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", execution["slurm"],
                                  execution["slurm_resources"]))
+    statuses = check_runs(runs, study_dir)  # read under the lock: no other submission changes them now
+    if note := unverified_note(statuses):
+        print(note)
     selected = [r for r in runs if only in (None, r.stage)]
     statuses = execute(selected, study_dir, executor, statuses)
     if only in (None, "analysis"):
-        results = collect_results(params, runs, statuses, study_dir)
+        try:
+            results = collect_results(params, runs, statuses, study_dir)
+        except OutputsChanged as err:  # changed while the study ran: the analysis must not read them
+            print(f"not analysed: {err}", file=sys.stderr)
+            return 1
         analysis = analysis_run(params, results)
         statuses = execute([analysis], study_dir, executor, statuses)
         html = study_dir / "runs" / analysis.id / "analysis.html"
@@ -628,6 +365,57 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     return 1 if failed else 0
 
 
+def analysis_problems(analysis: Run, study_dir: Path) -> list[str]:
+    """What does not verify of the analysis of the current results, and of report.html copied from it."""
+    status = check_runs([analysis], study_dir)[analysis.id]
+    if "redo" in status:
+        return [f"{analysis.label} ({analysis.id}): {status['redo']}"]
+    html, report_html = study_dir / "runs" / analysis.id / "analysis.html", study_dir / "report.html"
+    if status["state"] == "done" and report_html.is_file() and report_html.read_bytes() != html.read_bytes():
+        return ["report.html: differs from its analysis run's analysis.html (running the study again rewrites it)"]
+    return []
+
+
+def verify_study(params_path: str | Path, output_root: str | Path | None = None) -> int:
+    """Check a study on disk without running anything: every finished run's outputs against the sizes and
+    sha256 it recorded, results.csv against the finished evaluations, and the analysis of those results.
+    Prints what does not verify; returns 0 when everything verifies, 1 otherwise."""
+    params = load_study(params_path)
+    study_dir = study_directory(params, output_root)
+    if not (study_dir / "runs").is_dir():
+        print(f"no study at {study_dir} (no runs directory); is --output-root right?", file=sys.stderr)
+        return 2
+    runs = plan(params)
+    statuses = check_runs(runs, study_dir)
+    problems = [f"{r.label} ({r.id}): {statuses[r.id]['redo']}" for r in runs if "redo" in statuses[r.id]]
+    results_path = study_dir / "results.csv"
+    if results_path.is_file():
+        try:
+            results, _ = results_table(params, runs, statuses, study_dir)
+        except (OSError, ValueError) as err:  # e.g. an unverifiable run's metrics.csv missing or torn
+            problems.append(f"results.csv: cannot be rebuilt from the finished evaluations ({err})")
+        else:
+            if results.to_csv(index=False).encode() != results_path.read_bytes():  # as collect_results wrote it
+                problems.append("results.csv: differs from the finished evaluations' metrics.csv (edited, or runs "
+                                "finished or changed since it was written; running the study again rewrites it)")
+            problems += analysis_problems(analysis_run(params, results), study_dir)
+    done = sum(statuses[r.id]["state"] == "done" for r in runs)
+    verified = done - sum(bool(statuses[r.id].get("unverified")) for r in runs)
+    print(f"study {params['study']} in {study_dir}: {done} of {len(runs)} runs finished, {verified} of them verified"
+          + ("" if results_path.is_file() else "; no results.csv yet"))
+    if note := unverified_note(statuses):
+        print(note)
+        for r in runs:
+            if statuses[r.id].get("unverified"):
+                print(f"  not verifiable: {r.label} ({r.id})")
+    if problems:
+        print(f"{len(problems)} problem{'s' * (len(problems) != 1)} (running the study again redoes these runs and "
+              "rewrites these files):")
+        for problem in problems:
+            print(f"  {problem}")
+    return 1 if problems else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd_utils.study", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -637,8 +425,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--executor", choices=["local", "slurm", "submitit-local"], default=None)
     run.add_argument("--only", choices=STAGES, default=None, help="run only this stage's runs")
     run.add_argument("--output-root", default=None, help="override the params' output_dir")
+    check = sub.add_parser("verify", help="check a study's finished runs and results.csv against the hashes "
+                                          "they recorded, running nothing (exit 0: everything verifies)")
+    check.add_argument("params", help="the study's YAML file")
+    check.add_argument("--output-root", default=None, help="override the params' output_dir")
     args = parser.parse_args(argv)
     try:
+        if args.command == "verify":
+            return verify_study(args.params, args.output_root)
         return run_study(args.params, args.executor, args.dry_run, args.only, args.output_root)
     except ParamsError as err:
         print(err, file=sys.stderr)

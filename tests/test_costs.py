@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_utils import costs, study
+from kd_utils import costs, dry_run, study
 from kd_utils.batches import split_train_val, tokenize_example
 from kd_utils.data import available_tasks, build_training_mix, load_task
 from kd_utils.evaluation import sample_examples
@@ -143,7 +143,7 @@ def test_dry_run_prints_stage_times_or_how_to_make_a_table(tmp_path, monkeypatch
     n_runs = {s: sum(r.stage == s for r in runs) for s in study.STAGES}
     n_runs["analysis"] = 1
     total = sum(v["seconds"] for v in costs.estimate(costs.study_work(params, runs), table, n_runs).values())
-    assert f"{costs._duration(total)}" in out.split("total")[1].splitlines()[0]
+    assert f"{dry_run._duration(total)}" in out.split("total")[1].splitlines()[0]
     assert not (tmp_path / "o").exists()
 
 

@@ -22,7 +22,7 @@ def test_smoke_study_end_to_end(finished):
     code, study_dir = finished
     assert code == 0
     results = pd.read_csv(study_dir / "results.csv")
-    assert tuple(results.columns) == study.RESULT_COLUMNS
+    assert list(results.columns) == list(study.RESULT_COLUMNS)
     assert set(results["role"]) == {"base", "teacher", "student"}
     assert set(results.loc[results.role == "student", "method"]) == {"sft", "fkl", "rkl"}
     assert set(results["task"]) == {"gsm8k", "aqua", "boolq"} and (results["n"] == 2).all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from kd_utils import study
+from kd_utils import executors, study
 from kd_utils.study import LocalExecutor, Run
 
 
@@ -18,7 +18,7 @@ def test_evaluations_overtake_trainings_that_wait(monkeypatch, tmp_path):
             order.append(run.label)
         return {"state": "done", "label": run.label}
 
-    monkeypatch.setattr(study, "execute_run", fake_execute_run)
+    monkeypatch.setattr(executors, "execute_run", fake_execute_run)
     teacher = Run("teacher", "finetune.ipynb", {"t": 0}, label="teacher")
     runs = [teacher]
     students = [Run("student", "distill.ipynb", {"s": i}, [teacher.id], label=f"train {i}") for i in range(3)]
@@ -41,7 +41,7 @@ def test_no_more_submitted_than_run_at_once(monkeypatch, tmp_path):
             outstanding[0] -= 1
         return {"state": "done", "label": run.label}
 
-    monkeypatch.setattr(study, "execute_run", fake_execute_run)
+    monkeypatch.setattr(executors, "execute_run", fake_execute_run)
     runs = [Run("student", "distill.ipynb", {"s": i}, label=f"train {i}") for i in range(6)]
     executor = LocalExecutor(parallel=2)
     original = executor.submit
