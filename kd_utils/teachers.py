@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from kd_utils import teacher_cache as cache_store
+from kd_utils.cache_reader import open_for_training
 from kd_utils.batches import forward
 from kd_utils.config import TrainingConfig
 from kd_utils.data import Example
@@ -92,7 +92,7 @@ class CachedTeacher:
 
     def open(self, *, tokenizer, train_examples: list[Example], config: TrainingConfig, device=None):
         """The cache after checking that it was made for this run (ValueError naming each differing field)."""
-        return cache_store.open_for_training(self.path, tokenizer=tokenizer, train_examples=train_examples,
+        return open_for_training(self.path, tokenizer=tokenizer, train_examples=train_examples,
                                              method=config.method, temperature=config.temperature,
                                              noise_sigma=config.noise_sigma, max_length=config.max_length,
                                              epochs=config.epochs, expect=self.expect)

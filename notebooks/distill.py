@@ -41,7 +41,7 @@ mix = "llm_adapters"  # "llm_adapters": the authors' training data rebuilt (kd_u
 n_train = None
 data_dir = None
 output_dir = "outputs/distill"
-epochs = 4
+epochs = 1  # paper: 4 (math) / 3 (commonsense)
 batch_size = 16
 micro_batch_size = 4
 lr = 3e-4
@@ -60,18 +60,14 @@ protocol = "improved"  # "paper": the authors' code where it can be followed (kd
 num_processes = 1  # > 1: data parallel over this many GPUs (accelerate's notebook_launcher)
 
 # %%
-from kd_utils import plots, training
+from kd_utils import config, plots, training
 
+# the parameters cell's values of every TrainingConfig field it sets (method, temperature, epochs, lr, ...)
+settings = config.field_values(config.TrainingConfig, globals())
 summary = training.launch_training(
-    num_processes, model=model, output_dir=output_dir, method=method, domain=domain, student_layers=student_layers, teacher=teacher,
-    teacher_adapter=teacher_adapter, task_aware_teacher=task_aware_teacher, teacher_cache=teacher_cache, n_train=n_train,
-    include_mawps=include_mawps, mix=mix, data_dir=data_dir, temperature=temperature, noise_sigma=noise_sigma,
-    kd_weight=kd_weight, beta=beta, lmbda=lmbda, gkd_max_new_tokens=gkd_max_new_tokens,
-    seqkd_max_new_tokens=seqkd_max_new_tokens,
-    distill_positions=distill_positions, epochs=epochs, batch_size=batch_size, micro_batch_size=micro_batch_size,
-    lr=lr, warmup_ratio=warmup_ratio, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-    val_fraction=val_fraction, max_steps=max_steps, seed=seed, protocol=protocol, warmup_steps=warmup_steps,
-    val_examples=val_examples)
+    num_processes, model=model, output_dir=output_dir, domain=domain, student_layers=student_layers, teacher=teacher,
+    teacher_adapter=teacher_adapter, task_aware_teacher=task_aware_teacher, teacher_cache=teacher_cache,
+    data_dir=data_dir, **settings)
 
 # %% [markdown]
 # ## Losses

@@ -16,7 +16,6 @@ CHECKED only (too costly here, or they need a GPU, a cluster or the network):
     `accelerate launch -m kd_utils.X`: the module and subcommand exist (their --help is run, as above);
   - `python benchmarks/X.py`, `bash X.sh`, `tests/slurm/cluster.sh`, `python -m pytest`: the files exist;
   - every file path a command names exists (placeholders such as DIR, <run_id> and outputs/ are skipped).
-PENDING_SUBCOMMANDS lists subcommands the docs describe that land with another change ("checked after merge").
 """
 
 from __future__ import annotations
@@ -44,10 +43,6 @@ PREFIXES = {"nice", "time", "/usr/bin/time"}
 OPERATORS = {"&&", "||", ";", "|"}
 # Dry runs executed by test_dry_run_commands_run (the embedded model's tokenizer counts the tokens; ~6 s).
 DRY_RUN = {"params/default.yaml"}
-# Checked after merge: `kd_utils.study verify` is added by the output-verification change. The coordinator
-# removes this entry when that change is merged; from then on `verify` is checked like every subcommand
-# (test_pending_subcommands_are_still_pending fails as a reminder once it exists).
-PENDING_SUBCOMMANDS = {("kd_utils.study", "verify")}
 # Paths that a command names but that are made by running something, not part of the checkout.
 GENERATED = ("outputs/", ".venv/", ".gpu_carry/", "tests/slurm/logs/")
 PLACEHOLDER = re.compile(r"[<>*{}$]|\b(DIR|PARAMS|STAGE|TARGET)\b")
@@ -262,8 +257,6 @@ def _check_module_command(module: str, args: list[str], where: str) -> list[str]
     problems, sub = [], []
     if subs:
         if not args or args[0] not in subs:
-            if args and (module, args[0]) in PENDING_SUBCOMMANDS:
-                return []
             return [
                 f"{where}: python -m {module} has no subcommand {args[:1]} (it has {sorted(subs)})"
             ]
@@ -361,9 +354,3 @@ def test_dry_run_commands_run(
         ran += 1
     assert ran, f"no shown dry run is in DRY_RUN {sorted(DRY_RUN)}"
 
-
-def test_pending_subcommands_are_still_pending() -> None:
-    landed = [f"{m} {s}" for m, s in PENDING_SUBCOMMANDS if s in _subcommands(m)]
-    assert not landed, (
-        f"{landed} now exist: remove them from PENDING_SUBCOMMANDS in tests/test_docs.py"
-    )
