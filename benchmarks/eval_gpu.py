@@ -39,8 +39,8 @@ from benchmarks.eval_throughput import reference_generate
 from kd_utils import models
 from kd_utils.data import available_tasks, load_task
 from kd_utils.evaluation import generate
-from kd_utils.protocols import IMPROVED
 from kd_utils.io import write_atomic
+from kd_utils.protocols import IMPROVED
 from kd_utils.tasks import build_prompt, get_task, tasks_for
 
 VARIANTS = ("dynamic", "static", "compiled")

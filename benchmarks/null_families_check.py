@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 
 from kd_utils import fidelity as fd
-from kd_utils.io import write_atomic
 from kd_utils import pipeline_simulation as pipeline
+from kd_utils.io import write_atomic
 from kd_utils.statistics import simulation as sim
 from kd_utils.statistics.hypothesis_tests import agreement_gain_tests, study_hypothesis_tests
 from kd_utils.statistics.improvements import attach_fidelity, improvement_table

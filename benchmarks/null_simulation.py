@@ -32,8 +32,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from kd_utils.io import write_atomic
 from kd_utils import pipeline_simulation as pipeline
+from kd_utils.io import write_atomic
 from kd_utils.statistics import simulation as sim
 
 TASKS = (("gsm8k", "math"), ("svamp", "math"), ("aqua", "math"),

@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from kd_utils.io import write_atomic
-from kd_utils.protocols import get_protocol
 from kd_utils.predictions import load_predictions, predictions_path
+from kd_utils.protocols import get_protocol
 from kd_utils.statistics.per_example import paired_difference
 
 HALVES = ("improved", "train_on_inputs", "paper")

@@ -17,9 +17,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import teacher_cache_tradeoff as tradeoff
 import torch
 
-import teacher_cache_tradeoff as tradeoff
 from kd_utils import batches, id_codes, models, objectives, teacher_cache, training
 from kd_utils.io import write_atomic
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from kd_utils.constants import N_RESAMPLES
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
+from kd_utils.constants import N_RESAMPLES
 from kd_utils.predictions import CORRECTNESS_FILE, as_predictions, read_correctness
 from kd_utils.statistics.study_tests import BLEU_DOMAINS
 

@@ -17,8 +17,14 @@ from safetensors.torch import load as st_load
 
 from kd_utils.cache_config import SPARSE_KD_METHODS, cacheable_methods
 from kd_utils.cache_encoding import decode, unpack_ids
-from kd_utils.cache_format import (CACHE_FORMAT_VERSION, MANIFEST, cache_key, field_differences, read_manifest,
-                                   tokenizer_fingerprint)
+from kd_utils.cache_format import (
+    CACHE_FORMAT_VERSION,
+    MANIFEST,
+    cache_key,
+    field_differences,
+    read_manifest,
+    tokenizer_fingerprint,
+)
 from kd_utils.data import Example, mix_fingerprint
 from kd_utils.io import sha256_file
 

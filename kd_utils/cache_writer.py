@@ -19,8 +19,16 @@ from tqdm.auto import tqdm
 from kd_utils import precision as precisions
 from kd_utils.batches import collate, forward, tokenize_example
 from kd_utils.cache_encoding import encode_sets, id_dtype
-from kd_utils.cache_format import (MANIFEST, RATIONALES, ids_hash, read_manifest, record_name, shard_done, shard_name,
-                                   stored_sets)
+from kd_utils.cache_format import (
+    MANIFEST,
+    RATIONALES,
+    ids_hash,
+    read_manifest,
+    record_name,
+    shard_done,
+    shard_name,
+    stored_sets,
+)
 from kd_utils.data import Example, mix_fingerprint
 from kd_utils.io import read_json, write_atomic
 

@@ -14,12 +14,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import UnionType
-from typing import Any, Mapping
+from typing import Any
 
-from kd_utils.constants import (DEFAULT_LOGLIK_METRIC, DEFAULT_MIX, LOGLIK_METRICS, METHODS, MIN_MAX_LENGTH, MIXES,
-                                SCORINGS)
+from kd_utils.constants import (
+    DEFAULT_LOGLIK_METRIC,
+    DEFAULT_MIX,
+    LOGLIK_METRICS,
+    METHODS,
+    MIN_MAX_LENGTH,
+    MIXES,
+    SCORINGS,
+)
 from kd_utils.protocols import DEFAULT_PROTOCOL, KD_POSITIONS, Protocol, get_protocol
 
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's LoRA projections
@@ -83,7 +91,7 @@ class TrainingConfig:
                       choices=MIXES)
     seed: int = option(0, "data order, split, LoRA init, sampling and noise streams", ge=0)
 
-    def validate(self) -> "TrainingConfig":
+    def validate(self) -> TrainingConfig:
         """Raise ValueError listing every bad field, before any work; the protocol's name made canonical."""
         problems = [p for f in dataclasses.fields(self) for p in value_problems(type(self), f.name,
                                                                                 getattr(self, f.name))]

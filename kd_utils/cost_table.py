@@ -20,7 +20,7 @@ import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from kd_utils.io import write_atomic
@@ -126,7 +126,7 @@ def save_table(table: CostTable, path: str | Path | None = None, extra: dict | N
 
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_parameters(model: str, layers: int | None = None) -> int:
     """Parameters of a model (or of its first-``layers`` subset) from its config alone, on the meta device."""
     import torch

@@ -23,7 +23,7 @@ import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from kd_utils.cost_table import (  # noqa: F401 - the table's names, importable from here as before
@@ -55,7 +55,7 @@ class Work:
     tokens: float
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tokenizer(model: str):
     from kd_utils.models import load_tokenizer
 
@@ -63,7 +63,7 @@ def _tokenizer(model: str):
 
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mix(domain: str, data_dir: str | None, include_mawps: bool):
     from kd_utils.data import build_training_mix
 
@@ -76,7 +76,7 @@ def _rows(model: str, p: dict) -> tuple[list[list[int]], list[list[int]]]:
                         p["val_fraction"], p["max_length"])
 
 
-@lru_cache(maxsize=None)  # every run of a seed shares its rows: tokenize them once
+@cache  # every run of a seed shares its rows: tokenize them once
 def _rows_cached(model: str, domain: str, data_dir: str | None, include_mawps: bool, n_train: int | None, seed: int,
                  val_fraction: float, max_length: int) -> tuple[list[list[int]], list[list[int]]]:
     from kd_utils.batches import split_train_val, tokenize_example
@@ -141,7 +141,7 @@ def _eval_work(run, n_params: int, tokenizer_model: str) -> list[Work]:
             Work("eval", run.id, "generate", n_params, p["batch_size"], generated)]
 
 
-@lru_cache(maxsize=None)  # every eval run of a study scores the same examples
+@cache  # every eval run of a study scores the same examples
 def _eval_prompts(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str | None, tokenizer_model: str
                   ) -> list[tuple[str, str, int, int]]:
     """(task, domain, examples, prompt tokens) of each available task."""
@@ -159,7 +159,7 @@ def _eval_prompts(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _choice_tokens(tasks: tuple, n_per_task: int | None, seed: int, data_dir: str | None, tokenizer_model: str
                    ) -> list[int]:
     """Tokens of every (context, continuation) request of each available task's sample (loglik scoring)."""

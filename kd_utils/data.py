@@ -8,13 +8,13 @@
 
 from kd_utils.constants import PROJECT_ROOT
 from kd_utils.data_files import (
-    DataError,
-    Example,
     GSM8K_URL,
     HELLASWAG_FILE,
     LLM_ADAPTERS_URL,
     MANIFEST,
     PAPER_RESULTS_URL,
+    DataError,
+    Example,
     available_tasks,
     cache_dir,
     data_file,
@@ -39,8 +39,8 @@ from kd_utils.training_mix import (
     COMMONSENSE_15K,
     COMMONSENSE_RECIPE,
     DEFAULT_MIX,
-    MIXES,
     MIX_SEED,
+    MIXES,
     TRAIN_SOURCES,
     build_training_mix,
     gsm8k_rationale,

@@ -11,7 +11,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from kd_utils import choice_scoring, precision as precisions
+from kd_utils import choice_scoring
+from kd_utils import precision as precisions
 from kd_utils.data import DataError, Example, available_tasks, load_task
 from kd_utils.io import write_atomic
 from kd_utils.protocols import DEFAULT_PROTOCOL, get_protocol

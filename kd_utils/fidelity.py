@@ -25,8 +25,8 @@ import pandas as pd
 from scipy import stats
 
 from kd_utils.predictions import PREDICTION_KEYS, Predictions, as_predictions, load_predictions, predictions_path
-from kd_utils.statistics.multiple_testing import holm_adjust
 from kd_utils.statistics.improvements import KEYS, main_pairs
+from kd_utils.statistics.multiple_testing import holm_adjust
 from kd_utils.statistics.per_example import mcnemar_pvalues
 
 __all__ = ["PREDICTION_KEYS", "Predictions", "load_predictions", "predictions_path"]  # re-exported

@@ -8,14 +8,15 @@ under the usual umask), not mkstemp's 0600, so collaborators on a shared cluster
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def temp_path_beside(path: str | Path, suffix: str = ".tmp") -> Path:

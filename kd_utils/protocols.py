@@ -19,7 +19,6 @@ with the paper's train-on-inputs, and that string is the protocol's name whereve
 from __future__ import annotations
 
 import re
-
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from kd_utils.constants import PRECISIONS

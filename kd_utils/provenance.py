@@ -233,7 +233,7 @@ def provenance(parameters: Mapping[str, Any], results: pd.DataFrame, study_dir: 
     mixes = [{"domain": d, "role": r, "mix": m, "what": mix_description(d, m, w)}
              for d, r, m, w in _training_mixes(study)]
     return {"study": study.get("study") or ("paper" if paper_dir is not None else None), "training_mixes": mixes,
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "project": project_version(), "machine": machine(), "stages": stages, "models": models,
             "data_files": data_files(files), "analysis_parameters": dict(parameters), "study_parameters": study}
 

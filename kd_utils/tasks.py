@@ -16,7 +16,6 @@ import re
 from dataclasses import dataclass
 from statistics import NormalDist
 
-
 NUMERIC, LETTER, LABEL = "numeric", "letter", "label"
 
 

@@ -29,15 +29,46 @@ from typing import Any
 
 from kd_utils import precision as precisions
 from kd_utils.batches import split_train_val
-from kd_utils.cache_config import (DEFAULT_K, DEFAULT_NUM_SAMPLES, DEFAULT_REPRESENTATION, ID_CODINGS,
-                                   REPRESENTATIONS, SPARSE_KD_METHODS, TeacherCacheConfig, cacheable_methods,
-                                   validate_settings)
-from kd_utils.cache_encoding import (decode, encode, encode_sets, example_generator, id_dtype, pack_ids,
-                                     quantize_logprobs, unbiased_variance_floor, unpack_ids)
-from kd_utils.cache_format import (CACHE_FORMAT_VERSION, LOGPROB_DTYPE, MANIFEST, RATIONALES, WEIGHT_SUFFIXES,
-                                   cache_complete, cache_fields, cache_key, field_differences, model_dir,
-                                   rationales_missing, read_manifest, stored_sets, teacher_identity,
-                                   tokenizer_fingerprint, weights_hash)
+from kd_utils.cache_config import (
+    DEFAULT_K,
+    DEFAULT_NUM_SAMPLES,
+    DEFAULT_REPRESENTATION,
+    ID_CODINGS,
+    REPRESENTATIONS,
+    SPARSE_KD_METHODS,
+    TeacherCacheConfig,
+    cacheable_methods,
+    validate_settings,
+)
+from kd_utils.cache_encoding import (
+    decode,
+    encode,
+    encode_sets,
+    example_generator,
+    id_dtype,
+    pack_ids,
+    quantize_logprobs,
+    unbiased_variance_floor,
+    unpack_ids,
+)
+from kd_utils.cache_format import (
+    CACHE_FORMAT_VERSION,
+    LOGPROB_DTYPE,
+    MANIFEST,
+    RATIONALES,
+    WEIGHT_SUFFIXES,
+    cache_complete,
+    cache_fields,
+    cache_key,
+    field_differences,
+    model_dir,
+    rationales_missing,
+    read_manifest,
+    stored_sets,
+    teacher_identity,
+    tokenizer_fingerprint,
+    weights_hash,
+)
 from kd_utils.cache_reader import TeacherCache, cached_rationales, find_cache, open_cache, open_for_training
 from kd_utils.cache_writer import generate_cache, write_rationales
 from kd_utils.data import Example, build_training_mix, mix_fingerprint

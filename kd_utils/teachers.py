@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from kd_utils.cache_reader import open_for_training
 from kd_utils.batches import forward
+from kd_utils.cache_reader import open_for_training
 from kd_utils.config import TrainingConfig
 from kd_utils.data import Example
 from kd_utils.evaluation import generate
@@ -58,7 +58,7 @@ class OnlineTeacher:
         self.model, self.tokenizer = model, tokenizer
         self.noise_sigma, self.generator = 0.0, None
 
-    def open(self, *, tokenizer, train_examples: list[Example], config: TrainingConfig, device=None) -> "OnlineTeacher":
+    def open(self, *, tokenizer, train_examples: list[Example], config: TrainingConfig, device=None) -> OnlineTeacher:
         """Bound to a run: the shared vocabulary checked, the model on ``device``, the noise stream seeded."""
         check_same_tokenizer(tokenizer, self.tokenizer or tokenizer)
         self.model = (self.model.to(device) if device is not None else self.model).eval()

@@ -22,9 +22,10 @@ import math
 import random
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -33,10 +34,20 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from kd_utils import precision, teacher_cache as cache_store
+from kd_utils import precision
+from kd_utils import teacher_cache as cache_store
 from kd_utils.batches import collate, epoch_batches, forward, split_train_val, to_device, tokenize_example
-from kd_utils.checkpoints import (best_epoch, check_checkpoint_weights, copy_dir, keep_trainable_weights,
-                                  last_checkpoint, random_state, read_trainer, save_checkpoint, save_trained)
+from kd_utils.checkpoints import (
+    best_epoch,
+    check_checkpoint_weights,
+    copy_dir,
+    keep_trainable_weights,
+    last_checkpoint,
+    random_state,
+    read_trainer,
+    save_checkpoint,
+    save_trained,
+)
 from kd_utils.config import TrainingConfig
 from kd_utils.constants import PAPER_METHOD_NAMES  # noqa: F401 (the notebooks' labels, kd_utils.training's name)
 from kd_utils.data import Example, build_training_mix

@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from kd_utils.constants import DEFAULT_MIX, MIXES
 from kd_utils.data_files import (
     DataError,
     Example,
@@ -25,7 +26,6 @@ from kd_utils.data_files import (
     require_keys,
     task_file,
 )
-from kd_utils.constants import DEFAULT_MIX, MIXES
 from kd_utils.decontamination import DecontaminationReport, TestIndex, decontaminate
 from kd_utils.tasks import get_task
 

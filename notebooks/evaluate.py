@@ -40,7 +40,8 @@ data_dir = None
 output_dir = "outputs/eval"
 
 # %%
-from kd_utils import evaluation, models, plots, tasks as task_registry
+from kd_utils import evaluation, models, plots
+from kd_utils import tasks as task_registry
 
 task_ids = [t.id for t in task_registry.tasks_for(tasks)]
 model_, tokenizer = models.load_model(model, adapter=adapter, dtype=dtype or models.default_dtype(),

@@ -182,9 +182,9 @@ def study_report(tmp_path_factory) -> tuple[Path, str]:
     rendered as a study's report: (report.html, its text). The report and analysis-notebook tests share this
     one execution; the analysis files are in ``analysis/`` beside the report."""
     import pandas as pd
+    from study_fixtures import write_run_status, write_study
 
     from kd_utils import report
-    from study_fixtures import write_run_status, write_study
 
     root = tmp_path_factory.mktemp("report")
     results = write_study(root / "study")

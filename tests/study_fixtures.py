@@ -33,7 +33,7 @@ def _runs() -> list[dict]:
                  noise_sigma=0.0, p=0.8),
             dict(run_id="base", role="base", model=TEACHER, teacher="", method="", temperature="",
                  noise_sigma=0.0, p=0.3)]
-    for s, (student, size) in enumerate(STUDENTS.items()):
+    for s, student in enumerate(STUDENTS):
         base_p = 0.35 + 0.2 * s
         runs.append(dict(run_id=f"{student}-sft", role="student", model=student, teacher="", method="sft",
                          temperature="", noise_sigma=0.0, p=base_p))

@@ -8,10 +8,10 @@ from pathlib import Path
 import nbformat
 import pandas as pd
 import pytest
+from study_fixtures import write_study
 
 from kd_utils import statistics as st
 from kd_utils.report import render_report
-from study_fixtures import write_study
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "analysis.ipynb"

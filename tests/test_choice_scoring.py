@@ -199,7 +199,7 @@ def test_evaluate_tasks_with_loglik_scoring(tiny64, tmp_path):
 def test_study_params_carry_loglik_scoring_to_the_eval_runs(tmp_path):
     import yaml
 
-    from kd_utils import costs, params, study
+    from kd_utils import params, study
 
     base = {"study": "x", "domains": ["commonsense"], "models": {"students": [{"name": "s20", "layers": 20}]},
             "methods": ["sft"], "evaluation": {"tasks": ["piqa", "arc_e"]}}

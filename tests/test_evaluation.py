@@ -1,8 +1,8 @@
 import json
 from pathlib import Path
 
-import papermill as pm
 import pandas as pd
+import papermill as pm
 import pytest
 
 from kd_utils import evaluation, models

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from study_fixtures import N_EXAMPLES, write_study
 
 from kd_utils import fidelity as fd
 from kd_utils import statistics as st
-from study_fixtures import N_EXAMPLES, write_study
 
 
 def predictions(preds: list, correct: list[bool], outputs: list[str] | None = None) -> pd.DataFrame:

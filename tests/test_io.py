@@ -35,7 +35,7 @@ def test_written_files_get_the_permissions_the_umask_gives_any_new_file(tmp_path
 def test_text_is_utf8_bytes_are_kept_and_a_rewrite_replaces(tmp_path):
     target = tmp_path / "sub" / "file.json"  # the directory is made
     io.write_atomic(target, "naïve ✓")
-    assert target.read_bytes() == "naïve ✓".encode("utf-8")
+    assert target.read_bytes() == "naïve ✓".encode()
     io.write_atomic(target, b"\x00\xff")
     assert target.read_bytes() == b"\x00\xff"
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.json"]  # no temporary file left

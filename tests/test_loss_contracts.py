@@ -11,12 +11,22 @@ from functools import partial
 
 import pytest
 import torch
+from test_losses import F64, assert_grad_close, grads, make_inputs, ref_jsd, ref_kl, ref_logp, ref_topk
 
 from kd_utils.losses import (
-    CHUNK_ELEMENTS, align_vocab, auto_chunk_size, forward_kl, forward_kl_sampled, forward_kl_topk, generalized_jsd,
-    reverse_kl, reverse_kl_topk, sparse_kd_loss, teacher_samples, teacher_topk,
+    CHUNK_ELEMENTS,
+    align_vocab,
+    auto_chunk_size,
+    forward_kl,
+    forward_kl_sampled,
+    forward_kl_topk,
+    generalized_jsd,
+    reverse_kl,
+    reverse_kl_topk,
+    sparse_kd_loss,
+    teacher_samples,
+    teacher_topk,
 )
-from test_losses import F64, assert_grad_close, grads, make_inputs, ref_jsd, ref_kl, ref_logp, ref_topk
 
 NEG_INF = float("-inf")
 

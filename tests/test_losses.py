@@ -13,9 +13,17 @@ import pytest
 import torch
 
 from kd_utils.losses import (
-    CHUNK_ELEMENTS, auto_chunk_size,
-    align_vocab, forward_kl, forward_kl_sampled, forward_kl_topk, generalized_jsd,
-    reverse_kl, reverse_kl_topk, teacher_samples, teacher_topk,
+    CHUNK_ELEMENTS,
+    align_vocab,
+    auto_chunk_size,
+    forward_kl,
+    forward_kl_sampled,
+    forward_kl_topk,
+    generalized_jsd,
+    reverse_kl,
+    reverse_kl_topk,
+    teacher_samples,
+    teacher_topk,
 )
 
 F64 = torch.float64

@@ -6,8 +6,14 @@ import math
 import pytest
 from scipy import stats
 
-from kd_utils.statistics.power import (ADEQUATE_POWER, GAIN_OF_INTEREST, correlation_power, medium_effect_power,
-                                       repeated_measures_power, ttest_power)
+from kd_utils.constants import ADEQUATE_POWER
+from kd_utils.statistics.power import (
+    GAIN_OF_INTEREST,
+    correlation_power,
+    medium_effect_power,
+    repeated_measures_power,
+    ttest_power,
+)
 
 
 def one_sample_t_power(n: int, d: float, alpha: float, two_sided: bool = False) -> float:

@@ -7,9 +7,9 @@ import json
 import pandas as pd
 import pytest
 import torch
+from test_training import mix, tiny_config  # noqa: F401 (mix: the training tests' 20 examples, a fixture)
 
 from kd_utils import evaluation, models, precision, study, training
-from test_training import mix, tiny_config  # noqa: F401 (mix: the training tests' 20 examples, a fixture)
 
 
 @pytest.fixture()

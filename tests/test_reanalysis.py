@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pandas as pd
-import papermill as pm
 import pandas.testing as pdt
+import papermill as pm
 import pytest
 
 from kd_utils.analysis import reanalyse_study

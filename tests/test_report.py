@@ -12,9 +12,9 @@ import nbformat
 import pandas as pd
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+from study_fixtures import write_run_status
 
 from kd_utils import data, report
-from study_fixtures import write_run_status
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,14 @@ import re
 import pandas as pd
 import pytest
 
-from kd_utils.statistics.results import (RESULTS_COLUMNS, load_model_sizes, load_results, method_label, sort_rows,
-                                         validate_results)
+from kd_utils.statistics.results import (
+    RESULTS_COLUMNS,
+    load_model_sizes,
+    load_results,
+    method_label,
+    sort_rows,
+    validate_results,
+)
 
 
 def table(**changes) -> pd.DataFrame:

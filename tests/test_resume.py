@@ -5,10 +5,10 @@ logit noise, gkd's choice of on-policy batches and the student's samples, LoRA d
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_training import mix  # noqa: F401 (the training tests' examples, a fixture)
 
 from kd_utils import models, teachers, training
 from kd_utils.training import TrainConfig
-from test_training import mix  # noqa: F401 (the training tests' examples, a fixture)
 
 
 class Killed(Exception):

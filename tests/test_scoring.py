@@ -173,10 +173,9 @@ def test_evaluate_notebook_scores_a_model_with_known_outputs(tiny_model_dir, tmp
     with the answers."""
     import papermill as pm
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from known_outputs import scripted_model_dir
     from test_evaluation import NOTEBOOKS
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = scripted_model_dir(tiny_model_dir, tmp_path / "scripted", SCRIPTED_ANSWER, "### Response:\n")
     for task_id, rows in NOTEBOOK_CASES.items():

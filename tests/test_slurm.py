@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import mini_content
+from test_study import comparable
 
 from kd_utils import study
 from kd_utils.params import load_study
-from conftest import mini_content
-from test_study import comparable
 
 CONF = Path(__file__).resolve().parent / "slurm" / "logs" / "slurm.conf"
 if CONF.is_file():

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from study_fixtures import write_study
 
 from kd_utils import statistics as st
 from kd_utils.predictions import Predictions
-from study_fixtures import write_study
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
 SQRT3 = math.sqrt(3.0)

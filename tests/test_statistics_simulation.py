@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kd_utils import pipeline_simulation as pipeline
 from kd_utils import statistics as st
 from kd_utils.analysis import study_analysis
-from kd_utils import pipeline_simulation as pipeline
 from kd_utils.statistics import simulation as sim
 
 TASKS = (("gsm8k", "math"), ("aqua", "math"), ("boolq", "commonsense"), ("arc_e", "commonsense"))

@@ -17,7 +17,6 @@ from kd_utils import statistics as st
 from kd_utils.statistics import simulation as sim
 from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
 
-
 # ----------------------------------------------------------------------------- H1: sign flips over students
 
 

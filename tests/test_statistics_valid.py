@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats
+from study_fixtures import write_study
 
 from kd_utils import statistics as st
-from kd_utils.statistics.hypothesis_tests import H3_SFT_NOT_TESTABLE
 from kd_utils.predictions import Predictions
-from study_fixtures import write_study
+from kd_utils.statistics.hypothesis_tests import H3_SFT_NOT_TESTABLE
 
 PAPER_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kd-paper-results"
 

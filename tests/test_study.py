@@ -6,10 +6,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import mini_content
 
 from kd_utils import study
 from kd_utils.params import load_study
-from conftest import mini_content
 
 pytestmark = pytest.mark.slow
 

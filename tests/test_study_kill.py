@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from test_study import comparable
 
 from kd_utils import study
 from kd_utils.params import load_study
-from test_study import comparable
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,17 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from kd_utils import (batches, cache_encoding, cache_format, cache_reader, cache_writer, id_codes, losses, models,
-                      teacher_cache)
+from kd_utils import (
+    batches,
+    cache_encoding,
+    cache_format,
+    cache_reader,
+    cache_writer,
+    id_codes,
+    losses,
+    models,
+    teacher_cache,
+)
 from kd_utils.data import Example, build_training_mix, mix_fingerprint
 from kd_utils.evaluation import sample_examples
 
@@ -244,7 +253,7 @@ def test_decode_gives_the_sparse_losses_their_arguments():
 
 
 def test_each_example_draws_from_its_own_seeded_generator():
-    digest = hashlib.sha256("3\0ex-1\0samples-0".encode()).digest()
+    digest = hashlib.sha256(b"3\0ex-1\0samples-0").digest()
     generator = teacher_cache.example_generator(3, "ex-1", "samples-0")
     assert generator.initial_seed() == int.from_bytes(digest[:8], "little") >> 1
 

@@ -122,8 +122,9 @@ def test_prompt_tokens_are_masked_from_the_labels_under_improved(tiny_model_dir,
 
 @pytest.mark.slow
 def test_finetune_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
-    import papermill as pm
     from pathlib import Path
+
+    import papermill as pm
 
     notebooks = Path(__file__).resolve().parents[1] / "notebooks"
     common = {"model": str(tiny_model_dir), "data_dir": str(data_dir), "epochs": 1, "batch_size": 2,

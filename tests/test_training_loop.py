@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from test_training import mix  # noqa: F401 (the training tests' 20 examples, a fixture)
 
 from kd_utils import checkpoints, models, seeds, teachers, training
 from kd_utils.training import TrainConfig
-from test_training import mix  # noqa: F401 (the training tests' 20 examples, a fixture)
 
 CPU = torch.device("cpu")
 SCRIPTED_VAL = [3.0, 1.0, 2.0]  # epochs 0, 1, 2: epoch 1 is the best, epoch 2 the last

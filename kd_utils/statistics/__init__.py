@@ -27,6 +27,9 @@ The names below are re-exported so that ``from kd_utils import statistics as st`
 the notebook and the tests.
 """
 
+from kd_utils.constants import ADEQUATE_POWER
+from kd_utils.statistics.design import design_testability, study_design, study_testability
+from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
 from kd_utils.statistics.hypothesis_tests import (
     HYPOTHESES,
     STUDY_TEST_COLUMNS,
@@ -79,7 +82,7 @@ from kd_utils.statistics.per_example import (
     split_counts,
     split_estimates,
 )
-from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT, medium_effect_power
+from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT, medium_effect_power
 from kd_utils.statistics.results import (
     BASE_TEACHER_SUFFIX,
     EXPERT,
@@ -95,6 +98,4 @@ from kd_utils.statistics.results import (
     parse_model_size,
     validate_results,
 )
-from kd_utils.statistics.design import design_testability, study_design, study_testability
-from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
 from kd_utils.statistics.verdicts import CLAIMS, PRIMARY_HYPOTHESES, SECONDARY_HYPOTHESES, verdict_table

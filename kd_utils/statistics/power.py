@@ -12,7 +12,7 @@ import math
 
 from scipy import stats
 
-from kd_utils.constants import ADEQUATE_POWER, ALPHA
+from kd_utils.constants import ALPHA
 
 # "medium" effects (Cohen): d = 0.5 for the t-test, f = 0.25 for the ANOVA, rho = 0.3 for Spearman
 MEDIUM_EFFECT = {"ttest": 0.5, "anova": 0.25, "spearman": 0.3}

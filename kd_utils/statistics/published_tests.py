@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from kd_utils.statistics.power import ADEQUATE_POWER, MEDIUM_EFFECT, medium_effect_power
+from kd_utils.constants import ADEQUATE_POWER
+from kd_utils.statistics.power import MEDIUM_EFFECT, medium_effect_power
 from kd_utils.statistics.results import sort_rows
 
 TEST_COLUMNS = ("domain", "hypothesis", "method", "task", "statistic", "pvalue", "n")

@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from kd_utils.constants import ALPHA, N_RESAMPLES
+from kd_utils.constants import ADEQUATE_POWER, ALPHA, N_RESAMPLES
 from kd_utils.statistics.exact import sign_flip_test, teacher_permutation_spearman
 from kd_utils.statistics.multiple_testing import holm_adjust
 from kd_utils.statistics.permutation_tests import friedman_test, permutation_spearman
-from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT, ttest_power
+from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT, ttest_power
 from kd_utils.statistics.published_tests import TEST_COLUMNS, domain_levels
 from kd_utils.statistics.results import sort_rows
 from kd_utils.statistics.tolerances import CONSTANT_VALUES

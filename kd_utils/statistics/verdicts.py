@@ -24,9 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from kd_utils.constants import ALPHA
+from kd_utils.constants import ADEQUATE_POWER, ALPHA
 from kd_utils.statistics.multiple_testing import holm
-from kd_utils.statistics.power import ADEQUATE_POWER, GAIN_OF_INTEREST, MEDIUM_EFFECT
+from kd_utils.statistics.power import GAIN_OF_INTEREST, MEDIUM_EFFECT
 
 #: hypothesis id -> (claim in words, claimed direction: "greater", "less" or None for any, effect of interest or None)
 CLAIMS = {
