@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_utils import batches, cache_encoding, cache_writer, id_codes, losses, models, teacher_cache, teachers, training
+from kd_utils import (batches, cache_encoding, cache_writer, id_codes, losses, models, objectives, teacher_cache, teachers,
+                      training)
 from kd_utils.data import mix_fingerprint
 from kd_utils.models import ModelError
 
@@ -66,7 +67,7 @@ def test_topk_round_trip_equals_dense_losses_when_k_is_the_vocabulary(tiny_model
         t_logits = batches.forward(teacher, batch)[:, :-1]
     sparse = cache.batch(batch)
     assert sparse["topk_ids"].shape == (3, batch["input_ids"].shape[1] - 1, len(tok.get_vocab()))
-    mask = training.distill_mask(batch, training.TrainConfig(method="fkl"))
+    mask = objectives.distill_mask(batch, training.TrainConfig(method="fkl"))
     student = torch.randn(t_logits.shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
     pairs = [(losses.forward_kl, losses.forward_kl_topk), (losses.reverse_kl, losses.reverse_kl_topk)]
     for dense_fn, sparse_fn in pairs:

@@ -152,7 +152,7 @@ def fkl_run_from_a_cache(tiny_model_dir: Path, mix: list, out: Path, patch: pyte
     expect = {"seed": 0, "teacher": "fake"}
     err, stdout = io.StringIO(), io.StringIO()
     rec = Recorders(patch, SCRIPTED_VAL)
-    patch.setattr(training.cache_store, "open_for_training", open_for_training)
+    patch.setattr(teachers, "open_for_training", open_for_training)
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
         result = training.train(model, tok, mix[:16], config, out, teacher=teachers.CachedTeacher("the-cache", expect))
     return {"result": result, "rec": rec, "source": source, "opened": opened, "out": out, "tok": tok, "config": config,
