@@ -55,7 +55,8 @@ def save_once(variant: str, layers: int, target: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=20, help="layers of the embedded model kept (the default study's)")
+    parser.add_argument("--layers", type=int, default=20,
+                        help="layers of the embedded model kept (the default study's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/checkpoint_size.json"))
     parser.add_argument("--one", choices=VARIANTS, help=argparse.SUPPRESS)  # a measuring child process

@@ -109,7 +109,8 @@ def main() -> None:
                 for variant in order:
                     load_before = os.getloadavg()[0]
                     start = time.perf_counter()
-                    rows, parts = today(domain, tokenizer) if variant == "today" else with_datasets(domain, tokenizer, cache)
+                    rows, parts = (today(domain, tokenizer) if variant == "today"
+                                   else with_datasets(domain, tokenizer, cache))
                     total = time.perf_counter() - start
                     rows = [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in rows]
                     if reference is None:

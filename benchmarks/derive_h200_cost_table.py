@@ -2,8 +2,8 @@
 
     PYTHONPATH=. python benchmarks/derive_h200_cost_table.py [--output benchmarks/results/cost_table_h200_derived.json]
 
-No `python -m kd_utils.costs calibrate` has run on an H200 yet (the GPU session's call 2, benchmarks/gpu_call2.sh, does it first). Until
-then the dry-run prices GPU studies with rates derived from what was measured there
+No `python -m kd_utils.costs calibrate` has run on an H200 yet (the GPU session's call 2, benchmarks/gpu_call2.sh,
+does it first). Until then the dry-run prices GPU studies with rates derived from what was measured there
 (``KD_COST_TABLE=<this file> KD_COST_DEVICE="NVIDIA H200" python -m kd_utils.study run ... --dry-run``):
 
 - train: the SFT steady-state tokens/s of ``train_throughput_gpu_h200.json`` (10-layer LoRA student, micro

@@ -15,8 +15,9 @@ Timing: one warm-up per (variant, batch) (compilation happens there and is repor
 ``--rounds`` interleaved rounds, variant order reversed every other round; median and spread (max - min)
 of tokens/s; load average recorded. Two phases, so that a time limit cuts the uncertain part only: dynamic and
 static (warm-ups, rounds) and the paper's loop first, then compiled decoding's warm-up and ``--rounds`` more rounds
-over all three. The JSON is rewritten after every step (``complete`` false until the end). Check: the greedy outputs of every variant on ``--n-check`` prompts
-must equal the dynamic cache's; the fastest variant with identical outputs is kept. Full test-set time
+over all three. The JSON is rewritten after every step (``complete`` false until the end). Check: the greedy
+outputs of every variant on ``--n-check`` prompts must equal the dynamic cache's; the fastest variant with
+identical outputs is kept. Full test-set time
 per model: every available task in full, at most 256 (math) / 32 (commonsense) new tokens per example,
 at the kept variant's rate at the largest batch (an upper bound: batches stop when every sequence ends).
 

@@ -100,7 +100,8 @@ def main() -> None:
     parser.add_argument("--ref-prompts", type=int, default=None, help="reference on the first k prompts (default all)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batched-repeats", type=int, default=2, help="timed batched runs (before and after the reference)")
+    parser.add_argument("--batched-repeats", type=int, default=2,
+                        help="timed batched runs (before and after the reference)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/eval_throughput.json"),
                         help="write the JSON here (atomically)")

@@ -107,7 +107,8 @@ def plan_problems(plan: dict, repo: Path | None = None) -> list[str]:
         if repo is not None:
             missing = [c for c in call["carry"] if not (repo / c).exists()]
             if missing:
-                problems.append(f"{name}: carried paths missing here: {', '.join(missing)} (run benchmarks/gpu_pack.sh)")
+                problems.append(f"{name}: carried paths missing here: {', '.join(missing)} "
+                                "(run benchmarks/gpu_pack.sh)")
             size = sum(p.stat().st_size for p in travelling_files(repo, call["carry"]))
             if size > MAX_TRAVEL_BYTES:
                 problems.append(f"{name}: {size / MiB:.1f} MiB would travel (at most {MAX_TRAVEL_BYTES // MiB} MiB)")
@@ -125,11 +126,13 @@ def plan_markdown(plan: dict, repo: Path | None = None) -> str:
         size = ""
         if repo is not None:
             size = f" ({sum(p.stat().st_size for p in travelling_files(repo, call['carry'])) / MiB:.1f} MiB travel)"
-        lines.append(f"| {call['name']} | `{call['kind']}` | {call['timeout_s']} | {carry}{size} | `{call['command']}` |")
+        lines.append(f"| {call['name']} | `{call['kind']}` | {call['timeout_s']} | {carry}{size} "
+                     f"| `{call['command']}` |")
     lines.append(f"| idle, then given back | | {plan['idle_after_s']} | | |")
     total = plan_seconds(plan)
     lines.append(f"| **total** | | **{total} s = {total / 60:.1f} min** of {SESSION_SECONDS // 60}; "
-                 f"{(SESSION_SECONDS - total) // 60:.0f} min {(SESSION_SECONDS - total) % 60} s left for one retry | | |")
+                 f"{(SESSION_SECONDS - total) // 60:.0f} min {(SESSION_SECONDS - total) % 60} s "
+                 "left for one retry | | |")
     return "\n".join(lines)
 
 
@@ -139,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ret = sub.add_parser("returned", help="check a directory against the return limits")
     ret.add_argument("dir", type=Path)
     pl = sub.add_parser("plan", help="check benchmarks/gpu_plan.json")
-    pl.add_argument("--sizes", action="store_true", help="also each call's travelling size (needs gpu_pack.sh's output)")
+    pl.add_argument("--sizes", action="store_true",
+                    help="also each call's travelling size (needs gpu_pack.sh's output)")
     pl.add_argument("--markdown", action="store_true", help="print the plan as a table")
     args = parser.parse_args(argv)
     if args.command == "returned":

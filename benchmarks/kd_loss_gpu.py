@@ -75,7 +75,8 @@ def main() -> None:
                      "ratio": round(chunked["peak_mb"] / naive["peak_mb"], 3),
                      "naive_ms": round(1000 * naive["seconds"], 1), "chunked_ms": round(1000 * chunked["seconds"], 1),
                      "loss_rel_diff": abs(chunked["loss"] - naive["loss"]) / abs(naive["loss"]),
-                     "grad_rel_l2": float(grad_diff), "target_met": chunked["peak_mb"] <= TARGET_RATIO * naive["peak_mb"]})
+                     "grad_rel_l2": float(grad_diff),
+                     "target_met": chunked["peak_mb"] <= TARGET_RATIO * naive["peak_mb"]})
         del naive, chunked
     print(f"{torch.cuda.get_device_name()}, bf16 logits [{args.batch}, {args.seq_len}, {args.vocab}]\n")
     print("| loss | naive peak MB | chunked peak MB | ratio | naive ms | chunked ms | loss rel diff | grad rel L2 |")

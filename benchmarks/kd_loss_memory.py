@@ -148,7 +148,8 @@ def worker(args) -> None:
         "loss_value": float(value.detach().double()), "grad_dtype": str(grad.dtype).removeprefix("torch."),
         "peak_bytes": peaks[0], "peak_bytes_all_repeats": peaks, "peak_method":
             "VmHWM after clear_refs" if hwm_reset else "ru_maxrss",
-        "baseline_rss_bytes": base_rss_kb * 1024, "baseline_maxrss_over_rss_bytes": (base_maxrss_kb - base_rss_kb) * 1024,
+        "baseline_rss_bytes": base_rss_kb * 1024,
+        "baseline_maxrss_over_rss_bytes": (base_maxrss_kb - base_rss_kb) * 1024,
         "input_bytes": 2 * student.numel() * student.element_size(),
         "forward_s": fwd, "backward_s": bwd,
     }
@@ -268,10 +269,11 @@ def driver(args) -> None:
                 for p in grads.values():
                     os.unlink(p)
 
-    lines = ["| loss | inputs | positions | naive peak MB | chunked peak MB | chunked/naive | naive s (fwd+bwd) | chunked s | "
-             "loss rel diff | grad rel L2 diff | target <= 1/4 |", "|" + "---|" * 11]
+    lines = ["| loss | inputs | positions | naive peak MB | chunked peak MB | chunked/naive | naive s (fwd+bwd) | "
+             "chunked s | loss rel diff | grad rel L2 diff | target <= 1/4 |", "|" + "---|" * 11]
     for r in rows:
-        lines.append(f"| {r['loss']} | {r['dtype']} | {r['positions']} | {r['naive_peak_mb']:.0f} | {r['chunked_peak_mb']:.0f} | "
+        lines.append(f"| {r['loss']} | {r['dtype']} | {r['positions']} | {r['naive_peak_mb']:.0f} | "
+                     f"{r['chunked_peak_mb']:.0f} | "
                      f"{r['peak_ratio']:.3f} | {r['naive_s']:.2f} | {r['chunked_s']:.2f} | {r['loss_rel_diff']:.1e} | "
                      f"{r['grad_rel_l2']:.1e} | {'met' if r['target_met'] else 'MISSED'} |")
     table = "\n".join(lines)
@@ -308,7 +310,8 @@ def main() -> None:
     parser.add_argument("--losses", nargs="+", choices=list(LOSSES), default=list(LOSSES))
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--beta", type=float, default=0.5)
-    parser.add_argument("--chunk-size", type=int, default=None, help="default: kd_utils.losses.auto_chunk_size(vocab), the losses' default")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help="default: kd_utils.losses.auto_chunk_size(vocab), the losses' default")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--repeats", type=int, default=2, help="timed forward+backward runs per subprocess")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved subprocess rounds per variant")

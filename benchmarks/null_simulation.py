@@ -14,8 +14,8 @@ McNemar tests when runs differ by training deviations) are left out of that scen
 
 Cheap Monte Carlo settings keep it near 40 minutes of one core: 3 tasks per domain of 300
 items, 199 permutations (1000 bootstrap resamples: with 200 the percentile intervals miss
-the truth about 7% of the time in the paper's design, a Monte Carlo artefact). The JSON is rewritten after every scenario
-and a rerun with the same settings skips the scenarios it already holds.
+the truth about 7% of the time in the paper's design, a Monte Carlo artefact). The JSON is rewritten after every
+scenario and a rerun with the same settings skips the scenarios it already holds.
 
     nohup nice .venv/bin/python benchmarks/null_simulation.py --jobs 2 &
 """

@@ -144,7 +144,8 @@ def main() -> None:
         with torch.no_grad(), autocast:
             secs, _ = median_seconds(lambda: net.generate(input_ids=gen_ids, attention_mask=torch.ones_like(gen_ids),
                                                           **kwargs), args.rounds)
-        entries.append({"kind": "generate", "n_params": n, "batch": gen_batch, "tokens_per_s": gen_batch * new_tokens / secs})
+        entries.append({"kind": "generate", "n_params": n, "batch": gen_batch,
+                        "tokens_per_s": gen_batch * new_tokens / secs})
         one = torch.randint(0, VOCAB, (1, prompt_len + new_tokens // 2), device=device)
         with torch.no_grad(), autocast:
             secs, _ = median_seconds(lambda: net(input_ids=one, use_cache=False).logits, args.rounds)
@@ -240,7 +241,8 @@ def price(result: dict) -> None:
              "|---|---|---|---|---|---|"]
     lines += [f"| {p['teacher']} | {p['student']} | {p['online_tokens_per_s']:,.0f} | {p['online_peak_mb'] or '-'} | "
               f"{p['cache_tokens_per_s']:,.0f} | {p['cache_peak_mb'] or '-'} |" for p in pairs]
-    lines += ["", "| params | runs | GPU-hours (this project) | of which evaluation | GPU-hours with the authors' loop |",
+    lines += ["", "| params | runs | GPU-hours (this project) | of which evaluation | "
+              "GPU-hours with the authors' loop |",
               "|---|---|---|---|---|"]
     lines += [f"| {k} ({g['teacher']}) | {g['runs']} | {g['gpu_hours_project']:.2f} | {g['eval_hours_project']:.2f} | "
               f"{g['gpu_hours_authors_eval']:.2f} |" for k, g in grid.items()]

@@ -1,8 +1,9 @@
 """bf16 autocast vs fp32 on this CPU: the same small runs both ways (parity), and the speed of each stage.
 
 Parity, first on the untuned embedded model (all layers): held-out loss and test answers on the same items in
-fp32 and under bf16 autocast. Then, for each seed, a layer-subset student of the embedded SmolLM2-135M-Instruct is fine-tuned (LoRA, SFT,
-the improved protocol) on the same sample of the commonsense mix twice, once with ``precision=fp32`` and once
+fp32 and under bf16 autocast. Then, for each seed, a layer-subset student of the embedded SmolLM2-135M-Instruct is
+fine-tuned (LoRA, SFT, the improved protocol) on the same sample of the commonsense mix twice, once with
+``precision=fp32`` and once
 with ``precision=bf16``, and each model is then
 - scored on the same held-out rows by cross-entropy, always in fp32 (the training precision's effect alone);
 - evaluated on the same test items of a few tasks in its own precision (what ``precision: auto`` does end to end).

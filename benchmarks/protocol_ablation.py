@@ -14,7 +14,8 @@ Reads ``outputs/ablation_protocol_{improved,train_on_inputs,paper}/results.csv``
 
 Paired differences come with exact McNemar p-values and a 95% interval (``per_example.paired_difference``).
 
-    .venv/bin/python benchmarks/protocol_ablation.py [--outputs outputs] [--output benchmarks/results/protocol_ablation.json]
+    .venv/bin/python benchmarks/protocol_ablation.py [--outputs outputs] \
+        [--output benchmarks/results/protocol_ablation.json]
 
 ``--gkd-switches`` instead trains small GKD students (no study needed) under ``paper`` and under ``paper`` with
 one field switched: gradient clipping off (``max_grad_norm=null``), the on-policy prompt tokenized alone

@@ -95,15 +95,16 @@ def main() -> None:
                 for task, size in PAPER_TEST_SIZES.items() if get_task(task).domain == domain}
     result = {
         "model": args.model, "adapter": args.adapter, "tasks": args.tasks, "n": n, "seeds": args.seeds,
-        "max_new_tokens": args.max_new_tokens, "template": args.template, "decoding": {"temperature": PAPER.temperature, "top_k": PAPER.top_k,
-                                                            "top_p": PAPER.top_p},
+        "max_new_tokens": args.max_new_tokens, "template": args.template,
+        "decoding": {"temperature": PAPER.temperature, "top_k": PAPER.top_k, "top_p": PAPER.top_p},
         "accuracy_greedy": 100 * sum(greedy) / n,
         "accuracy_per_task_greedy": {t: 100 * statistics.fmean(g for e, g in zip(examples, greedy) if e.task == t)
                                      for t in args.tasks},
         "accuracy_per_seed": accuracy, "pairwise_differences_points": diffs,
         "measured_sd_of_difference_points": statistics.stdev(diffs) if len(diffs) > 1 else None,
         "measured_max_abs_difference_points": max(map(abs, diffs)),
-        "sd_of_difference_at_this_n": {"per_example": two_seed_sd(mean_q_var, n), "binomial": two_seed_sd(p * (1 - p), n)},
+        "sd_of_difference_at_this_n": {"per_example": two_seed_sd(mean_q_var, n),
+                                       "binomial": two_seed_sd(p * (1 - p), n)},
         "at_paper_test_sizes": at_sizes, "seconds": round(time.time() - started, 1), "loadavg": load,
     }
     write_atomic(Path(args.output), json.dumps(result, indent=1))

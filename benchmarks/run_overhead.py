@@ -72,13 +72,15 @@ def main() -> None:
                 pm.execute_notebook(str(tmp / f"upto_{name}.ipynb"), str(tmp / f"done_{name}.ipynb"), parameters={},
                                     cwd=str(ROOT), progress_bar=False, kernel_name="python3")
                 times[f"upto_{name}"].append(time.perf_counter() - start)
-                if name == "imports" and args.baseline is not None:  # a kernel imports from its cwd first, then PYTHONPATH
+                # a kernel imports from its cwd first, then PYTHONPATH
+                if name == "imports" and args.baseline is not None:
                     here = os.environ.get("PYTHONPATH", "")
                     os.environ["PYTHONPATH"] = str(args.baseline.resolve())
                     try:
                         start = time.perf_counter()
                         pm.execute_notebook(str(tmp / "upto_imports.ipynb"), str(tmp / "done_baseline.ipynb"),
-                                            parameters={}, cwd=str(args.baseline.resolve()), progress_bar=False, kernel_name="python3")
+                                            parameters={}, cwd=str(args.baseline.resolve()), progress_bar=False,
+                                            kernel_name="python3")
                         times["baseline_upto_imports"].append(time.perf_counter() - start)
                     finally:
                         os.environ["PYTHONPATH"] = here
@@ -101,7 +103,8 @@ def main() -> None:
     total = med[f"upto_{names[-1]}"] + med["html_in_process"]
     if args.baseline is not None:
         phases["imports_baseline"] = med["baseline_upto_imports"] - med["upto_kernel"]
-    result = {"benchmark": "run_overhead", "rounds": args.rounds, "baseline": str(args.baseline), "loadavg": load, "cpu_count": os.cpu_count(),
+    result = {"benchmark": "run_overhead", "rounds": args.rounds, "baseline": str(args.baseline), "loadavg": load,
+              "cpu_count": os.cpu_count(),
               "median_seconds": med, "phase_seconds": phases, "total_local_executor_s": total,
               "phase_share": {k: v / total for k, v in phases.items() if k != "imports_baseline"}, "runs": times,
               "note": "shared machine: see loadavg; phases are differences of medians of interleaved notebooks"}

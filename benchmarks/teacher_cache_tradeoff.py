@@ -208,7 +208,8 @@ def summarize(distilled: list[dict], generation: list[dict]) -> tuple[list[dict]
         online = [by["online teacher", tau, d["seed"]] for d in runs]
         parity.append({"source": source, "temperature": tau, "seeds": [d["seed"] for d in runs],
                        "held_out_fkl": spread([d["held_out_fkl"] for d in runs]),
-                       "fkl_vs_online": spread([d["held_out_fkl"] / o["held_out_fkl"] - 1 for d, o in zip(runs, online)]),
+                       "fkl_vs_online": spread([d["held_out_fkl"] / o["held_out_fkl"] - 1
+                                                for d, o in zip(runs, online)]),
                        "share_of_online_gain": spread([(d["held_out_fkl_start"] - d["held_out_fkl"])
                                                        / (o["held_out_fkl_start"] - o["held_out_fkl"])
                                                        for d, o in zip(runs, online)])})
@@ -256,7 +257,8 @@ def main() -> None:
     parser.add_argument("--student-layers", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3, help="as in the default study")
-    parser.add_argument("--train-epochs", type=int, default=2, help="also the epochs (draw sets) the caches are made for")
+    parser.add_argument("--train-epochs", type=int, default=2,
+                        help="also the epochs (draw sets) the caches are made for")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="training seeds (LoRA init, batch order, dropout); one timing round each")
     parser.add_argument("--error-rows", type=int, default=4)
@@ -388,8 +390,8 @@ def markdown(result: dict) -> str:
          for r in result["errors"]])
     lines += table(
         ["top-k", "tau", "fkl loss err fp16 / bf16 / fp32", "rkl loss err fp16 / bf16 / fp32"],
-        [[r["size"], f"{r['temperature']:g}"] + [" / ".join(pct(r[f"{name}_loss_err{x}"]) for x in ("", "_bf16", "_fp32"))
-                                                  for name in ("fkl", "rkl")]
+        [[r["size"], f"{r['temperature']:g}"]
+         + [" / ".join(pct(r[f"{name}_loss_err{x}"]) for x in ("", "_bf16", "_fp32")) for name in ("fkl", "rkl")]
          for r in result["errors"] if "fkl_loss_err_bf16" in r])
     lines += table(
         ["student", "tau", "least fkl logit-grad err of any unbiased cache with n entries"],

@@ -107,7 +107,8 @@ def main() -> None:
                 runs.append(r)
                 print(f"round {rnd} {method}: {r['tokens_per_s']:.1f} tokens/s end to end, "
                       f"{r['steady_tokens_per_s']:.1f} steady", flush=True)
-    best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["steady_tokens_per_s"]) for m in ("sft", "fkl")}
+    best = {m: max((r for r in runs if r["method"] == m), key=lambda r: r["steady_tokens_per_s"])
+            for m in ("sft", "fkl")}
     lines = ["| method | optimizer steps | tokens | end-to-end s | end-to-end tokens/s | steady-state tokens/s |",
              "|---|---|---|---|---|---|"]
     for m in ("sft", "fkl"):

@@ -106,7 +106,8 @@ def load_table(path: str | Path | None = None, device: str | None = None) -> Cos
     try:
         tables = json.loads(path.read_text())["devices"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a cost table ({err}); remake it with python -m kd_utils.costs calibrate") from None
+        raise ValueError(f"{path}: not a cost table ({err}); "
+                         "remake it with python -m kd_utils.costs calibrate") from None
     device = device or table_device()
     if device not in tables:
         return None
@@ -171,7 +172,8 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
 
     device = models.default_device()
     dtype = models.default_dtype()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else torch.autocast("cpu", enabled=False))
     base, tokenizer = models.load_model(models.EMBEDDED_MODEL)
     total_layers = base.config.num_hidden_layers
     entries = []
@@ -184,7 +186,8 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
             ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen).to(device)
             with torch.no_grad(), autocast:
                 secs = _timed(lambda: net(input_ids=ids).logits, rounds)
-            entries.append({"kind": "forward", "n_params": n_params, "batch": batch, "tokens_per_s": ids.numel() / secs})
+            entries.append({"kind": "forward", "n_params": n_params, "batch": batch,
+                            "tokens_per_s": ids.numel() / secs})
         lora = wrap_lora(models.make_student(base, keep).to(device), TrainConfig()).train()  # fp32 weights, as training
         opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-4)
         for batch in train_batches:
@@ -205,7 +208,8 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
             kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
                       "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
             with torch.no_grad():
-                secs = _timed(lambda: net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs), rounds)
+                secs = _timed(lambda: net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs),
+                              rounds)
             entries.append({"kind": "generate", "n_params": n_params, "batch": batch,
                             "tokens_per_s": batch * new_tokens / secs})
         print(f"  {keep} layers ({n_params / 1e6:.0f}M): " + ", ".join(

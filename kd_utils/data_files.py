@@ -38,11 +38,15 @@ MANIFEST: dict[str, tuple[int, str] | None] = {
     "kd-paper-results/EM2_cs.csv": (4267, "e669ff492d5a52c51ebeb0c7ab1b59840c0b04c64e868c9d4b678297161f818f"),
     "kd-paper-results/cs_results_main.csv": (5987, "6bec3505cbf71e5e41162accdc6b82f42f61b2203690da0ded8f7e66a4b134ed"),
     "kd-paper-results/llama_cs_results.csv": (1152, "8ac66d3ada5ac24e68d74796f7991757f2e7eab8863822820d7f857844979e7e"),
-    "kd-paper-results/llama_math_results.csv": (980, "7247b92659f581b7122d6cb2855a09532a540b4b3b51a7bd7986232c173f6357"),
-    "kd-paper-results/math_results_main.csv": (5240, "375c370b37297f572841851e46d6b54986126a27f0b7d1cc58bd65760a17183a"),
+    "kd-paper-results/llama_math_results.csv":
+        (980, "7247b92659f581b7122d6cb2855a09532a540b4b3b51a7bd7986232c173f6357"),
+    "kd-paper-results/math_results_main.csv":
+        (5240, "375c370b37297f572841851e46d6b54986126a27f0b7d1cc58bd65760a17183a"),
     "llm-adapters/AQuA/test.json": (152063, "de677f5f0139340009eb01f17c0db781b4161912cd1f4efa77292f2fcf3478ee"),
-    "llm-adapters/ARC-Challenge/test.json": (622510, "4a89ce368ae01a71d268d9851686738b2a0a1d84271116bab49a1dd2b48ecad7"),
-    "llm-adapters/ARC-Challenge/train.json": (585556, "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb"),
+    "llm-adapters/ARC-Challenge/test.json":
+        (622510, "4a89ce368ae01a71d268d9851686738b2a0a1d84271116bab49a1dd2b48ecad7"),
+    "llm-adapters/ARC-Challenge/train.json":
+        (585556, "a9debff28aafed86a08211dc3584a3b6cb38edca8c56bb34cd5002ed54aeebfb"),
     "llm-adapters/ARC-Easy/test.json": (1157216, "3f32a84716ca6d57d38728bf80cc8117aecd17445c2cf29a68b571b810eb82dc"),
     "llm-adapters/ARC-Easy/train.json": (1092324, "6a06cece3dec32f4fb1c1b0fc29dab14be7cf3053b417290dbc6cd845359f5ff"),
     "llm-adapters/AddSub/test.json": (170411, "62a8662b1ad40879953c4df0e61883a749d03aa3fc5e71f1cdb842b816e139ff"),

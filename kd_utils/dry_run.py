@@ -42,7 +42,8 @@ def format_estimate(params: dict, runs: list, table: CostTable | None, table_pat
         t = tokens[stage]
         secs = est.get(stage, {}).get("seconds")
         total += secs or 0.0
-        lines.append(f"  {stage:9s} {n_runs[stage]:5d} {t['train']:12,.0f} {t['forward']:12,.0f} {t['generate']:12,.0f} "
+        lines.append(f"  {stage:9s} {n_runs[stage]:5d} {t['train']:12,.0f} {t['forward']:12,.0f} "
+                     f"{t['generate']:12,.0f} "
                      f"{_duration(secs):>10s}")
     if table:
         lines.append(f"  {'total':9s} {sum(n_runs.values()):5d} {'':38s} {_duration(total):>10s}  (one run at a time)")

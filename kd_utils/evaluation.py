@@ -100,8 +100,9 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], *, n_per_task: int | N
     ``improved``: greedy), the token budget per domain and whether the output is cut at a
     second "### Response:" and the precision (``kd_utils.precision``: ``auto`` is bf16 autocast where
     the hardware has bf16; the resolved value is each row's ``precision``); ``max_new_tokens`` /
-    ``do_sample`` / ``temperature`` / ``top_k`` override it where given (None: the protocol's). Writes ``<output_dir>/predictions/<task>.jsonl``
-    per task as it finishes and ``<output_dir>/metrics.csv`` at the end. Tasks whose test file is
+    ``do_sample`` / ``temperature`` / ``top_k`` override it where given (None: the protocol's). Writes
+    ``<output_dir>/predictions/<task>.jsonl`` per task as it finishes and ``<output_dir>/metrics.csv`` at the end.
+    Tasks whose test file is
     unavailable (hellaswag offline) are skipped and listed in ``metrics.attrs["skipped"]``.
     ``scoring="loglik"`` scores the answer choices of multiple-choice tasks by log-likelihood instead
     (:mod:`kd_utils.choice_scoring`; nothing is generated), ``loglik_metric`` (acc or acc_norm) deciding
@@ -113,14 +114,16 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], *, n_per_task: int | N
     for task_id in task_ids:
         get_task(task_id)  # unknown ids fail before any work
         if scoring == "loglik" and task_id not in choice_scoring.CHOICE_TASKS:
-            raise ValueError(f"scoring 'loglik' needs multiple-choice tasks ({', '.join(choice_scoring.CHOICE_TASKS)}), "
+            raise ValueError("scoring 'loglik' needs multiple-choice tasks "
+                             f"({', '.join(choice_scoring.CHOICE_TASKS)}), "
                              f"got {task_id!r}")
     budgets = {**rules.max_new_tokens, **{k: v for k, v in (max_new_tokens or {}).items() if v is not None}}
     decoding = {"do_sample": rules.do_sample if do_sample is None else do_sample,
                 "temperature": rules.temperature if temperature is None else temperature,
                 "top_k": rules.top_k if top_k is None else top_k, "top_p": rules.top_p}
     precision = precisions.resolve(rules.precision, getattr(model, "device", None))  # None: the default device
-    sampling_seed = seed if rules.eval_seed is None else rules.eval_seed  # the paper's 6; ``seed`` still picks n_per_task
+    # the paper's 6; ``seed`` still picks n_per_task
+    sampling_seed = seed if rules.eval_seed is None else rules.eval_seed
     ready, skipped = available_tasks(task_ids, data_dir)
     for task_id, why in skipped.items():
         print(f"skipping {task_id}: {why}")
@@ -136,13 +139,14 @@ def evaluate_tasks(model, tokenizer, task_ids: list[str], *, n_per_task: int | N
             # close choices; the weights' own dtype is what ran
             records = choice_scoring.score_examples(model, tokenizer, examples, batch_size, loglik_metric)
             extra = {"scoring": scoring, "loglik_metric": loglik_metric,
-                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(getattr(model, "dtype", None), "fp32"),
+                     "precision": {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+                         getattr(model, "dtype", None), "fp32"),
                      **{f"accuracy_{m}": 100.0 * sum(r[f"correct_{m}"] for r in records) / len(records)
                         for m in choice_scoring.METRICS}}
         else:
             prompts = [build_prompt(ex.instruction, ex.input, rules.eval_template) for ex in examples]
-            outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed, desc=task_id,
-                               precision=precision, **decoding)
+            outputs = generate(model, tokenizer, prompts, budgets[task.domain], batch_size, seed=sampling_seed,
+                               desc=task_id, precision=precision, **decoding)
             if rules.cut_at_second_response:
                 outputs = [cut_at_response(o) for o in outputs]
             records = score(examples, outputs, rules.eval_template)

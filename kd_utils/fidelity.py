@@ -72,7 +72,8 @@ def agreement_vector(teacher: Sequence[Any], student: Sequence[Any]) -> np.ndarr
 
 
 def answer_key(value: Any) -> str | None:
-    """The category of an answer for Cohen's kappa: numbers rounded to the 0.001 tolerance, text lower-cased; None if missing."""
+    """The category of an answer for Cohen's kappa: numbers rounded to the 0.001 tolerance, text lower-cased;
+    None if missing."""
     if _missing(value):
         return None
     try:
@@ -245,7 +246,8 @@ def _teacher_runs(results: pd.DataFrame, wanted: pd.DataFrame) -> dict[tuple[str
     """:func:`_teacher_run` for every distinct (teacher, seed) of ``wanted``."""
     models = results[results["role"].isin(["teacher", "base"])].drop_duplicates("run_id")
     return {(t, seed): _teacher_run(models, t, seed)
-            for t, seed in wanted[["teacher", "seed"]].astype({"teacher": str}).drop_duplicates().itertuples(index=False)}
+            for t, seed in (wanted[["teacher", "seed"]].astype({"teacher": str}).drop_duplicates()
+                            .itertuples(index=False))}
 
 
 FIDELITY_COLUMNS = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "seed", "task", "run_id",
@@ -352,7 +354,8 @@ def agreement_mcnemar_tests(results: pd.DataFrame, predictions) -> pd.DataFrame:
         sft_agrees = agreement_vector(answers[1][:, 0], answers[1][:, 2])
         rows.append({k: row[k] for k in KEYS + ["temperature", "seed", "run_id", "sft_run_id"]}
                     | {"teacher_run_id": teacher_run, "n": len(answers[0]),
-                       "kd_only": int(np.sum(kd_agrees & ~sft_agrees)), "sft_only": int(np.sum(~kd_agrees & sft_agrees))})
+                       "kd_only": int(np.sum(kd_agrees & ~sft_agrees)),
+                       "sft_only": int(np.sum(~kd_agrees & sft_agrees))})
     columns = KEYS + ["temperature", "seed", "run_id", "sft_run_id", "teacher_run_id", "n", "kd_only", "sft_only"]
     out = pd.DataFrame(rows, columns=columns)
     out["pvalue"] = mcnemar_pvalues(out["kd_only"], out["sft_only"]) if len(out) else []

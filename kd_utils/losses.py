@@ -486,7 +486,8 @@ def teacher_samples(
         entropy[i:i + chunk_size] = -torch.where(p == 0, 0.0, p * logp).sum(-1)
         cdf = p.double().cumsum(-1)
         # right=True never picks a zero-probability id (its cdf equals its predecessor's)
-        draws[i:i + chunk_size] = torch.searchsorted(cdf, u[i:i + chunk_size] * cdf[:, -1:], right=True).clamp_(max=V - 1)
+        draws[i:i + chunk_size] = torch.searchsorted(cdf, u[i:i + chunk_size] * cdf[:, -1:],
+                                                     right=True).clamp_(max=V - 1)
     draws = draws.sort(-1).values
     shape = (*teacher_logits.shape[:2], num_samples)
     if not merge:

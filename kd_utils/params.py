@@ -230,7 +230,8 @@ def validate(params: dict) -> list[str]:
     for key in params["execution"]["slurm"]:
         if key in SLURM_RESOURCE_KEYS:
             problems.append(f"execution.slurm.{key}: resources are set per stage, under "
-                            f"execution.slurm_resources.<stage>.{key} (stages: {', '.join(DEFAULTS['execution']['slurm_resources'])})")
+                            f"execution.slurm_resources.<stage>.{key} "
+                            f"(stages: {', '.join(DEFAULTS['execution']['slurm_resources'])})")
         elif key not in ("partition", "account"):
             problems.append(f"execution.slurm.{key}: unknown key (expected partition or account)")
     cache = params["teacher_cache"]

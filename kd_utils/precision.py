@@ -7,7 +7,8 @@ runs here (``fp32``, ``bf16`` or ``fp16``), and that resolved value is what runs
   (``avx512_bf16`` / ``amx_bf16`` on x86, ``bf16`` on Arm, and torch's oneDNN bf16 path); fp32 elsewhere.
   ``KD_AUTO_PRECISION`` (``fp32`` or ``bf16``) pins what ``auto`` means on a CPU: a study pins it once
   (``kd_utils.study``) so a resumed study never mixes precisions, and the tests pin fp32.
-- ``bf16``: bf16 autocast on fp32 weights (a GPU without bf16 is refused; a CPU without native bf16 emulates it, slowly).
+- ``bf16``: bf16 autocast on fp32 weights (a GPU without bf16 is refused; a CPU without native bf16 emulates it,
+  slowly).
 - ``fp16``: the authors' fp16 (frozen weights in fp16, autocast) on a GPU; fp32 on a CPU, which has no fast fp16.
 - ``fp32``: fp32 everywhere.
 """

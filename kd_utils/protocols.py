@@ -40,8 +40,10 @@ class Protocol:
     joint_tokenization: bool  # tokenize prompt + response as one string (prompt length from the prompt alone)
     train_template: str  # prompt template id (kd_utils.tasks.PROMPT_TEMPLATES)
     max_grad_norm: float | None  # clip the gradient norm at every optimizer step; None: no clipping
-    eval_steps: int | None  # validation loss every N optimizer steps, the candidates of best_checkpoint; None: per epoch
-    policy_prompt: str  # gkd on-policy prompt: "joint" (the row's first prompt_len tokens) or "prompt" (tokenized alone)
+    # validation loss every N optimizer steps, the candidates of best_checkpoint; None: per epoch
+    eval_steps: int | None
+    # gkd on-policy prompt: "joint" (the row's first prompt_len tokens) or "prompt" (tokenized alone)
+    policy_prompt: str
     policy_retokenize: bool  # decode the samples (special tokens, EOS too, dropped) and tokenize the text again
     precision: str  # "auto", "fp32", "bf16" (autocast on fp32 weights) or "fp16" (fp16 base weights + autocast on a
     #                 GPU); kd_utils.precision.resolve says what runs on this machine, and runs record that
@@ -182,14 +184,16 @@ def protocol_spec(base: str, overrides: dict | None = None) -> str:
     parsed = {}
     for key, raw in (overrides or {}).items():
         if key not in _KINDS:
-            raise ValueError(f"protocol: {key!r} is not a switchable protocol field; expected one of {', '.join(_KINDS)}"
+            raise ValueError(f"protocol: {key!r} is not a switchable protocol field; "
+                             f"expected one of {', '.join(_KINDS)}"
                              + (" (token budgets: evaluation.max_new_tokens)" if key == "max_new_tokens" else ""))
         value = _parse_value(key, raw)
         if value != getattr(PROTOCOLS[base], key):
             parsed[key] = value
     if not parsed:
         return base
-    text = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) or v is None else v}" for k, v in sorted(parsed.items()))
+    text = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) or v is None else v}"
+                    for k, v in sorted(parsed.items()))
     return f"{base}[{text}]"
 
 

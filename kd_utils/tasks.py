@@ -129,7 +129,8 @@ def build_prompt(instruction: str, input: str = "", template: str = "clean") -> 
     try:
         with_input, no_input = PROMPT_TEMPLATES[template]
     except KeyError:
-        raise ValueError(f"unknown prompt template {template!r}; expected one of {', '.join(PROMPT_TEMPLATES)}") from None
+        raise ValueError(f"unknown prompt template {template!r}; "
+                         f"expected one of {', '.join(PROMPT_TEMPLATES)}") from None
     if input:
         return with_input.format(instruction=instruction, input=input)
     return no_input.format(instruction=instruction)

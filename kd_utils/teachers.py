@@ -99,7 +99,8 @@ class CachedTeacher:
 
 
 def teacher_rationales(teacher, tokenizer, examples: list[Example], max_new_tokens: int = 256,
-                       batch_size: int = 16, protocol: str = DEFAULT_PROTOCOL, precision: str = "fp32") -> list[Example]:
+                       batch_size: int = 16, protocol: str = DEFAULT_PROTOCOL,
+                       precision: str = "fp32") -> list[Example]:
     """seqkd's training set: the same prompts with the teacher's greedy generations as rationales.
 
     A generation cut at ``max_new_tokens`` is marked incomplete, so its training row gets no EOS

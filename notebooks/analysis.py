@@ -21,7 +21,8 @@ results_path = "outputs/default/results.csv"  # study mode
 paper_results_dir = "../shared/data/kd-paper-results"  # paper mode
 output_dir = "outputs/default/analysis"
 runs_dir = None  # per-example predictions; default: <results dir>/runs
-correctness_path = None  # compact per-example export, read when runs_dir is absent; default: <results dir>/correctness.csv.gz
+# compact per-example export, read when runs_dir is absent; default: <results dir>/correctness.csv.gz
+correctness_path = None
 models_path = None  # models.csv (model, n_params); default: <results dir>/models.csv
 n_bootstrap = 2000
 bootstrap_seed = 0  # also seeds the selection/estimation split and Monte Carlo permutations
@@ -104,7 +105,8 @@ provenance = report.provenance(
 write_atomic(output_dir / "provenance.json", json.dumps(provenance, indent=1, default=str))
 design = report.study_design(results, improvements)
 design.to_csv(output_dir / "study_design.csv", index=False)
-banner = report.study_banner(design, power=verdicts["power"], description=provenance["study_parameters"].get("description", ""),
+banner = report.study_banner(design, power=verdicts["power"],
+                             description=provenance["study_parameters"].get("description", ""),
                              design_href=report.link(output_dir / "study_design.csv", report_dir))
 if banner is not None:
     display(banner)
@@ -187,8 +189,8 @@ else:
 # %% [markdown]
 # ## Improvements
 # Average over tasks per teacher -> student pair, in percentage points, a column per method
-# (every task is in the folded table and in `improvements.csv`). In study mode `improvement` is the mean over temperatures with
-# bootstrap 95% intervals over test examples (`ci_low`/`ci_high`, paired when
+# (every task is in the folded table and in `improvements.csv`). In study mode `improvement` is the mean over
+# temperatures with bootstrap 95% intervals over test examples (`ci_low`/`ci_high`, paired when
 # predictions exist; they do not cover seed-to-seed training variation);
 # `improvement_selected` is the honest "best temperature" estimate (chosen on half A of
 # every test set, measured on half B; needs predictions). Paper mode: the paper's
@@ -272,7 +274,8 @@ display(report.table(mixed))
 if len(mcnemar):
     mcnemar.to_csv(output_dir / "mcnemar.csv", index=False)
     agreement_mcnemar.to_csv(output_dir / "mcnemar_agreement.csv", index=False)
-    for table, what, name in ((mcnemar, "accuracy", "mcnemar.csv"), (agreement_mcnemar, "agreement with the teacher", "mcnemar_agreement.csv")):
+    for table, what, name in ((mcnemar, "accuracy", "mcnemar.csv"),
+                              (agreement_mcnemar, "agreement with the teacher", "mcnemar_agreement.csv")):
         display(report.fold(table, f"McNemar tests of KD vs SFT, {what}: {(table['pvalue_holm'] < 0.05).sum()} of "
                             f"{len(table)} with Holm-adjusted p < 0.05", output_dir / name, report_dir))
 else:

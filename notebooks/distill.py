@@ -34,7 +34,8 @@ beta = 0.5
 lmbda = 0.5
 gkd_max_new_tokens = 128
 seqkd_max_new_tokens = 128  # length of the teacher generations seqkd trains on
-distill_positions = None  # fkl / rkl: "paper" (every real position, the last too), "next_token" or "response"; None: the protocol's
+# fkl / rkl: "paper" (every real position, the last too), "next_token" or "response"; None: the protocol's
+distill_positions = None
 domain = "math"
 include_mawps = False
 mix = "llm_adapters"  # "llm_adapters": the authors' training data rebuilt (kd_utils.data); "design": the older mix

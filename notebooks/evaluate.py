@@ -33,7 +33,8 @@ temperature = None
 top_k = None
 seed = 0  # also the sampling seed
 protocol = "improved"  # prompt template, decoding, budgets, output cut (kd_utils.protocols)
-scoring = "generate"  # or "loglik": log-likelihood of the answer choices (multiple-choice tasks, kd_utils.choice_scoring)
+# "generate", or "loglik": log-likelihood of the answer choices (multiple-choice tasks, kd_utils.choice_scoring)
+scoring = "generate"
 loglik_metric = "acc_norm"  # loglik: the headline accuracy, "acc" (summed log-prob) or "acc_norm" (per character)
 dtype = None  # None: bfloat16 on GPUs that support it, float32 otherwise
 data_dir = None

@@ -16,7 +16,8 @@
 # %% [markdown]
 # # Fine-tuning (teacher task expert, or a student's SFT baseline)
 # LoRA (or full) fine-tuning on the decontaminated training mix with the protocol's Alpaca prompt;
-# prompt tokens are in the loss under `paper` (the authors' train_on_inputs), not under `improved`. A checkpoint is written after every epoch and a re-run resumes.
+# prompt tokens are in the loss under `paper` (the authors' train_on_inputs), not under `improved`.
+# A checkpoint is written after every epoch and a re-run resumes.
 
 # %% tags=["parameters"]
 model = "smollm2-135m-instruct"  # hub id, local directory, or the embedded default
@@ -50,8 +51,8 @@ num_processes = 1  # > 1: data parallel over this many GPUs (accelerate's notebo
 from kd_utils import plots, training
 
 summary = training.launch_training(
-    num_processes, model=model, output_dir=output_dir, method="sft", domain=domain, student_layers=student_layers, n_train=n_train,
-    include_mawps=include_mawps, mix=mix, data_dir=data_dir, epochs=epochs, batch_size=batch_size,
+    num_processes, model=model, output_dir=output_dir, method="sft", domain=domain, student_layers=student_layers,
+    n_train=n_train, include_mawps=include_mawps, mix=mix, data_dir=data_dir, epochs=epochs, batch_size=batch_size,
     micro_batch_size=micro_batch_size, lr=lr, max_length=max_length, lora=lora, lora_r=lora_r, lora_alpha=lora_alpha,
     lora_dropout=lora_dropout, lora_target_modules=lora_target_modules, warmup_ratio=warmup_ratio,
     val_fraction=val_fraction, max_steps=max_steps, seed=seed, protocol=protocol, warmup_steps=warmup_steps,

@@ -21,7 +21,8 @@ FIXTURES = {
     "boolq": ("Please answer the following question with true or false, question: is house tax and property tax "
               "are same?\n\nAnswer format: true/false", "true"),
     "piqa": ("Please choose the correct solution to the question: dresser\n\nSolution1: replace drawer with bobby "
-             "pin \n\nSolution2: finish, woodgrain with  bobby pin \n\nAnswer format: solution1/solution2", "solution2"),
+             "pin \n\nSolution2: finish, woodgrain with  bobby pin \n\nAnswer format: solution1/solution2",
+             "solution2"),
     "siqa": ("Please choose the correct answer to the question: Tracy didn't go home that evening and resisted "
              "Riley's attacks. What does Tracy need to do before this?\n\nAnswer1: make a new plan Answer2: Go home "
              "and see Riley Answer3: Find somewhere to go\n\nAnswer format: answer1/answer2/answer3", "answer3"),

@@ -206,7 +206,8 @@ def test_cache_is_used_when_nothing_else_is_there(local_server, tmp_path, monkey
     monkeypatch.setenv("KD_DATA_MIRROR", url)
     monkeypatch.delenv("KD_DATA_DIR", raising=False)
     monkeypatch.setattr(data_files, "PROJECT_ROOT", tmp_path / "no-project")  # no ../shared/data beside it
-    monkeypatch.setitem(data.MANIFEST, "llm-adapters/SVAMP/test.json", (len(payload), hashlib.sha256(payload).hexdigest()))
+    monkeypatch.setitem(data.MANIFEST, "llm-adapters/SVAMP/test.json",
+                        (len(payload), hashlib.sha256(payload).hexdigest()))
     examples = data.load_task("svamp")
     assert len(examples) == 1 and (tmp_path / "kdcache" / "data" / "llm-adapters" / "SVAMP" / "test.json").is_file()
 

@@ -8,8 +8,9 @@ RUN (cheap):
     it calls; every `--option` the command passes must appear in that help;
   - `python -m kd_utils.study run P --dry-run` for P in DRY_RUN (test_dry_run_commands_run);
   - every params/ file a command names (`kd_utils.study run P`, `make study STUDY=P`) is loaded and validated
-    (`kd_utils.params.load_study`), which is the runner's first step; its dry run is not executed where it is outside DRY_RUN (the paper
-    grids' dry runs ask the hub for tokenizers, the larger studies take ~10 s to count tokens).
+    (`kd_utils.params.load_study`), which is the runner's first step; its dry run is not executed where it is
+    outside DRY_RUN (the paper grids' dry runs ask the hub for tokenizers, the larger studies take ~10 s to
+    count tokens).
 CHECKED only (too costly here, or they need a GPU, a cluster or the network):
   - `make TARGET`: the target is in the Makefile (make study / test / paper / mutation / setup / gpu-rehearsal);
   - `kd_utils.study run` without --dry-run, `kd_utils.costs calibrate`, `kd_utils.report paper`,

@@ -202,7 +202,8 @@ def test_fidelity_joins_improvements(study):
     mean = st.attach_fidelity(st.improvement_table(results, temperature="mean"), table)
     runs_of = table[(table["student"] == "stu-135M") & (table["method"] == "fkl") & (table["noise_sigma"] == 0)
                     & (table["teacher"] == "teach-1.7B")]
-    pick = mean[(mean["student"] == "stu-135M") & (mean["method"] == "fkl") & (mean["domain"] == "math")].set_index("task")
+    pick = mean[(mean["student"] == "stu-135M") & (mean["method"] == "fkl")
+                & (mean["domain"] == "math")].set_index("task")
     assert pick.loc["gsm8k", "error_consistency"] == pytest.approx(
         runs_of.loc[runs_of["task"] == "gsm8k", "error_consistency"].mean())
     assert pick.loc["average", "agreement"] == pytest.approx(

@@ -53,7 +53,8 @@ def test_shape_messages_name_the_argument_and_the_expected_shape():
         reverse_kl(s, torch.randn(3, 5, 12), mask)
     with raises_exactly("mask must be bool or hold only 0 and 1"):
         forward_kl(s, t, mask.long() * 2)
-    with raises_exactly("student_logits must be a floating [B, T, V] tensor, got shape (3, 5, 11) and dtype torch.int64"):
+    with raises_exactly("student_logits must be a floating [B, T, V] tensor, "
+                        "got shape (3, 5, 11) and dtype torch.int64"):
         forward_kl(s.long(), t, mask)  # three dimensions, but not floating
 
 

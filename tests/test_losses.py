@@ -213,7 +213,8 @@ def test_bad_inputs():
     for beta in (-0.1, 1.1, float("nan")):
         with pytest.raises(ValueError, match="beta"):
             generalized_jsd(s, t, mask, beta=beta)
-    with pytest.raises(ValueError, match=r"teacher_logits shape \(3, 5, 12\).*student_logits shape \(3, 5, 11\).*align_vocab"):
+    with pytest.raises(ValueError,
+                       match=r"teacher_logits shape \(3, 5, 12\).*student_logits shape \(3, 5, 11\).*align_vocab"):
         forward_kl(s, torch.randn(3, 5, 12), mask)
     with pytest.raises(ValueError, match="teacher_logits shape"):
         forward_kl(s, t[:2], mask)

@@ -170,7 +170,8 @@ def test_slurm_resources_are_per_stage_over_the_defaults(tmp_path):
     with pytest.raises(params.ParamsError) as err:
         params.load_study(write(tmp_path, {"study": "x", "models": {"students": [{"name": "s", "layers": 1}]},
                                            "execution": {"slurm": {"partition": "gpu", "mem_gb": 64},
-                                                         "slurm_resources": {"evaluation": {}, "eval": {"mem_gb": "a"}}}}))
+                                                         "slurm_resources": {"evaluation": {},
+                                                                             "eval": {"mem_gb": "a"}}}}))
     text = str(err.value)
     assert "execution.slurm.mem_gb: resources are set per stage, under execution.slurm_resources.<stage>.mem_gb" in text
     assert "execution.slurm_resources.evaluation: unknown key" in text

@@ -24,7 +24,8 @@ def test_the_authors_training_prompt_byte_for_byte():
         "Write a response that appropriately completes the request. \n\n"
         f"{SP}### Instruction:\n{SP}Add.\n{SP}\n{SP}### Input:\n{SP}2 and 3\n{SP}\n{SP}### Response:\n{SP}")
     assert build_prompt("Add 2 and 3.", "", "paper_train") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n\n"
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.  \n\n"
         f"{SP}### Instruction:\n{SP}Add 2 and 3.\n{SP}\n{SP}### Response:\n{SP}")
 
 

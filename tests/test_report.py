@@ -203,7 +203,8 @@ def test_findings_block_renders_each_verdict_with_its_numbers():
     supported, not_supported, not_testable = _blocks(body)
     assert supported.startswith("kd-supported")
     assert "<b>H1_improvement_ttest</b>: KD improves the student over its SFT baseline" in supported
-    assert "<span class=\"kd-verdict\">supported</span> <span class=\"kd-meta\">(p (Holm) = 0.0012 &lt; 0.05)" in supported
+    assert ("<span class=\"kd-verdict\">supported</span> "
+            "<span class=\"kd-meta\">(p (Holm) = 0.0012 &lt; 0.05)" in supported)
     assert ("mean improvement (pp) +3.21 (interval +1.05 to +5.40); p &lt; 0.001 (Holm = 0.001), power 0.93 for a "
             "3-point gain; n = 9 pairs.") in supported
     assert "Test: one-sided t-test over teacher-student pairs." in supported

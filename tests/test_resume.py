@@ -43,8 +43,8 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(tiny_model_dir, stud
     def run(name: str, **kwargs) -> dict:
         teacher, tok = models.load_model(tiny_model_dir)
         student, _ = models.load_model(student_dir)
-        return training.train(student, tok, mix[:8], config, tmp_path / name, teacher=teachers.OnlineTeacher(teacher, tok),
-                              **kwargs)
+        return training.train(student, tok, mix[:8], config, tmp_path / name,
+                              teacher=teachers.OnlineTeacher(teacher, tok), **kwargs)
 
     full = run("full")
     with pytest.raises(Killed):

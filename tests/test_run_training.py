@@ -54,7 +54,8 @@ def fakes(monkeypatch) -> SimpleNamespace:
         calls.student.append((base, keep_layers, target))
         return target
 
-    def teacher_rationales(teacher, tokenizer, examples, max_new_tokens=256, batch_size=16, protocol="improved", precision="fp32"):
+    def teacher_rationales(teacher, tokenizer, examples, max_new_tokens=256, batch_size=16, protocol="improved",
+                           precision="fp32"):
         calls.rationales.append((teacher, tokenizer, examples, max_new_tokens, batch_size, protocol))
         return list(RATIONALES)
 

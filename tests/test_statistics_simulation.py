@@ -26,7 +26,8 @@ ALPHA = 0.05
 
 def upper(row: pd.Series) -> float:
     """alpha plus 3 standard errors: the larger of the cluster SE and the binomial SE of this many tests."""
-    return ALPHA + 3 * max(row["se"] if not math.isnan(row["se"]) else 0.0, math.sqrt(ALPHA * (1 - ALPHA) / row["tests"]))
+    return ALPHA + 3 * max(row["se"] if not math.isnan(row["se"]) else 0.0,
+                           math.sqrt(ALPHA * (1 - ALPHA) / row["tests"]))
 
 
 @pytest.fixture(scope="module")

@@ -127,7 +127,8 @@ def test_monte_carlo_p_values_are_reproducible():
     x, y = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], [3.0, 1.0, 6.0, 2.0, 8.0, 4.0, 5.0, 7.0]  # 8! orders
     assert (st.permutation_spearman(x, y, n_resamples=2000)["pvalue"]
             == st.permutation_spearman(x, y, n_resamples=2000)["pvalue"])
-    assert st.spearman_permutation_pvalue(x, y, n_resamples=2000) == st.spearman_permutation_pvalue(x, y, n_resamples=2000)
+    assert (st.spearman_permutation_pvalue(x, y, n_resamples=2000)
+            == st.spearman_permutation_pvalue(x, y, n_resamples=2000))
     # and the seed reaches the draws
     assert st.spearman_permutation_pvalue(x, y, n_resamples=2000, seed=5) != st.spearman_permutation_pvalue(
         x, y, n_resamples=2000)

@@ -36,7 +36,8 @@ def test_smoke_study_end_to_end(finished):
     # the small files a committed study keeps: per-example correctness of every row, the analysis tables
     export = pd.read_csv(study_dir / "correctness.csv.gz")
     assert len(export) == results["n"].sum() and set(export["run_id"]) == set(results["run_id"])
-    assert (study_dir / "analysis" / "verdicts.csv").is_file() and (study_dir / "analysis" / "provenance.json").is_file()
+    assert (study_dir / "analysis" / "verdicts.csv").is_file()
+    assert (study_dir / "analysis" / "provenance.json").is_file()
     assert set(results["scoring"]) == {"generate"}
 
 
@@ -90,4 +91,5 @@ def test_every_planned_parameter_is_a_notebook_parameter(name):
     for run in study.plan(params):
         if run.notebook not in declared:
             declared[run.notebook] = set(papermill.inspect_notebook(str(study.NOTEBOOKS / run.notebook)))
-        assert set(run.parameters) <= declared[run.notebook], (run.notebook, set(run.parameters) - declared[run.notebook])
+        assert set(run.parameters) <= declared[run.notebook], (
+            run.notebook, set(run.parameters) - declared[run.notebook])

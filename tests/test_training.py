@@ -43,7 +43,8 @@ def test_finetune_lowers_validation_loss_and_resumes_identically(tiny_model_dir,
 
     model, tok = models.load_model(tiny_model_dir)
     with pytest.raises(Killed):
-        training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "resumed", on_epoch_end=kill_after_first_epoch)
+        training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "resumed",
+                       on_epoch_end=kill_after_first_epoch)
     assert not (tmp_path / "resumed" / "model").exists()
     model, tok = models.load_model(tiny_model_dir)
     resumed = training.train(model, tok, mix, tiny_config(epochs=3), tmp_path / "resumed")
@@ -60,7 +61,8 @@ def test_same_seed_gives_identical_losses(tiny_model_dir, mix, tmp_path):
     assert runs[0]["history"] == runs[1]["history"]
     assert (tmp_path / "a" / "adapter" / "adapter_config.json").is_file()
     adapter = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
+    assert adapter["r"] == 4
+    assert set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "up_proj", "down_proj"}
 
 
 @pytest.mark.parametrize("method", ["fkl", "rkl", "gkd"])
@@ -139,10 +141,12 @@ def test_finetune_then_distill_notebooks(tiny_model_dir, data_dir, tmp_path):
     summary = json.loads((tmp_path / "student" / "train_summary.json").read_text())
     assert summary["method"] == "rkl" and summary["base_model"].endswith("student-tiny-L1")
     assert (tmp_path / "student" / "figures" / "losses.png").is_file()
-    # values recomputed from the inputs: the fixture's 9 GSM8K rows less 1 planted duplicate, 2 held out, 6 / 2 = 3 steps
+    # values recomputed from the inputs: the fixture's 9 GSM8K rows less 1 planted duplicate, 2 held out,
+    # 6 / 2 = 3 steps
     from known_outputs import check_training_notebook
 
-    for executed, run, base in (("ft.ipynb", "teacher", tiny_model_dir), ("kd.ipynb", "student", summary["base_model"])):
+    for executed, run, base in (("ft.ipynb", "teacher", tiny_model_dir),
+                                ("kd.ipynb", "student", summary["base_model"])):
         checked = check_training_notebook(tmp_path / executed, tmp_path / run, base, data_dir, 0.25, 96)
         assert checked["n_train"] == 8 and [h["step"] for h in checked["history"]] == [0, 3]
 
@@ -158,7 +162,8 @@ def test_script_entry_point_runs_a_study_runs_params_file(tiny_model_dir, data_d
                 "n_train": 8, "output_dir": str(tmp_path / "unused")}
     params = tmp_path / "params.json"
     params.write_text(json.dumps({"run": {"stage": "student"}, "resolved": resolved}))
-    done = subprocess.run([sys.executable, "-m", "kd_utils.training", str(params), "--output-dir", str(tmp_path / "out")],
+    done = subprocess.run([sys.executable, "-m", "kd_utils.training", str(params),
+                           "--output-dir", str(tmp_path / "out")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "train_summary.json").read_text())["n_train"] == 8

@@ -255,8 +255,8 @@ def test_sft_run_under_the_paper_protocol_with_lora(tiny_model_dir, mix, tmp_pat
     Validated per epoch (eval_steps switched off): the best epoch is kept."""
     out = tmp_path / "out"
     model, tok = models.load_model(tiny_model_dir)
-    config = TrainConfig(method="sft", protocol="paper[eval_steps=null]", epochs=2, batch_size=2, micro_batch_size=2, lr=1e-2,
-                         max_length=24, lora=True, lora_r=2, seed=0)
+    config = TrainConfig(method="sft", protocol="paper[eval_steps=null]", epochs=2, batch_size=2, micro_batch_size=2,
+                         lr=1e-2, max_length=24, lora=True, lora_r=2, seed=0)
     # the untrained model scores best: the kept epoch is still the best trained one
     rec = Recorders(monkeypatch, [0.5, *SCRIPTED_VAL[1:]])
     with contextlib.redirect_stderr(io.StringIO()):
@@ -322,7 +322,8 @@ def test_paper_validates_every_eval_steps_and_keeps_the_best_step(tiny_model_dir
     step_dirs = [out / "checkpoints" / f"step-{s}" / "adapter" for s in (3, 6)]
     assert [d in saved for d in step_dirs] == [True, True]  # each improvement was written when it happened
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == saved[step_dirs[1]] != saved[step_dirs[0]]
-    assert saved[step_dirs[1]] != (out / "checkpoints" / "epoch-2" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert saved[step_dirs[1]] != (out / "checkpoints" / "epoch-2" / "adapter"
+                                   / "adapter_model.safetensors").read_bytes()
     assert not step_dirs[0].exists() and step_dirs[1].exists()  # the kept step stays, the others are cleared
     assert len(rec.val_calls) == 5 and [h["val_loss"] for h in result["history"]] == [5.0, 0.5, 0.4]
 
@@ -580,7 +581,8 @@ def test_the_protocols_precision_reaches_accelerate(tiny_model_dir, mix, tmp_pat
 
 
 def test_bf16_on_a_gpu_without_it_is_refused_naming_the_switch(monkeypatch):
-    """An explicit bf16 is refused there (auto falls back to fp32, see test_the_protocols_precision_reaches_accelerate)."""
+    """An explicit bf16 is refused there (auto falls back to fp32, see
+    test_the_protocols_precision_reaches_accelerate)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(ValueError, match=re.escape("this GPU has no bf16; switch it with precision=fp32")):

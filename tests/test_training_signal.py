@@ -140,7 +140,8 @@ def reference_kd(method: str, s: torch.Tensor, t: torch.Tensor, mask: list[list[
         terms = [per_pos[b, i] for b, row in enumerate(mask) for i, m in enumerate(row) if m]
         return torch.stack(terms).mean().item()
     per_pos = kl(logp, logq) if method == "fkl" else kl(logq, logp)
-    rows = [torch.stack([per_pos[b, i] for i, m in enumerate(row) if m]).mean() for b, row in enumerate(mask) if any(row)]
+    rows = [torch.stack([per_pos[b, i] for i, m in enumerate(row) if m]).mean()
+            for b, row in enumerate(mask) if any(row)]
     return tau**2 * torch.stack(rows).mean().item()
 
 
@@ -156,7 +157,8 @@ def test_training_loss_is_ce_plus_kd_computed_by_hand(method, protocol):
     config = TrainConfig(method=method, protocol=protocol, temperature=2.0, kd_weight=0.25)
     s, t = logits(1, vocab=13), logits(2, vocab=13)
     loss, ce, kd = objectives.training_loss(s, BATCHES[protocol], t, config=config, vocab_size=11)
-    expected_kd = reference_kd(method, s[..., :11], t[..., :11], KD_MASKS[method, protocol], tau=KD_TAU[method, protocol])
+    expected_kd = reference_kd(method, s[..., :11], t[..., :11], KD_MASKS[method, protocol],
+                               tau=KD_TAU[method, protocol])
     expected_ce = reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol])
     assert kd.double().item() == pytest.approx(expected_kd, rel=1e-5)
     assert ce.double().item() == pytest.approx(expected_ce, rel=1e-6)
@@ -169,7 +171,8 @@ def test_sft_and_seqkd_train_on_the_cross_entropy_alone(method, protocol):
     s = logits(1)
     loss, ce, kd = objectives.training_loss(s, BATCHES[protocol], None,
                                             config=TrainConfig(method=method, protocol=protocol), vocab_size=11)
-    assert loss.item() == ce.item() == pytest.approx(reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol]), rel=1e-6)
+    assert loss.item() == ce.item() == pytest.approx(reference_ce(s, LABELS[protocol], CE_POSITIONS[protocol]),
+                                                     rel=1e-6)
     assert kd.item() == 0.0
 
 
@@ -215,7 +218,8 @@ def test_paper_fkl_rkl_equal_the_authors_losses_with_the_last_position(method, t
         assert ours.double().item() == pytest.approx(theirs.item(), rel=1e-6)
         # the last position matters: dropping it (next_token) gives another value
         dropped = TrainConfig(method=method, protocol="paper[kd_positions=next_token]", temperature=temperature)
-        other = objectives.kd_loss(s, t, objectives.distill_mask(BATCHES["paper"], dropped), config=dropped, vocab_size=11)
+        other = objectives.kd_loss(s, t, objectives.distill_mask(BATCHES["paper"], dropped), config=dropped,
+                                   vocab_size=11)
         assert other.double().item() != pytest.approx(theirs.item(), rel=1e-5)
 
 

@@ -189,7 +189,8 @@ def load_paper_fidelity(paper_dir: str | Path, method: str = "KD") -> pd.DataFra
     out = pd.concat(frames, ignore_index=True)
     if "bleu" not in out:
         out["bleu"] = math.nan
-    return sort_rows(out[["domain", "teacher", "student", "task", "agreement", "bleu"]], ["domain", "teacher", "student", "task"])
+    return sort_rows(out[["domain", "teacher", "student", "task", "agreement", "bleu"]],
+                     ["domain", "teacher", "student", "task"])
 
 
 def paper_improvements(paper_dir: str | Path, temperature: str | float = "best") -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -119,7 +119,8 @@ def split_estimates(results: pd.DataFrame, improvements: pd.DataFrame, split: pd
                .reset_index())
     domain_tasks = results[results["task"] != "average"].groupby("domain")["task"].nunique()
     unit = ["domain", "teacher", "student", "method"]
-    complete = by_temp.groupby(unit + ["temperature"])["task"].transform("nunique") == by_temp["domain"].map(domain_tasks)
+    complete = (by_temp.groupby(unit + ["temperature"])["task"].transform("nunique")
+                == by_temp["domain"].map(domain_tasks))
     average = (by_temp[complete].groupby(unit + ["temperature"])
                .agg({"kd_a": "mean", "kd_b": "mean", "kd_est": "mean", "sft_a": "mean", "sft_b": "mean",
                      "examples": "all"}).reset_index().assign(task="average"))

@@ -174,7 +174,8 @@ def run_module(module: str, tests: list[str], settings: dict, equivalents: dict[
     for name, code in sorted(mutant_results(scratch, module).items()):
         status = status_by_exit_code[code]
         if status == "not checked":
-            raise SystemExit(f"{name} was not checked: the mutmut run did not finish (see {scratch / 'mutmut-run.log'})")
+            raise SystemExit(f"{name} was not checked: the mutmut run did not finish "
+                             f"(see {scratch / 'mutmut-run.log'})")
         result.counts[status] = result.counts.get(status, 0) + 1
         if status in DETECTED:
             continue
