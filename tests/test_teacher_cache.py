@@ -5,8 +5,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_utils import (batches, cache_encoding, cache_writer, id_codes, losses, models, objectives, teacher_cache, teachers,
-                      training)
+from kd_utils import (
+    batches,
+    cache_encoding,
+    cache_writer,
+    id_codes,
+    losses,
+    models,
+    objectives,
+    teacher_cache,
+    teachers,
+    training,
+)
 from kd_utils.data import mix_fingerprint
 from kd_utils.models import ModelError
 
