@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from kd_utils.constants import PROJECT_ROOT
 from kd_utils.io import write_atomic
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("train", "forward", "generate")
 
 

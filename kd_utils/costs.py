@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from kd_utils import cache_config
 from kd_utils.cost_table import (  # noqa: F401 - the table's names, importable from here as before
     KINDS,
     PROJECT_ROOT,
@@ -40,7 +41,7 @@ from kd_utils.cost_table import (  # noqa: F401 - the table's names, importable 
     table_device,
 )
 
-TEACHER_CACHE_BATCH = 8  # teacher_cache.ipynb's batch_size (the study does not set it)
+TEACHER_CACHE_BATCH = cache_config.defaults()["batch_size"]  # the study does not set the cache's batch size
 
 
 @dataclass

@@ -18,11 +18,11 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 
+from kd_utils.constants import PROJECT_ROOT
 from kd_utils.io import write_atomic
 from kd_utils.plan import Run, resolve
 from kd_utils.run_records import record_outputs, write_status
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
 
 
