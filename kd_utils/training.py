@@ -414,5 +414,15 @@ def main(argv: list[str] | None = None) -> None:
     run_from_params_file(run_training, argv, "python -m kd_utils.training")
 
 
+_MOVED = {"distill_mask": "kd_utils.objectives", "kd_loss": "kd_utils.objectives", "METHODS": "kd_utils.constants",
+          "PAPER_NAMES": "kd_utils.constants (as PAPER_METHOD_NAMES)"}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"kd_utils.training.{name} moved to {_MOVED[name]}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 if __name__ == "__main__":
     main()

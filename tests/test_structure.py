@@ -179,3 +179,17 @@ def test_the_graph_sees_deferred_relative_and_parent_package_imports(tmp_path, m
     assert graph["kd_utils.c"] == {"kd_utils.sub.inner", "kd_utils.sub"}
     assert graph["kd_utils.lone.leaf"] == {"kd_utils.lone.twig"}
     assert import_circles(graph) == [["kd_utils.a", "kd_utils.b"], ["kd_utils.c", "kd_utils.sub", "kd_utils.sub.other"]]
+
+
+def test_a_name_that_moved_says_where_it_went():
+    import importlib
+
+    import pytest
+
+    for module, name, where in [("kd_utils.training", "distill_mask", "kd_utils.objectives"),
+                                ("kd_utils.training", "PAPER_NAMES", "kd_utils.constants"),
+                                ("kd_utils.statistics.simulation", "study_outcomes", "kd_utils.pipeline_simulation")]:
+        with pytest.raises(AttributeError, match=where):
+            getattr(importlib.import_module(module), name)
+        with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+            _ = importlib.import_module(module).no_such_name
