@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # CPU machines get the CPU build of torch (served locally on our CI machines);
-# GPU users: make setup TORCH_SPEC="torch" (or a CUDA index URL, see README).
+# GPU users: make setup TORCH_SPEC="torch" (or a CUDA index URL, see docs/cluster.md).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STUDY ?= params/default.yaml
 PYTEST_ARGS ?=
@@ -30,6 +30,7 @@ paper: setup
 	$(PY) -m kd_utils.report paper
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Mutation testing (not part of `make test`): scores per module, see tests/mutation/run.py.
