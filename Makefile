@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # CPU machines get the CPU build of torch (served locally on our CI machines);
-# GPU users: make setup TORCH_SPEC="torch" (or a CUDA index URL, see docs/cluster.md).
+# GPU users: make setup TORCH_SPEC="torch" (or a CUDA index URL, see docs/studies.md).
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
 STUDY ?= params/default.yaml
 PYTEST_ARGS ?=
