@@ -2,9 +2,9 @@
 run them: on this machine (:class:`LocalExecutor`), or as submitit jobs on Slurm or locally (:class:`SubmititExecutor`).
 
 An executor has ``submit(run, study_dir, dep_jobs)``, ``attach(status, study_dir)`` (the job of a run an earlier
-submission queued), ``wait_any(jobs)``, ``result(job)`` (the run's status), ``cancel(job)``, and says whether it
-queues dependents behind their dependencies' jobs (``submits_with_dependencies``) and how many runs it takes at
-once (``capacity``, None: no limit).
+submission queued), ``wait_any(jobs)``, ``result(job)`` (the run's status), ``cancel(job)`` and ``close()`` (at the
+end of a submission), and says whether it queues dependents behind their dependencies' jobs
+(``submits_with_dependencies``) and how many runs it takes at once (``capacity``, None: no limit).
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ from pathlib import Path
 
 from kd_utils.constants import PROJECT_ROOT
 from kd_utils.io import write_atomic
+from kd_utils.kernels import WarmKernels, notebook_modules
 from kd_utils.plan import Run, resolve
 from kd_utils.run_records import record_outputs, write_status
 
 NOTEBOOKS = PROJECT_ROOT / "notebooks"
+KERNEL_READY_TIMEOUT_S = 900
 
 
-def execute_run(run: Run, study_dir: str | Path) -> dict:
-    """Execute one run's notebook into its run directory; the status records success or the error."""
+def execute_run(run: Run, study_dir: str | Path, kernels: WarmKernels | None = None) -> dict:
+    """Execute one run's notebook into its run directory; the status records success or the error.
+
+    ``kernels``: where to take a started kernel from (shut down after the run); None: papermill starts one."""
     import papermill as pm
 
     from kd_utils.report import notebook_to_html
@@ -43,9 +47,13 @@ def execute_run(run: Run, study_dir: str | Path) -> dict:
     write_status(run_dir, state="running", started=started, label=run.label, **job)
     executed = run_dir / run.notebook
     partial = run_dir / f".partial.{run.notebook}"  # ends in .ipynb, as papermill expects
+    kernel = None
     try:
+        kernel = kernels.take() if kernels is not None else None
+        # a warm kernel may still be importing: its start-up waits for that, not the default 60 s
         pm.execute_notebook(str(NOTEBOOKS / run.notebook), str(partial), parameters=parameters,
-                            cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3")
+                            cwd=str(PROJECT_ROOT), progress_bar=False, kernel_name="python3",
+                            **({"km": kernel, "start_timeout": KERNEL_READY_TIMEOUT_S} if kernel else {}))
         partial.replace(executed)
         notebook_to_html(executed, executed.with_suffix(".html"))
         hashing = time.time()  # hashed here, where they were written: a rerun verifies them before reusing them
@@ -56,21 +64,31 @@ def execute_run(run: Run, study_dir: str | Path) -> dict:
         status = {"state": "failed", "started": started, "seconds": time.time() - started, "label": run.label,
                   "error": f"{type(err).__name__}: {getattr(err, 'evalue', None) or err}",
                   "traceback": traceback.format_exc(), **job}
+    finally:
+        if kernel is not None:
+            kernel.close()
     write_status(run_dir, **status)
     return status
 
 
 class LocalExecutor:
-    """Runs on this machine, ``parallel`` independent runs at a time (each notebook has its own kernel)."""
+    """Runs on this machine, ``parallel`` independent runs at a time. Each notebook has its own kernel, started
+    while the run before it executed (:class:`~kd_utils.kernels.WarmKernels`)."""
 
     submits_with_dependencies = False
 
     def __init__(self, parallel: int = 1):
         self.capacity = max(1, parallel)  # execute() submits no more: a queued run could not be overtaken
         self.pool = ThreadPoolExecutor(max_workers=self.capacity)
+        self.kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT)
 
     def submit(self, run: Run, study_dir: Path, dep_jobs: list):
-        return self.pool.submit(execute_run, run, study_dir)
+        return self.pool.submit(execute_run, run, study_dir, self.kernels)
+
+    def close(self) -> None:
+        """Shut down the kernel started for a run that never came."""
+        self.pool.shutdown(wait=True)
+        self.kernels.close()
 
     @staticmethod
     def attach(status: dict, study_dir: Path):
@@ -183,3 +201,6 @@ class SubmititExecutor:
 
     def cancel(self, job) -> None:
         job.cancel(check=False)
+
+    def close(self) -> None:
+        """Nothing to release: each job runs in a process of its own."""

@@ -338,23 +338,26 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     executor = (LocalExecutor(execution["parallel"]) if name == "local" else
                 SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", execution["slurm"],
                                  execution["slurm_resources"]))
-    statuses = check_runs(runs, study_dir)  # read under the lock: no other submission changes them now
-    if note := unverified_note(statuses):
-        print(note)
-    selected = [r for r in runs if only in (None, r.stage)]
-    statuses = execute(selected, study_dir, executor, statuses)
-    if only in (None, "analysis"):
-        try:
-            results = collect_results(params, runs, statuses, study_dir)
-        except OutputsChanged as err:  # changed while the study ran: the analysis must not read them
-            print(f"not analysed: {err}", file=sys.stderr)
-            return 1
-        analysis = analysis_run(params, results)
-        statuses = execute([analysis], study_dir, executor, statuses)
-        html = study_dir / "runs" / analysis.id / "analysis.html"
-        if statuses[analysis.id]["state"] == "done":
-            write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
-            keep_analysis_tables(study_dir / "runs" / analysis.id, study_dir / "analysis")
+    try:
+        statuses = check_runs(runs, study_dir)  # read under the lock: no other submission changes them now
+        if note := unverified_note(statuses):
+            print(note)
+        selected = [r for r in runs if only in (None, r.stage)]
+        statuses = execute(selected, study_dir, executor, statuses)
+        if only in (None, "analysis"):
+            try:
+                results = collect_results(params, runs, statuses, study_dir)
+            except OutputsChanged as err:  # changed while the study ran: the analysis must not read them
+                print(f"not analysed: {err}", file=sys.stderr)
+                return 1
+            analysis = analysis_run(params, results)
+            statuses = execute([analysis], study_dir, executor, statuses)
+            html = study_dir / "runs" / analysis.id / "analysis.html"
+            if statuses[analysis.id]["state"] == "done":
+                write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
+                keep_analysis_tables(study_dir / "runs" / analysis.id, study_dir / "analysis")
+    finally:
+        executor.close()
     failed = {rid: s for rid, s in statuses.items() if s["state"] in ("failed", "skipped")}
     done = sum(s["state"] == "done" for s in statuses.values())
     print(f"\n{params['study']}: {done} runs done, {len(failed)} failed or skipped; outputs in {study_dir}")

@@ -13,7 +13,7 @@ def test_evaluations_overtake_trainings_that_wait(monkeypatch, tmp_path):
     order: list[str] = []
     lock = threading.Lock()
 
-    def fake_execute_run(run: Run, study_dir) -> dict:
+    def fake_execute_run(run: Run, study_dir, kernels=None) -> dict:
         with lock:
             order.append(run.label)
         return {"state": "done", "label": run.label}
@@ -35,7 +35,7 @@ def test_no_more_submitted_than_run_at_once(monkeypatch, tmp_path):
     outstanding, peak = [0], [0]
     lock = threading.Lock()
 
-    def fake_execute_run(run: Run, study_dir) -> dict:
+    def fake_execute_run(run: Run, study_dir, kernels=None) -> dict:
         time.sleep(0.02)
         with lock:
             outstanding[0] -= 1
