@@ -4,9 +4,10 @@ Calibration (``python -m kd_utils.costs calibrate``) measures tokens/s of three 
 device (``cpu`` or the CUDA device name) for layer subsets of the embedded model (so several model sizes) and a
 few batch sizes: ``train`` (forward + backward of a LoRA model, non-pad tokens), ``forward`` (no-grad forward:
 teacher targets, the teacher cache, validation, evaluation prompts) and ``generate`` (new tokens of greedy
-decoding with the KV cache, all sequences of a batch counted). It also times the fixed cost of one run as the
-study runner pays it: papermill executing a notebook that imports the package and loads the model, then the
-HTML export. The table is cached as JSON, one entry per device kind, at ``KD_COST_TABLE`` or
+decoding with the KV cache, all sequences of a batch counted), each in the precision ``auto`` gives on that device
+(recorded with the table). It also times the fixed cost of one run as the local runner pays it: papermill
+executing, in a kernel started ahead (whose imports overlap the run before), a notebook that imports the package
+and loads the model, then the HTML export. The table is cached as JSON, one entry per device kind, at ``KD_COST_TABLE`` or
 ``outputs/cost_table.json``. Rates are interpolated linearly in log(parameters) and log(batch) between
 measured points.
 """
@@ -167,13 +168,15 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
     """Measure the table on this device for layer subsets of the embedded model."""
     import torch
 
-    from kd_utils import models
+    from kd_utils import models, precision
     from kd_utils.training import TrainConfig, wrap_lora
 
     device = models.default_device()
     dtype = models.default_dtype()
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else torch.autocast("cpu", enabled=False))
+    resolved = precision.resolve("auto", device)  # what runs use by default on this device
+
+    def autocast():
+        return precision.autocast(resolved, device)
     base, tokenizer = models.load_model(models.EMBEDDED_MODEL)
     total_layers = base.config.num_hidden_layers
     entries = []
@@ -184,7 +187,7 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
         net = net.to(device=device, dtype=dtype).eval()
         for batch in train_batches:
             ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen).to(device)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), autocast():
                 secs = _timed(lambda: net(input_ids=ids).logits, rounds)
             entries.append({"kind": "forward", "n_params": n_params, "batch": batch,
                             "tokens_per_s": ids.numel() / secs})
@@ -194,7 +197,7 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
             ids = torch.randint(0, len(tokenizer), (batch, seq_len), generator=gen).to(device)
 
             def step():
-                with autocast:
+                with autocast():
                     loss = torch.nn.functional.cross_entropy(lora(input_ids=ids).logits.flatten(0, 1).float(),
                                                              ids.flatten())
                 loss.backward()
@@ -207,7 +210,7 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
             ids = torch.randint(0, len(tokenizer), (batch, 64), generator=gen).to(device)
             kwargs = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
                       "pad_token_id": tokenizer.pad_token_id, "use_cache": True}
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 secs = _timed(lambda: net.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs),
                               rounds)
             entries.append({"kind": "generate", "n_params": n_params, "batch": batch,
@@ -217,18 +220,23 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
             flush=True)
     overhead = run_overhead_seconds(rounds)
     return CostTable(device_kind(), entries, overhead), {"seq_len": seq_len, "new_tokens": new_tokens,
-                                                        "rounds": rounds, "torch": torch.__version__}
+                                                        "rounds": rounds, "torch": torch.__version__,
+                                                        "precision": resolved}
 
 
 def run_overhead_seconds(rounds: int = 1) -> float:
-    """What every run of a study pays besides its tokens, as ``study.execute_run`` pays it: papermill starting a
-    kernel that imports training and loads the embedded model, then the executed notebook's HTML export.
-    Median seconds over ``rounds`` runs."""
+    """What every run of a study pays besides its tokens, as the local runner pays it: papermill executing, in a
+    kernel started while the run before it executed, a notebook that imports training and loads the embedded
+    model, then the executed notebook's HTML export. The kernel's start-up imports are not counted (they overlap
+    the run before; the next run's kernel imports during this one, as in a study). Median seconds over ``rounds``
+    runs."""
     import tempfile
 
     import nbformat
     import papermill as pm
 
+    from kd_utils.executors import KERNEL_READY_TIMEOUT_S, NOTEBOOKS
+    from kd_utils.kernels import WarmKernels, notebook_modules
     from kd_utils.report import notebook_to_html
 
     code = ("import pandas as pd\n"
@@ -240,13 +248,22 @@ def run_overhead_seconds(rounds: int = 1) -> float:
                                                nbformat.v4.new_code_cell(code)])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     times = []
+    kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT)
     with tempfile.TemporaryDirectory() as tmp:
         source, executed = Path(tmp, "overhead.ipynb"), Path(tmp, "executed.ipynb")
         nbformat.write(notebook, str(source))
-        for _ in range(rounds):
-            start = time.perf_counter()
-            pm.execute_notebook(str(source), str(executed), parameters={}, cwd=str(PROJECT_ROOT),
-                                progress_bar=False, kernel_name="python3")
-            notebook_to_html(executed, executed.with_suffix(".html"))
-            times.append(time.perf_counter() - start)
+        try:
+            for _ in range(rounds):
+                kernel = kernels.take()
+                try:
+                    kernel.wait_ready(KERNEL_READY_TIMEOUT_S)
+                    start = time.perf_counter()
+                    pm.execute_notebook(str(source), str(executed), parameters={}, cwd=str(PROJECT_ROOT),
+                                        progress_bar=False, kernel_name="python3", km=kernel)
+                    notebook_to_html(executed, executed.with_suffix(".html"))
+                    times.append(time.perf_counter() - start)
+                finally:
+                    kernel.close()
+        finally:
+            kernels.close()
     return statistics.median(times)

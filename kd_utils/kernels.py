@@ -79,6 +79,12 @@ class WarmKernel(AsyncKernelManager):
         self.clients.append(kc)
         return kc
 
+    def wait_ready(self, timeout: float) -> None:
+        """Block until the kernel answers, that is, until its start-up imports are done."""
+        kc = self.client()
+        kc.start_channels()
+        run_sync(kc.wait_for_ready)(timeout=timeout)
+
     def close(self, now: bool = False) -> None:
         for kc in self.clients:
             kc.stop_channels()
