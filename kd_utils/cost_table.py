@@ -7,9 +7,9 @@ teacher targets, the teacher cache, validation, evaluation prompts) and ``genera
 decoding with the KV cache, all sequences of a batch counted), each in the precision ``auto`` gives on that device
 (recorded with the table). It also times the fixed cost of one run as the local runner pays it: papermill
 executing, in a kernel started ahead (whose imports overlap the run before), a notebook that imports the package
-and loads the model, then the HTML export. The table is cached as JSON, one entry per device kind, at ``KD_COST_TABLE`` or
-``outputs/cost_table.json``. Rates are interpolated linearly in log(parameters) and log(batch) between
-measured points.
+and loads the model, then the HTML export. The table is cached as JSON, one entry per device kind, at
+``KD_COST_TABLE`` or ``outputs/cost_table.json``. Rates are interpolated linearly in log(parameters) and
+log(batch) between measured points.
 """
 
 from __future__ import annotations

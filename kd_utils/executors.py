@@ -43,8 +43,10 @@ def execute_run(run: Run, study_dir: str | Path, kernels: WarmKernels | None = N
     parameters["output_dir"] = str(run_dir)
     write_atomic(run_dir / "params.json", json.dumps({"run": asdict(run), "resolved": parameters}, indent=1))
     started = time.time()
-    job = {"job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}
-    write_status(run_dir, state="running", started=started, label=run.label, **job)
+    extra = {"job_id": os.environ["SLURM_JOB_ID"]} if "SLURM_JOB_ID" in os.environ else {}
+    if kernels is not None and kernels.env:
+        extra["kernel_env"] = kernels.env  # e.g. the torch threads the local executor gave the run
+    write_status(run_dir, state="running", started=started, label=run.label, **extra)
     executed = run_dir / run.notebook
     partial = run_dir / f".partial.{run.notebook}"  # ends in .ipynb, as papermill expects
     kernel = None
@@ -58,17 +60,31 @@ def execute_run(run: Run, study_dir: str | Path, kernels: WarmKernels | None = N
         notebook_to_html(executed, executed.with_suffix(".html"))
         hashing = time.time()  # hashed here, where they were written: a rerun verifies them before reusing them
         outputs = record_outputs(run_dir)
-        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label, **job,
+        status = {"state": "done", "started": started, "seconds": time.time() - started, "label": run.label, **extra,
                   "hash_seconds": round(time.time() - hashing, 3), "outputs": outputs}
     except Exception as err:  # noqa: BLE001 - any failure of a run is recorded, not raised
         status = {"state": "failed", "started": started, "seconds": time.time() - started, "label": run.label,
                   "error": f"{type(err).__name__}: {getattr(err, 'evalue', None) or err}",
-                  "traceback": traceback.format_exc(), **job}
+                  "traceback": traceback.format_exc(), **extra}
     finally:
         if kernel is not None:
             kernel.close()
     write_status(run_dir, **status)
     return status
+
+
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch when a kernel imports it
+
+
+def run_threads(parallel: int, configured: int | None = None) -> int:
+    """Torch threads for each of ``parallel`` local runs: ``configured``; else ``$OMP_NUM_THREADS`` when set; else
+    the cores shared out among the runs. Each run's torch otherwise takes every core, and ``parallel`` runs that
+    each spread over all cores wait on one another at every barrier (docs/benchmarks.md measured 10x slower)."""
+    if configured is not None:
+        return configured
+    if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, (os.cpu_count() or 1) // max(1, parallel))
 
 
 class LocalExecutor:
@@ -77,10 +93,12 @@ class LocalExecutor:
 
     submits_with_dependencies = False
 
-    def __init__(self, parallel: int = 1):
+    def __init__(self, parallel: int = 1, threads_per_run: int | None = None):
         self.capacity = max(1, parallel)  # execute() submits no more: a queued run could not be overtaken
         self.pool = ThreadPoolExecutor(max_workers=self.capacity)
-        self.kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT)
+        self.threads = run_threads(self.capacity, threads_per_run)
+        self.kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT,
+                                   env={var: str(self.threads) for var in THREAD_VARIABLES})
 
     def submit(self, run: Run, study_dir: Path, dep_jobs: list):
         return self.pool.submit(execute_run, run, study_dir, self.kernels)

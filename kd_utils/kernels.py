@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import os
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -100,17 +101,19 @@ class WarmKernels:
     Starting a kernel only launches its process; :meth:`close` shuts down the spares that no run took.
     """
 
-    def __init__(self, modules: Iterable[str], cwd: str | Path, kernel_name: str = "python3", spares: int = 1):
+    def __init__(self, modules: Iterable[str], cwd: str | Path, kernel_name: str = "python3", spares: int = 1,
+                 env: dict[str, str] | None = None):
         self.lines = preload_lines(modules)
         self.cwd, self.kernel_name, self.spares = str(cwd), kernel_name, spares
+        self.env = env  # added to this process's environment for every kernel (read when the kernel starts)
         self.ready: list[WarmKernel] = []
         self.lock = threading.Lock()
         self.closed = False
 
     def start(self) -> WarmKernel:
         km = WarmKernel(kernel_name=self.kernel_name)
-        run_sync(km.start_kernel)(cwd=self.cwd, extra_arguments=[f"--IPKernelApp.exec_lines={line}"
-                                                                 for line in self.lines])
+        run_sync(km.start_kernel)(cwd=self.cwd, env={**os.environ, **(self.env or {})},
+                                  extra_arguments=[f"--IPKernelApp.exec_lines={line}" for line in self.lines])
         return km
 
     def take(self) -> WarmKernel:

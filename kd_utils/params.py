@@ -67,7 +67,9 @@ DEFAULTS: dict[str, Any] = {
                    "scoring": _EVALUATION["scoring"], "loglik_metric": _EVALUATION["loglik_metric"]},
     # primary_hypotheses: the pre-registered primary family (null: the paper's claims), Holm-adjusted together
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0, "primary_hypotheses": None},
-    "execution": {"executor": "local", "parallel": 1,
+    # threads_per_run (local executor): torch threads of each run's kernel; null: $OMP_NUM_THREADS when set,
+    # else the cores shared out among the parallel runs (no more threads than cores)
+    "execution": {"executor": "local", "parallel": 1, "threads_per_run": None,
                   # partition, account, and resources for every stage (below the per-stage ones)
                   "slurm": {"partition": None, "account": None},
                   "slurm_resources": {
@@ -95,6 +97,7 @@ TYPES: dict[str, tuple[tuple, str]] = {
     "analysis.embeddings": (BOOL, "true or false"), "analysis.n_bootstrap": (INT, "an integer"),
     "analysis.bootstrap_seed": (INT, "an integer"),
     "execution.executor": (STR, "'local' or 'slurm'"), "execution.parallel": (INT, "an integer"),
+    "execution.threads_per_run": (INT + (type(None),), "an integer or null"),
     **{f"execution.slurm_resources.{stage}.{key}": (INT, "an integer")
        for stage in DEFAULTS["execution"]["slurm_resources"] for key in SLURM_RESOURCE_KEYS},
 }
@@ -225,6 +228,10 @@ def validate(params: dict) -> list[str]:
         if protocol != DEFAULT_PROTOCOL and params["teacher_cache"]["enabled"]:
             problems.append(f"teacher_cache.enabled: the teacher cache stores {DEFAULT_PROTOCOL}-protocol rows; "
                             f"protocol {protocol!r} trains from the online teacher (set enabled: false)")
+    for key in ("parallel", "threads_per_run"):
+        value = params["execution"][key]
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            problems.append(f"execution.{key}: expected at least 1, got {value}")
     if params["execution"]["executor"] not in ("local", "slurm"):
         problems.append(f"execution.executor: expected 'local' or 'slurm', got {params['execution']['executor']!r}")
     for key in params["execution"]["slurm"]:

@@ -335,7 +335,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
     print(f"precision auto on a CPU: {pin_auto_precision(study_dir)} (kept in {study_dir / 'precision.json'})")
     name = executor_name or params["execution"]["executor"]
     execution = params["execution"]
-    executor = (LocalExecutor(execution["parallel"]) if name == "local" else
+    executor = (LocalExecutor(execution["parallel"], execution["threads_per_run"]) if name == "local" else
                 SubmititExecutor(study_dir, "slurm" if name == "slurm" else "local", execution["slurm"],
                                  execution["slurm_resources"]))
     try:

@@ -92,19 +92,37 @@ def test_a_kernel_that_cannot_start_fails_the_run_with_a_status(tmp_path, monkey
 
 def test_the_local_executor_runs_each_run_in_a_warm_kernel_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "NOTEBOOKS", tmp_path)
-    write_notebook(tmp_path / "n.ipynb", "import os\nprint(os.getpid())")
-    executor = executors.LocalExecutor(parallel=1)
-    executor.kernels = WarmKernels(["json"], executors.PROJECT_ROOT)
-    pids = []
+    write_notebook(tmp_path / "n.ipynb", "import os\nprint(os.getpid(), os.environ['OMP_NUM_THREADS'])")
+    executor = executors.LocalExecutor(parallel=1, threads_per_run=1)
+    executor.kernels.lines = preload_lines(["json"])  # what the notebook above imports
+    printed = []
     try:
         for i in range(2):
             run = Run("eval", "n.ipynb", {"x": i}, label=f"eval {i}")
             status = executor.result(executor.submit(run, tmp_path / "study", []))
             assert status["state"] == "done", status.get("traceback")
+            assert status["kernel_env"] == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             out = nbformat.read(str(tmp_path / "study" / "runs" / run.id / "n.ipynb"), as_version=4)
-            pids.append(out.cells[-1].outputs[0]["text"])
+            printed.append(out.cells[-1].outputs[0]["text"].split())
         spare = executor.kernels.ready[0]
     finally:
         executor.close()
-    assert pids[0] != pids[1]  # a fresh kernel process per run
+    assert printed[0][0] != printed[1][0]  # a fresh kernel process per run
+    assert printed[0][1] == printed[1][1] == "1"  # the threads it was given
     assert not run_sync(spare.is_alive)()  # the study's end shuts down the kernel no run took
+
+
+@pytest.mark.parametrize(("configured", "env", "cpus", "parallel", "expected"), [
+    (3, "2", 8, 2, 3),  # the params file's value first
+    (None, "2", 8, 1, 2),  # then $OMP_NUM_THREADS
+    (None, None, 8, 3, 2),  # else the cores shared out
+    (None, "0", 2, 4, 1),  # never fewer than one; a zero or non-number in the environment is ignored
+    (None, "many", 16, 1, 16),
+])
+def test_run_threads(monkeypatch, configured, env, cpus, parallel, expected):
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: cpus)
+    assert executors.run_threads(parallel, configured) == expected

@@ -197,3 +197,14 @@ def test_each_run_records_its_training_mix(tmp_path):
         params.load_study(write(tmp_path, {**base, "study": "y", "teacher_cache": {"enabled": True},
                                            "training": {"student": {"mix": "design"}}}))
     assert "training.student.mix: the teacher cache is built from the 'llm_adapters' mix" in str(err.value)
+
+
+def test_execution_counts_are_positive_and_threads_may_be_left_to_the_runner(tmp_path):
+    default = yaml.safe_load((PARAMS / "default.yaml").read_text())
+    assert params.load_study(write(tmp_path, default))["execution"]["threads_per_run"] is None
+    with pytest.raises(params.ParamsError) as err:
+        params.load_study(write(tmp_path, {**default, "execution": {"parallel": 0, "threads_per_run": "two"}}))
+    assert sorted(err.value.problems) == ["execution.parallel: expected at least 1, got 0",
+                                          "execution.threads_per_run: expected an integer or null, got 'two'"]
+    with pytest.raises(params.ParamsError, match="execution.threads_per_run: expected at least 1, got 0"):
+        params.load_study(write(tmp_path, {**default, "execution": {"threads_per_run": 0}}))
