@@ -58,11 +58,11 @@ def is_module(name: str) -> bool:
 
 def preload_lines(modules: Iterable[str]) -> list[str]:
     """IPython start-up lines that import ``modules`` (and transformers / peft once torch is in) and leave no
-    name behind."""
+    name behind. A module that fails to import is skipped: the notebook's own import then reports the error."""
     names = tuple(modules)
-    return [f"for _kd_module in {names!r}: __import__(_kd_module)",
-            f"for _kd_module in {LAZY_WITH_TORCH!r} if 'torch' in __import__('sys').modules else (): "
-            "__import__(_kd_module)",
+    each = "\n    try:\n        __import__(_kd_module)\n    except Exception:\n        pass"
+    return [f"for _kd_module in {names!r}:{each}",
+            f"for _kd_module in {LAZY_WITH_TORCH!r} if 'torch' in __import__('sys').modules else ():{each}",
             "_kd_module = None",  # defined whatever ran above, so the del below cannot fail
             "del _kd_module"]
 
