@@ -76,15 +76,20 @@ def execute_run(run: Run, study_dir: str | Path, kernels: WarmKernels | None = N
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch when a kernel imports it
 
 
-def run_threads(parallel: int, configured: int | None = None) -> int:
-    """Torch threads for each of ``parallel`` local runs: ``configured``; else ``$OMP_NUM_THREADS`` when set; else
-    the cores shared out among the runs. Each run's torch otherwise takes every core, and ``parallel`` runs that
-    each spread over all cores wait on one another at every barrier (docs/benchmarks.md measured 10x slower)."""
+def run_threads(parallel: int, configured: int | None = None) -> int | None:
+    """Torch threads for each of ``parallel`` local runs: ``configured``; else ``$OMP_NUM_THREADS`` when set; else,
+    with several runs at once, torch's default (usually the physical cores) shared out among them; None: torch's
+    default. ``parallel`` runs that each spread over every core wait on one another at every barrier
+    (docs/benchmarks.md measured 10x slower)."""
     if configured is not None:
         return configured
     if os.environ.get("OMP_NUM_THREADS", "").strip().isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, (os.cpu_count() or 1) // max(1, parallel))
+    if parallel <= 1:
+        return None
+    import torch
+
+    return max(1, torch.get_num_threads() // parallel)
 
 
 class LocalExecutor:
@@ -98,7 +103,7 @@ class LocalExecutor:
         self.pool = ThreadPoolExecutor(max_workers=self.capacity)
         self.threads = run_threads(self.capacity, threads_per_run)
         self.kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT,
-                                   env={var: str(self.threads) for var in THREAD_VARIABLES})
+                                   env={var: str(self.threads) for var in THREAD_VARIABLES} if self.threads else None)
 
     def submit(self, run: Run, study_dir: Path, dep_jobs: list):
         return self.pool.submit(execute_run, run, study_dir, self.kernels)

@@ -68,7 +68,7 @@ DEFAULTS: dict[str, Any] = {
     # primary_hypotheses: the pre-registered primary family (null: the paper's claims), Holm-adjusted together
     "analysis": {"embeddings": True, "n_bootstrap": 2000, "bootstrap_seed": 0, "primary_hypotheses": None},
     # threads_per_run (local executor): torch threads of each run's kernel; null: $OMP_NUM_THREADS when set,
-    # else the cores shared out among the parallel runs (no more threads than cores)
+    # else torch's default shared out among the parallel runs (one run at a time: torch's default)
     "execution": {"executor": "local", "parallel": 1, "threads_per_run": None,
                   # partition, account, and resources for every stage (below the per-stage ones)
                   "slurm": {"partition": None, "account": None},

@@ -113,17 +113,29 @@ def test_the_local_executor_runs_each_run_in_a_warm_kernel_of_its_own(tmp_path, 
     assert not run_sync(spare.is_alive)()  # the study's end shuts down the kernel no run took
 
 
-@pytest.mark.parametrize(("configured", "env", "cpus", "parallel", "expected"), [
+@pytest.mark.parametrize(("configured", "env", "torch_threads", "parallel", "expected"), [
     (3, "2", 8, 2, 3),  # the params file's value first
     (None, "2", 8, 1, 2),  # then $OMP_NUM_THREADS
-    (None, None, 8, 3, 2),  # else the cores shared out
+    (None, None, 8, 3, 2),  # else torch's default shared out among the parallel runs
+    (None, None, 8, 1, None),  # one run at a time: torch's default, nothing set
     (None, "0", 2, 4, 1),  # never fewer than one; a zero or non-number in the environment is ignored
-    (None, "many", 16, 1, 16),
+    (None, "many", 16, 2, 8),
 ])
-def test_run_threads(monkeypatch, configured, env, cpus, parallel, expected):
+def test_run_threads(monkeypatch, configured, env, torch_threads, parallel, expected):
+    import torch
+
     if env is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", env)
-    monkeypatch.setattr(executors.os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: torch_threads)
     assert executors.run_threads(parallel, configured) == expected
+
+
+def test_one_run_at_a_time_keeps_the_environment_as_it_is(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    executor = executors.LocalExecutor(parallel=1)
+    try:
+        assert executor.threads is None and executor.kernels.env is None
+    finally:
+        executor.close()
