@@ -27,9 +27,8 @@ from pathlib import Path
 import nbformat
 import papermill as pm
 
-from kd_utils.executors import KERNEL_READY_TIMEOUT_S, NOTEBOOKS
+from kd_utils.executors import KERNEL_READY_TIMEOUT_S, notebook_kernels
 from kd_utils.io import write_atomic
-from kd_utils.kernels import WarmKernels, notebook_modules
 from kd_utils.report import notebook_to_html
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +61,7 @@ def main() -> None:
     if args.baseline is not None:
         times["baseline_upto_imports"] = []
     times.update(warm_kernel_ready=[], warm_upto_plot=[], html_in_process=[], html_fresh_process=[])
-    kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), ROOT, spares=0)
+    kernels = notebook_kernels(spares=0)
     load = {"start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

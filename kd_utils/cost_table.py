@@ -235,8 +235,7 @@ def run_overhead_seconds(rounds: int = 1) -> float:
     import nbformat
     import papermill as pm
 
-    from kd_utils.executors import KERNEL_READY_TIMEOUT_S, NOTEBOOKS
-    from kd_utils.kernels import WarmKernels, notebook_modules
+    from kd_utils.executors import KERNEL_READY_TIMEOUT_S, notebook_kernels
     from kd_utils.report import notebook_to_html
 
     code = ("import pandas as pd\n"
@@ -248,7 +247,7 @@ def run_overhead_seconds(rounds: int = 1) -> float:
                                                nbformat.v4.new_code_cell(code)])
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     times = []
-    kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT)
+    kernels = notebook_kernels()
     with tempfile.TemporaryDirectory() as tmp:
         source, executed = Path(tmp, "overhead.ipynb"), Path(tmp, "executed.ipynb")
         nbformat.write(notebook, str(source))

@@ -73,6 +73,11 @@ def execute_run(run: Run, study_dir: str | Path, kernels: WarmKernels | None = N
     return status
 
 
+def notebook_kernels(**kwargs) -> WarmKernels:
+    """Warm kernels that preload what the project's notebooks import, started in the project root."""
+    return WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT, **kwargs)
+
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # read by torch when a kernel imports it
 
 
@@ -102,8 +107,8 @@ class LocalExecutor:
         self.capacity = max(1, parallel)  # execute() submits no more: a queued run could not be overtaken
         self.pool = ThreadPoolExecutor(max_workers=self.capacity)
         self.threads = run_threads(self.capacity, threads_per_run)
-        self.kernels = WarmKernels(notebook_modules(sorted(NOTEBOOKS.glob("*.ipynb"))), PROJECT_ROOT,
-                                   env={var: str(self.threads) for var in THREAD_VARIABLES} if self.threads else None)
+        self.kernels = notebook_kernels(env={var: str(self.threads) for var in THREAD_VARIABLES}
+                                        if self.threads else None)
 
     def submit(self, run: Run, study_dir: Path, dep_jobs: list):
         return self.pool.submit(execute_run, run, study_dir, self.kernels)
