@@ -84,6 +84,7 @@ def analysis_tables(analysis: StudyAnalysis, results: pd.DataFrame) -> dict[str,
               "verdicts.csv": analysis.verdicts, "mixed_effects.csv": analysis.mixed,
               "study_design.csv": st.study_design(results, analysis.improvements),
               "study_testability.csv": st.study_testability(analysis.improvements),
+              "seed_spread.csv": st.seed_spread(results),
               **{f"ablation_{f}.csv": st.ablation_table(results, f) for f in st.ABLATION_FACTORS}}
     for name, table in (("fidelity.csv", analysis.fidelity), ("mcnemar.csv", analysis.mcnemar),
                         ("mcnemar_agreement.csv", analysis.agreement_mcnemar)):

@@ -432,6 +432,25 @@ def test_study_ablation_tables():
         st.ablation_table(results, "lr")
 
 
+def test_seed_spread_over_configurations_with_two_seeds():
+    spread = st.seed_spread(small_study())
+    # only SFT and fkl at temperature 1 (noise 0, expert teacher) have two seeds; the rest have one
+    assert spread.loc[spread["method"] == "sft", "temperature"].isna().all()  # SFT has no temperature
+    assert set(zip(spread["method"], spread["temperature"].fillna(0), strict=True)) == {("sft", 0), ("fkl", 1.0)}
+    spread = spread.set_index(["method", "temperature", "task"]).sort_index()
+    sft = spread.xs("sft", level="method").reset_index("temperature", drop=True)
+    assert sft.loc["gsm8k", ["n_seeds", "accuracy", "accuracy_min", "accuracy_max"]].tolist() == [2, 51, 50, 52]
+    assert sft.loc["gsm8k", "accuracy_sd"] == pytest.approx(math.sqrt(2))
+    assert sft["improvement"].isna().all()  # SFT has no improvement over itself
+    fkl = spread.loc[("fkl", 1.0)]
+    # svamp: 70 - 60 and 64 - 62 (same-seed SFT), so improvements 10 and 2
+    assert fkl.loc["svamp", ["improvement", "improvement_min", "improvement_max"]].tolist() == [6, 2, 10]
+    assert fkl.loc["svamp", "improvement_sd"] == pytest.approx(math.sqrt(32))
+    assert fkl.loc["gsm8k", "improvement_sd"] == 0  # 55 - 50 and 57 - 52
+    assert fkl.loc["average", "accuracy"] == pytest.approx((62.5 + 60.5) / 2)
+    assert st.seed_spread(small_study().query("seed == 0")).empty
+
+
 def test_task_average_rows_follow_run_order_with_nan_counts():
     # run z comes before run a: the averages keep the table's order; run 'part' lacks svamp, so it gets none
     table = results_table([

@@ -56,6 +56,7 @@ from kd_utils.statistics.improvements import (
     independent_sft_accuracy,
     kd_pairs,
     main_pairs,
+    seed_spread,
     with_task_average,
 )
 from kd_utils.statistics.models import mixed_effects

@@ -228,3 +228,25 @@ def independent_sft_accuracy(results: pd.DataFrame, improvements: pd.DataFrame) 
     columns = ["sft_accuracy_independent", "sft_independent_source"]
     out = improvements.drop(columns=[c for c in columns if c in improvements])
     return out.merge(both[["domain", "student", "task"] + columns], on=["domain", "student", "task"], how="left")
+
+
+def seed_spread(results: pd.DataFrame) -> pd.DataFrame:
+    """Run-to-run spread: per student configuration (teacher, method, temperature, noise) and task
+    (``average`` included) trained with two or more seeds, the mean accuracy, its standard deviation across
+    seeds and its range, and for KD runs the same for the per-seed improvement over the same seed's SFT run.
+
+    The bootstrap intervals of the improvements cover the sampling of test examples only; this is the
+    training-run noise beside them (each seed evaluated on the same items).
+    """
+    res = with_task_average(results)
+    runs = res[res["role"] == "student"].rename(columns={"model": "student"})
+    gains = kd_pairs(results)[["run_id", "task", "improvement"]]
+    runs = runs.merge(gains, on=["run_id", "task"], how="left")
+    keys = ["domain", "teacher", "student", "method", "temperature", "noise_sigma", "task"]
+    table = (runs.groupby(keys, dropna=False)
+             .agg(n_seeds=("run_id", "count"), accuracy=("accuracy", "mean"), accuracy_sd=("accuracy", "std"),
+                  accuracy_min=("accuracy", "min"), accuracy_max=("accuracy", "max"),
+                  improvement=("improvement", "mean"), improvement_sd=("improvement", "std"),
+                  improvement_min=("improvement", "min"), improvement_max=("improvement", "max"))
+             .reset_index())
+    return sort_rows(table[table["n_seeds"] >= 2], keys).reset_index(drop=True)
