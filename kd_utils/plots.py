@@ -9,6 +9,7 @@ paper's names next to our ids.
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -40,9 +41,14 @@ def axis_label(column: str) -> str:
     return AXIS_LABELS.get(column, column.replace("_", " "))
 
 
-def size_label(billions: float) -> str:
-    """A parameter count in billions as a tick label: 0.0637 -> '0.064 B', 1.5 -> '1.5 B'."""
-    return f"{billions:.2g} B"
+def size_labels(billions: Sequence[float]) -> list[str]:
+    """Parameter counts in billions as tick labels, with two significant digits or as many more as it takes
+    to tell them apart: [0.0637, 1.5] -> ['0.064 B', '1.5 B']; [0.1274, 0.1310] -> ['0.127 B', '0.131 B']."""
+    for digits in range(2, 10):
+        labels = [f"{b:.{digits}g} B" for b in billions]
+        if len(set(labels)) == len(set(billions)):
+            return labels
+    return [f"{b} B" for b in billions]
 
 
 def pair_title(teacher: str, student: str, width: int = 40) -> str:
@@ -85,7 +91,7 @@ def improvement_vs_size(improvements: pd.DataFrame, output_dir: str | Path | Non
                        kind="line", marker="o", errorbar=None, height=3.5, aspect=1.2)
     grid.map_dataframe(sns.scatterplot, x="student_size", y="improvement", hue="method", alpha=0.4, legend=False)
     sizes = sorted(data["student_size"].unique())
-    grid.set(xscale="log", xticks=sizes, xticklabels=[size_label(s) for s in sizes])
+    grid.set(xscale="log", xticks=sizes, xticklabels=size_labels(sizes))
     for ax in grid.axes.flat:
         ax.minorticks_off()
     grid.set_axis_labels(axis_label("student_size"), _IMPROVEMENT)

@@ -75,4 +75,6 @@ def test_scatter_and_ablation_labels_carry_units():
     assert fig.axes[0].get_ylabel() == "improvement over SFT (percentage points)"
     assert plots.axis_label("noise_sigma") == "teacher-logit noise sigma (logit units)"
     assert plots.axis_label("some_new_column") == "some new column"
-    assert plots.size_label(1.5) == "1.5 B" and plots.size_label(14.0) == "14 B"
+    assert plots.size_labels([1.5, 14.0]) == ["1.5 B", "14 B"]
+    # close sizes (layer-pruned students) get the digits that tell them apart
+    assert plots.size_labels([0.12743, 0.13097, 0.1342]) == ["0.127 B", "0.131 B", "0.134 B"]
