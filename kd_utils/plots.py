@@ -140,6 +140,55 @@ def task_differences(improvements: pd.DataFrame, domain: str, output_dir: str | 
     return fig
 
 
+def average_differences(improvements: pd.DataFrame, pairs: pd.DataFrame, domain: str,
+                        output_dir: str | Path | None = None) -> plt.Figure:
+    """KD - SFT averaged over the tasks, per teacher -> student pair (students by size) and method: the
+    estimate with its bootstrap 95% interval over test examples (filled), and each training seed's own
+    difference (hollow: the run-to-run spread the interval does not cover).
+
+    ``pairs``: the per-run improvements (:func:`kd_utils.statistics.main_pairs`); a seed's point is the
+    mean over its temperatures, as the estimate is.
+    """
+    table = _labelled(improvements[(improvements["domain"] == domain) & (improvements["task"] == "average")],
+                      f"{domain} average differences (no average-task rows)")
+    seeds = pairs[(pairs["domain"] == domain) & (pairs["task"] == "average")]
+    seeds = (seeds.groupby(["teacher", "student", "method", "seed"], as_index=False)["improvement"].mean()
+             .assign(method=lambda d: d["method"].map(method_label)))
+    order = list(dict.fromkeys(table.sort_values(["student_size", "student", "teacher"], kind="stable")[
+        ["teacher", "student"]].itertuples(index=False, name=None)))
+    position = {pair: i for i, pair in enumerate(order)}
+    one_teacher = len({teacher for teacher, _ in order}) == 1
+    methods = list(dict.fromkeys(table["method"]))
+    palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
+    has_ci = {"ci_low", "ci_high"} <= set(table.columns) and table["ci_low"].notna().any()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(order) + 2.0), 3.8), layout="constrained")
+    for i, method in enumerate(methods):
+        offset = (i - (len(methods) - 1) / 2) * 0.2
+        rows = table[table["method"] == method]
+        x = np.array([position[pair] for pair in zip(rows["teacher"], rows["student"])]) + offset
+        err = (np.vstack([rows["improvement"] - rows["ci_low"], rows["ci_high"] - rows["improvement"]])
+               if has_ci else None)
+        ax.errorbar(x, rows["improvement"], yerr=err, fmt="o", color=palette[method], label=method, capsize=2,
+                    markersize=5)
+        known = np.array([pair in position for pair in zip(seeds["teacher"], seeds["student"])], dtype=bool)
+        dots = seeds[(seeds["method"] == method).to_numpy() & known]
+        ax.scatter([position[pair] + offset for pair in zip(dots["teacher"], dots["student"])], dots["improvement"],
+                   facecolors="none", edgecolors=[palette[method]], s=22, linewidths=0.9)
+    seed_marker = ax.scatter([], [], facecolors="none", edgecolors="grey", s=22)
+    ax.axhline(0, color="grey", linestyle=":")
+    ax.set_xticks(range(len(order)), [student if one_teacher else pair_title(teacher, student)
+                                      for teacher, student in order], rotation=30, ha="right")
+    ax.set_ylabel(_IMPROVEMENT)
+    sns.despine(fig)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend([*handles, seed_marker], [*labels, "one training seed"], loc="outside right center", frameon=False)
+    note = "\nwith bootstrap 95% intervals over test examples" if has_ci else ""
+    teacher = f" from {order[0][0]}" if one_teacher and order else ""
+    fig.suptitle(f"{domain}: KD - SFT averaged over tasks{teacher}{note}", fontsize=10)
+    save_figure(fig, output_dir, f"average_differences_{domain}")
+    return fig
+
+
 def ablation_curve(table: pd.DataFrame, factor: str, output_dir: str | Path | None = None) -> plt.Figure:
     """Average improvement as the ablation factor varies (see statistics.ablation_table), a line per
     teacher -> student pair and method (and temperature, for the other factors), a panel per domain."""

@@ -310,6 +310,8 @@ else:
     display(Markdown("No student sizes (models.csv or sizes in model names): H3 size and this figure are skipped."))
 for domain in improvements["domain"].unique():
     plots.task_differences(improvements, domain, figures_dir)
+    if results_source == "study":
+        plots.average_differences(improvements, st.main_pairs(results), domain, figures_dir)
 
 # %% [markdown]
 # ## Ablations

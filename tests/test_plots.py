@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import matplotlib
 
@@ -78,3 +79,46 @@ def test_scatter_and_ablation_labels_carry_units():
     assert plots.size_labels([1.5, 14.0]) == ["1.5 B", "14 B"]
     # close sizes (layer-pruned students) get the digits that tell them apart
     assert plots.size_labels([0.12743, 0.13097, 0.1342]) == ["0.127 B", "0.131 B", "0.134 B"]
+
+
+def _seed_pairs(improvements: pd.DataFrame) -> pd.DataFrame:
+    """Two seeds per KD row, one above and one below the row's improvement (as main_pairs gives them)."""
+    rows = improvements[["domain", "teacher", "student", "method", "task", "improvement"]]
+    return pd.concat([rows.assign(seed=0, improvement=rows["improvement"] + 1),
+                      rows.assign(seed=1, improvement=rows["improvement"] - 1)], ignore_index=True)
+
+
+def test_average_differences_orders_students_by_size_and_shows_every_seed():
+    improvements = _improvements()
+    fig = plots.average_differences(improvements, _seed_pairs(improvements), "math")
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    by_size = sorted(STUDENTS, key=STUDENTS.get)
+    assert [t.get_text() for t in ax.get_xticklabels()] == by_size
+    # the slanted labels are parallel lines of text: apart when the ticks' distance across them exceeds a line
+    ticks = ax.get_xticklabels()
+    spacing = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+    line = ticks[0].get_fontsize() * fig.dpi / 72 * 1.2
+    assert spacing * math.sin(math.radians(ticks[0].get_rotation())) > line
+    hollow = [c for c in ax.collections if isinstance(c, matplotlib.collections.PathCollection)
+              and len(c.get_facecolors()) == 0]
+    points = [xy for c in hollow for xy in c.get_offsets()]
+    assert len(points) == len(STUDENTS) * 3 * 2  # students x methods x seeds
+    # a seed's point sits above or below its estimate at the same x, 1 point away
+    average = improvements[improvements["task"] == "average"].set_index(["student", "method"])["improvement"]
+    estimates = {(round(float(x), 6), float(y)) for line in ax.lines for x, y in line.get_xydata()}
+    for x, y in points:
+        assert (round(float(x), 6), float(y) - 1) in estimates or (round(float(x), 6), float(y) + 1) in estimates
+    assert len(estimates) >= len(average)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels[-1] == "one training seed" and len(labels) == 4
+    assert ax.get_ylabel() == "improvement over SFT (percentage points)"
+
+
+def test_average_differences_names_pairs_with_two_teachers():
+    improvements = pd.concat([_improvements(), _improvements().assign(teacher="other-teacher")], ignore_index=True)
+    fig = plots.average_differences(improvements, _seed_pairs(improvements), "math")
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert len(ticks) == 2 * len(STUDENTS) and all("\n-> " in t for t in ticks)
+    with pytest.raises(ValueError, match="no rows to plot for commonsense average differences"):
+        plots.average_differences(improvements, _seed_pairs(improvements), "commonsense")
