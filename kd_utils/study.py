@@ -290,14 +290,17 @@ def pin_auto_precision(study_dir: Path) -> str:
     return pinned
 
 
-def keep_analysis_tables(run_dir: Path, target: Path) -> None:
-    """The analysis run's CSVs and provenance.json, copied beside results.csv (what a committed study keeps)."""
-    target.mkdir(exist_ok=True)
-    for old in target.glob("*.csv"):
-        old.unlink()  # tables of an earlier analysis that this one did not write
+def keep_analysis_files(run_dir: Path, target: Path) -> None:
+    """The analysis run's CSVs, provenance.json and figures (PNG), copied beside results.csv (what a committed
+    study keeps)."""
+    (target / "figures").mkdir(parents=True, exist_ok=True)
+    for old in [*target.glob("*.csv"), *target.glob("figures/*.png")]:
+        old.unlink()  # files of an earlier analysis that this one did not write
     for path in [*sorted(run_dir.glob("*.csv")), run_dir / "provenance.json"]:
         if path.is_file():
             write_atomic(target / path.name, path.read_bytes())
+    for path in sorted(run_dir.glob("figures/*.png")):
+        write_atomic(target / "figures" / path.name, path.read_bytes())
 
 
 def study_directory(params: dict, output_root: str | Path | None = None) -> Path:
@@ -355,7 +358,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
             html = study_dir / "runs" / analysis.id / "analysis.html"
             if statuses[analysis.id]["state"] == "done":
                 write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
-                keep_analysis_tables(study_dir / "runs" / analysis.id, study_dir / "analysis")
+                keep_analysis_files(study_dir / "runs" / analysis.id, study_dir / "analysis")
     finally:
         executor.close()
     failed = {rid: s for rid, s in statuses.items() if s["state"] in ("failed", "skipped")}

@@ -38,6 +38,9 @@ def test_smoke_study_end_to_end(finished):
     assert len(export) == results["n"].sum() and set(export["run_id"]) == set(results["run_id"])
     assert (study_dir / "analysis" / "verdicts.csv").is_file()
     assert (study_dir / "analysis" / "provenance.json").is_file()
+    analysis_run = next(p for p in run_dirs if p.name.startswith("analysis-"))
+    figures = sorted(p.name for p in (analysis_run / "figures").glob("*.png"))
+    assert figures and sorted(p.name for p in (study_dir / "analysis" / "figures").glob("*.png")) == figures
     assert set(results["scoring"]) == {"generate"}
 
 
