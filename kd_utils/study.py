@@ -290,6 +290,13 @@ def pin_auto_precision(study_dir: Path) -> str:
     return pinned
 
 
+def study_report(analysis_html: Path) -> str:
+    """The study's report.html: the analysis run's HTML with its links to the run's files (CSVs,
+    provenance.json) pointed at their copies in ``analysis/``, which a committed study keeps without ``runs/``."""
+    prefix = f'href="runs/{analysis_html.parent.name}/'
+    return analysis_html.read_text(encoding="utf-8").replace(prefix, 'href="analysis/')
+
+
 def keep_analysis_files(run_dir: Path, target: Path) -> None:
     """The analysis run's CSVs, provenance.json and figures (PNG), copied beside results.csv (what a committed
     study keeps)."""
@@ -357,7 +364,7 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
             statuses = execute([analysis], study_dir, executor, statuses)
             html = study_dir / "runs" / analysis.id / "analysis.html"
             if statuses[analysis.id]["state"] == "done":
-                write_atomic(study_dir / "report.html", html.read_text(encoding="utf-8"))
+                write_atomic(study_dir / "report.html", study_report(html))
                 keep_analysis_files(study_dir / "runs" / analysis.id, study_dir / "analysis")
     finally:
         executor.close()
@@ -377,7 +384,8 @@ def analysis_problems(analysis: Run, study_dir: Path) -> list[str]:
     if "redo" in status:
         return [f"{analysis.label} ({analysis.id}): {status['redo']}"]
     html, report_html = study_dir / "runs" / analysis.id / "analysis.html", study_dir / "report.html"
-    if status["state"] == "done" and report_html.is_file() and report_html.read_bytes() != html.read_bytes():
+    done = status["state"] == "done" and report_html.is_file()
+    if done and report_html.read_text(encoding="utf-8") != study_report(html):
         return ["report.html: differs from its analysis run's analysis.html (running the study again rewrites it)"]
     return []
 

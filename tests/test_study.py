@@ -1,6 +1,7 @@
 """The smoke study end to end through the real runner and papermill (tiny random models)."""
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -41,6 +42,9 @@ def test_smoke_study_end_to_end(finished):
     analysis_run = next(p for p in run_dirs if p.name.startswith("analysis-"))
     figures = sorted(p.name for p in (analysis_run / "figures").glob("*.png"))
     assert figures and sorted(p.name for p in (study_dir / "analysis" / "figures").glob("*.png")) == figures
+    # the report links the copies beside it, so its links work without runs/ (a committed study)
+    links = set(re.findall(r'href="([^"#:]+\.(?:csv|json))"', (study_dir / "report.html").read_text()))
+    assert links and all(link.startswith("analysis/") and (study_dir / link).is_file() for link in links), links
     assert set(results["scoring"]) == {"generate"}
 
 
