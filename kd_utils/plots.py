@@ -161,6 +161,7 @@ def average_differences(improvements: pd.DataFrame, pairs: pd.DataFrame, domain:
     methods = list(dict.fromkeys(table["method"]))
     palette = dict(zip(methods, sns.color_palette(n_colors=len(methods))))
     has_ci = {"ci_low", "ci_high"} <= set(table.columns) and table["ci_low"].notna().any()
+    known = np.array([pair in position for pair in zip(seeds["teacher"], seeds["student"])], dtype=bool)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(order) + 2.0), 3.8), layout="constrained")
     for i, method in enumerate(methods):
         offset = (i - (len(methods) - 1) / 2) * 0.2
@@ -170,7 +171,6 @@ def average_differences(improvements: pd.DataFrame, pairs: pd.DataFrame, domain:
                if has_ci else None)
         ax.errorbar(x, rows["improvement"], yerr=err, fmt="o", color=palette[method], label=method, capsize=2,
                     markersize=5)
-        known = np.array([pair in position for pair in zip(seeds["teacher"], seeds["student"])], dtype=bool)
         dots = seeds[(seeds["method"] == method).to_numpy() & known]
         ax.scatter([position[pair] + offset for pair in zip(dots["teacher"], dots["student"])], dots["improvement"],
                    facecolors="none", edgecolors=[palette[method]], s=22, linewidths=0.9)

@@ -364,8 +364,8 @@ def run_study(params_path: str | Path, executor_name: str | None = None, dry_run
             statuses = execute([analysis], study_dir, executor, statuses)
             html = study_dir / "runs" / analysis.id / "analysis.html"
             if statuses[analysis.id]["state"] == "done":
+                keep_analysis_files(study_dir / "runs" / analysis.id, study_dir / "analysis")  # what the report links
                 write_atomic(study_dir / "report.html", study_report(html))
-                keep_analysis_files(study_dir / "runs" / analysis.id, study_dir / "analysis")
     finally:
         executor.close()
     failed = {rid: s for rid, s in statuses.items() if s["state"] in ("failed", "skipped")}
