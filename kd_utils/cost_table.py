@@ -221,7 +221,7 @@ def calibrate(layers: list[int], train_batches: list[int], generate_batches: lis
     overhead = run_overhead_seconds(rounds)
     return CostTable(device_kind(), entries, overhead), {"seq_len": seq_len, "new_tokens": new_tokens,
                                                         "rounds": rounds, "torch": torch.__version__,
-                                                        "precision": resolved}
+                                                        "precision": resolved, "threads": torch.get_num_threads()}
 
 
 def run_overhead_seconds(rounds: int = 1) -> float:
