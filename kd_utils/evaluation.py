@@ -54,7 +54,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_si
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[start:start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-        with precisions.autocast(precision, device):
+        with precisions.inference_autocast(model, precision, device):
             out = model.generate(**enc, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]

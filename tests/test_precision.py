@@ -101,3 +101,38 @@ def test_a_study_pins_auto_once(tmp_path, monkeypatch):
     monkeypatch.setenv(precision.AUTO_ENV, "fp32")
     assert study.pin_auto_precision(new) == "bf16"
     assert precision.resolve("auto", "cpu") == "bf16"  # and the kernels see it
+
+
+def _weight_casts(model, ids, context) -> tuple[int, torch.Tensor]:
+    """(casts to bf16 over two forwards in one context, the second forward's logits)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, context:
+        model(input_ids=ids)
+        logits = model(input_ids=ids).logits
+    casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    return casts, logits.float()
+
+
+def test_inference_autocast_casts_frozen_weights_once_with_the_same_numbers(tiny_model_dir):
+    model, _ = models.load_model(tiny_model_dir)
+    model.requires_grad_(False)  # as a peft base or a merged teacher
+    ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
+    plain_casts, plain = _weight_casts(model, ids, precision.autocast("bf16", "cpu"))
+    cached_casts, cached = _weight_casts(model, ids, precision.inference_autocast(model, "bf16", "cpu"))
+    assert torch.equal(plain, cached)
+    # plain autocast cast every linear layer's weight again in the second forward; the rest are activations
+    assert plain_casts - cached_casts == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert not any(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+
+
+def test_inference_autocast_restores_the_flags_after_an_error(tiny_model_dir):
+    model, _ = models.load_model(tiny_model_dir)
+    trainable = {name for name, p in model.named_parameters() if "q_proj" in name}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
+    with pytest.raises(RuntimeError, match="boom"), precision.inference_autocast(model, "bf16", "cpu"):
+        assert all(p.requires_grad for p in model.parameters()) and not torch.is_grad_enabled()
+        raise RuntimeError("boom")
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
+    with precision.inference_autocast(model, "fp32", "cpu"):  # fp32: no autocast, no flag changes, no grad
+        assert not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
+        assert {name for name, p in model.named_parameters() if p.requires_grad} == trainable
