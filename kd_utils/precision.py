@@ -106,11 +106,8 @@ def inference_autocast(model: torch.nn.Module, resolved: str, device=None):
     generation time on a CPU). Marking them for the context changes no number (the same casts, kept) and builds
     no graph (no_grad); the flags are restored on exit. The kept copies cost 2 bytes per weight meanwhile.
     """
-    if resolved == "fp32":
-        with torch.no_grad():
-            yield
-        return
-    frozen = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    frozen = [] if resolved == "fp32" else [p for p in model.parameters()
+                                           if not p.requires_grad and p.dtype == torch.float32]
     try:
         for param in frozen:
             param.requires_grad_(True)
